@@ -1,0 +1,170 @@
+"""Config helpers: the short-string config argument, shared defaults, and validation.
+
+A config file under configs/ is the whole experiment; these helpers keep the shared parts in one
+place. `validate` runs before anything is built or compiled, so a bad value fails in seconds with
+the field, the value and what is allowed.
+"""
+from typing import Any
+
+import ml_collections
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Logical axis name -> mesh axes. Data parallel over data x fsdp; parameters split along fsdp;
+# hidden/head widths along tensor.
+DEFAULT_SHARDING_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('conv_out', 'fsdp'),
+    ('conv_in', None),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('vocab', None),
+)
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message names the field, the value and the fix."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        super().__init__(f'config.{field}={value!r} is not valid: {allowed}')
+        self.field = field
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses 'key=value,flag' (big_vision style) into a ConfigDict typed by the defaults."""
+    parsed = ml_collections.ConfigDict(dict(defaults))
+    for item in filter(None, (arg or '').split(',')):
+        key, _, value = item.partition('=')
+        if key not in defaults:
+            raise ConfigError(f'<arg>.{key}', value, f'known config arguments are {sorted(defaults)}')
+        default = defaults[key]
+        if isinstance(default, bool):
+            parsed[key] = value.lower() in ('', '1', 'true', 'yes')
+        elif value == '':
+            raise ConfigError(f'<arg>.{key}', value, 'give a value, e.g. key=value')
+        else:
+            parsed[key] = type(default)(value)
+    return parsed
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Fields every experiment has: seed, mesh, sharding, precision, logging, checkpoints."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.total_steps = 1000
+    # Mesh shape per axis; exactly one -1 takes the remaining devices.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.sharding_rules = DEFAULT_SHARDING_RULES
+    # Compute dtype; parameters and optimizer state stay float32.
+    config.dtype = 'float32'
+    config.ema_decay = 0.999
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 500
+    config.keep_checkpoints = 3
+    config.image_every_steps = 500
+    config.eval_every_steps = 0  # 0: evaluate only at the end of training
+    config.record_batch_ids = False  # write each step's example ids to workdir/batch_ids.txt
+    config.profile = ml_collections.ConfigDict(dict(first_step=10, num_steps=0))  # 0 steps: off
+    return config
+
+
+def optimizer_config(lr: float, *, warmup_steps: int = 0, schedule: str = 'cosine',
+                     weight_decay: float = 0.0, grad_clip: float = 1.0,
+                     b1: float = 0.9, b2: float = 0.999) -> ml_collections.ConfigDict:
+    """AdamW with warm-up then a cosine or constant schedule, and global-norm clipping."""
+    return ml_collections.ConfigDict(dict(
+        lr=lr, warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,
+        grad_clip=grad_clip, b1=b1, b2=b2))
+
+
+def input_config(dataset: str, *, image_size: int, batch_size: int, crop: str = 'center',
+                 flip: bool = False, resize: int = 0) -> ml_collections.ConfigDict:
+    """The input pipeline fields read by wurst_jax.data.input_pipeline."""
+    return ml_collections.ConfigDict(dict(
+        dataset=dataset, data_dir='data', folder='', train_split='train', eval_split='test',
+        shapes=ml_collections.ConfigDict(dict(num_train=20000, num_test=512, seed=0)),
+        image_size=image_size, resize=resize, crop=crop, flip=flip, batch_size=batch_size,
+        num_workers=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation.
+
+def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(field, value, allowed)
+
+
+def _positive_int(config, field: str) -> None:
+    value = config
+    for part in field.split('.'):
+        value = value[part]
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, value,
+           'a positive integer')
+
+
+def _validate_mesh(config) -> None:
+    sizes = dict(config.mesh)
+    _check(set(sizes) == set(MESH_AXES), 'mesh', sizes, f'exactly the axes {MESH_AXES}')
+    for axis, size in sizes.items():
+        _check(isinstance(size, int) and (size >= 1 or size == -1), f'mesh.{axis}', size,
+               'a positive integer, or -1 to take the remaining devices')
+    _check(list(sizes.values()).count(-1) <= 1, 'mesh', sizes, 'at most one axis may be -1')
+    logical = [rule[0] for rule in config.sharding_rules]
+    for name, target in config.sharding_rules:
+        targets = target if isinstance(target, (tuple, list)) else (target,)
+        for axis in targets:
+            _check(axis is None or axis in MESH_AXES, f'sharding_rules[{name!r}]', target,
+                   f'mesh axes from {MESH_AXES} or None')
+    _check(len(set(logical)) == len(logical), 'sharding_rules', logical, 'each logical name once')
+
+
+def validate_optimizer(config, field: str) -> None:
+    opt = config[field]
+    _check(opt.lr > 0, f'{field}.lr', opt.lr, 'a positive learning rate')
+    _check(opt.schedule in ('cosine', 'constant'), f'{field}.schedule', opt.schedule,
+           "one of 'cosine', 'constant'")
+    _check(isinstance(opt.warmup_steps, int) and 0 <= opt.warmup_steps <= config.total_steps,
+           f'{field}.warmup_steps', opt.warmup_steps, f'an integer in [0, total_steps={config.total_steps}]')
+    _check(opt.grad_clip >= 0, f'{field}.grad_clip', opt.grad_clip, 'a norm >= 0 (0 disables clipping)')
+    _check(opt.weight_decay >= 0, f'{field}.weight_decay', opt.weight_decay, 'a value >= 0')
+    for beta in ('b1', 'b2'):
+        _check(0 <= opt[beta] < 1, f'{field}.{beta}', opt[beta], 'a value in [0, 1)')
+
+
+def _validate_input(config) -> None:
+    inp = config.input
+    _check(isinstance(inp.dataset, str) and inp.dataset != '', 'input.dataset', inp.dataset,
+           "'shapes', 'photos', 'image_folder' or the name of a prepared TFDS dataset")
+    _check(inp.dataset != 'image_folder' or bool(inp.folder), 'input.folder', inp.folder,
+           "the path of the image folder when input.dataset='image_folder'")
+    for field in ('input.image_size', 'input.batch_size'):
+        _positive_int(config, field)
+    _check(inp.image_size % 4 == 0, 'input.image_size', inp.image_size, 'a multiple of 4 (Stage A is f4)')
+    _check(isinstance(inp.resize, int) and inp.resize >= 0, 'input.resize', inp.resize,
+           'a shorter-side size >= 0 (0: resize to image_size)')
+    _check(inp.resize == 0 or inp.resize >= inp.image_size, 'input.resize', inp.resize,
+           f'0 or at least input.image_size={inp.image_size}, since the crop is taken after resizing')
+    _check(inp.crop in ('center', 'random'), 'input.crop', inp.crop, "one of 'center', 'random'")
+    _check(isinstance(inp.num_workers, int) and inp.num_workers >= 0, 'input.num_workers',
+           inp.num_workers, 'an integer >= 0')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for the first invalid field; call before building anything."""
+    for field in ('total_steps', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+                  'image_every_steps'):
+        _positive_int(config, field)
+    _check(isinstance(config.seed, int), 'seed', config.seed, 'an integer')
+    _check(isinstance(config.eval_every_steps, int) and config.eval_every_steps >= 0, 'eval_every_steps',
+           config.eval_every_steps, 'an integer >= 0 (0: evaluate at the end only)')
+    _check(config.dtype in ('float32', 'bfloat16'), 'dtype', config.dtype, "one of 'float32', 'bfloat16'")
+    _check(0 <= config.ema_decay < 1, 'ema_decay', config.ema_decay, 'a value in [0, 1)')
+    _check(config.profile.num_steps >= 0, 'profile.num_steps', config.profile.num_steps,
+           'an integer >= 0 (0 disables profiling)')
+    _validate_mesh(config)
+    _validate_input(config)
+    validate_optimizer(config, 'optimizer')
+    from wurst_jax import tasks  # the family's own fields
+    tasks.validate(config)

@@ -1,0 +1,238 @@
+"""grain input pipeline over TFDS ArrayRecord sources: training and evaluation iterators.
+
+Batches are dicts of numpy arrays for this process: `image` float32 [B, S, S, 3] in [-1, 1],
+`id` int64 [B], `caption` str [B].
+"""
+import contextlib
+import dataclasses
+import fcntl
+import io
+import pathlib
+from collections.abc import Iterator, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+from PIL import Image
+
+from wurst_jax.data import image_folder, photos, shapes
+
+BUILTIN_DATASETS = ('shapes', 'photos', 'image_folder')
+REQUIRED_FEATURES = ('image', 'caption')
+# Batching happens before to_iter_dataset, so each thread builds a whole batch and the buffer
+# counts batches: grain's defaults (16 threads, 500 elements) would hold 500 batches.
+_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
+
+
+# --- Sources -----------------------------------------------------------------------------------
+
+def builtin_builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of a built-in dataset ('shapes', 'photos', 'image_folder')."""
+    name, data_dir = input_config.dataset, input_config.data_dir
+    if name == 'shapes':
+        config = shapes.shapes_config(
+            image_size=input_config.image_size, num_train=input_config.shapes.num_train,
+            num_test=input_config.shapes.num_test, seed=input_config.shapes.seed)
+        return shapes.Shapes(config=config, data_dir=data_dir)
+    if name == 'photos':
+        return photos.Photos(data_dir=data_dir)
+    if name == 'image_folder':
+        config = image_folder.image_folder_config(input_config.folder)
+        return image_folder.ImageFolder(config=config, data_dir=data_dir)
+    raise ValueError(f'input.dataset={name!r} is not a built-in dataset {BUILTIN_DATASETS}')
+
+
+@contextlib.contextmanager
+def _file_lock(path: pathlib.Path) -> Iterator[None]:
+    """Holds an exclusive advisory lock on `path` (created if needed) for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'w') as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def prepare_builtin(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """Writes a built-in dataset as ArrayRecord under data_dir unless it is already there."""
+    builder = builtin_builder(input_config)
+    if builder.is_prepared():
+        return builder
+    # Processes sharing a data_dir would race on tfds' final rename; the first one builds, the
+    # others wait and then find the dataset prepared.
+    lock = pathlib.Path(builder.data_dir_root) / f".{builder.info.full_name.replace('/', '-')}.lock"
+    with _file_lock(lock):
+        # A builder made before another process finished has no split metadata: make a new one.
+        builder = builtin_builder(input_config)
+        if not builder.is_prepared():
+            builder.download_and_prepare(file_format='array_record')
+    return builder
+
+
+def _prepare_hint(name: str, data_dir: str) -> str:
+    """How to prepare a TFDS dataset so this pipeline can read it."""
+    return (f'prepare it first, e.g. `tfds build {name} --data_dir={data_dir} '
+            f'--file_format=array_record` or tfds.builder({name!r}, data_dir={data_dir!r})'
+            ".download_and_prepare(file_format='array_record'); the pipeline never downloads")
+
+
+def prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    """The builder of a TFDS dataset already prepared in ArrayRecord form under data_dir."""
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError as e:
+        raise FileNotFoundError(f'TFDS dataset {name!r} not found in data_dir {data_dir!r}: '
+                                f'{_prepare_hint(name, data_dir)}') from e
+    if not builder.is_prepared():
+        raise FileNotFoundError(f'TFDS dataset {name!r} is not prepared in data_dir {data_dir!r} '
+                                f'(looked in {builder.data_dir}): {_prepare_hint(name, data_dir)}')
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        raise ValueError(f'TFDS dataset {name!r} in {builder.data_dir} is stored as '
+                         f'{builder.info.file_format}, not ArrayRecord: '
+                         f'{_prepare_hint(name, data_dir)}')
+    missing = [f for f in REQUIRED_FEATURES if f not in builder.info.features]
+    if missing:
+        raise ValueError(f'TFDS dataset {name!r} lacks the features {missing}; '
+                         f'it has {sorted(builder.info.features)}')
+    return builder
+
+
+def get_source(input_config: ml_collections.ConfigDict, split: str) -> Sequence[dict]:
+    """Random-access source of `split`: dicts with encoded `image` bytes, `caption`, maybe `id`."""
+    if input_config.dataset in BUILTIN_DATASETS:
+        builder = prepare_builtin(input_config)
+    else:
+        builder = prepared_builder(input_config.dataset, input_config.data_dir)
+    # Decoding is left to the pipeline, so it runs in grain's threads/workers with PIL.
+    source = builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
+    if len(source) == 0:
+        raise ValueError(f'split {split!r} of dataset {input_config.dataset!r} in '
+                         f'{builder.data_dir} is empty')
+    return source
+
+
+# --- Per-example transforms -----------------------------------------------------------------
+
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded image bytes as an 8-bit RGB PIL image."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert('RGB')
+
+
+def resize_shorter_side(image: Image.Image, target: int) -> Image.Image:
+    """Scales so the shorter side is `target` (bicubic; PIL widens the kernel when shrinking)."""
+    width, height = image.size
+    scale = target / min(width, height)
+    size = (max(target, round(width * scale)), max(target, round(height * scale)))
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
+
+def center_crop_offset(width: int, height: int, size: int) -> tuple[int, int]:
+    """(left, top) of the centred size x size window."""
+    return (width - size) // 2, (height - size) // 2
+
+
+def random_crop_offset(width: int, height: int, size: int,
+                       rng: np.random.Generator) -> tuple[int, int]:
+    """(left, top) of a uniformly placed size x size window."""
+    return int(rng.integers(width - size + 1)), int(rng.integers(height - size + 1))
+
+
+def to_signed_unit(image: Image.Image) -> np.ndarray:
+    """uint8 RGB image as float32 [H, W, 3] in [-1, 1]."""
+    return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+
+
+def _as_str(value: bytes | str) -> str:
+    """TFDS Text comes back as bytes without TensorFlow."""
+    return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def _attach_id(index: int, example: dict) -> dict:
+    """Uses the record index as `id` for datasets without an id feature."""
+    return example if 'id' in example else {**example, 'id': index}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Preprocess:
+    """Decode, resize the shorter side, crop to image_size, maybe flip, scale to [-1, 1]."""
+    image_size: int
+    resize: int
+    random_crop: bool = False
+    flip: bool = False
+
+    def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
+        """One example as {'image': float32 [S, S, 3], 'id': int64, 'caption': str}."""
+        image = resize_shorter_side(decode_image(example['image']), self.resize)
+        s = self.image_size
+        if self.random_crop:
+            left, top = random_crop_offset(*image.size, s, rng)
+        else:
+            left, top = center_crop_offset(*image.size, s)
+        image = image.crop((left, top, left + s, top + s))
+        if self.flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return {'image': to_signed_unit(image), 'id': np.int64(example['id']),
+                'caption': _as_str(example['caption'])}
+
+
+def make_preprocess(input_config: ml_collections.ConfigDict, *, train: bool) -> Preprocess:
+    """The per-example transform; evaluation always centre-crops and never flips."""
+    resize = input_config.resize or input_config.image_size
+    if resize < input_config.image_size:
+        raise ValueError(f'input.resize={resize} is below input.image_size='
+                         f'{input_config.image_size}; the crop is taken after resizing')
+    return Preprocess(image_size=input_config.image_size, resize=resize,
+                      random_crop=train and input_config.crop == 'random',
+                      flip=train and bool(input_config.flip))
+
+
+# --- Iterators -----------------------------------------------------------------------------------
+
+def local_batch_size(batch_size: int, process_count: int) -> int:
+    """This process's share of the global batch."""
+    if batch_size % process_count:
+        raise ValueError(f'input.batch_size={batch_size} (global) is not divisible by the '
+                         f'process count {process_count}')
+    return batch_size // process_count
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags, which are unparsed outside absl.app.run."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def create_train_iterator(input_config: ml_collections.ConfigDict, *, seed: int,
+                          process_index: int, process_count: int) -> grain.DatasetIterator:
+    """Endless, checkpointable iterator over this process's augmented training batches."""
+    batch = local_batch_size(input_config.batch_size, process_count)
+    source = get_source(input_config, input_config.train_split)
+    ds = (grain.MapDataset.source(source)
+          .map_with_index(_attach_id)
+          .seed(seed)
+          .shuffle()  # Global shuffle, reseeded each epoch by the repeat below.
+          .repeat()
+          # Seeded by the position in the global stream, ahead of the shard, so an element's crop
+          # and flip do not depend on the process count. MapDataset is lazy: only this process's
+          # elements are decoded.
+          .random_map(make_preprocess(input_config, train=True))
+          [process_index::process_count]
+          .batch(batch, drop_remainder=True)
+          .to_iter_dataset(_READ_OPTIONS))
+    if input_config.num_workers > 0:
+        _mark_absl_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=input_config.num_workers))
+    return iter(ds)
+
+
+def create_eval_iterator(input_config: ml_collections.ConfigDict, *, split: str, batch_size: int,
+                         num_examples: int | None = None) -> Iterator[dict]:
+    """Deterministic batches of the first `num_examples` of `split`, the last one possibly short."""
+    source = get_source(input_config, split)
+    count = len(source) if num_examples is None else min(num_examples, len(source))
+    ds = (grain.MapDataset.source(source)
+          .map_with_index(_attach_id)[:count]
+          .map(make_preprocess(input_config, train=False))
+          .batch(batch_size, drop_remainder=False))
+    return iter(ds.to_iter_dataset(_READ_OPTIONS))

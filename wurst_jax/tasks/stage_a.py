@@ -1,0 +1,153 @@
+"""Stage A training: VQGAN reconstruction (MSE + VQ + commitment) with an optional adversarial
+loss from a spectral-norm discriminator that switches on at `loss.adv_start`."""
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from wurst_jax import optim
+from wurst_jax.config_lib import ConfigError, validate_optimizer
+from wurst_jax.models.stage_a import VQGAN, Discriminator
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def psnr(images: jax.Array, reference: jax.Array) -> jax.Array:
+    """Per-image PSNR in dB of [-1, 1] images, compared in [0, 1] after clipping: [B]."""
+    a = jnp.clip((images + 1) / 2, 0, 1)
+    b = jnp.clip((reference + 1) / 2, 0, 1)
+    mse = jnp.mean((a - b) ** 2, axis=(1, 2, 3))
+    return 10 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
+
+
+class StageATask:
+    """VQGAN (+ discriminator) training for Stage A."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        m = config.model
+        dtype = DTYPES[config.dtype]
+        self.vqgan = VQGAN(levels=tuple(m.levels), bottleneck_blocks=m.bottleneck_blocks,
+                           latent_channels=m.latent_channels, num_codes=m.num_codes,
+                           scale_factor=m.scale_factor, dtype=dtype)
+        self.use_disc = config.loss.adv_weight > 0
+        self.disc = Discriminator(c_hidden=config.disc.c_hidden, depth=config.disc.depth, dtype=dtype)
+
+    @staticmethod
+    def validate(config: ml_collections.ConfigDict) -> None:
+        m, loss = config.model, config.loss
+        if len(m.levels) != 2 or not all(isinstance(c, int) and c > 0 for c in m.levels):
+            raise ConfigError('model.levels', m.levels, 'two positive channel widths, e.g. (192, 384)')
+        for field in ('bottleneck_blocks', 'latent_channels', 'num_codes'):
+            if not (isinstance(m[field], int) and m[field] > 0):
+                raise ConfigError(f'model.{field}', m[field], 'a positive integer')
+        for field in ('mse_weight', 'vq_weight', 'commit_weight', 'adv_weight'):
+            if loss[field] < 0:
+                raise ConfigError(f'loss.{field}', loss[field], 'a weight >= 0')
+        if not (isinstance(loss.adv_start, int) and loss.adv_start >= 0):
+            raise ConfigError('loss.adv_start', loss.adv_start, 'a step >= 0')
+        if loss.adv_weight > 0:
+            validate_optimizer(config, 'disc_optimizer')
+            size = config.input.image_size
+            if size % 2 ** config.disc.depth:
+                raise ConfigError('disc.depth', config.disc.depth,
+                                  f'a depth with 2**depth dividing input.image_size={size}')
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def init(self, rng: jax.Array, images: jax.Array) -> tuple[Any, Any]:
+        """Boxed params and model state (BatchNorm / spectral-norm statistics) for images [B, H, W, 3]."""
+        vq_rng, disc_rng = jax.random.split(rng)
+        variables = self.vqgan.init(vq_rng, images, train=False)
+        params = {'vqgan': variables['params']}
+        state = {'vqgan': {'batch_stats': variables['batch_stats']}}
+        if self.use_disc:
+            disc_vars = self.disc.init(disc_rng, images, train=False)
+            params['disc'] = disc_vars['params']
+            state['disc'] = {'batch_stats': disc_vars['batch_stats']}
+        return params, state
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """AdamW for the VQGAN; a separate AdamW for the discriminator."""
+        total = self.config.total_steps
+        transforms = {'vqgan': optim.adamw(self.config.optimizer, total)}
+        if self.use_disc:
+            transforms['disc'] = optim.adamw(self.config.disc_optimizer, total)
+        labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
+        return optax.multi_transform(transforms, labels)
+
+    # -- training --------------------------------------------------------------------------------
+
+    def grads(self, params: Any, model_state: Any, batch: dict[str, jax.Array], rng: jax.Array,
+              step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+        """Gradients of the VQGAN loss and (from adv_start) of the discriminator loss."""
+        del rng  # Stage A training is deterministic given the batch.
+        loss_cfg = self.config.loss
+        x = batch['image']
+        adv_on = (step >= loss_cfg.adv_start).astype(jnp.float32)
+
+        def vqgan_loss(vq_params):
+            (recon, aux), new_vars = self.vqgan.apply(
+                {'params': vq_params, **model_state['vqgan']}, x, train=True, mutable=['batch_stats'])
+            mse = jnp.mean((recon - x) ** 2)
+            loss = (loss_cfg.mse_weight * mse + loss_cfg.vq_weight * aux['vq_loss']
+                    + loss_cfg.commit_weight * aux['commit_loss'])
+            metrics = dict(mse=mse, vq_loss=aux['vq_loss'], commit_loss=aux['commit_loss'],
+                           psnr=jnp.mean(psnr(recon, x)))
+            if self.use_disc:
+                logits = self.disc.apply({'params': params['disc'], **model_state['disc']}, recon, train=False)
+                adv = jnp.mean(jax.nn.softplus(-logits))  # non-saturating: fakes pushed to "real"
+                loss = loss + adv_on * loss_cfg.adv_weight * adv
+                metrics['adv_loss'] = adv
+            metrics['loss'] = loss
+            return loss, (metrics, new_vars, recon)
+
+        (_, (metrics, new_vq_vars, recon)), vq_grads = jax.value_and_grad(vqgan_loss, has_aux=True)(
+            params['vqgan'])
+        grads = {'vqgan': vq_grads}
+        new_state = {'vqgan': new_vq_vars}
+        if self.use_disc:
+            def disc_loss(disc_params):
+                both = jnp.concatenate([x, jax.lax.stop_gradient(recon)])
+                logits, new_vars = self.disc.apply({'params': disc_params, **model_state['disc']}, both,
+                                                   train=True, mutable=['batch_stats'])
+                real, fake = jnp.split(logits, 2)
+                return jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake)), new_vars
+
+            (d_loss, new_disc_vars), disc_grads = jax.value_and_grad(disc_loss, has_aux=True)(params['disc'])
+            # Before adv_start the discriminator's Adam sees zero gradients, i.e. makes no update.
+            grads['disc'] = jax.tree.map(lambda g: g * adv_on, disc_grads)
+            new_state['disc'] = new_disc_vars
+            metrics['disc_loss'] = d_loss
+        return grads, new_state, metrics
+
+    # -- samples and evaluation ------------------------------------------------------------------
+
+    def reconstruct(self, params: Any, model_state: Any, images: jax.Array, *,
+                    quantize: bool = False) -> jax.Array:
+        """images [B, H, W, 3] -> reconstructions; continuous latents unless quantize (Würstchen v2 use)."""
+        variables = {'params': params['vqgan'], **model_state['vqgan']}
+        latent = self.vqgan.apply(variables, images, method=VQGAN.encode)
+        if quantize:
+            latent = self.vqgan.apply(variables, latent, method=VQGAN.quantize)[0]
+        return self.vqgan.apply(variables, latent, method=VQGAN.decode)
+
+    def visualize(self, params: Any, model_state: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        """Pairs of (input, reconstruction) side by side: [B, H, 2W, 3] in [-1, 1]."""
+        recon = self.reconstruct(params, model_state, batch['image'])
+        return jnp.concatenate([batch['image'], jnp.clip(recon, -1, 1)], axis=2)
+
+    def evaluate(self, params: Any, model_state: Any, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+        """Mean reconstruction PSNR over the held-out batches, continuous and through the codebook."""
+        recon_fn = jax.jit(lambda p, s, x: (psnr(self.reconstruct(p, s, x), x),
+                                            psnr(self.reconstruct(p, s, x, quantize=True), x)))
+        cont, quant = [], []
+        for batch in batches:
+            a, b = recon_fn(params, model_state, jnp.asarray(batch['image']))
+            cont.append(np.asarray(a))
+            quant.append(np.asarray(b))
+        cont, quant = np.concatenate(cont), np.concatenate(quant)
+        return dict(psnr=float(cont.mean()), psnr_quantized=float(quant.mean()), num_images=len(cont))

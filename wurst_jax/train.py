@@ -1,0 +1,217 @@
+"""The training loop, shared by every model family (`wurst_jax.tasks`).
+
+Read top to bottom: mesh, task and optimizer, abstract state and shardings, input, checkpoint
+restore or init, the compiled step, then the loop with logging, images, checkpoints and eval.
+"""
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers, periodic_actions
+
+from wurst_jax import checkpoint, optim, sharding, tasks, visualize
+from wurst_jax.config_lib import ConfigError
+from wurst_jax.data import input_pipeline
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # float32 master weights
+    opt_state: Any
+    ema_params: Any
+    model_state: Any  # non-trained variables, e.g. BatchNorm statistics
+    rng: jax.Array  # base key; each step folds in its step number, so resume needs no RNG state
+
+
+def create_train_state(task: Any, tx: optax.GradientTransformation, rng: jax.Array,
+                       images: jax.Array) -> TrainState:
+    """A fresh train state; params still carry their logical-axis boxes."""
+    init_rng, state_rng = jax.random.split(rng)
+    params, model_state = task.init(init_rng, images)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params, model_state=model_state, rng=state_rng)
+
+
+def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
+    """EMA with the usual warm-up decay min(decay, (1 + step) / (10 + step)) so early EMA tracks params."""
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+
+
+def train_step(task: Any, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+               state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step; returns the new state and scalar metrics (left on device)."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads, model_state, metrics = task.grads(state.params, state.model_state, batch, rng, state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   learning_rate=optim.lr_schedule(config.optimizer, config.total_steps)(state.step))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
+                              ema_params=ema_update(state.ema_params, params, config.ema_decay, state.step))
+    return new_state, metrics
+
+
+def eval_batches(config: ml_collections.ConfigDict) -> Any:
+    """Held-out batches for evaluation, as named by config.eval.data."""
+    if config.eval.data == 'astronaut_tiles':
+        from wurst_jax.data import photos
+        tiles = photos.astronaut_crops(config.input.image_size).astype(np.float32) / 127.5 - 1
+        return [dict(image=tiles[i:i + config.eval.batch_size])
+                for i in range(0, len(tiles), config.eval.batch_size)]
+    return input_pipeline.create_eval_iterator(config.input, split=config.input.eval_split,
+                                               batch_size=config.eval.batch_size,
+                                               num_examples=config.eval.num_examples)
+
+
+def _check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    split = mesh.shape['data'] * mesh.shape['fsdp']
+    if config.input.batch_size % (split * jax.process_count()):
+        raise ConfigError('input.batch_size', config.input.batch_size,
+                          f'a multiple of data x fsdp = {split} (and of the {jax.process_count()} processes)')
+
+
+def _evaluate(task, config, state, writer, workdir: str) -> dict[str, float]:
+    params = state.ema_params if config.eval.use_ema else state.params
+    result = task.evaluate(params, state.model_state, eval_batches(config))
+    step = int(state.step)
+    writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'eval.jsonl'), 'a') as f:
+            f.write(json.dumps(dict(step=step, **result)) + '\n')
+    logging.info('eval at step %d: %s', step, result)
+    return result
+
+
+def _write_images(task, config, state, writer, workdir: str, batch: dict[str, np.ndarray]) -> None:
+    params = state.ema_params if config.eval.use_ema else state.params
+    grid = visualize.image_grid(np.asarray(jax.jit(task.visualize)(params, state.model_state, batch)),
+                                ncols=config.eval.grid_columns)
+    step = int(state.step)
+    writer.write_images(step, {'samples': grid[None]})
+    if jax.process_index() == 0:
+        visualize.save_png(os.path.join(workdir, f'samples_{step:07d}.png'), grid)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, task: Any, tx: optax.GradientTransformation,
+                         mesh: jax.sharding.Mesh, rules: Any) -> tuple[Any, TrainState, Any]:
+    """(init_fn, abstract state with shardings attached, state shardings), from jax.eval_shape only."""
+    size = config.input.image_size
+    init_fn = functools.partial(create_train_state, task, tx)
+    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed),
+                           jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    state_sharding = sharding.logical_shardings(boxed, mesh, rules)
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  nn.meta.unbox(boxed), state_sharding)
+    return init_fn, abstract_state, state_sharding
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains config.model_family for config.total_steps, resuming from workdir's latest checkpoint."""
+    os.makedirs(workdir, exist_ok=True)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+    # -- Mesh, task, optimizer ---------------------------------------------------------------------
+    size = config.input.image_size
+    mesh = sharding.create_mesh(config.mesh)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    _check_batch_fits_mesh(config, mesh)
+    task = tasks.create(config)
+    tx = task.optimizer()
+    logging.info('mesh %s over %d devices', dict(mesh.shape), mesh.size)
+
+    # -- Abstract state and shardings (nothing allocated yet) --------------------------------------
+    init_fn, abstract_state, state_sharding = abstract_train_state(config, task, tx, mesh, rules)
+    sharding.log_param_shardings(abstract_state.params, state_sharding.params)
+    logging.info('params: %s', f'{sum(x.size for x in jax.tree.leaves(abstract_state.params)):,}')
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+
+    # -- Input -------------------------------------------------------------------------------------
+    train_iter = input_pipeline.create_train_iterator(
+        config.input, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+
+    # -- Restore or initialise ---------------------------------------------------------------------
+    manager = checkpoint.create_manager(os.path.join(workdir, 'checkpoints'), max_to_keep=config.keep_checkpoints)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        restored = checkpoint.restore_latest(manager, abstract_state=abstract_state, data_iterator=train_iter)
+        if restored is None:
+            unboxed_init = lambda r, x: nn.meta.unbox(init_fn(r, x))
+            state = jax.jit(unboxed_init, out_shardings=state_sharding)(
+                jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3), jnp.float32))
+        else:
+            state = restored[1]
+    start_step = int(state.step)
+
+    # -- Compiled step -----------------------------------------------------------------------------
+    batch_spec = {'image': jax.ShapeDtypeStruct((config.input.batch_size, size, size, 3), jnp.float32,
+                                                sharding=batch_sharding)}
+    step_fn = jax.jit(functools.partial(train_step, task, tx, config),
+                      in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        t0 = time.time()
+        compiled = step_fn.lower(abstract_state, batch_spec).compile()
+        cost = compiled.cost_analysis() or {}
+        flops = float(cost.get('flops', 0.0)) if isinstance(cost, dict) else 0.0
+        logging.info('train step compiled in %.1f s; %.3g FLOP per step', time.time() - t0, flops)
+
+    # -- Loop --------------------------------------------------------------------------------------
+    hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                             every_steps=config.log_every_steps)]
+    if config.profile.num_steps > 0 and jax.process_index() == 0:
+        hooks.append(periodic_actions.Profile(logdir=workdir, first_profile=config.profile.first_step,
+                                              num_profile_steps=config.profile.num_steps))
+    image_batch = next(iter(eval_batches(config)))
+    image_batch = {'image': np.asarray(image_batch['image'][:config.eval.num_grid_images])}
+    pending_metrics, last_log = [], (time.time(), start_step)
+    ids_file = (open(os.path.join(workdir, 'batch_ids.txt'), 'a')
+                if config.record_batch_ids and jax.process_index() == 0 else None)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for step in range(start_step + 1, config.total_steps + 1):
+            with jax.profiler.StepTraceAnnotation('train', step_num=step):
+                local = next(train_iter)
+                if ids_file:
+                    ids_file.write(f'{step} ' + ' '.join(map(str, local['id'].tolist())) + '\n')
+                batch = sharding.make_global_batch({k: local[k] for k in batch_spec}, batch_sharding)
+                state, metrics = compiled(state, batch)
+                pending_metrics.append(metrics)
+            for hook in hooks:
+                hook(step)
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                # The only host sync of the loop: fetch the metrics accumulated since the last log.
+                summary = {k: float(np.mean(v)) for k, v in jax.tree.map(
+                    lambda *xs: np.stack(xs), *jax.device_get(pending_metrics)).items()}
+                now = time.time()
+                summary['images_per_sec'] = (step - last_log[1]) * config.input.batch_size / (now - last_log[0])
+                if flops:  # XLA's count for one device's program
+                    summary['device_gflops_per_sec'] = (step - last_log[1]) * flops / (now - last_log[0]) / 1e9
+                if not np.isfinite(summary['loss']):
+                    raise FloatingPointError(f'loss is {summary["loss"]} at step {step}; lower optimizer.lr '
+                                             'or check the input pipeline')
+                writer.write_scalars(step, summary)
+                pending_metrics, last_log = [], (now, step)
+            if step % config.image_every_steps == 0:
+                _write_images(task, config, state, writer, workdir, image_batch)
+            if config.eval_every_steps and step % config.eval_every_steps == 0 and step != config.total_steps:
+                _evaluate(task, config, state, writer, workdir)
+            if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+                checkpoint.save(manager, step, state=state, data_iterator=train_iter, config=config)
+        if ids_file:
+            ids_file.close()
+        if start_step < config.total_steps and config.total_steps % config.image_every_steps:
+            _write_images(task, config, state, writer, workdir, image_batch)
+        _evaluate(task, config, state, writer, workdir)
+    checkpoint.wait(manager)
+    writer.flush()
+    return state
