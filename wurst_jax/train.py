@@ -56,7 +56,7 @@ def train_step(task: Any, tx: optax.GradientTransformation, config: ml_collectio
     grads, model_state, metrics = task.grads(state.params, state.model_state, batch, rng, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    learning_rate=optim.lr_schedule(config.optimizer, config.total_steps)(state.step))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
                               ema_params=ema_update(state.ema_params, params, config.ema_decay, state.step))

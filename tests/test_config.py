@@ -1,0 +1,67 @@
+"""Every config loads and validates; bad values are rejected naming the field."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONFIGS, REPO, load_config
+from wurst_jax import config_lib
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize('arg', [None, 'runlocal'])
+def test_every_config_loads_and_validates(path, arg):
+    config = load_config(path.stem, arg)
+    config_lib.validate(config)
+    assert config.total_steps > 0
+
+
+@pytest.mark.parametrize('field, value', [
+    ('total_steps', 0),
+    ('mesh.data', 0),
+    ('optimizer.schedule', 'linear'),
+    ('optimizer.warmup_steps', 10**9),
+    ('optimizer.lr', -1.0),
+    ('input.crop', 'middle'),
+    ('input.image_size', 30),
+    ('dtype', 'float16'),
+    ('ema_decay', 1.0),
+    ('model.levels', (8,)),
+    ('loss.adv_start', -1),
+    ('model_family', 'stage_z'),
+])
+def test_bad_value_is_rejected_with_its_name(field, value):
+    config = load_config('shapes', 'runlocal')
+    node = config
+    *parents, leaf = field.split('.')
+    for part in parents:
+        node = node[part]
+    with node.ignore_type():
+        node[leaf] = value
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.validate(config)
+    assert f'config.{field}=' in str(err.value)
+
+
+def test_two_minus_one_mesh_axes_rejected():
+    config = load_config('shapes', 'runlocal')
+    config.mesh.fsdp = -1
+    with pytest.raises(config_lib.ConfigError, match='at most one axis'):
+        config_lib.validate(config)
+
+
+def test_unknown_config_argument_rejected():
+    with pytest.raises(config_lib.ConfigError, match='stagee'):
+        load_config('shapes', 'stagee=a')
+
+
+def test_main_rejects_bad_value_before_compiling(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    result = subprocess.run(
+        [sys.executable, '-m', 'wurst_jax.main', '--config=configs/shapes.py:runlocal',
+         f'--workdir={tmp_path}', '--config.input.crop=middle'],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "config.input.crop='middle'" in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing was built or written

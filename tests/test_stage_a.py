@@ -1,0 +1,74 @@
+"""Stage A networks: sizes, torch-order pixel shuffles, the quantiser, and the discriminator gate."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wurst_jax.models import layers
+from wurst_jax.models.stage_a import VQGAN, Discriminator, VectorQuantizer
+from wurst_jax import tasks
+
+
+def test_wuerstchen_size_param_count():
+    variables = jax.eval_shape(lambda k: VQGAN().init(k, jnp.zeros((1, 64, 64, 3))), jax.random.key(0))
+    params = nn.meta.unbox(variables['params'])
+    assert sum(x.size for x in jax.tree.leaves(params)) == 18_406_894
+    assert jax.eval_shape(lambda k: VQGAN().init(k, jnp.zeros((1, 64, 64, 3))),
+                          jax.random.key(0))['batch_stats']['latent_norm']['mean'].shape == (4,)
+
+
+def test_pixel_unshuffle_uses_torch_channel_order():
+    x = np.random.RandomState(0).randn(2, 6, 4, 3).astype(np.float32)
+    y = np.asarray(layers.pixel_unshuffle(jnp.asarray(x), 2))
+    # torch: out[c * r * r + i * r + j, h, w] = in[c, h * r + i, w * r + j]
+    for c in range(3):
+        for i in range(2):
+            for j in range(2):
+                np.testing.assert_array_equal(y[..., c * 4 + i * 2 + j], x[:, i::2, j::2, c])
+    np.testing.assert_array_equal(np.asarray(layers.pixel_shuffle(jnp.asarray(y), 2)), x)
+
+
+def test_encode_decode_shapes_are_f4():
+    model = VQGAN(levels=(8, 16), bottleneck_blocks=1, num_codes=16)
+    x = jnp.zeros((2, 32, 24, 3))
+    variables = model.init(jax.random.key(0), x)
+    h = model.apply(variables, x, method=VQGAN.encode)
+    assert h.shape == (2, 8, 6, 4)
+    assert model.apply(variables, h, method=VQGAN.decode).shape == x.shape
+
+
+def test_quantizer_picks_nearest_code_with_straight_through_gradient():
+    vq = VectorQuantizer(num_codes=10, code_dim=3)
+    z = jax.random.normal(jax.random.key(1), (2, 4, 4, 3)) * 0.01
+    variables = nn.meta.unbox(vq.init(jax.random.key(0), z))
+    codebook = np.asarray(variables['params']['codebook'])
+    quantised, indices, vq_loss, commit = vq.apply(variables, z)
+    dists = ((np.asarray(z)[..., None, :] - codebook) ** 2).sum(-1)
+    np.testing.assert_array_equal(np.asarray(indices), dists.argmin(-1))
+    np.testing.assert_allclose(np.asarray(quantised), codebook[dists.argmin(-1)], atol=1e-7)
+    np.testing.assert_allclose(float(vq_loss), float(commit), rtol=1e-6)
+    grad = jax.grad(lambda z: vq.apply(variables, z)[0].sum())(z)
+    np.testing.assert_array_equal(np.asarray(grad), np.ones_like(z))
+
+
+def test_discriminator_downsamples_by_two_per_layer():
+    disc = Discriminator(c_hidden=16, depth=3)
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = disc.init(jax.random.key(0), x)
+    assert disc.apply(variables, x).shape == (2, 4, 4, 1)
+
+
+def test_discriminator_is_frozen_until_adv_start(tiny_shapes_config):
+    config = tiny_shapes_config
+    config.loss.adv_start = 5
+    task = tasks.create(config)
+    params, state = nn.meta.unbox(task.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+    batch = {'image': jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)}
+    grads_fn = jax.jit(functools.partial(task.grads, params, state, batch, jax.random.key(2)))
+    before, _, metrics = grads_fn(jnp.int32(4))
+    after, _, _ = grads_fn(jnp.int32(5))
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(before['disc']))
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(after['disc']))
+    assert float(metrics['disc_loss']) > 0
