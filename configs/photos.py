@@ -16,12 +16,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise config_lib.ConfigError('<arg>.stage', arg.stage, "'a' (Stages B and C come with their issues)")
     config = config_lib.base_config()
     config.model_family = 'stage_a'
-    config.total_steps = 4000
+    config.total_steps = 2000
     config.input = config_lib.input_config('photos', image_size=64, batch_size=32, crop='random', flip=True,
                                            resize=320)
 
     config.model = ml_collections.ConfigDict(dict(
-        levels=(48, 96), bottleneck_blocks=3, latent_channels=4, num_codes=2048, scale_factor=0.3764))
+        levels=(32, 64), bottleneck_blocks=3, latent_channels=4, num_codes=2048, scale_factor=0.3764))
     config.disc = ml_collections.ConfigDict(dict(c_hidden=64, depth=3))
     config.loss = ml_collections.ConfigDict(dict(
         mse_weight=1.0, vq_weight=1.0, commit_weight=0.25, adv_weight=0.0, adv_start=0))
@@ -31,8 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         data='astronaut_tiles', num_examples=64, batch_size=64, use_ema=True, num_grid_images=16,
         grid_columns=4))
     config.log_every_steps = 100
-    config.image_every_steps = 1000
-    config.checkpoint_every_steps = 1000
+    config.image_every_steps = 500
+    config.checkpoint_every_steps = 500
 
     if arg.runlocal:
         config.total_steps = 4

@@ -67,8 +67,9 @@ def test_discriminator_is_frozen_until_adv_start(tiny_shapes_config):
     params, state = nn.meta.unbox(task.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
     batch = {'image': jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)}
     grads_fn = jax.jit(functools.partial(task.grads, params, state, batch, jax.random.key(2)))
-    before, _, metrics = grads_fn(jnp.int32(4))
-    after, _, _ = grads_fn(jnp.int32(5))
+    before, _, metrics_before = grads_fn(jnp.int32(4))
+    after, _, metrics_after = grads_fn(jnp.int32(5))
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(before['disc']))
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(after['disc']))
-    assert float(metrics['disc_loss']) > 0
+    assert float(metrics_before['disc_loss']) == 0  # not even run before adv_start
+    assert float(metrics_after['disc_loss']) > 0 and float(metrics_after['adv_loss']) > 0

@@ -48,12 +48,10 @@ class VectorQuantizer(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """z: [B, H, W, D] -> (quantised with straight-through grad, indices [B, H, W], vq_loss, commit_loss)."""
-        bound = 1.0 / self.num_codes
-        codebook = self.param(
-            'codebook',
-            nn.with_logical_partitioning(
-                lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound), ('vocab', None)),
-            (self.num_codes, self.code_dim))
+        # The latents are BatchNorm'd to unit variance; a codebook drawn from N(0, 1) starts where they
+        # are. (Paella's U(-1/K, 1/K) start puts every code near 0, and most codes then never win.)
+        codebook = self.param('codebook', nn.with_logical_partitioning(nn.initializers.normal(1.0), ('vocab', None)),
+                              (self.num_codes, self.code_dim))
         flat = z.reshape(-1, self.code_dim).astype(jnp.float32)
         dist = (jnp.sum(flat ** 2, -1, keepdims=True) - 2 * flat @ codebook.T
                 + jnp.sum(codebook ** 2, -1)[None])

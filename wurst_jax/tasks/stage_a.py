@@ -98,8 +98,12 @@ class StageATask:
             metrics = dict(mse=mse, vq_loss=aux['vq_loss'], commit_loss=aux['commit_loss'],
                            psnr=jnp.mean(psnr(recon, x)))
             if self.use_disc:
-                logits = self.disc.apply({'params': params['disc'], **model_state['disc']}, recon, train=False)
-                adv = jnp.mean(jax.nn.softplus(-logits))  # non-saturating: fakes pushed to "real"
+                def adversarial(fake):  # non-saturating: the generator pushes its fakes towards "real"
+                    logits = self.disc.apply({'params': params['disc'], **model_state['disc']}, fake, train=False)
+                    return jnp.mean(jax.nn.softplus(-logits))
+
+                # lax.cond: before adv_start the discriminator is not run at all.
+                adv = jax.lax.cond(adv_on > 0, adversarial, lambda _: jnp.zeros((), jnp.float32), recon)
                 loss = loss + adv_on * loss_cfg.adv_weight * adv
                 metrics['adv_loss'] = adv
             metrics['loss'] = loss
@@ -117,9 +121,14 @@ class StageATask:
                 real, fake = jnp.split(logits, 2)
                 return jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake)), new_vars
 
-            (d_loss, new_disc_vars), disc_grads = jax.value_and_grad(disc_loss, has_aux=True)(params['disc'])
-            # Before adv_start the discriminator's Adam sees zero gradients, i.e. makes no update.
-            grads['disc'] = jax.tree.map(lambda g: g * adv_on, disc_grads)
+            def disc_update(_):
+                (d_loss, new_vars), g = jax.value_and_grad(disc_loss, has_aux=True)(params['disc'])
+                return d_loss, new_vars, g
+
+            def no_disc_update(_):  # zero gradients: the discriminator's Adam makes no update
+                return jnp.zeros((), jnp.float32), model_state['disc'], jax.tree.map(jnp.zeros_like, params['disc'])
+
+            d_loss, new_disc_vars, grads['disc'] = jax.lax.cond(adv_on > 0, disc_update, no_disc_update, None)
             new_state['disc'] = new_disc_vars
             metrics['disc_loss'] = d_loss
         return grads, new_state, metrics
