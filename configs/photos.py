@@ -24,7 +24,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         levels=(32, 64), bottleneck_blocks=3, latent_channels=4, num_codes=2048, scale_factor=0.3764))
     config.disc = ml_collections.ConfigDict(dict(c_hidden=64, depth=3))
     config.loss = ml_collections.ConfigDict(dict(
-        mse_weight=1.0, vq_weight=1.0, commit_weight=0.25, adv_weight=0.0, adv_start=0))
+        mse_weight=1.0, vq_weight=1.0, commit_weight=0.25, adv_weight=0.0, adv_start=0,
+        perceptual_weight=0.0, perceptual_weights=''))
     config.optimizer = config_lib.optimizer_config(1e-3, warmup_steps=100, schedule='cosine')
     config.disc_optimizer = config_lib.optimizer_config(1e-4, schedule='constant')
     config.eval = ml_collections.ConfigDict(dict(

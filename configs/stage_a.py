@@ -25,7 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         levels=(192, 384), bottleneck_blocks=12, latent_channels=4, num_codes=8192, scale_factor=0.3764))
     config.disc = ml_collections.ConfigDict(dict(c_hidden=512, depth=6))
     config.loss = ml_collections.ConfigDict(dict(
-        mse_weight=1.0, vq_weight=1.0, commit_weight=0.25, adv_weight=0.1, adv_start=50_000))
+        mse_weight=1.0, vq_weight=1.0, commit_weight=0.25, adv_weight=0.1, adv_start=50_000,
+        perceptual_weight=0.0, perceptual_weights=''))
     config.optimizer = config_lib.optimizer_config(3e-4, warmup_steps=50_000, schedule='cosine',
                                                    weight_decay=0.0)
     config.disc_optimizer = config_lib.optimizer_config(3e-6, schedule='constant')

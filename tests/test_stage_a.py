@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from wurst_jax.models import layers
 from wurst_jax.models.stage_a import VQGAN, Discriminator, VectorQuantizer
@@ -66,10 +67,71 @@ def test_discriminator_is_frozen_until_adv_start(tiny_shapes_config):
     task = tasks.create(config)
     params, state = nn.meta.unbox(task.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
     batch = {'image': jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)}
-    grads_fn = jax.jit(functools.partial(task.grads, params, state, batch, jax.random.key(2)))
+    grads_fn = jax.jit(functools.partial(task.grads, params, state, {}, batch, jax.random.key(2)))
     before, _, metrics_before = grads_fn(jnp.int32(4))
     after, _, metrics_after = grads_fn(jnp.int32(5))
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(before['disc']))
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(after['disc']))
     assert float(metrics_before['disc_loss']) == 0  # not even run before adv_start
     assert float(metrics_after['disc_loss']) > 0 and float(metrics_after['adv_loss']) > 0
+
+
+def write_random_vgg16(path, seed=0):
+    """A torchvision-keyed vgg16 features state dict with random weights, as .npz."""
+    from wurst_jax.models import vgg
+    rng = np.random.default_rng(seed)
+    state, in_ch = {}, 3
+    widths = [w for w in vgg.LAYOUT if w != 'M']
+    for index, width in zip(vgg.torch_indices(), widths):
+        state[f'features.{index}.weight'] = rng.normal(0, np.sqrt(2 / (9 * in_ch)), (width, in_ch, 3, 3))
+        state[f'features.{index}.bias'] = rng.normal(0, 0.01, (width,))
+        in_ch = width
+    np.savez(path, **state)
+
+
+def test_perceptual_loss_reads_local_weights_and_trains(tiny_shapes_config, tmp_path):
+    from wurst_jax import config_lib, perceptual
+    from wurst_jax.models.vgg import VGG16Features, perceptual_distance
+    weights = tmp_path / 'vgg16.npz'
+    write_random_vgg16(weights)
+    params = perceptual.load_vgg16_params(str(weights))
+    # torch OIHW (64, 3, 3, 3) becomes flax HWIO (3, 3, 3, 64).
+    assert params['features_0']['kernel'].shape == (3, 3, 3, 64)
+    x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+    feats = VGG16Features().apply({'params': params}, x)
+    assert [f.shape[-1] for f in feats] == [64, 128, 256, 512, 512]
+    assert float(jnp.max(perceptual_distance(feats, feats))) == 0.0
+    other = VGG16Features().apply({'params': params}, -x)
+    assert float(jnp.min(perceptual_distance(feats, other))) > 0.0
+
+    config = tiny_shapes_config
+    config.input.image_size = 32
+    config.loss.perceptual_weight = 0.1
+    config.loss.perceptual_weights = str(tmp_path / 'missing.npz')
+    with pytest.raises(config_lib.ConfigError, match='config.loss.perceptual_weights='):
+        config_lib.validate(config)
+    config.loss.perceptual_weights = str(weights)
+    config_lib.validate(config)
+    task = tasks.create(config)
+    variables, state = nn.meta.unbox(task.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    _, _, metrics = jax.jit(task.grads)(variables, state, task.frozen_params(), {'image': x},
+                                        jax.random.key(1), jnp.int32(0))
+    assert float(metrics['perceptual_loss']) > 0
+    assert float(metrics['loss']) > float(metrics['mse'])
+
+
+def test_bfloat16_compute_keeps_float32_params(tiny_shapes_config):
+    config = tiny_shapes_config
+    config.dtype = 'bfloat16'
+    task = tasks.create(config)
+    params, state = nn.meta.unbox(task.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype('float32')}
+    batch = {'image': jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)}
+    grads, _, metrics = jax.jit(task.grads)(params, state, {}, batch, jax.random.key(2), jnp.int32(0))
+    assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype('float32')}
+    assert np.isfinite(float(metrics['loss']))
+    # The forward really ran in bfloat16: it differs from the float32 one, but not by much.
+    config.dtype = 'float32'
+    _, _, metrics32 = jax.jit(tasks.create(config).grads)(params, state, {}, batch, jax.random.key(2), jnp.int32(0))
+    assert float(metrics['mse']) != float(metrics32['mse'])
+    assert abs(float(metrics['mse']) - float(metrics32['mse'])) < 0.05 * float(metrics32['mse'])

@@ -31,11 +31,11 @@ def test_stage_a_loss_falls_on_4x2_mesh(tiny_shapes_config):
         state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=state_sharding)(
             jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))
         step = jax.jit(functools.partial(train.train_step, task, tx, config),
-                       in_shardings=(state_sharding, batch_sharding),
+                       in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
                        out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
         for _ in range(25):
             batch = sharding.make_global_batch({'image': next(it)['image']}, batch_sharding)
-            state, metrics = step(state, batch)
+            state, metrics = step(state, batch, {})
             losses.append(float(metrics['mse']))
     assert int(state.step) == 25
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses

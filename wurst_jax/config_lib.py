@@ -151,6 +151,14 @@ def _validate_input(config) -> None:
            inp.num_workers, 'an integer >= 0')
 
 
+def _validate_eval(config) -> None:
+    ev = config.eval
+    _check(ev.data in ('split', 'astronaut_tiles'), 'eval.data', ev.data,
+           "'split' (input.eval_split of the dataset) or 'astronaut_tiles' (the held-out photo)")
+    for field in ('eval.num_examples', 'eval.batch_size', 'eval.num_grid_images', 'eval.grid_columns'):
+        _positive_int(config, field)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for the first invalid field; call before building anything."""
     for field in ('total_steps', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
@@ -165,6 +173,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'an integer >= 0 (0 disables profiling)')
     _validate_mesh(config)
     _validate_input(config)
+    _validate_eval(config)
     validate_optimizer(config, 'optimizer')
     from wurst_jax import tasks  # the family's own fields
     tasks.validate(config)

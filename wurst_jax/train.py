@@ -21,7 +21,7 @@ from clu import metric_writers, periodic_actions
 
 from wurst_jax import checkpoint, optim, sharding, tasks, visualize
 from wurst_jax.config_lib import ConfigError
-from wurst_jax.data import input_pipeline
+from wurst_jax.data import input_pipeline, photos
 
 
 @flax.struct.dataclass
@@ -50,10 +50,11 @@ def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
 
 
 def train_step(task: Any, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-               state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step; returns the new state and scalar metrics (left on device)."""
+               state: TrainState, batch: dict[str, jax.Array],
+               frozen: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step; `frozen` holds networks used but not trained. Metrics stay on device."""
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, model_state, metrics = task.grads(state.params, state.model_state, batch, rng, state.step)
+    grads, model_state, metrics = task.grads(state.params, state.model_state, frozen, batch, rng, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
@@ -66,7 +67,6 @@ def train_step(task: Any, tx: optax.GradientTransformation, config: ml_collectio
 def eval_batches(config: ml_collections.ConfigDict) -> Any:
     """Held-out batches for evaluation, as named by config.eval.data."""
     if config.eval.data == 'astronaut_tiles':
-        from wurst_jax.data import photos
         tiles = photos.astronaut_crops(config.input.image_size).astype(np.float32) / 127.5 - 1
         return [dict(image=tiles[i:i + config.eval.batch_size])
                 for i in range(0, len(tiles), config.eval.batch_size)]
@@ -156,12 +156,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # -- Compiled step -----------------------------------------------------------------------------
     batch_spec = {'image': jax.ShapeDtypeStruct((config.input.batch_size, size, size, 3), jnp.float32,
                                                 sharding=batch_sharding)}
+    # Frozen networks are read from local files once, and passed to every step, never saved.
+    frozen = jax.device_put(task.frozen_params(), sharding.replicated(mesh))
     step_fn = jax.jit(functools.partial(train_step, task, tx, config),
-                      in_shardings=(state_sharding, batch_sharding),
+                      in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
                       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         t0 = time.time()
-        compiled = step_fn.lower(abstract_state, batch_spec).compile()
+        compiled = step_fn.lower(abstract_state, batch_spec, frozen).compile()
         cost = compiled.cost_analysis() or {}
         flops = float(cost.get('flops', 0.0)) if isinstance(cost, dict) else 0.0
         logging.info('train step compiled in %.1f s; %.3g FLOP per step', time.time() - t0, flops)
@@ -184,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if ids_file:
                     ids_file.write(f'{step} ' + ' '.join(map(str, local['id'].tolist())) + '\n')
                 batch = sharding.make_global_batch({k: local[k] for k in batch_spec}, batch_sharding)
-                state, metrics = compiled(state, batch)
+                state, metrics = compiled(state, batch, frozen)
                 pending_metrics.append(metrics)
             for hook in hooks:
                 hook(step)

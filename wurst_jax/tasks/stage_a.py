@@ -1,5 +1,7 @@
 """Stage A training: VQGAN reconstruction (MSE + VQ + commitment) with an optional adversarial
-loss from a spectral-norm discriminator that switches on at `loss.adv_start`."""
+loss from a spectral-norm discriminator that switches on at `loss.adv_start`, and an optional
+VGG16 perceptual loss whose weights come from a local file."""
+import os
 from typing import Any, Iterable
 
 import jax
@@ -8,9 +10,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from wurst_jax import optim
+from wurst_jax import optim, perceptual
 from wurst_jax.config_lib import ConfigError, validate_optimizer
 from wurst_jax.models.stage_a import VQGAN, Discriminator
+from wurst_jax.models.vgg import VGG16Features, perceptual_distance
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -35,6 +38,8 @@ class StageATask:
                            scale_factor=m.scale_factor, dtype=dtype)
         self.use_disc = config.loss.adv_weight > 0
         self.disc = Discriminator(c_hidden=config.disc.c_hidden, depth=config.disc.depth, dtype=dtype)
+        self.use_perceptual = config.loss.perceptual_weight > 0
+        self.vgg = VGG16Features()
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
@@ -44,11 +49,15 @@ class StageATask:
         for field in ('bottleneck_blocks', 'latent_channels', 'num_codes'):
             if not (isinstance(m[field], int) and m[field] > 0):
                 raise ConfigError(f'model.{field}', m[field], 'a positive integer')
-        for field in ('mse_weight', 'vq_weight', 'commit_weight', 'adv_weight'):
+        for field in ('mse_weight', 'vq_weight', 'commit_weight', 'adv_weight', 'perceptual_weight'):
             if loss[field] < 0:
                 raise ConfigError(f'loss.{field}', loss[field], 'a weight >= 0')
         if not (isinstance(loss.adv_start, int) and loss.adv_start >= 0):
             raise ConfigError('loss.adv_start', loss.adv_start, 'a step >= 0')
+        if loss.perceptual_weight > 0 and not os.path.isfile(loss.perceptual_weights):
+            raise ConfigError('loss.perceptual_weights', loss.perceptual_weights,
+                              "a local file with torchvision's vgg16 state dict (.pth or .npz), "
+                              'or set loss.perceptual_weight=0')
         if loss.adv_weight > 0:
             validate_optimizer(config, 'disc_optimizer')
             size = config.input.image_size
@@ -70,6 +79,12 @@ class StageATask:
             state['disc'] = {'batch_stats': disc_vars['batch_stats']}
         return params, state
 
+    def frozen_params(self) -> dict[str, Any]:
+        """Networks used but not trained: the VGG16 of the perceptual loss, when it is on."""
+        if not self.use_perceptual:
+            return {}
+        return {'vgg': perceptual.load_vgg16_params(self.config.loss.perceptual_weights)}
+
     def optimizer(self) -> optax.GradientTransformation:
         """AdamW for the VQGAN; a separate AdamW for the discriminator."""
         total = self.config.total_steps
@@ -81,8 +96,8 @@ class StageATask:
 
     # -- training --------------------------------------------------------------------------------
 
-    def grads(self, params: Any, model_state: Any, batch: dict[str, jax.Array], rng: jax.Array,
-              step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+    def grads(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
+              rng: jax.Array, step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
         """Gradients of the VQGAN loss and (from adv_start) of the discriminator loss."""
         del rng  # Stage A training is deterministic given the batch.
         loss_cfg = self.config.loss
@@ -97,6 +112,12 @@ class StageATask:
                     + loss_cfg.commit_weight * aux['commit_loss'])
             metrics = dict(mse=mse, vq_loss=aux['vq_loss'], commit_loss=aux['commit_loss'],
                            psnr=jnp.mean(psnr(recon, x)))
+            if self.use_perceptual:
+                features = self.vgg.apply({'params': frozen['vgg']}, jnp.concatenate([recon, x]))
+                halves = [jnp.split(f, 2) for f in features]
+                distance = jnp.mean(perceptual_distance([a for a, _ in halves], [b for _, b in halves]))
+                loss = loss + loss_cfg.perceptual_weight * distance
+                metrics['perceptual_loss'] = distance
             if self.use_disc:
                 def adversarial(fake):  # non-saturating: the generator pushes its fakes towards "real"
                     logits = self.disc.apply({'params': params['disc'], **model_state['disc']}, fake, train=False)
