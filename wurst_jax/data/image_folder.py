@@ -7,7 +7,6 @@ the prepared dataset.
 """
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import pathlib
@@ -16,6 +15,8 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
+
+from wurst_jax.data.captioned import CaptionedImageBuilder, encode_png
 
 IMAGE_SUFFIXES = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff'})
 CAPTIONS_JSONL = 'captions.jsonl'
@@ -152,9 +153,7 @@ def encoded_image(path: pathlib.Path) -> bytes:
         if image.format == 'JPEG' and image.mode == 'RGB' and upright:
             return path.read_bytes()
         rgb = to_rgb8(ImageOps.exif_transpose(image))
-    buffer = io.BytesIO()
-    rgb.save(buffer, format='PNG')
-    return buffer.getvalue()
+    return encode_png(np.asarray(rgb))
 
 
 def _folder_fingerprint(folder: pathlib.Path) -> str:
@@ -181,23 +180,8 @@ def image_folder_config(folder: str | pathlib.Path) -> ImageFolderConfig:
     return ImageFolderConfig(name=f'{slug}_{_folder_fingerprint(path)}', folder=str(path))
 
 
-class ImageFolder(tfds.core.GeneratorBasedBuilder):
+class ImageFolder(CaptionedImageBuilder):
     """Captioned images from a local folder; everything valid goes to the `train` split."""
-
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-    # Nothing is downloaded, so there are no checksums to locate; tfds' lookup of the code path
-    # would import `importlib_resources`, which the stack does not ship.
-    code_path = None
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=(None, None, 3)),
-                'caption': tfds.features.Text(),
-                'id': tfds.features.Scalar(np.int64),
-            }),
-        )
 
     def _split_generators(self, dl_manager):
         scan = scan_folder(self.builder_config.folder)

@@ -6,10 +6,9 @@ Only photos that ship inside the scikit-image wheel are used, so nothing is down
 from collections.abc import Callable
 
 import numpy as np
-import tensorflow_datasets as tfds
 from skimage import data as skdata
 
-from wurst_jax.data.shapes import encode_png
+from wurst_jax.data.captioned import CaptionedImageBuilder, encode_png
 
 
 def _stereo_left() -> np.ndarray:
@@ -49,23 +48,8 @@ def astronaut_crops(size: int = 64) -> np.ndarray:
     return np.ascontiguousarray(tiles.transpose(0, 2, 1, 3, 4).reshape(rows * cols, size, size, 3))
 
 
-class Photos(tfds.core.GeneratorBasedBuilder):
+class Photos(CaptionedImageBuilder):
     """scikit-image's colour photos: train = the bundled photos, test = astronaut alone."""
-
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-    # Nothing is downloaded, so there are no checksums to locate; tfds' lookup of the code path
-    # would import `importlib_resources`, which the stack does not ship.
-    code_path = None
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=(None, None, 3)),
-                'caption': tfds.features.Text(),
-                'id': tfds.features.Scalar(np.int64),
-            }),
-        )
 
     def _split_generators(self, dl_manager):
         return {

@@ -4,13 +4,14 @@ Every image holds one or two objects on a #202020 background; the caption names 
 colour, shape and position, so text-image alignment can be scored exactly with `parse_caption`.
 """
 import dataclasses
-import io
 import re
 from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
+
+from wurst_jax.data.captioned import CaptionedImageBuilder, encode_png
 
 BACKGROUND = (32, 32, 32)
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -118,13 +119,6 @@ def make_example(seed: int, index: int, image_size: int) -> tuple[np.ndarray, st
     return render_scene(objects, image_size), caption_for(objects)
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 [H, W, C] image (TFDS cannot encode numpy without TensorFlow)."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format='PNG')
-    return buffer.getvalue()
-
-
 @dataclasses.dataclass(eq=False, kw_only=True)
 class ShapesConfig(tfds.core.BuilderConfig):
     """Generation settings; the config name encodes them so settings never share a directory."""
@@ -140,25 +134,12 @@ def shapes_config(*, image_size: int, num_train: int, num_test: int, seed: int) 
                         image_size=image_size, num_train=num_train, num_test=num_test, seed=seed)
 
 
-class Shapes(tfds.core.GeneratorBasedBuilder):
+class Shapes(CaptionedImageBuilder):
     """Coloured shapes with grammar captions; train and test come from disjoint index ranges."""
 
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-    # Nothing is downloaded, so there are no checksums to locate; tfds' lookup of the code path
-    # would import `importlib_resources`, which the stack does not ship.
-    code_path = None
-
-    def _info(self) -> tfds.core.DatasetInfo:
+    def image_shape(self) -> tuple[int, int, int]:
         size = self.builder_config.image_size
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=(size, size, 3)),
-                'caption': tfds.features.Text(),
-                'id': tfds.features.Scalar(np.int64),
-            }),
-            supervised_keys=None,
-        )
+        return (size, size, 3)
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
