@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                            resize=320)
 
     config.model = ml_collections.ConfigDict(dict(
-        levels=(32, 64), bottleneck_blocks=3, latent_channels=4, num_codes=2048, scale_factor=0.3764))
+        levels=2, embed_dim=64, bottleneck_blocks=3, latent_channels=4, num_codes=2048, scale_factor=0.3764))
     config.disc = ml_collections.ConfigDict(dict(c_hidden=64, depth=3))
     config.loss = ml_collections.ConfigDict(dict(
         mse_weight=1.0, vq_weight=1.0, commit_weight=0.25, adv_weight=0.0, adv_start=0,
@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.runlocal:
         config.total_steps = 4
         config.input.batch_size = 8
-        config.model.levels = (8, 16)
+        config.model.embed_dim = 16
         config.model.bottleneck_blocks = 1
         config.model.num_codes = 32
         config.optimizer.warmup_steps = 1

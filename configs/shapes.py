@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.input = config_lib.input_config('shapes', image_size=64, batch_size=32, flip=True)
 
     config.model = ml_collections.ConfigDict(dict(
-        levels=(32, 64), bottleneck_blocks=2, latent_channels=4, num_codes=1024, scale_factor=0.3764))
+        levels=2, embed_dim=64, bottleneck_blocks=2, latent_channels=4, num_codes=1024, scale_factor=0.3764))
     config.disc = ml_collections.ConfigDict(dict(c_hidden=64, depth=3))
     config.loss = ml_collections.ConfigDict(dict(
         mse_weight=1.0, vq_weight=1.0, commit_weight=0.25, adv_weight=0.001, adv_start=2000,
@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.input.image_size = 16
         config.input.batch_size = 8
         config.input.shapes = ml_collections.ConfigDict(dict(num_train=64, num_test=16, seed=0))
-        config.model.levels = (8, 16)
+        config.model.embed_dim = 16
         config.model.bottleneck_blocks = 1
         config.model.num_codes = 32
         config.optimizer.warmup_steps = 1

@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh.fsdp = 1
 
     config.model = ml_collections.ConfigDict(dict(
-        levels=(192, 384), bottleneck_blocks=12, latent_channels=4, num_codes=8192, scale_factor=0.3764))
+        levels=2, embed_dim=384, bottleneck_blocks=12, latent_channels=4, num_codes=8192, scale_factor=0.3764))
     config.disc = ml_collections.ConfigDict(dict(c_hidden=512, depth=6))
     config.loss = ml_collections.ConfigDict(dict(
         mse_weight=1.0, vq_weight=1.0, commit_weight=0.25, adv_weight=0.1, adv_start=50_000,

@@ -27,7 +27,7 @@ def test_every_config_loads_and_validates(path, arg):
     ('input.image_size', 30),
     ('dtype', 'float16'),
     ('ema_decay', 1.0),
-    ('model.levels', (8,)),
+    ('model.embed_dim', 15),
     ('loss.adv_start', -1),
     ('model_family', 'stage_z'),
 ])

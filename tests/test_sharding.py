@@ -43,8 +43,8 @@ def test_partition_specs_of_known_params_on_4x2_mesh():
     assert vq['up_blocks_0']['channelwise_0']['kernel'] == P('fsdp', 'tensor')
     assert vq['up_blocks_0']['channelwise_2']['kernel'] == P('tensor', 'fsdp')
     assert vq['in_conv']['kernel'] == P(None, None, None, 'fsdp')
-    assert vq['down_conv']['kernel'] == P(None, None, None, 'fsdp')
-    assert vq['up_conv']['kernel'] == P(None, None, 'fsdp', None)  # [kh, kw, out, in] after transpose
+    assert vq['down_blocks_1']['kernel'] == P(None, None, None, 'fsdp')
+    assert vq['up_blocks_12']['kernel'] == P(None, None, 'fsdp', None)  # [kh, kw, out, in] after transpose
     assert vq['up_blocks_0']['depthwise']['kernel'] == P(None, None, None, None)
     assert vq['quantizer']['codebook'] == P(None, None)
     # Adam's moments are sharded like their params.

@@ -32,7 +32,7 @@ def test_pixel_unshuffle_uses_torch_channel_order():
 
 
 def test_encode_decode_shapes_are_f4():
-    model = VQGAN(levels=(8, 16), bottleneck_blocks=1, num_codes=16)
+    model = VQGAN(levels=2, embed_dim=16, bottleneck_blocks=1, num_codes=16)
     x = jnp.zeros((2, 32, 24, 3))
     variables = model.init(jax.random.key(0), x)
     h = model.apply(variables, x, method=VQGAN.encode)

@@ -84,3 +84,112 @@ def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
     x = x.reshape(b, h, w, c, factor, factor)
     x = x.transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(b, h * factor, w * factor, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Würstchen diffusion blocks (wuerstchen.md §1). Names follow the torch modules so conversion is
+# a table: depthwise / channelwise_0 / grn / channelwise_4, mapper, kv_mapper, attention.
+
+def gen_r_embedding(r: jax.Array, dim: int = 64, max_positions: int = 10000) -> jax.Array:
+    """Würstchen's sinusoidal embedding of the continuous time r in [0, 1]: [B] -> [B, dim], float32.
+
+    Always float32: r * 10000 reaches 1e4, where bfloat16 loses the high-frequency phases.
+    """
+    r = r.astype(jnp.float32) * max_positions
+    half = dim // 2
+    freqs = jnp.exp(-jnp.arange(half, dtype=jnp.float32) * (jnp.log(float(max_positions)) / (half - 1)))
+    angles = r[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2 GRN on [B, H, W, C]: identity at init (gamma = beta = 0)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        gamma = self.param('gamma', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('mlp',)), (c,))
+        beta = self.param('beta', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('mlp',)), (c,))
+        x32 = x.astype(jnp.float32)
+        g = jnp.sqrt(jnp.sum(x32 ** 2, axis=(1, 2), keepdims=True))
+        n = g / (jnp.mean(g, axis=-1, keepdims=True) + 1e-6)
+        return (gamma * (x32 * n) + beta + x32).astype(x.dtype)
+
+
+class ResBlock(nn.Module):
+    """ConvNeXt-style block: depthwise 3x3 -> LN2d -> Dense(4C) -> GELU -> GRN -> Dropout -> Dense(C), residual."""
+    channels: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        c = self.channels
+        x = shard_batch(x)
+        h = conv(c, (3, 3), padding=((1, 1), (1, 1)), groups=c, axes=(None, None), dtype=self.dtype,
+                 name='depthwise')(x)
+        h = layer_norm_2d(self.dtype)(shard_batch(h))
+        h = dense(4 * c, ('embed', 'mlp'), dtype=self.dtype, name='channelwise_0')(h)
+        h = GlobalResponseNorm(name='grn')(nn.gelu(h, approximate=False))
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = dense(c, ('mlp', 'embed'), dtype=self.dtype, name='channelwise_4')(h)
+        return x + shard_batch(h)
+
+
+class TimestepBlock(nn.Module):
+    """FiLM by the time embedding: x * (1 + a) + b with (a, b) = Dense(2C)(r_emb)."""
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, r_emb: jax.Array) -> jax.Array:
+        ab = dense(2 * self.channels, (None, 'embed'), dtype=self.dtype, name='mapper')(r_emb)
+        a, b = jnp.split(ab[:, None, None, :], 2, axis=-1)
+        return x * (1 + a) + b
+
+
+class Attention(nn.Module):
+    """Multi-head attention with biases (torch MultiheadAttention / diffusers Attention): q from x, k/v from kv."""
+    channels: int
+    num_heads: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, kv: jax.Array, deterministic: bool = True) -> jax.Array:
+        """x: [B, T, C], kv: [B, S, C] -> [B, T, C]."""
+        c, heads = self.channels, self.num_heads
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, c // heads)
+        q = split(dense(c, ('embed', 'heads'), dtype=self.dtype, name='to_q')(x))
+        k = split(dense(c, ('embed', 'heads'), dtype=self.dtype, name='to_k')(kv))
+        v = split(dense(c, ('embed', 'heads'), dtype=self.dtype, name='to_v')(kv))
+        if deterministic or self.dropout == 0:
+            out = jax.nn.dot_product_attention(q, k, v)
+        else:  # attention-probability dropout, as torch's MHA does in training
+            logits = jnp.einsum('btnh,bsnh->bnts', q, k) / jnp.sqrt(c // heads).astype(q.dtype)
+            probs = nn.Dropout(self.dropout)(jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
+                                             deterministic=False).astype(v.dtype)
+            out = jnp.einsum('bnts,bsnh->btnh', probs, v)
+        out = out.reshape(x.shape[0], x.shape[1], c)
+        return dense(c, ('heads', 'embed'), dtype=self.dtype, name='to_out')(out)
+
+
+class AttnBlock(nn.Module):
+    """Self + cross attention in one softmax: keys = [LN2d(x) tokens, Dense(SiLU(cond))], residual."""
+    channels: int
+    num_heads: int
+    self_attn: bool = True
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array, deterministic: bool = True) -> jax.Array:
+        """x: [B, H, W, C], cond: [B, L, C_cond] -> [B, H, W, C]."""
+        b, h, w, c = x.shape
+        kv = dense(c, ('embed', 'embed'), dtype=self.dtype, name='kv_mapper')(nn.silu(cond))
+        tokens = layer_norm_2d(self.dtype)(x).reshape(b, h * w, c)
+        if self.self_attn:
+            kv = jnp.concatenate([tokens, kv.astype(tokens.dtype)], axis=1)
+        out = Attention(c, self.num_heads, self.dropout, self.dtype, name='attention')(tokens, kv, deterministic)
+        return x + shard_batch(out.reshape(b, h, w, c))

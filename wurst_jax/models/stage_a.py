@@ -65,40 +65,56 @@ class VectorQuantizer(nn.Module):
 
 
 class VQGAN(nn.Module):
-    """f4 VQGAN. Latent h = BN(encoder(x)); Würstchen's Stage B works on h / scale_factor."""
-    levels: Sequence[int] = (192, 384)
+    """f4 VQGAN (diffusers `PaellaVQModel`). Latent h = BN(encoder(x)); Würstchen's Stage B works on
+    h / scale_factor. Level widths are embed_dim / 2**i, the widest at the bottleneck.
+
+    Submodule names follow the torch indices (down_blocks_<i>, up_blocks_<i>) so conversion is a
+    table. The module is range-agnostic: our configs train on [-1, 1]; the released Würstchen
+    weights expect [0, 1].
+    """
+    levels: int = 2
+    embed_dim: int = 384
     bottleneck_blocks: int = 12
     latent_channels: int = 4
     num_codes: int = 8192
     scale_factor: float = 0.3764
+    in_channels: int = 3
+    out_channels: int = 3
+    pixel_factor: int = 2
     dtype: Dtype = jnp.float32
 
     def setup(self):
-        c0, c1 = self.levels
+        widths = [self.embed_dim // 2 ** i for i in reversed(range(self.levels))]
         dt = self.dtype
-        self.in_conv = layers.conv(c0, (1, 1), dtype=dt)
-        self.down_block0 = MixingResBlock(c0, dt)
-        self.down_conv = layers.conv(c1, (4, 4), strides=2, padding=((1, 1), (1, 1)), dtype=dt)
-        self.down_block1 = MixingResBlock(c1, dt)
+        self.in_conv = layers.conv(widths[0], (1, 1), dtype=dt)
+        down = []
+        for i, width in enumerate(widths):
+            if i > 0:
+                down.append(layers.conv(width, (4, 4), strides=2, padding=((1, 1), (1, 1)), dtype=dt))
+            down.append(MixingResBlock(width, dt))
+        self.down_blocks = down
         self.to_latent = layers.conv(self.latent_channels, (1, 1), use_bias=False, dtype=dt)
         # torch BatchNorm2d(momentum=0.1, eps=1e-5) == flax momentum 0.9.
         self.latent_norm = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
                                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
                                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
         self.quantizer = VectorQuantizer(self.num_codes, self.latent_channels)
-        self.from_latent = layers.conv(c1, (1, 1), dtype=dt)
-        self.up_blocks = [MixingResBlock(c1, dt) for _ in range(self.bottleneck_blocks)]
-        self.up_conv = layers.conv_transpose(c0, (4, 4), strides=2, torch_padding=1, dtype=dt)
-        self.up_block_out = MixingResBlock(c0, dt)
-        self.out_conv = layers.conv(12, (1, 1), dtype=dt)
+        self.from_latent = layers.conv(widths[-1], (1, 1), dtype=dt)
+        up = []
+        for i in range(self.levels):
+            width = widths[self.levels - 1 - i]
+            up.extend(MixingResBlock(width, dt) for _ in range(self.bottleneck_blocks if i == 0 else 1))
+            if i < self.levels - 1:
+                up.append(layers.conv_transpose(widths[self.levels - 2 - i], (4, 4), strides=2, torch_padding=1,
+                                                dtype=dt))
+        self.up_blocks = up
+        self.out_conv = layers.conv(self.out_channels * self.pixel_factor ** 2, (1, 1), dtype=dt)
 
     def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """x: [B, H, W, 3] in [-1, 1] -> h: [B, H/4, W/4, latent_channels] (BN output, unscaled)."""
-        h = layers.pixel_unshuffle(x.astype(self.dtype), 2)
-        h = self.in_conv(h)
-        h = self.down_block0(h)
-        h = self.down_conv(h)
-        h = self.down_block1(h)
+        """x: [B, H, W, 3] -> h: [B, H/f, W/f, latent_channels] (BN output, unscaled), f = 2 * 2**(levels-1)."""
+        h = self.in_conv(layers.pixel_unshuffle(x.astype(self.dtype), self.pixel_factor))
+        for block in self.down_blocks:
+            h = block(h)
         h = self.to_latent(h)
         return self.latent_norm(h.astype(jnp.float32), use_running_average=not train)
 
@@ -107,14 +123,11 @@ class VQGAN(nn.Module):
         return self.quantizer(h)
 
     def decode(self, h: jax.Array) -> jax.Array:
-        """h: [B, H/4, W/4, latent_channels] (continuous or quantised) -> image [B, H, W, 3]."""
+        """h: [B, H/f, W/f, latent_channels] (continuous or quantised) -> image [B, H, W, 3]."""
         x = self.from_latent(h.astype(self.dtype))
         for block in self.up_blocks:
             x = block(x)
-        x = self.up_conv(x)
-        x = self.up_block_out(x)
-        x = self.out_conv(x)
-        return layers.pixel_shuffle(x, 2).astype(jnp.float32)
+        return layers.pixel_shuffle(self.out_conv(x), self.pixel_factor).astype(jnp.float32)
 
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Reconstruct through the codebook: x [B, H, W, 3] -> (recon [B, H, W, 3], aux losses and latents)."""

@@ -33,7 +33,7 @@ class StageATask:
         self.config = config
         m = config.model
         dtype = DTYPES[config.dtype]
-        self.vqgan = VQGAN(levels=tuple(m.levels), bottleneck_blocks=m.bottleneck_blocks,
+        self.vqgan = VQGAN(levels=m.levels, embed_dim=m.embed_dim, bottleneck_blocks=m.bottleneck_blocks,
                            latent_channels=m.latent_channels, num_codes=m.num_codes,
                            scale_factor=m.scale_factor, dtype=dtype)
         self.use_disc = config.loss.adv_weight > 0
@@ -44,11 +44,14 @@ class StageATask:
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
         m, loss = config.model, config.loss
-        if len(m.levels) != 2 or not all(isinstance(c, int) and c > 0 for c in m.levels):
-            raise ConfigError('model.levels', m.levels, 'two positive channel widths, e.g. (192, 384)')
-        for field in ('bottleneck_blocks', 'latent_channels', 'num_codes'):
+        for field in ('levels', 'embed_dim', 'bottleneck_blocks', 'latent_channels', 'num_codes'):
             if not (isinstance(m[field], int) and m[field] > 0):
                 raise ConfigError(f'model.{field}', m[field], 'a positive integer')
+        if m.embed_dim % 2 ** (m.levels - 1):
+            raise ConfigError('model.embed_dim', m.embed_dim, f'divisible by 2**(levels-1) = {2 ** (m.levels - 1)}')
+        if config.input.image_size % 2 ** m.levels:
+            raise ConfigError('input.image_size', config.input.image_size,
+                              f'a multiple of 2**levels = {2 ** m.levels} (the VQGAN downsampling)')
         for field in ('mse_weight', 'vq_weight', 'commit_weight', 'adv_weight', 'perceptual_weight'):
             if loss[field] < 0:
                 raise ConfigError(f'loss.{field}', loss[field], 'a weight >= 0')

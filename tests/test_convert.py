@@ -1,0 +1,152 @@
+"""Parity of the Flax networks with the diffusers PyTorch references, and conversion both ways."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenPrior  # noqa: E402
+
+from wurst_jax import convert  # noqa: E402
+from wurst_jax.models.stage_a import VQGAN  # noqa: E402
+
+TOL = 1e-5  # max |flax - torch| / max |torch|
+
+
+def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter and buffer random (zero-initialised gammas/GRN/mappers would hide bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith('num_batches_tracked'):
+                continue
+            if name.endswith('running_var'):
+                tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def rel_err(ours, ref) -> float:
+    ref = np.asarray(ref)
+    return float(np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max())
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+PRIOR_CONFIGS = [
+    dict(c_in=16, c=64, c_cond=32, c_r=16, depth=2, nhead=4, dropout=0.0),
+    dict(c_in=6, c=48, c_cond=20, c_r=15, depth=3, nhead=3, dropout=0.0),  # odd c_r: zero-padded embedding
+]
+
+
+@pytest.mark.parametrize('cfg', PRIOR_CONFIGS, ids=['prior_a', 'prior_b_odd'])
+@pytest.mark.parametrize('scan', [False, True], ids=['unrolled', 'scanned'])
+def test_prior_matches_diffusers(tmp_path, cfg, scan):
+    ref = randomise(WuerstchenPrior(**cfg), seed=0)
+    with torch.no_grad():  # keep |1 - b| away from 0: the output divides by it and would amplify rounding
+        ref.out[1].weight.mul_(0.05)
+        ref.out[1].bias.mul_(0.05)
+    ref.save_pretrained(tmp_path)
+    module, variables = convert.load_diffusers(str(tmp_path), 'prior', scan_blocks=scan)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 12, 8, cfg['c_in'])).astype(np.float32)  # non-square latents
+    r = np.array([0.05, 0.93], np.float32)
+    c = rng.standard_normal((2, 7, cfg['c_cond'])).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(nchw(x), torch.from_numpy(r), torch.from_numpy(c)).numpy().transpose(0, 2, 3, 1)
+    ours = jax.jit(module.apply)(variables, x, r, c)
+    assert rel_err(ours, expected) <= TOL
+
+
+VQGAN_CONFIGS = [
+    dict(levels=2, embed_dim=16, bottleneck_blocks=1, latent_channels=4, num_vq_embeddings=32),
+    dict(levels=3, embed_dim=24, bottleneck_blocks=2, latent_channels=3, num_vq_embeddings=16,
+         up_down_scale_factor=2, out_channels=5),
+]
+
+
+@pytest.mark.parametrize('cfg', VQGAN_CONFIGS, ids=['vqgan_2_levels', 'vqgan_3_levels'])
+def test_vqgan_matches_diffusers(tmp_path, cfg):
+    ref = randomise(PaellaVQModel(**cfg), seed=2)
+    ref.save_pretrained(tmp_path)
+    module, variables = convert.load_diffusers(str(tmp_path), 'vqgan')
+    size = 2 * 2 ** cfg['levels']
+    x = np.random.default_rng(3).uniform(0, 1, (2, 3 * size, 2 * size, 3)).astype(np.float32)
+    with torch.no_grad():
+        h_ref = ref.encode(nchw(x)).latents
+        dec_ref = ref.decode(h_ref).sample.numpy().transpose(0, 2, 3, 1)
+        quant_ref = ref.decode(h_ref, force_not_quantize=False).sample.numpy().transpose(0, 2, 3, 1)
+    h = module.apply(variables, x, method=VQGAN.encode)
+    assert rel_err(h, h_ref.numpy().transpose(0, 2, 3, 1)) <= TOL
+    assert rel_err(module.apply(variables, h, method=VQGAN.decode), dec_ref) <= TOL
+    quantised = module.apply(variables, h, method=VQGAN.quantize)[0]
+    assert rel_err(module.apply(variables, quantised, method=VQGAN.decode), quant_ref) <= TOL
+
+
+def test_flax_to_diffusers_to_flax_round_trip(tmp_path):
+    module = VQGAN(levels=2, embed_dim=16, bottleneck_blocks=1, num_codes=32)
+    x = np.random.default_rng(0).uniform(0, 1, (1, 16, 16, 3)).astype(np.float32)
+    variables = jax.tree.map(lambda a: a + 0.1, module.init(jax.random.key(0), x))
+    variables = jax.tree.map(np.asarray, __import__('flax').linen.meta.unbox(variables))
+    convert.save_diffusers(module, variables, str(tmp_path / 'vq'), 'vqgan')
+
+    # diffusers loads the folder and computes what the Flax module computes.
+    ref = PaellaVQModel.from_pretrained(tmp_path / 'vq').eval()
+    with torch.no_grad():
+        expected = ref.decode(ref.encode(nchw(x)).latents).sample.numpy().transpose(0, 2, 3, 1)
+    ours = module.apply(variables, module.apply(variables, x, method=VQGAN.encode), method=VQGAN.decode)
+    assert rel_err(ours, expected) <= TOL
+
+    _, back = convert.load_diffusers(str(tmp_path / 'vq'), 'vqgan')
+    jax.tree.map(np.testing.assert_array_equal, back, variables)
+
+
+def test_bad_weights_name_every_bad_key(tmp_path):
+    ref = randomise(PaellaVQModel(levels=2, embed_dim=16, bottleneck_blocks=1, num_vq_embeddings=8), seed=0)
+    ref.save_pretrained(tmp_path)
+    state = convert.diffusers_io.load_file(str(tmp_path / convert.diffusers_io.WEIGHTS_NAME))
+    del state['in_block.1.bias']
+    state['extra.weight'] = np.zeros(3, np.float32)
+    state['out_block.0.weight'] = np.zeros((5, 8, 1, 1), np.float32)
+    module = convert.diffusers_io.COMPONENTS['vqgan'].from_config(json.loads((tmp_path / 'config.json').read_text()))
+    with pytest.raises(ValueError) as err:
+        convert.diffusers_io.variables_from_state_dict(module, 'vqgan', state)
+    message = str(err.value)
+    assert 'in_block.1.bias' in message and 'extra.weight' in message and 'out_block.0.weight' in message
+    with pytest.raises(ValueError, match="valid components are"):
+        convert.load_diffusers(str(tmp_path), 'stage_z')
+    with pytest.raises(ValueError, match='PaellaVQModel'):
+        convert.load_diffusers(str(tmp_path), 'prior')
+
+
+def test_full_size_prior_param_count():
+    import flax.linen as nn
+    module = WuerstchenPrior  # torch class: only its default config matters here
+    flax_module = convert.diffusers_io.COMPONENTS['prior'].from_config(
+        dict(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1))
+    shapes = jax.eval_shape(lambda k: flax_module.init(k, jnp.zeros((1, 24, 24, 16)), jnp.zeros((1,)),
+                                                       jnp.zeros((1, 77, 1280))), jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes['params']))) == 993_636_896
+    del module
+
+
+def test_cli_round_trip(tmp_path):
+    import subprocess
+    import sys
+    from conftest import REPO
+    ref = randomise(WuerstchenPrior(**PRIOR_CONFIGS[0]), seed=4)
+    ref.save_pretrained(tmp_path / 'diffusers')
+    run = lambda *a: subprocess.run([sys.executable, '-m', 'wurst_jax.convert', '--component=prior', *a],
+                                    cwd=REPO, capture_output=True, text=True, timeout=300)
+    first = run(f'--src={tmp_path / "diffusers"}', f'--dst={tmp_path / "flax"}')
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run(f'--src={tmp_path / "flax"}', f'--dst={tmp_path / "back"}', '--to=diffusers')
+    assert second.returncode == 0, second.stderr[-2000:]
+    back = WuerstchenPrior.from_pretrained(tmp_path / 'back')
+    for (name, a), (_, b) in zip(ref.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), name

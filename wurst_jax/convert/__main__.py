@@ -1,0 +1,46 @@
+"""python -m wurst_jax.convert --component=C --src=PATH --dst=PATH [--to=diffusers]
+
+Default: a diffusers model folder -> a Flax folder (config.json + variables.msgpack).
+--to=diffusers: such a Flax folder -> a diffusers model folder that from_pretrained loads.
+"""
+import json
+import os
+import shutil
+
+from absl import app, flags
+from flax import serialization
+
+from wurst_jax.convert import diffusers_io
+
+_COMPONENT = flags.DEFINE_enum('component', None, sorted(diffusers_io.COMPONENTS), 'Which network.')
+_SRC = flags.DEFINE_string('src', None, 'Source folder.')
+_DST = flags.DEFINE_string('dst', None, 'Destination folder.')
+_TO = flags.DEFINE_enum('to', 'flax', ['flax', 'diffusers'], 'Target format.')
+flags.mark_flags_as_required(['component', 'src', 'dst'])
+FLAX_VARIABLES = 'variables.msgpack'
+
+
+def to_flax(src: str, dst: str, component: str) -> None:
+    _, variables = diffusers_io.load_diffusers(src, component)
+    os.makedirs(dst, exist_ok=True)
+    shutil.copy(os.path.join(src, diffusers_io.CONFIG_NAME), os.path.join(dst, diffusers_io.CONFIG_NAME))
+    with open(os.path.join(dst, FLAX_VARIABLES), 'wb') as f:
+        f.write(serialization.msgpack_serialize(variables))
+
+
+def to_diffusers(src: str, dst: str, component: str) -> None:
+    with open(os.path.join(src, diffusers_io.CONFIG_NAME)) as f:
+        module = diffusers_io.COMPONENTS[component].from_config(json.load(f))
+    with open(os.path.join(src, FLAX_VARIABLES), 'rb') as f:
+        variables = serialization.msgpack_restore(f.read())
+    diffusers_io.save_diffusers(module, variables, dst, component)
+
+
+def main(argv):
+    del argv
+    convert = to_diffusers if _TO.value == 'diffusers' else to_flax
+    convert(_SRC.value, _DST.value, _COMPONENT.value)
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,92 @@
+"""Stage C: Würstchen v2's text-conditional prior (diffusers `WuerstchenPrior`), NHWC.
+
+A 1x1 projection, `depth` identical (ResBlock, TimestepBlock, AttnBlock) triplets at one
+resolution, and an output that turns the predicted (a, b) into the noise estimate
+(x - a) / (|1 - b| + 1e-5) (wuerstchen.md §4.1). With `scan_blocks` the triplets are one
+`nn.scan` over stacked params (fast compiles for depth 32), optionally rematerialised.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from wurst_jax.models import layers
+
+Dtype = Any
+
+REMAT_POLICIES = {
+    'none': None,  # keep every activation
+    'full': jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs only
+}
+
+
+class PriorBlock(nn.Module):
+    """One ResBlock -> TimestepBlock -> AttnBlock triplet."""
+    channels: int
+    num_heads: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.res = layers.ResBlock(self.channels, self.dropout, self.dtype)
+        self.timestep = layers.TimestepBlock(self.channels, self.dtype)
+        self.attn = layers.AttnBlock(self.channels, self.num_heads, True, self.dropout, self.dtype)
+
+    def __call__(self, x: jax.Array, r_emb: jax.Array, cond: jax.Array, deterministic: bool = True) -> jax.Array:
+        x = self.res(x, deterministic)
+        x = self.timestep(x, r_emb)
+        return self.attn(x, cond, deterministic)
+
+
+class PriorScanStep(PriorBlock):
+    """PriorBlock in nn.scan's (carry, xs) -> (carry, ys) form."""
+
+    def __call__(self, x, r_emb, cond, deterministic):
+        return super().__call__(x, r_emb, cond, deterministic), None
+
+
+def _maybe_remat(block_cls, policy: str):
+    if policy == 'none':
+        return block_cls
+    # Argument 4 (counting self) is `deterministic`, a Python bool.
+    return nn.remat(block_cls, policy=REMAT_POLICIES[policy], static_argnums=(4,))
+
+
+class WuerstchenPrior(nn.Module):
+    """x: [B, h, w, c_in] noisy latents, r: [B] time in [0, 1], cond: [B, L, c_cond] -> eps [B, h, w, c_in]."""
+    c_in: int = 16
+    c: int = 1536
+    c_cond: int = 1280
+    c_r: int = 64
+    depth: int = 32
+    num_heads: int = 24
+    dropout: float = 0.1
+    scan_blocks: bool = False
+    remat_policy: str = 'none'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, r: jax.Array, cond: jax.Array, deterministic: bool = True) -> jax.Array:
+        x_in = x.astype(jnp.float32)
+        h = layers.conv(self.c, (1, 1), dtype=self.dtype, name='projection')(x.astype(self.dtype))
+        c_embed = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, name='cond_mapper_0')(cond.astype(self.dtype))
+        c_embed = layers.dense(self.c, ('embed', 'embed'), dtype=self.dtype, name='cond_mapper_2')(
+            nn.leaky_relu(c_embed, 0.2))
+        r_emb = layers.gen_r_embedding(r, self.c_r)
+        block_args = dict(channels=self.c, num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype)
+        if self.scan_blocks:
+            scan = nn.scan(_maybe_remat(PriorScanStep, self.remat_policy), variable_axes={'params': 0},
+                           split_rngs={'params': True, 'dropout': True}, length=self.depth,
+                           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                           metadata_params={nn.PARTITION_NAME: 'layers'})
+            h, _ = scan(**block_args, name='blocks')(h, r_emb, c_embed, deterministic)
+        else:
+            block_cls = _maybe_remat(PriorBlock, self.remat_policy)
+            for k in range(self.depth):
+                h = block_cls(**block_args, name=f'blocks_{k}')(h, r_emb, c_embed, deterministic)
+        h = layers.layer_norm_2d(self.dtype)(h)
+        ab = layers.conv(2 * self.c_in, (1, 1), dtype=self.dtype, name='out')(h).astype(jnp.float32)
+        a, b = jnp.split(ab, 2, axis=-1)
+        return (x_in - a) / (jnp.abs(1 - b) + 1e-5)
