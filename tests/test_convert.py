@@ -150,3 +150,35 @@ def test_cli_round_trip(tmp_path):
     back = WuerstchenPrior.from_pretrained(tmp_path / 'back')
     for (name, a), (_, b) in zip(ref.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_r_embedding_matches_diffusers():
+    from wurst_jax.models import layers
+    r = np.array([0.0, 0.013, 0.5, 0.999, 1.0], np.float32)
+    for c_r in (64, 15):
+        ref = WuerstchenPrior(c_in=4, c=8, c_cond=8, c_r=c_r, depth=1, nhead=1).gen_r_embedding(torch.from_numpy(r))
+        np.testing.assert_allclose(np.asarray(layers.gen_r_embedding(jnp.asarray(r), c_r)), ref.numpy(),
+                                   atol=1e-3, rtol=0)  # angles reach 1e4 rad, where one float32 ulp is 9.8e-4
+
+
+@pytest.mark.parametrize('factor', [2, 3])
+def test_pixel_shuffles_match_torch(factor):
+    from wurst_jax.models import layers
+    x = np.random.default_rng(0).standard_normal((2, 6 * factor, 4 * factor, 5)).astype(np.float32)
+    ref = torch.nn.PixelUnshuffle(factor)(nchw(x)).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(np.asarray(layers.pixel_unshuffle(jnp.asarray(x), factor)), ref)
+    back = torch.nn.PixelShuffle(factor)(torch.from_numpy(ref.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_array_equal(np.asarray(layers.pixel_shuffle(jnp.asarray(ref), factor)),
+                                  back.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize('kernel, stride, padding', [(4, 2, 1), (2, 2, 0)])
+def test_conv_transpose_matches_torch(kernel, stride, padding):
+    from wurst_jax.models import layers
+    ref = torch.nn.ConvTranspose2d(6, 5, kernel, stride=stride, padding=padding)
+    x = np.random.default_rng(1).standard_normal((2, 5, 7, 6)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(nchw(x)).numpy().transpose(0, 2, 3, 1)
+    module = layers.conv_transpose(5, (kernel, kernel), strides=stride, torch_padding=padding)
+    params = {'kernel': ref.weight.detach().numpy().transpose(2, 3, 1, 0), 'bias': ref.bias.detach().numpy()}
+    assert rel_err(module.apply({'params': params}, x), expected) <= TOL

@@ -8,6 +8,7 @@ them onto the device mesh with the rules in the config. Logical names used:
   conv_out  output channels of a convolution
   vocab     rows of an embedding table or codebook
 """
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -97,7 +98,9 @@ def gen_r_embedding(r: jax.Array, dim: int = 64, max_positions: int = 10000) -> 
     """
     r = r.astype(jnp.float32) * max_positions
     half = dim // 2
-    freqs = jnp.exp(-jnp.arange(half, dtype=jnp.float32) * (jnp.log(float(max_positions)) / (half - 1)))
+    # The step is a Python double, as in the torch reference: at angles near 1e4 rad a last-bit
+    # difference in a frequency shows in the sine.
+    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(max_positions) / (half - 1)))
     angles = r[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
