@@ -7,6 +7,13 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# torch's triton segfaults when it is first imported after TensorFlow (which clu's writers load),
+# so a run that collects a training test before a parity test would crash; load it first.
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
 import importlib.util
 import pathlib
 

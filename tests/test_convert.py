@@ -126,13 +126,11 @@ def test_bad_weights_name_every_bad_key(tmp_path):
 
 def test_full_size_prior_param_count():
     import flax.linen as nn
-    module = WuerstchenPrior  # torch class: only its default config matters here
     flax_module = convert.diffusers_io.COMPONENTS['prior'].from_config(
         dict(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1))
     shapes = jax.eval_shape(lambda k: flax_module.init(k, jnp.zeros((1, 24, 24, 16)), jnp.zeros((1,)),
                                                        jnp.zeros((1, 77, 1280))), jax.random.key(0))
     assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes['params']))) == 993_636_896
-    del module
 
 
 def test_cli_round_trip(tmp_path):

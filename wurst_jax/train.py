@@ -94,9 +94,9 @@ def _evaluate(task, config, state, writer, workdir: str) -> dict[str, float]:
     return result
 
 
-def _write_images(task, config, state, writer, workdir: str, batch: dict[str, np.ndarray]) -> None:
+def _write_images(visualize_fn, config, state, writer, workdir: str, batch: dict[str, np.ndarray]) -> None:
     params = state.ema_params if config.eval.use_ema else state.params
-    grid = visualize.image_grid(np.asarray(jax.jit(task.visualize)(params, state.model_state, batch)),
+    grid = visualize.image_grid(np.asarray(visualize_fn(params, state.model_state, batch)),
                                 ncols=config.eval.grid_columns)
     step = int(state.step)
     writer.write_images(step, {'samples': grid[None]})
@@ -174,6 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if config.profile.num_steps > 0 and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(logdir=workdir, first_profile=config.profile.first_step,
                                               num_profile_steps=config.profile.num_steps))
+    visualize_fn = jax.jit(task.visualize)  # compiled once, reused at every image step
     image_batch = next(iter(eval_batches(config)))
     image_batch = {'image': np.asarray(image_batch['image'][:config.eval.num_grid_images])}
     pending_metrics, last_log = [], (time.time(), start_step)
@@ -204,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 writer.write_scalars(step, summary)
                 pending_metrics, last_log = [], (now, step)
             if step % config.image_every_steps == 0:
-                _write_images(task, config, state, writer, workdir, image_batch)
+                _write_images(visualize_fn, config, state, writer, workdir, image_batch)
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step != config.total_steps:
                 _evaluate(task, config, state, writer, workdir)
             if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
@@ -212,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if ids_file:
             ids_file.close()
         if start_step < config.total_steps and config.total_steps % config.image_every_steps:
-            _write_images(task, config, state, writer, workdir, image_batch)
+            _write_images(visualize_fn, config, state, writer, workdir, image_batch)
         _evaluate(task, config, state, writer, workdir)
     checkpoint.wait(manager)
     writer.flush()

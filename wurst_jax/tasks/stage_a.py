@@ -40,6 +40,7 @@ class StageATask:
         self.disc = Discriminator(c_hidden=config.disc.c_hidden, depth=config.disc.depth, dtype=dtype)
         self.use_perceptual = config.loss.perceptual_weight > 0
         self.vgg = VGG16Features()
+        self._eval_psnr = jax.jit(self._psnr_pair)  # compiled once, reused at every evaluation
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
@@ -173,13 +174,16 @@ class StageATask:
         recon = self.reconstruct(params, model_state, batch['image'])
         return jnp.concatenate([batch['image'], jnp.clip(recon, -1, 1)], axis=2)
 
+    def _psnr_pair(self, params: Any, model_state: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Per-image PSNR of continuous and codebook reconstructions: ([B], [B])."""
+        return (psnr(self.reconstruct(params, model_state, images), images),
+                psnr(self.reconstruct(params, model_state, images, quantize=True), images))
+
     def evaluate(self, params: Any, model_state: Any, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
         """Mean reconstruction PSNR over the held-out batches, continuous and through the codebook."""
-        recon_fn = jax.jit(lambda p, s, x: (psnr(self.reconstruct(p, s, x), x),
-                                            psnr(self.reconstruct(p, s, x, quantize=True), x)))
         cont, quant = [], []
         for batch in batches:
-            a, b = recon_fn(params, model_state, jnp.asarray(batch['image']))
+            a, b = self._eval_psnr(params, model_state, jnp.asarray(batch['image']))
             cont.append(np.asarray(a))
             quant.append(np.asarray(b))
         cont, quant = np.concatenate(cont), np.concatenate(quant)
