@@ -11,32 +11,7 @@ from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenP
 
 from wurst_jax import convert  # noqa: E402
 from wurst_jax.models.stage_a import VQGAN  # noqa: E402
-
-TOL = 1e-5  # max |flax - torch| / max |torch|
-
-
-def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter and buffer random (zero-initialised gammas/GRN/mappers would hide bugs)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith('num_batches_tracked'):
-                continue
-            if name.endswith('running_var'):
-                tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
-            else:
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.2)
-    return model.eval()
-
-
-def rel_err(ours, ref) -> float:
-    ref = np.asarray(ref)
-    return float(np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max())
-
-
-def nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
+from torch_reference import TOL, nchw, randomise, rel_err  # noqa: E402
 
 PRIOR_CONFIGS = [
     dict(c_in=16, c=64, c_cond=32, c_r=16, depth=2, nhead=4, dropout=0.0),
@@ -109,13 +84,13 @@ def test_flax_to_diffusers_to_flax_round_trip(tmp_path):
 def test_bad_weights_name_every_bad_key(tmp_path):
     ref = randomise(PaellaVQModel(levels=2, embed_dim=16, bottleneck_blocks=1, num_vq_embeddings=8), seed=0)
     ref.save_pretrained(tmp_path)
-    state = convert.diffusers_io.load_file(str(tmp_path / convert.diffusers_io.WEIGHTS_NAME))
+    state = convert.core.load_file(str(tmp_path / convert.core.DIFFUSERS_WEIGHTS))
     del state['in_block.1.bias']
     state['extra.weight'] = np.zeros(3, np.float32)
     state['out_block.0.weight'] = np.zeros((5, 8, 1, 1), np.float32)
-    module = convert.diffusers_io.COMPONENTS['vqgan'].from_config(json.loads((tmp_path / 'config.json').read_text()))
+    module = convert.core.COMPONENTS['vqgan'].from_config(json.loads((tmp_path / 'config.json').read_text()))
     with pytest.raises(ValueError) as err:
-        convert.diffusers_io.variables_from_state_dict(module, 'vqgan', state)
+        convert.core.variables_from_state_dict(module, 'vqgan', state)
     message = str(err.value)
     assert 'in_block.1.bias' in message and 'extra.weight' in message and 'out_block.0.weight' in message
     with pytest.raises(ValueError, match="valid components are"):
@@ -126,7 +101,7 @@ def test_bad_weights_name_every_bad_key(tmp_path):
 
 def test_full_size_prior_param_count():
     import flax.linen as nn
-    flax_module = convert.diffusers_io.COMPONENTS['prior'].from_config(
+    flax_module = convert.core.COMPONENTS['prior'].from_config(
         dict(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1))
     shapes = jax.eval_shape(lambda k: flax_module.init(k, jnp.zeros((1, 24, 24, 16)), jnp.zeros((1,)),
                                                        jnp.zeros((1, 77, 1280))), jax.random.key(0))

@@ -10,9 +10,9 @@ import shutil
 from absl import app, flags
 from flax import serialization
 
-from wurst_jax.convert import diffusers_io
+from wurst_jax.convert import core
 
-_COMPONENT = flags.DEFINE_enum('component', None, sorted(diffusers_io.COMPONENTS), 'Which network.')
+_COMPONENT = flags.DEFINE_enum('component', None, sorted(core.COMPONENTS), 'Which network.')
 _SRC = flags.DEFINE_string('src', None, 'Source folder.')
 _DST = flags.DEFINE_string('dst', None, 'Destination folder.')
 _TO = flags.DEFINE_enum('to', 'flax', ['flax', 'diffusers'], 'Target format.')
@@ -21,19 +21,19 @@ FLAX_VARIABLES = 'variables.msgpack'
 
 
 def to_flax(src: str, dst: str, component: str) -> None:
-    _, variables = diffusers_io.load_diffusers(src, component)
+    _, variables = core.load_diffusers(src, component)
     os.makedirs(dst, exist_ok=True)
-    shutil.copy(os.path.join(src, diffusers_io.CONFIG_NAME), os.path.join(dst, diffusers_io.CONFIG_NAME))
+    shutil.copy(os.path.join(src, core.CONFIG_NAME), os.path.join(dst, core.CONFIG_NAME))
     with open(os.path.join(dst, FLAX_VARIABLES), 'wb') as f:
         f.write(serialization.msgpack_serialize(variables))
 
 
 def to_diffusers(src: str, dst: str, component: str) -> None:
-    with open(os.path.join(src, diffusers_io.CONFIG_NAME)) as f:
-        module = diffusers_io.COMPONENTS[component].from_config(json.load(f))
+    with open(os.path.join(src, core.CONFIG_NAME)) as f:
+        module = core.component(component).from_config(json.load(f))
     with open(os.path.join(src, FLAX_VARIABLES), 'rb') as f:
         variables = serialization.msgpack_restore(f.read())
-    diffusers_io.save_diffusers(module, variables, dst, component)
+    core.save_diffusers(module, variables, dst, component)
 
 
 def main(argv):

@@ -1,0 +1,32 @@
+"""Helpers for parity tests against the PyTorch references (test-only: needs torch)."""
+import numpy as np
+import torch
+
+TOL = 1e-5  # max |flax - torch| / max |torch|
+
+
+def randomise(model: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn.Module:
+    """Every parameter and buffer random (zero-initialised gammas/GRN/mappers would hide bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith('num_batches_tracked') or not tensor.is_floating_point():
+                continue
+            if name.endswith('running_var'):
+                tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * scale)
+    return model.eval()
+
+
+def rel_err(ours, ref) -> float:
+    ref = np.asarray(ref)
+    return float(np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max())
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def nhwc(x: torch.Tensor) -> np.ndarray:
+    return x.detach().numpy().transpose(0, 2, 3, 1)

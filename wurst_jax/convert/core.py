@@ -1,0 +1,187 @@
+"""Generic conversion between torch-named state dicts and Flax variables, and model folders.
+
+A `Component` says how to build the Flax module from a model folder's config.json, the config to
+write back, and the torch key of every Flax variable; the tables live in one module per family
+(`wuerstchen.py`, `effnet.py`, `clip.py`) and register themselves here. Tensor layouts follow
+wuerstchen.md §10: Linear (out, in) <-> Dense (in, out); Conv (out, in, kh, kw) <-> (kh, kw, in, out);
+GRN (1, 1, 1, C) <-> (C,). A component with other layouts passes its own `to_flax` / `to_torch`.
+"""
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+CONFIG_NAME = 'config.json'
+DIFFUSERS_WEIGHTS = 'diffusion_pytorch_model.safetensors'
+TRANSFORMERS_WEIGHTS = 'model.safetensors'
+DIFFUSERS_VERSION = '0.42.1'
+TRANSFORMERS_VERSION = '5.23.0'
+_IGNORED_TORCH_SUFFIXES = ('num_batches_tracked',)
+
+
+def to_flax_layout(array: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
+    """A torch tensor in the layout of the Flax variable at `path`."""
+    if path[-1] == 'kernel' and array.ndim == 2:
+        return array.T
+    if path[-1] == 'kernel' and array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    if path[-2:-1] == ('grn',):
+        return array.reshape(-1)
+    return array
+
+
+def to_torch_layout(array: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
+    """Inverse of `to_flax_layout`."""
+    if path[-1] == 'kernel' and array.ndim == 2:
+        return array.T
+    if path[-1] == 'kernel' and array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    if path[-2:-1] == ('grn',):
+        return array.reshape(1, 1, 1, -1)
+    return array
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    class_name: str  # diffusers `_class_name` or transformers `architectures[0]` of the folder
+    library: str  # 'diffusers' or 'transformers': decides the weights file name and config header
+    from_config: Callable[[dict], nn.Module]
+    to_config: Callable[[nn.Module], dict]
+    example_inputs: Callable[[nn.Module], tuple]
+    torch_key: Callable[[nn.Module, tuple[str, ...]], str]
+    to_flax: Callable[[np.ndarray, tuple[str, ...]], np.ndarray] = to_flax_layout
+    to_torch: Callable[[np.ndarray, tuple[str, ...]], np.ndarray] = to_torch_layout
+    init_method: str | None = None  # module method that `example_inputs` feed, if not __call__
+
+    @property
+    def weights_name(self) -> str:
+        return TRANSFORMERS_WEIGHTS if self.library == 'transformers' else DIFFUSERS_WEIGHTS
+
+
+COMPONENTS: dict[str, Component] = {}
+
+
+def register(name: str, component: Component) -> None:
+    COMPONENTS[name] = component
+
+
+def component(name: str) -> Component:
+    if name not in COMPONENTS:
+        raise ValueError(f'unknown component {name!r}: valid components are {sorted(COMPONENTS)}')
+    return COMPONENTS[name]
+
+
+def _unscanned(module: nn.Module) -> nn.Module:
+    return module.clone(scan_blocks=False) if getattr(module, 'scan_blocks', False) else module
+
+
+def abstract_variables(module: nn.Module, comp: Component) -> dict:
+    method = getattr(type(module), comp.init_method) if comp.init_method else None
+    shapes = jax.eval_shape(lambda k: module.init(k, *comp.example_inputs(module), method=method),
+                            jax.random.key(0))
+    return nn.meta.unbox(shapes)
+
+
+def _stack_blocks(variables: dict, depth: int) -> dict:
+    """Unscanned blocks_0..blocks_{depth-1} -> one 'blocks' entry with a leading layer axis."""
+    params = dict(variables['params'])
+    blocks = [params.pop(f'blocks_{k}') for k in range(depth)]
+    params['blocks'] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+    return {**variables, 'params': params}
+
+
+def _unstack_blocks(variables: dict, depth: int) -> dict:
+    params = dict(variables['params'])
+    blocks = params.pop('blocks')
+    for k in range(depth):
+        params[f'blocks_{k}'] = jax.tree.map(lambda x: x[k], blocks)
+    return {**variables, 'params': params}
+
+
+def variables_from_state_dict(module: nn.Module, name: str, state: dict[str, np.ndarray]) -> dict:
+    """Flax variables of `module` from a torch-named state dict; every missing, unexpected or
+    wrongly shaped tensor is named in one error."""
+    comp = component(name)
+    flat_module = _unscanned(module)
+    abstract = traverse_util.flatten_dict(abstract_variables(flat_module, comp))
+    out, missing, mismatched, used = {}, [], [], set()
+    for path, leaf in abstract.items():
+        key = comp.torch_key(flat_module, path)
+        if key not in state:
+            missing.append(key)
+            continue
+        used.add(key)
+        array = comp.to_flax(np.asarray(state[key]), path)
+        if array.shape != leaf.shape:
+            mismatched.append(f'{key}: file {tuple(state[key].shape)}, model expects {leaf.shape} (flax layout)')
+            continue
+        out[path] = array.astype(leaf.dtype)
+    unexpected = sorted(k for k in state if k not in used and not k.endswith(_IGNORED_TORCH_SUFFIXES))
+    if missing or unexpected or mismatched:
+        raise ValueError(f'{name} weights do not match the module: missing {missing}, '
+                         f'unexpected {unexpected}, wrong shape {mismatched}')
+    variables = traverse_util.unflatten_dict(out)
+    if flat_module is not module:
+        variables = _stack_blocks(variables, module.depth)
+    return variables
+
+
+def state_dict_from_variables(module: nn.Module, name: str, variables: dict) -> dict[str, np.ndarray]:
+    """The torch-named state dict (diffusers/transformers layout) of Flax variables."""
+    comp = component(name)
+    flat_module = _unscanned(module)
+    if flat_module is not module:
+        variables = _unstack_blocks(variables, module.depth)
+    flat = traverse_util.flatten_dict(nn.meta.unbox(variables))
+    return {comp.torch_key(flat_module, path): np.ascontiguousarray(comp.to_torch(np.asarray(v, np.float32), path))
+            for path, v in flat.items()}
+
+
+def read_config(path: str, name: str) -> dict:
+    """config.json of a model folder, checked to hold the class that `name` converts."""
+    comp = component(name)
+    config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, comp.weights_name)
+    for needed in (config_path, weights_path):
+        if not os.path.isfile(needed):
+            raise FileNotFoundError(f'{needed} not found: {name} expects a {comp.library} model folder '
+                                    f'with {CONFIG_NAME} and {comp.weights_name}')
+    with open(config_path) as f:
+        config = json.load(f)
+    found = config.get('_class_name') or (config.get('architectures') or [None])[0]
+    if found is not None and found != comp.class_name:
+        raise ValueError(f'{config_path} is a {found}, but component {name!r} is a {comp.class_name}')
+    return config
+
+
+def load_diffusers(path: str, name: str, **module_overrides: Any) -> tuple[nn.Module, dict]:
+    """(module configured from path/config.json, Flax variables) from a local diffusers or
+    transformers model folder.
+
+    module_overrides set Flax-only options, e.g. scan_blocks=True or dtype=jnp.bfloat16.
+    """
+    comp = component(name)
+    module = comp.from_config(read_config(path, name))
+    if module_overrides:
+        module = module.clone(**module_overrides)
+    return module, variables_from_state_dict(module, name, load_file(os.path.join(path, comp.weights_name)))
+
+
+def save_diffusers(module: nn.Module, variables: dict, path: str, name: str) -> None:
+    """Writes a model folder (config.json + safetensors) that diffusers/transformers from_pretrained loads."""
+    comp = component(name)
+    os.makedirs(path, exist_ok=True)
+    if comp.library == 'transformers':
+        header = {'architectures': [comp.class_name], 'transformers_version': TRANSFORMERS_VERSION}
+    else:
+        header = {'_class_name': comp.class_name, '_diffusers_version': DIFFUSERS_VERSION}
+    with open(os.path.join(path, CONFIG_NAME), 'w') as f:
+        json.dump({**header, **comp.to_config(module)}, f, indent=2)
+    metadata = {'format': 'pt'} if comp.library == 'transformers' else None
+    save_file(state_dict_from_variables(module, name, variables), os.path.join(path, comp.weights_name),
+              metadata=metadata)

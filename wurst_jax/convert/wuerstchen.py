@@ -1,0 +1,93 @@
+"""Key tables of the Würstchen diffusers models: prior (WuerstchenPrior), vqgan (PaellaVQModel).
+
+Flax names follow the torch modules (wuerstchen.md §10), so each table only turns a Flax path
+into the torch key: Sequential indices back in (`channelwise_0` -> `channelwise.0`) and the
+triplet blocks of the prior flattened into `blocks.{3k + j}`.
+"""
+import jax.numpy as jnp
+
+from wurst_jax.convert.core import Component, register
+from wurst_jax.models.stage_a import VQGAN
+from wurst_jax.models.stage_c import WuerstchenPrior
+
+_LEAVES = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean', 'var': 'running_var'}
+
+
+# --- prior ------------------------------------------------------------------------------------
+
+def _prior_from_config(cfg: dict) -> WuerstchenPrior:
+    return WuerstchenPrior(c_in=cfg.get('c_in', 16), c=cfg.get('c', 1280), c_cond=cfg.get('c_cond', 1024),
+                           c_r=cfg.get('c_r', 64), depth=cfg.get('depth', 16), num_heads=cfg.get('nhead', 16),
+                           dropout=cfg.get('dropout', 0.1))
+
+
+def _prior_config(m: WuerstchenPrior) -> dict:
+    return dict(c_in=m.c_in, c=m.c, c_cond=m.c_cond, c_r=m.c_r, depth=m.depth, nhead=m.num_heads,
+                dropout=m.dropout)
+
+
+def _prior_inputs(m: WuerstchenPrior) -> tuple:
+    return (jnp.zeros((1, 8, 8, m.c_in)), jnp.zeros((1,)), jnp.zeros((1, 4, m.c_cond)))
+
+
+TRIPLET = {'res': 0, 'timestep': 1, 'attn': 2}
+BLOCK_MODULES = {'channelwise_0': 'channelwise.0', 'grn': 'channelwise.2', 'channelwise_4': 'channelwise.4',
+                 'kv_mapper': 'kv_mapper.1', 'to_out': 'to_out.0'}
+_PRIOR_MODULES = {**BLOCK_MODULES, 'cond_mapper_0': 'cond_mapper.0', 'cond_mapper_2': 'cond_mapper.2',
+                  'out': 'out.1'}
+
+
+def _prior_key(m: WuerstchenPrior, path: tuple[str, ...]) -> str:
+    _, *names, leaf = path
+    parts = []
+    for i, name in enumerate(names):
+        if name.startswith('blocks_'):
+            parts.append(f'blocks.{3 * int(name.split("_")[1]) + TRIPLET[names[i + 1]]}')
+        elif name not in TRIPLET:
+            parts.append(_PRIOR_MODULES.get(name, name))
+    return '.'.join(parts + [_LEAVES.get(leaf, leaf)])
+
+
+# --- vqgan ------------------------------------------------------------------------------------
+
+def _vqgan_from_config(cfg: dict) -> VQGAN:
+    return VQGAN(levels=cfg.get('levels', 2), embed_dim=cfg.get('embed_dim', 384),
+                 bottleneck_blocks=cfg.get('bottleneck_blocks', 12), latent_channels=cfg.get('latent_channels', 4),
+                 num_codes=cfg.get('num_vq_embeddings', 8192), scale_factor=cfg.get('scale_factor', 0.3764),
+                 in_channels=cfg.get('in_channels', 3), out_channels=cfg.get('out_channels', 3),
+                 pixel_factor=cfg.get('up_down_scale_factor', 2))
+
+
+def _vqgan_config(m: VQGAN) -> dict:
+    return dict(in_channels=m.in_channels, out_channels=m.out_channels, up_down_scale_factor=m.pixel_factor,
+                levels=m.levels, bottleneck_blocks=m.bottleneck_blocks, embed_dim=m.embed_dim,
+                latent_channels=m.latent_channels, num_vq_embeddings=m.num_codes, scale_factor=m.scale_factor)
+
+
+def _vqgan_inputs(m: VQGAN) -> tuple:
+    size = m.pixel_factor * 2 ** (m.levels - 1) * 2
+    return (jnp.zeros((1, size, size, m.in_channels)),)
+
+
+_VQ_MIX = {'depthwise': 'depthwise.1', 'channelwise_0': 'channelwise.0', 'channelwise_2': 'channelwise.2'}
+
+
+def _vqgan_key(m: VQGAN, path: tuple[str, ...]) -> str:
+    _, top, *inner, leaf = path
+    if top == 'quantizer':
+        return 'vquantizer.embedding.weight'
+    latent_index = 2 * m.levels - 1  # torch down_blocks: levels mixing blocks + (levels - 1) convs
+    head = {'in_conv': 'in_block.1', 'to_latent': f'down_blocks.{latent_index}.0',
+            'latent_norm': f'down_blocks.{latent_index}.1', 'from_latent': 'up_blocks.0.0',
+            'out_conv': 'out_block.0'}.get(top)
+    if top.startswith('down_blocks_'):
+        head = f'down_blocks.{int(top.rsplit("_", 1)[1])}'
+    elif top.startswith('up_blocks_'):  # torch up_blocks.0 is the latent conv (from_latent here)
+        head = f'up_blocks.{int(top.rsplit("_", 1)[1]) + 1}'
+    return '.'.join([head] + [_VQ_MIX.get(n, n) for n in inner] + [_LEAVES.get(leaf, leaf)])
+
+
+register('prior', Component('WuerstchenPrior', 'diffusers', _prior_from_config, _prior_config, _prior_inputs,
+                            _prior_key))
+register('vqgan', Component('PaellaVQModel', 'diffusers', _vqgan_from_config, _vqgan_config, _vqgan_inputs,
+                            _vqgan_key))
