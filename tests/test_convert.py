@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch')
-from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenPrior  # noqa: E402
+from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior  # noqa: E402
 
 from wurst_jax import convert  # noqa: E402
 from wurst_jax.models.stage_a import VQGAN  # noqa: E402
-from torch_reference import TOL, nchw, randomise, rel_err  # noqa: E402
+from torch_reference import TOL, nchw, nhwc, randomise, rel_err  # noqa: E402
 
 PRIOR_CONFIGS = [
     dict(c_in=16, c=64, c_cond=32, c_r=16, depth=2, nhead=4, dropout=0.0),
@@ -36,6 +36,60 @@ def test_prior_matches_diffusers(tmp_path, cfg, scan):
         expected = ref(nchw(x), torch.from_numpy(r), torch.from_numpy(c)).numpy().transpose(0, 2, 3, 1)
     ours = jax.jit(module.apply)(variables, x, r, c)
     assert rel_err(ours, expected) <= TOL
+
+
+DECODER_CONFIGS = [
+    dict(c_r=16, c_cond=32, c_hidden=[16, 24, 32], nhead=[-1, 2, 4], blocks=[1, 2, 1],
+         level_config=['CT', 'CTA', 'CTA'], inject_effnet=[False, True, True], effnet_embd=5, clip_embd=12,
+         dropout=0.0),
+    # Effnet injected at every level, odd widths and a 5x5 depthwise kernel, two levels, per-level dropout.
+    dict(c_in=3, c_out=3, c_r=15, c_cond=20, c_hidden=[12, 18], nhead=[3, 3], blocks=[2, 1],
+         level_config=['CTA', 'CTA'], inject_effnet=[True, True], effnet_embd=7, clip_embd=9, kernel_size=5,
+         dropout=[0.0, 0.0]),
+    # The released layout (CT, then CTA levels, four levels), narrow; patch size 1.
+    dict(c_r=8, patch_size=1, c_cond=16, c_hidden=[8, 16, 16, 24], nhead=[-1, 2, 2, 3], blocks=[1, 1, 2, 1],
+         dropout=0.0, effnet_embd=4, clip_embd=10),
+]
+
+
+@pytest.mark.parametrize('cfg', DECODER_CONFIGS, ids=['decoder_3_levels', 'decoder_all_inject', 'decoder_4_levels'])
+def test_decoder_matches_diffusers(tmp_path, cfg):
+    ref = randomise(WuerstchenDiffNeXt(**cfg), seed=5)
+    ref.save_pretrained(tmp_path)
+    module, variables = convert.load_diffusers(str(tmp_path), 'decoder')
+    rng = np.random.default_rng(6)
+    unit = module.patch_size * 2 ** (len(module.c_hidden) - 1)
+    x = rng.standard_normal((2, 2 * unit, 3 * unit, module.c_in)).astype(np.float32)  # non-square latents
+    r = np.array([0.1, 0.8], np.float32)
+    effnet = rng.standard_normal((2, 3, 5, module.effnet_embd)).astype(np.float32)
+    clip = rng.standard_normal((2, 6, module.clip_embd)).astype(np.float32)
+    with torch.no_grad():
+        expected = nhwc(ref(nchw(x), torch.from_numpy(r), nchw(effnet), torch.from_numpy(clip)))
+    assert rel_err(jax.jit(module.apply)(variables, x, r, effnet, clip), expected) <= TOL
+
+
+def test_decoder_round_trip_loads_in_diffusers(tmp_path):
+    """Flax -> diffusers folder: diffusers computes the same; folder -> Flax is bit-exact."""
+    from wurst_jax.models.stage_b import WuerstchenDiffNeXt as FlaxDecoder
+    module = FlaxDecoder(c_r=8, c_cond=16, c_hidden=(8, 16), nhead=(-1, 2), blocks=(1, 1), level_config=('CT', 'CTA'),
+                         inject_effnet=(False, True), effnet_embd=4, clip_embd=6, dropout=0.0)
+    inputs = (np.random.default_rng(0).standard_normal((1, 8, 12, 4)).astype(np.float32), np.array([0.3], np.float32),
+              np.ones((1, 2, 3, 4), np.float32), np.ones((1, 3, 6), np.float32))
+    variables = module.init(jax.random.key(0), *inputs)
+    # Random everywhere: init zeroes the output conv and the FiLM mappers, which would hide mistakes.
+    leaves, tree = jax.tree.flatten(__import__('flax').linen.meta.unbox(variables))
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    variables = jax.tree.unflatten(tree, [np.array(0.2 * jax.random.normal(k, x.shape)) for k, x in zip(keys, leaves)])
+    variables['params']['clf_1']['kernel'] *= 0.1  # keep b' off its 1e-3 floor: the output divides by it
+    convert.save_diffusers(module, variables, str(tmp_path / 'dec'), 'decoder')
+
+    ref = WuerstchenDiffNeXt.from_pretrained(tmp_path / 'dec').eval()
+    x, r, effnet, clip = inputs
+    with torch.no_grad():
+        expected = nhwc(ref(nchw(x), torch.from_numpy(r), nchw(effnet), torch.from_numpy(clip)))
+    assert rel_err(module.apply(variables, *inputs), expected) <= TOL
+    _, back = convert.load_diffusers(str(tmp_path / 'dec'), 'decoder')
+    jax.tree.map(np.testing.assert_array_equal, back, variables)
 
 
 VQGAN_CONFIGS = [
@@ -106,6 +160,26 @@ def test_full_size_prior_param_count():
     shapes = jax.eval_shape(lambda k: flax_module.init(k, jnp.zeros((1, 24, 24, 16)), jnp.zeros((1,)),
                                                        jnp.zeros((1, 77, 1280))), jax.random.key(0))
     assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes['params']))) == 993_636_896
+
+
+def test_full_size_decoder_param_count():
+    import flax.linen as nn
+    module = convert.core.component('decoder').from_config({})  # the released Würstchen v2 decoder
+    shapes = jax.eval_shape(lambda k: module.init(k, jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,)),
+                                                  jnp.zeros((1, 3, 3, 16)), jnp.zeros((1, 77, 1024))),
+                            jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes['params']))) == 1_055_365_280
+
+
+@pytest.mark.parametrize('src, dst', [((12, 8), (32, 20)), ((24, 24), (16, 16)), ((13, 9), (5, 30)), ((7, 7), (7, 7))],
+                         ids=['up', 'down', 'mixed', 'same'])
+@pytest.mark.parametrize('method', ['bicubic_antialias', 'bilinear'])
+def test_resize_matches_torch(src, dst, method):
+    from wurst_jax.models.resize import resize
+    x = np.random.default_rng(0).standard_normal((2, *src, 3)).astype(np.float32)
+    mode = dict(mode='bicubic', antialias=True) if method == 'bicubic_antialias' else dict(mode='bilinear')
+    expected = nhwc(torch.nn.functional.interpolate(nchw(x), size=dst, align_corners=True, **mode))
+    assert rel_err(resize(jnp.asarray(x), dst, method), expected) <= TOL
 
 
 def test_cli_round_trip(tmp_path):

@@ -1,13 +1,17 @@
-"""Key tables of the Würstchen diffusers models: prior (WuerstchenPrior), vqgan (PaellaVQModel).
+"""Key tables of the Würstchen diffusers models: prior (WuerstchenPrior), decoder
+(WuerstchenDiffNeXt), vqgan (PaellaVQModel).
 
 Flax names follow the torch modules (wuerstchen.md §10), so each table only turns a Flax path
 into the torch key: Sequential indices back in (`channelwise_0` -> `channelwise.0`) and the
 triplet blocks of the prior flattened into `blocks.{3k + j}`.
 """
+import re
+
 import jax.numpy as jnp
 
 from wurst_jax.convert.core import Component, register
 from wurst_jax.models.stage_a import VQGAN
+from wurst_jax.models.stage_b import WuerstchenDiffNeXt
 from wurst_jax.models.stage_c import WuerstchenPrior
 
 _LEAVES = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean', 'var': 'running_var'}
@@ -46,6 +50,33 @@ def _prior_key(m: WuerstchenPrior, path: tuple[str, ...]) -> str:
         elif name not in TRIPLET:
             parts.append(_PRIOR_MODULES.get(name, name))
     return '.'.join(parts + [_LEAVES.get(leaf, leaf)])
+
+
+# --- decoder ----------------------------------------------------------------------------------
+
+_DECODER_FIELDS = ('c_in', 'c_out', 'c_r', 'patch_size', 'c_cond', 'c_hidden', 'nhead', 'blocks', 'level_config',
+                   'inject_effnet', 'effnet_embd', 'clip_embd', 'kernel_size', 'dropout')
+
+
+def _decoder_from_config(cfg: dict) -> WuerstchenDiffNeXt:
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in _DECODER_FIELDS}
+    return WuerstchenDiffNeXt(**fields)
+
+
+def _decoder_config(m: WuerstchenDiffNeXt) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(m, k)) for k in _DECODER_FIELDS)}
+
+
+def _decoder_inputs(m: WuerstchenDiffNeXt) -> tuple:
+    size = m.patch_size * 2 ** (len(m.c_hidden) - 1)
+    return (jnp.zeros((1, size, size, m.c_in)), jnp.zeros((1,)), jnp.zeros((1, 2, 2, m.effnet_embd)),
+            jnp.zeros((1, 4, m.clip_embd)))
+
+
+def _decoder_key(m: WuerstchenDiffNeXt, path: tuple[str, ...]) -> str:
+    _, top, *inner, leaf = path
+    top = re.sub(r'_(\d+)', r'.\1', top)  # down_blocks_1_0_1 -> down_blocks.1.0.1
+    return '.'.join([top] + [BLOCK_MODULES.get(n, n) for n in inner] + [_LEAVES.get(leaf, leaf)])
 
 
 # --- vqgan ------------------------------------------------------------------------------------
@@ -89,5 +120,7 @@ def _vqgan_key(m: VQGAN, path: tuple[str, ...]) -> str:
 
 register('prior', Component('WuerstchenPrior', 'diffusers', _prior_from_config, _prior_config, _prior_inputs,
                             _prior_key))
+register('decoder', Component('WuerstchenDiffNeXt', 'diffusers', _decoder_from_config, _decoder_config,
+                              _decoder_inputs, _decoder_key))
 register('vqgan', Component('PaellaVQModel', 'diffusers', _vqgan_from_config, _vqgan_config, _vqgan_inputs,
                             _vqgan_key))

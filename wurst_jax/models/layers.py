@@ -121,18 +121,22 @@ class GlobalResponseNorm(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """ConvNeXt-style block: depthwise 3x3 -> LN2d -> Dense(4C) -> GELU -> GRN -> Dropout -> Dense(C), residual."""
+    """ConvNeXt-style block: depthwise kxk -> LN2d -> [concat skip] -> Dense(4C) -> GELU -> GRN -> Dropout
+    -> Dense(C), residual. The skip enters after the norm, as in Stage B (the prior passes none)."""
     channels: int
     dropout: float = 0.0
+    kernel_size: int = 3
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        c = self.channels
+    def __call__(self, x: jax.Array, skip: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        c, k = self.channels, self.kernel_size
         x = shard_batch(x)
-        h = conv(c, (3, 3), padding=((1, 1), (1, 1)), groups=c, axes=(None, None), dtype=self.dtype,
+        h = conv(c, (k, k), padding=((k // 2, k // 2),) * 2, groups=c, axes=(None, None), dtype=self.dtype,
                  name='depthwise')(x)
         h = layer_norm_2d(self.dtype)(shard_batch(h))
+        if skip is not None:
+            h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
         h = dense(4 * c, ('embed', 'mlp'), dtype=self.dtype, name='channelwise_0')(h)
         h = GlobalResponseNorm(name='grn')(nn.gelu(h, approximate=False))
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)

@@ -30,12 +30,12 @@ class PriorBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.res = layers.ResBlock(self.channels, self.dropout, self.dtype)
+        self.res = layers.ResBlock(self.channels, self.dropout, dtype=self.dtype)
         self.timestep = layers.TimestepBlock(self.channels, self.dtype)
         self.attn = layers.AttnBlock(self.channels, self.num_heads, True, self.dropout, self.dtype)
 
     def __call__(self, x: jax.Array, r_emb: jax.Array, cond: jax.Array, deterministic: bool = True) -> jax.Array:
-        x = self.res(x, deterministic)
+        x = self.res(x, deterministic=deterministic)
         x = self.timestep(x, r_emb)
         return self.attn(x, cond, deterministic)
 
