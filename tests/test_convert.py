@@ -153,6 +153,52 @@ def test_bad_weights_name_every_bad_key(tmp_path):
         convert.load_diffusers(str(tmp_path), 'prior')
 
 
+def _original_names(state: dict) -> dict:
+    """diffusers -> dome272 names: q/k/v back into one in_proj, to_out.0 -> out_proj, the codebook."""
+    out = {}
+    for key, value in state.items():
+        if '.attention.to_q.' in key:
+            prefix, leaf = key.split('.attention.to_q.')
+            parts = [state[f'{prefix}.attention.{n}.{leaf}'] for n in ('to_q', 'to_k', 'to_v')]
+            out[f'{prefix}.attention.attn.in_proj_{leaf}'] = torch.cat(parts)
+        elif '.attention.to_k.' in key or '.attention.to_v.' in key:
+            continue
+        else:
+            out[key.replace('.attention.to_out.0.', '.attention.attn.out_proj.')
+                   .replace('vquantizer.embedding.', 'vquantizer.codebook.')] = value
+    return out
+
+
+@pytest.mark.parametrize('component, make, entry', [
+    ('prior', lambda: WuerstchenPrior(**PRIOR_CONFIGS[0]), 'ema_state_dict'),
+    ('decoder', lambda: WuerstchenDiffNeXt(**DECODER_CONFIGS[0]), 'state_dict'),
+    ('vqgan', lambda: PaellaVQModel(**VQGAN_CONFIGS[0]), 'state_dict'),
+])
+def test_original_checkpoint_loads_like_diffusers(tmp_path, component, make, entry):
+    ref = randomise(make(), seed=7)
+    ref.save_pretrained(tmp_path / 'diffusers')
+    original = _original_names(ref.state_dict())
+    assert any('attn.in_proj' in k or 'codebook' in k for k in original)  # the names really differ
+    torch.save({entry: original, 'optimizer': {'step': 3}}, tmp_path / 'model.pt')
+    config = json.loads((tmp_path / 'diffusers' / 'config.json').read_text())
+    module, variables = convert.original.load_original(str(tmp_path / 'model.pt'), component, config)
+    _, expected = convert.load_diffusers(str(tmp_path / 'diffusers'), component)
+    jax.tree.map(np.testing.assert_array_equal, variables, expected)
+    # The same tensors as a flat .safetensors file (Stable Cascade's format).
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in original.items()}, tmp_path / 'model.safetensors')
+    _, flat = convert.original.load_original(str(tmp_path / 'model.safetensors'), component, config)
+    jax.tree.map(np.testing.assert_array_equal, flat, expected)
+
+
+def test_original_checkpoint_errors(tmp_path):
+    torch.save({'optimizer': {}}, tmp_path / 'stage_c.pt')
+    with pytest.raises(KeyError, match='ema_state_dict or state_dict'):
+        convert.original.read_checkpoint(str(tmp_path / 'stage_c.pt'), 'prior')
+    with pytest.raises(FileNotFoundError, match='missing.pt'):
+        convert.original.load_original(str(tmp_path / 'missing.pt'), 'prior')
+
+
 def test_full_size_prior_param_count():
     import flax.linen as nn
     flax_module = convert.core.COMPONENTS['prior'].from_config(

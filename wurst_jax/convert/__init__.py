@@ -5,9 +5,11 @@
     save_diffusers(module, variables, '/tmp/prior_out', 'prior')   # from_pretrained() loads it
 
 `variables` is the Flax variables dict ({'params': ...}, plus 'batch_stats' where the network has
-BatchNorm). Files are read with safetensors only; the original checkpoints through `original.py`.
+BatchNorm). Folders are read with safetensors; original `.pt` checkpoints (`original.py`) with
+torch.load(weights_only=True), never by unpickling arbitrary objects.
 """
 from wurst_jax.convert import wuerstchen  # noqa: F401  (registers its components)
 from wurst_jax.convert.core import COMPONENTS, load_diffusers, save_diffusers
+from wurst_jax.convert.original import load_original
 
-__all__ = ['COMPONENTS', 'load_diffusers', 'save_diffusers']
+__all__ = ['COMPONENTS', 'load_diffusers', 'load_original', 'save_diffusers']

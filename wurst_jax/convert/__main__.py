@@ -1,11 +1,11 @@
 """python -m wurst_jax.convert --component=C --src=PATH --dst=PATH [--to=diffusers]
 
-Default: a diffusers model folder -> a Flax folder (config.json + variables.msgpack).
+Default: a diffusers/transformers model folder, or an original checkpoint file (.pt, Stable
+Cascade .safetensors), -> a Flax folder (config.json + variables.msgpack).
 --to=diffusers: such a Flax folder -> a diffusers model folder that from_pretrained loads.
 """
 import json
 import os
-import shutil
 
 from absl import app, flags
 from flax import serialization
@@ -21,9 +21,10 @@ FLAX_VARIABLES = 'variables.msgpack'
 
 
 def to_flax(src: str, dst: str, component: str) -> None:
-    _, variables = core.load_diffusers(src, component)
+    module, variables = core.load_diffusers(src, component)
     os.makedirs(dst, exist_ok=True)
-    shutil.copy(os.path.join(src, core.CONFIG_NAME), os.path.join(dst, core.CONFIG_NAME))
+    with open(os.path.join(dst, core.CONFIG_NAME), 'w') as f:
+        json.dump(core.component(component).to_config(module), f, indent=2)
     with open(os.path.join(dst, FLAX_VARIABLES), 'wb') as f:
         f.write(serialization.msgpack_serialize(variables))
 

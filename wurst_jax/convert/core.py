@@ -58,6 +58,8 @@ class Component:
     to_flax: Callable[[np.ndarray, tuple[str, ...]], np.ndarray] = to_flax_layout
     to_torch: Callable[[np.ndarray, tuple[str, ...]], np.ndarray] = to_torch_layout
     init_method: str | None = None  # module method that `example_inputs` feed, if not __call__
+    accepts: tuple[str, ...] = ()  # further class names a folder may hold (e.g. CLIPTextModel)
+    prepare_state: Callable[[dict], dict] | None = None  # renames/drops file keys before matching
 
     @property
     def weights_name(self) -> str:
@@ -108,6 +110,8 @@ def variables_from_state_dict(module: nn.Module, name: str, state: dict[str, np.
     """Flax variables of `module` from a torch-named state dict; every missing, unexpected or
     wrongly shaped tensor is named in one error."""
     comp = component(name)
+    if comp.prepare_state is not None:
+        state = comp.prepare_state(state)
     flat_module = _unscanned(module)
     abstract = traverse_util.flatten_dict(abstract_variables(flat_module, comp))
     out, missing, mismatched, used = {}, [], [], set()
@@ -154,17 +158,21 @@ def read_config(path: str, name: str) -> dict:
     with open(config_path) as f:
         config = json.load(f)
     found = config.get('_class_name') or (config.get('architectures') or [None])[0]
-    if found is not None and found != comp.class_name:
-        raise ValueError(f'{config_path} is a {found}, but component {name!r} is a {comp.class_name}')
+    if found is not None and found not in (comp.class_name, *comp.accepts):
+        raise ValueError(f'{config_path} is a {found}, but component {name!r} is a '
+                         f'{" or ".join((comp.class_name, *comp.accepts))}')
     return config
 
 
 def load_diffusers(path: str, name: str, **module_overrides: Any) -> tuple[nn.Module, dict]:
     """(module configured from path/config.json, Flax variables) from a local diffusers or
-    transformers model folder.
+    transformers model folder, or from an original checkpoint file (see `original.py`).
 
     module_overrides set Flax-only options, e.g. scan_blocks=True or dtype=jnp.bfloat16.
     """
+    if os.path.isfile(path):  # an original checkpoint file rather than a model folder
+        from wurst_jax.convert.original import load_original
+        return load_original(path, name, **module_overrides)
     comp = component(name)
     module = comp.from_config(read_config(path, name))
     if module_overrides:

@@ -1,0 +1,99 @@
+"""The original checkpoints: dome272/Wuerstchen `.pt` files and Stable Cascade `.safetensors` files.
+
+Their tensors carry the torch module names of the original code, which differ from diffusers' only
+in the attention (one `in_proj` for q/k/v, `out_proj`) and the VQ codebook name (wuerstchen.md
+§4.1, §10). A `.pt` is a dict of state dicts, read with `torch.load(weights_only=True)`; which
+entry holds the network depends on the file:
+
+  model_v3_stage_c.pt / model_stage_c.pt   prior     'ema_state_dict' (what diffusers converted)
+  model_v2_stage_b.pt                      decoder   'state_dict';  effnet 'effnet_state_dict'
+  vqgan_f4_v1_500k.pt                      vqgan     'state_dict'
+  stage_a.safetensors (Stable Cascade)     vqgan     flat (decode scale 0.43 there: pass it in config)
+  effnet_encoder.safetensors (SC)          effnet    flat (mapper BatchNorm without affine)
+
+Stable Cascade's Stage B/C UNets (`stage_b*.safetensors`, `stage_c*.safetensors`) are another
+architecture (StableCascadeUNet), not converted here.
+"""
+import os
+
+import flax.linen as nn
+import numpy as np
+from safetensors.numpy import load_file
+
+from wurst_jax.convert import core
+
+# The released Würstchen v2 networks; `config` arguments override single fields.
+RELEASED_CONFIGS = {
+    'prior': dict(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1),
+    'decoder': {},  # the WuerstchenDiffNeXt defaults are the released decoder
+    'vqgan': {},
+    'effnet': {},
+}
+_ENTRIES = {
+    'prior': ('ema_state_dict', 'state_dict'),
+    'decoder': ('state_dict',),
+    'effnet': ('effnet_state_dict',),
+    'vqgan': ('state_dict',),
+}
+_TORCH_SUFFIXES = ('.pt', '.pth', '.ckpt', '.bin')
+
+
+def _read_torch(path: str) -> dict:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f'reading {path} needs PyTorch (pip install torch); safetensors files do not') from e
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def read_checkpoint(path: str, component: str) -> dict[str, np.ndarray]:
+    """The flat, torch-named state dict of `component` in an original checkpoint file."""
+    if path.endswith('.safetensors'):
+        return load_file(path)
+    if not path.endswith(_TORCH_SUFFIXES):
+        raise ValueError(f'{path}: expected a .safetensors or .pt/.pth/.ckpt/.bin checkpoint file')
+    content = _read_torch(path)
+    if isinstance(content, dict) and not any(hasattr(v, 'shape') for v in content.values()):
+        for entry in _ENTRIES.get(component, ('state_dict',)):
+            if entry in content:
+                content = content[entry]
+                break
+        else:
+            raise KeyError(f'{path} has no {" or ".join(_ENTRIES[component])} entry for {component}: '
+                           f'it holds {sorted(content)}')
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in content.items()}
+
+
+def diffusers_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Original key names -> diffusers key names (split q/k/v, out_proj, codebook)."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix('module.').removeprefix('_orig_mod.')  # DDP / torch.compile wrappers
+        if '.attention.attn.in_proj_' in key:
+            prefix, leaf = key.split('.attention.attn.in_proj_')
+            for name, part in zip(('to_q', 'to_k', 'to_v'), np.split(value, 3, axis=0)):
+                out[f'{prefix}.attention.{name}.{leaf}'] = part
+        elif '.attention.attn.out_proj.' in key:
+            out[key.replace('.attention.attn.out_proj.', '.attention.to_out.0.')] = value
+        elif key == 'vquantizer.codebook.weight':
+            out['vquantizer.embedding.weight'] = value
+        else:
+            out[key] = value
+    return out
+
+
+def load_original(path: str, component: str, config: dict | None = None,
+                  **module_overrides) -> tuple[nn.Module, dict]:
+    """(module, Flax variables) from an original checkpoint file.
+
+    The module is the released Würstchen v2 network of `component`, with `config` (diffusers
+    config fields, e.g. {'c_cond': 1024} for the v1 prior) overriding its fields.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} not found: expected an original {component} checkpoint file')
+    comp = core.component(component)
+    module = comp.from_config({**RELEASED_CONFIGS.get(component, {}), **(config or {})})
+    if module_overrides:
+        module = module.clone(**module_overrides)
+    state = diffusers_names(read_checkpoint(path, component))
+    return module, core.variables_from_state_dict(module, component, state)
