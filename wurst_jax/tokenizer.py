@@ -1,0 +1,71 @@
+"""The CLIP tokenizer of a local Hugging Face model folder, through the `tokenizers` library.
+
+    tokenizer = CLIPTokenizer.from_folder('/models/wuerstchen-prior/tokenizer')
+    batch = tokenizer(['a photo of a cat'])   # {'input_ids': int32 [1, 77], 'attention_mask': int32 [1, 77]}
+
+Gives what transformers' `tokenizer(texts, padding='max_length', max_length=77, truncation=True)`
+gives: BOS, the BPE tokens, EOS, then the folder's pad token (CLIP-ViT-H and bigG folders differ:
+`!` or `<|endoftext|>`, so it is read from the folder, never assumed).
+"""
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+TOKENIZER_FILE = 'tokenizer.json'
+_CONFIG_FILES = ('tokenizer_config.json', 'special_tokens_map.json')
+
+
+def _token_text(token) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {'content': ...}."""
+    return token.get('content') if isinstance(token, dict) else token
+
+
+def _pad_token(path: str, tokenizer: Tokenizer) -> str:
+    for name in _CONFIG_FILES:
+        config_path = os.path.join(path, name)
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                pad = _token_text(json.load(f).get('pad_token'))
+            if pad is not None:
+                return pad
+    if tokenizer.padding is not None:
+        return tokenizer.padding['pad_token']
+    raise ValueError(f'no pad_token in {path}: looked in {", ".join(_CONFIG_FILES)} and {TOKENIZER_FILE}')
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTokenizer:
+    tokenizer: Tokenizer
+    pad_token: str
+    max_length: int = 77
+
+    @classmethod
+    def from_folder(cls, path: str, max_length: int = 77) -> 'CLIPTokenizer':
+        """Reads path/tokenizer.json and the pad token of path/tokenizer_config.json (or special_tokens_map.json)."""
+        tokenizer_path = os.path.join(path, TOKENIZER_FILE)
+        if not os.path.isfile(tokenizer_path):
+            raise FileNotFoundError(f'{TOKENIZER_FILE} not found in tokenizer folder {path}: expected a '
+                                    f'Hugging Face tokenizer saved by save_pretrained ({tokenizer_path})')
+        tokenizer = Tokenizer.from_file(tokenizer_path)
+        pad_token = _pad_token(path, tokenizer)
+        if tokenizer.token_to_id(pad_token) is None:
+            raise ValueError(f'pad token {pad_token!r} of {path} is not in its vocabulary')
+        tokenizer.enable_truncation(max_length, direction='right')
+        tokenizer.enable_padding(direction='right', pad_id=tokenizer.token_to_id(pad_token), pad_token=pad_token,
+                                 length=max_length)
+        return cls(tokenizer, pad_token, max_length)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.token_to_id(self.pad_token)
+
+    def __call__(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:
+        """texts -> input_ids, attention_mask: int32 [N, max_length] (right-padded, truncated with EOS kept)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        encodings = self.tokenizer.encode_batch(texts)
+        return {'input_ids': np.array([e.ids for e in encodings], np.int32),
+                'attention_mask': np.array([e.attention_mask for e in encodings], np.int32)}
