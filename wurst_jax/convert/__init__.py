@@ -9,6 +9,7 @@ BatchNorm). Folders are read with safetensors; original `.pt` checkpoints (`orig
 torch.load(weights_only=True), never by unpickling arbitrary objects.
 """
 from wurst_jax.convert import clip  # noqa: F401
+from wurst_jax.convert import effnet  # noqa: F401
 from wurst_jax.convert import wuerstchen  # noqa: F401  (registers its components)
 from wurst_jax.convert.core import COMPONENTS, load_diffusers, save_diffusers
 from wurst_jax.convert.original import load_original
