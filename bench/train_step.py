@@ -51,8 +51,12 @@ def main(_):
     images = np.random.default_rng(0).uniform(-1, 1, (bs, size, size, 3)).astype(np.float32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=state_sharding)(
-            jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
-        batch = sharding.make_global_batch({'image': images}, batch_sharding)
+            jax.random.PRNGKey(0), train.example_batch(task, 1))
+        local = {'image': images}
+        if task.tokenizer is not None:
+            encoded = task.tokenizer(['a red circle on the left and a blue square at the top'] * bs)
+            local.update(tokens=encoded['input_ids'], token_mask=encoded['attention_mask'])
+        batch = sharding.make_global_batch(local, batch_sharding)
         frozen = jax.device_put(task.frozen_params(), sharding.replicated(mesh))
         step = jax.jit(functools.partial(train.train_step, task, tx, config),
                        in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),

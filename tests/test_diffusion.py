@@ -58,7 +58,7 @@ def test_ddpm_chain_equals_diffusers(monkeypatch, timesteps):
     import diffusers.schedulers.scheduling_ddpm_wuerstchen as ref_module
     ts = samplers.linspace_timesteps(12) if timesteps == 'linspace' else samplers.default_stage_c_timesteps()
     shape, rng = (2, 6, 5, 3), jax.random.key(3)
-    x_init = np.asarray(jax.random.normal(jax.random.key(4), shape))
+    x_init = np.array(jax.random.normal(jax.random.key(4), shape))
     ours = samplers.sample(_toy_eps, jnp.asarray(x_init), ts, rng, 'ddpm')
 
     # diffusers draws its noise with randn_tensor; feed it the noise our scan draws, step by step.

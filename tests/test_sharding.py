@@ -69,7 +69,7 @@ def test_initialised_state_is_placed_as_specified(tiny_shapes_config):
     import flax.linen as nn
     with jax.set_mesh(mesh):
         state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=shardings)(
-            jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+            jax.random.PRNGKey(0), train.example_batch(task, 1))
     kernel = state.params['vqgan']['up_blocks_0']['channelwise_0']['kernel']  # (16, 64)
     assert kernel.sharding.spec == P('fsdp', 'tensor')
     assert kernel.addressable_shards[0].data.shape == (8, 64)

@@ -65,7 +65,7 @@ def test_discriminator_is_frozen_until_adv_start(tiny_shapes_config):
     config = tiny_shapes_config
     config.loss.adv_start = 5
     task = tasks.create(config)
-    params, state = nn.meta.unbox(task.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+    params, state = nn.meta.unbox(task.init(jax.random.key(0), {'image': jnp.zeros((1, 16, 16, 3))}))
     batch = {'image': jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)}
     grads_fn = jax.jit(functools.partial(task.grads, params, state, {}, batch, jax.random.key(2)))
     before, _, metrics_before = grads_fn(jnp.int32(4))
@@ -113,7 +113,7 @@ def test_perceptual_loss_reads_local_weights_and_trains(tiny_shapes_config, tmp_
     config.loss.perceptual_weights = str(weights)
     config_lib.validate(config)
     task = tasks.create(config)
-    variables, state = nn.meta.unbox(task.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    variables, state = nn.meta.unbox(task.init(jax.random.key(0), {'image': jnp.zeros((1, 32, 32, 3))}))
     _, _, metrics = jax.jit(task.grads)(variables, state, task.frozen_params(), {'image': x},
                                         jax.random.key(1), jnp.int32(0))
     assert float(metrics['perceptual_loss']) > 0
@@ -124,7 +124,7 @@ def test_bfloat16_compute_keeps_float32_params(tiny_shapes_config):
     config = tiny_shapes_config
     config.dtype = 'bfloat16'
     task = tasks.create(config)
-    params, state = nn.meta.unbox(task.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+    params, state = nn.meta.unbox(task.init(jax.random.key(0), {'image': jnp.zeros((1, 16, 16, 3))}))
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype('float32')}
     batch = {'image': jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)}
     grads, _, metrics = jax.jit(task.grads)(params, state, {}, batch, jax.random.key(2), jnp.int32(0))

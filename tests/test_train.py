@@ -29,7 +29,7 @@ def test_stage_a_loss_falls_on_4x2_mesh(tiny_shapes_config):
     losses = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.sharding_rules):
         state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=state_sharding)(
-            jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))
+            jax.random.PRNGKey(0), train.example_batch(task, 1))
         step = jax.jit(functools.partial(train.train_step, task, tx, config),
                        in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
                        out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)

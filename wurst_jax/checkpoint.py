@@ -5,6 +5,7 @@ import os
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -46,3 +47,26 @@ def restore_latest(manager: ocp.CheckpointManager, *, abstract_state: Any,
 def wait(manager: ocp.CheckpointManager) -> None:
     """Blocks until every pending async save has committed."""
     manager.wait_until_finished()
+
+
+def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
+    """(config, state as a dict of arrays on one device) of the newest checkpoint of a run.
+
+    For using a trained stage frozen inside another (Stage A inside Stage B, the effnet inside
+    Stage C, all of them in sampling), on any number of devices: the arrays are restored from the
+    checkpoint's own shapes onto this process's first device, whatever topology saved them.
+    """
+    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    manager = ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'),
+                                    item_handlers={'state': ocp.StandardCheckpointHandler(),
+                                                   'config': ocp.JsonCheckpointHandler()})
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f'no checkpoint under {directory}: train that stage first (its --workdir)')
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          manager.item_metadata(step)['state'])
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             config=ocp.args.JsonRestore()))
+    logging.info('Loaded step %d of %s', step, workdir)
+    return ml_collections.ConfigDict(restored['config']), restored['state']

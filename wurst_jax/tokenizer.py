@@ -1,4 +1,6 @@
-"""The CLIP tokenizer of a local Hugging Face model folder, through the `tokenizers` library.
+"""Tokenizers: the CLIP tokenizer of a local Hugging Face model folder (through the `tokenizers`
+library), and a byte tokenizer that needs no vocabulary file, for small encoders trained from
+scratch (the built-in dataset).
 
     tokenizer = CLIPTokenizer.from_folder('/models/wuerstchen-prior/tokenizer')
     batch = tokenizer(['a photo of a cat'])   # {'input_ids': int32 [1, 77], 'attention_mask': int32 [1, 77]}
@@ -69,3 +71,34 @@ class CLIPTokenizer:
         encodings = self.tokenizer.encode_batch(texts)
         return {'input_ids': np.array([e.ids for e in encodings], np.int32),
                 'attention_mask': np.array([e.attention_mask for e in encodings], np.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, then BOS 256, EOS 257, PAD 258: [BOS, bytes..., EOS, PAD...].
+
+    Same call contract as CLIPTokenizer; truncation keeps the EOS, which the encoder pools.
+    """
+    max_length: int = 77
+    bos_token_id: int = 256
+    eos_token_id: int = 257
+    pad_token_id: int = 258
+    vocab_size: int = 259
+
+    def __call__(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = np.full((len(texts), self.max_length), self.pad_token_id, np.int32)
+        mask = np.zeros((len(texts), self.max_length), np.int32)
+        for row, text in enumerate(texts):
+            body = list(text.encode('utf-8'))[:self.max_length - 2]
+            tokens = [self.bos_token_id, *body, self.eos_token_id]
+            ids[row, :len(tokens)] = tokens
+            mask[row, :len(tokens)] = 1
+        return {'input_ids': ids, 'attention_mask': mask}
+
+
+def create_tokenizer(name: str, max_length: int = 77) -> 'ByteTokenizer | CLIPTokenizer':
+    """'bytes' for the built-in byte tokenizer, else a local Hugging Face CLIP folder."""
+    if name == 'bytes':
+        return ByteTokenizer(max_length)
+    return CLIPTokenizer.from_folder(name, max_length)

@@ -34,11 +34,17 @@ class TrainState:
     rng: jax.Array  # base key; each step folds in its step number, so resume needs no RNG state
 
 
+def example_batch(task: Any, batch_size: int, *, abstract: bool = False) -> dict[str, Any]:
+    """Zeros (or their ShapeDtypeStructs) shaped like the task's training batch."""
+    make = jax.ShapeDtypeStruct if abstract else jnp.zeros
+    return {k: make((batch_size, *shape), dtype) for k, (shape, dtype) in task.batch_spec().items()}
+
+
 def create_train_state(task: Any, tx: optax.GradientTransformation, rng: jax.Array,
-                       images: jax.Array) -> TrainState:
-    """A fresh train state; params still carry their logical-axis boxes."""
+                       batch: dict[str, jax.Array]) -> TrainState:
+    """A fresh train state from an example batch; params still carry their logical-axis boxes."""
     init_rng, state_rng = jax.random.split(rng)
-    params, model_state = task.init(init_rng, images)
+    params, model_state = task.init(init_rng, batch)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema_params=params, model_state=model_state, rng=state_rng)
 
@@ -64,7 +70,7 @@ def train_step(task: Any, tx: optax.GradientTransformation, config: ml_collectio
     return new_state, metrics
 
 
-def eval_batches(config: ml_collections.ConfigDict) -> Any:
+def eval_batches(config: ml_collections.ConfigDict, tokenizer: Any = None) -> Any:
     """Held-out batches for evaluation, as named by config.eval.data."""
     if config.eval.data == 'astronaut_tiles':
         tiles = photos.astronaut_crops(config.input.image_size).astype(np.float32) / 127.5 - 1
@@ -72,7 +78,7 @@ def eval_batches(config: ml_collections.ConfigDict) -> Any:
                 for i in range(0, len(tiles), config.eval.batch_size)]
     return input_pipeline.create_eval_iterator(config.input, split=config.input.eval_split,
                                                batch_size=config.eval.batch_size,
-                                               num_examples=config.eval.num_examples)
+                                               num_examples=config.eval.num_examples, tokenizer=tokenizer)
 
 
 def _check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -82,9 +88,9 @@ def _check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding
                           f'a multiple of data x fsdp = {split} (and of the {jax.process_count()} processes)')
 
 
-def _evaluate(task, config, state, writer, workdir: str) -> dict[str, float]:
+def _evaluate(task, config, state, frozen, writer, workdir: str) -> dict[str, float]:
     params = state.ema_params if config.eval.use_ema else state.params
-    result = task.evaluate(params, state.model_state, eval_batches(config))
+    result = task.evaluate(params, state.model_state, frozen, eval_batches(config, task.tokenizer))
     step = int(state.step)
     writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
     if jax.process_index() == 0:
@@ -94,9 +100,9 @@ def _evaluate(task, config, state, writer, workdir: str) -> dict[str, float]:
     return result
 
 
-def _write_images(visualize_fn, config, state, writer, workdir: str, batch: dict[str, np.ndarray]) -> None:
+def _write_images(visualize_fn, config, state, frozen, writer, workdir: str, batch: dict[str, np.ndarray]) -> None:
     params = state.ema_params if config.eval.use_ema else state.params
-    grid = visualize.image_grid(np.asarray(visualize_fn(params, state.model_state, batch)),
+    grid = visualize.image_grid(np.asarray(visualize_fn(params, state.model_state, frozen, batch)),
                                 ncols=config.eval.grid_columns)
     step = int(state.step)
     writer.write_images(step, {'samples': grid[None]})
@@ -107,10 +113,8 @@ def _write_images(visualize_fn, config, state, writer, workdir: str, batch: dict
 def abstract_train_state(config: ml_collections.ConfigDict, task: Any, tx: optax.GradientTransformation,
                          mesh: jax.sharding.Mesh, rules: Any) -> tuple[Any, TrainState, Any]:
     """(init_fn, abstract state with shardings attached, state shardings), from jax.eval_shape only."""
-    size = config.input.image_size
     init_fn = functools.partial(create_train_state, task, tx)
-    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed),
-                           jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed), example_batch(task, 1, abstract=True))
     state_sharding = sharding.logical_shardings(boxed, mesh, rules)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   nn.meta.unbox(boxed), state_sharding)
@@ -123,7 +127,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
     # -- Mesh, task, optimizer ---------------------------------------------------------------------
-    size = config.input.image_size
     mesh = sharding.create_mesh(config.mesh)
     rules = tuple(tuple(r) for r in config.sharding_rules)
     _check_batch_fits_mesh(config, mesh)
@@ -139,7 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     # -- Input -------------------------------------------------------------------------------------
     train_iter = input_pipeline.create_train_iterator(
-        config.input, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+        config.input, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+        tokenizer=task.tokenizer)
 
     # -- Restore or initialise ---------------------------------------------------------------------
     manager = checkpoint.create_manager(os.path.join(workdir, 'checkpoints'), max_to_keep=config.keep_checkpoints)
@@ -148,14 +152,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if restored is None:
             unboxed_init = lambda r, x: nn.meta.unbox(init_fn(r, x))
             state = jax.jit(unboxed_init, out_shardings=state_sharding)(
-                jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3), jnp.float32))
+                jax.random.PRNGKey(config.seed), example_batch(task, 1))
         else:
             state = restored[1]
     start_step = int(state.step)
 
     # -- Compiled step -----------------------------------------------------------------------------
-    batch_spec = {'image': jax.ShapeDtypeStruct((config.input.batch_size, size, size, 3), jnp.float32,
-                                                sharding=batch_sharding)}
+    batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+                  for k, v in example_batch(task, config.input.batch_size, abstract=True).items()}
     # Frozen networks are read from local files once, and passed to every step, never saved.
     frozen = jax.device_put(task.frozen_params(), sharding.replicated(mesh))
     step_fn = jax.jit(functools.partial(train_step, task, tx, config),
@@ -175,8 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         hooks.append(periodic_actions.Profile(logdir=workdir, first_profile=config.profile.first_step,
                                               num_profile_steps=config.profile.num_steps))
     visualize_fn = jax.jit(task.visualize)  # compiled once, reused at every image step
-    image_batch = next(iter(eval_batches(config)))
-    image_batch = {'image': np.asarray(image_batch['image'][:config.eval.num_grid_images])}
+    image_batch = next(iter(eval_batches(config, task.tokenizer)))
+    image_batch = {k: np.asarray(image_batch[k][:config.eval.num_grid_images]) for k in batch_spec}
     pending_metrics, last_log = [], (time.time(), start_step)
     ids_file = (open(os.path.join(workdir, 'batch_ids.txt'), 'a')
                 if config.record_batch_ids and jax.process_index() == 0 else None)
@@ -205,16 +209,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 writer.write_scalars(step, summary)
                 pending_metrics, last_log = [], (now, step)
             if step % config.image_every_steps == 0:
-                _write_images(visualize_fn, config, state, writer, workdir, image_batch)
+                _write_images(visualize_fn, config, state, frozen, writer, workdir, image_batch)
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step != config.total_steps:
-                _evaluate(task, config, state, writer, workdir)
+                _evaluate(task, config, state, frozen, writer, workdir)
             if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
                 checkpoint.save(manager, step, state=state, data_iterator=train_iter, config=config)
         if ids_file:
             ids_file.close()
         if start_step < config.total_steps and config.total_steps % config.image_every_steps:
-            _write_images(visualize_fn, config, state, writer, workdir, image_batch)
-        _evaluate(task, config, state, writer, workdir)
+            _write_images(visualize_fn, config, state, frozen, writer, workdir, image_batch)
+        _evaluate(task, config, state, frozen, writer, workdir)
     checkpoint.wait(manager)
     writer.flush()
     return state

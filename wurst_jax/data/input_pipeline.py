@@ -1,7 +1,7 @@
 """grain input pipeline over TFDS ArrayRecord sources: training and evaluation iterators.
 
 Batches are dicts of numpy arrays for this process: `image` float32 [B, S, S, 3] in [-1, 1],
-`id` int64 [B], `caption` str [B].
+`id` int64 [B], `caption` str [B], and with a tokenizer `tokens`, `token_mask` int32 [B, L].
 """
 import contextlib
 import dataclasses
@@ -9,6 +9,7 @@ import fcntl
 import io
 import pathlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grain
 import ml_collections
@@ -155,11 +156,13 @@ def _attach_id(index: int, example: dict) -> dict:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Preprocess:
-    """Decode, resize the shorter side, crop to image_size, maybe flip, scale to [-1, 1]."""
+    """Decode, resize the shorter side, crop to image_size, maybe flip, scale to [-1, 1]; with a
+    tokenizer, also the caption's `tokens` and `token_mask` (int32 [L])."""
     image_size: int
     resize: int
     random_crop: bool = False
     flip: bool = False
+    tokenizer: Any = None
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
         """One example as {'image': float32 [S, S, 3], 'id': int64, 'caption': str}."""
@@ -172,11 +175,14 @@ class Preprocess:
         image = image.crop((left, top, left + s, top + s))
         if self.flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return {'image': to_signed_unit(image), 'id': np.int64(example['id']),
-                'caption': _as_str(example['caption'])}
+        out = {'image': to_signed_unit(image), 'id': np.int64(example['id']), 'caption': _as_str(example['caption'])}
+        if self.tokenizer is not None:
+            encoded = self.tokenizer(out['caption'])
+            out['tokens'], out['token_mask'] = encoded['input_ids'][0], encoded['attention_mask'][0]
+        return out
 
 
-def make_preprocess(input_config: ml_collections.ConfigDict, *, train: bool) -> Preprocess:
+def make_preprocess(input_config: ml_collections.ConfigDict, *, train: bool, tokenizer: Any = None) -> Preprocess:
     """The per-example transform; evaluation always centre-crops and never flips."""
     resize = input_config.resize or input_config.image_size
     if resize < input_config.image_size:
@@ -184,7 +190,7 @@ def make_preprocess(input_config: ml_collections.ConfigDict, *, train: bool) -> 
                          f'{input_config.image_size}; the crop is taken after resizing')
     return Preprocess(image_size=input_config.image_size, resize=resize,
                       random_crop=train and input_config.crop == 'random',
-                      flip=train and bool(input_config.flip))
+                      flip=train and bool(input_config.flip), tokenizer=tokenizer)
 
 
 # --- Iterators -----------------------------------------------------------------------------------
@@ -203,8 +209,8 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def create_train_iterator(input_config: ml_collections.ConfigDict, *, seed: int,
-                          process_index: int, process_count: int) -> grain.DatasetIterator:
+def create_train_iterator(input_config: ml_collections.ConfigDict, *, seed: int, process_index: int,
+                          process_count: int, tokenizer: Any = None) -> grain.DatasetIterator:
     """Endless, checkpointable iterator over this process's augmented training batches."""
     batch = local_batch_size(input_config.batch_size, process_count)
     source = get_source(input_config, input_config.train_split)
@@ -216,7 +222,7 @@ def create_train_iterator(input_config: ml_collections.ConfigDict, *, seed: int,
           # Seeded by the position in the global stream, ahead of the shard, so an element's crop
           # and flip do not depend on the process count. MapDataset is lazy: only this process's
           # elements are decoded.
-          .random_map(make_preprocess(input_config, train=True))
+          .random_map(make_preprocess(input_config, train=True, tokenizer=tokenizer))
           [process_index::process_count]
           .batch(batch, drop_remainder=True)
           .to_iter_dataset(_READ_OPTIONS))
@@ -227,12 +233,12 @@ def create_train_iterator(input_config: ml_collections.ConfigDict, *, seed: int,
 
 
 def create_eval_iterator(input_config: ml_collections.ConfigDict, *, split: str, batch_size: int,
-                         num_examples: int | None = None) -> Iterator[dict]:
+                         num_examples: int | None = None, tokenizer: Any = None) -> Iterator[dict]:
     """Deterministic batches of the first `num_examples` of `split`, the last one possibly short."""
     source = get_source(input_config, split)
     count = len(source) if num_examples is None else min(num_examples, len(source))
     ds = (grain.MapDataset.source(source)
           .map_with_index(_attach_id)[:count]
-          .map(make_preprocess(input_config, train=False))
+          .map(make_preprocess(input_config, train=False, tokenizer=tokenizer))
           .batch(batch_size, drop_remainder=False))
     return iter(ds.to_iter_dataset(_READ_OPTIONS))

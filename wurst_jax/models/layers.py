@@ -151,7 +151,9 @@ class TimestepBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, r_emb: jax.Array) -> jax.Array:
-        ab = dense(2 * self.channels, (None, 'embed'), dtype=self.dtype, name='mapper')(r_emb)
+        # Zero init: the modulation starts as the identity (Würstchen's init).
+        ab = dense(2 * self.channels, (None, 'embed'), dtype=self.dtype, kernel_init=nn.initializers.zeros_init(),
+                   name='mapper')(r_emb)
         a, b = jnp.split(ab[:, None, None, :], 2, axis=-1)
         return x * (1 + a) + b
 
@@ -194,7 +196,7 @@ class AttnBlock(nn.Module):
     def __call__(self, x: jax.Array, cond: jax.Array, deterministic: bool = True) -> jax.Array:
         """x: [B, H, W, C], cond: [B, L, C_cond] -> [B, H, W, C]."""
         b, h, w, c = x.shape
-        kv = dense(c, ('embed', 'embed'), dtype=self.dtype, name='kv_mapper')(nn.silu(cond))
+        kv = dense(c, (None, 'embed'), dtype=self.dtype, name='kv_mapper')(nn.silu(cond))
         tokens = layer_norm_2d(self.dtype)(x).reshape(b, h * w, c)
         if self.self_attn:
             kv = jnp.concatenate([tokens, kv.astype(tokens.dtype)], axis=1)

@@ -71,8 +71,10 @@ class WuerstchenPrior(nn.Module):
     def __call__(self, x: jax.Array, r: jax.Array, cond: jax.Array, deterministic: bool = True) -> jax.Array:
         x_in = x.astype(jnp.float32)
         h = layers.conv(self.c, (1, 1), dtype=self.dtype, name='projection')(x.astype(self.dtype))
-        c_embed = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, name='cond_mapper_0')(cond.astype(self.dtype))
-        c_embed = layers.dense(self.c, ('embed', 'embed'), dtype=self.dtype, name='cond_mapper_2')(
+        cond_init = nn.initializers.normal(0.02)  # Würstchen's init of conditioning mappers
+        c_embed = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, kernel_init=cond_init,
+                               name='cond_mapper_0')(cond.astype(self.dtype))
+        c_embed = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, kernel_init=cond_init, name='cond_mapper_2')(
             nn.leaky_relu(c_embed, 0.2))
         r_emb = layers.gen_r_embedding(r, self.c_r)
         block_args = dict(channels=self.c, num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype)
@@ -87,6 +89,9 @@ class WuerstchenPrior(nn.Module):
             for k in range(self.depth):
                 h = block_cls(**block_args, name=f'blocks_{k}')(h, r_emb, c_embed, deterministic)
         h = layers.layer_norm_2d(self.dtype)(h)
-        ab = layers.conv(2 * self.c_in, (1, 1), dtype=self.dtype, name='out')(h).astype(jnp.float32)
+        # Zero init, as Würstchen's: a = b = 0 at the start, so the output is x itself, not a division
+        # by a random |1 - b| that can be near zero.
+        ab = layers.conv(2 * self.c_in, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros_init(),
+                         name='out')(h).astype(jnp.float32)
         a, b = jnp.split(ab, 2, axis=-1)
         return (x_in - a) / (jnp.abs(1 - b) + 1e-5)

@@ -9,9 +9,9 @@ from typing import Any
 import ml_collections
 
 from wurst_jax.config_lib import ConfigError
-from wurst_jax.tasks import stage_a
+from wurst_jax.tasks import stage_a, stage_b, stage_c
 
-FAMILIES = {'stage_a': stage_a.StageATask}
+FAMILIES = {'stage_a': stage_a.StageATask, 'stage_b': stage_b.StageBTask, 'stage_c': stage_c.StageCTask}
 
 
 def _family(config: ml_collections.ConfigDict):

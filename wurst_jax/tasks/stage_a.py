@@ -41,6 +41,7 @@ class StageATask:
         self.use_perceptual = config.loss.perceptual_weight > 0
         self.vgg = VGG16Features()
         self._eval_psnr = jax.jit(self._psnr_pair)  # compiled once, reused at every evaluation
+        self.tokenizer = None  # Stage A reads no captions
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
@@ -71,8 +72,14 @@ class StageATask:
 
     # -- state -----------------------------------------------------------------------------------
 
-    def init(self, rng: jax.Array, images: jax.Array) -> tuple[Any, Any]:
-        """Boxed params and model state (BatchNorm / spectral-norm statistics) for images [B, H, W, 3]."""
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """Per-example shape and dtype of each batch entry the step reads."""
+        size = self.config.input.image_size
+        return {'image': ((size, size, 3), jnp.float32)}
+
+    def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
+        """Boxed params and model state (BatchNorm / spectral-norm statistics) for an example batch."""
+        images = batch['image']
         vq_rng, disc_rng = jax.random.split(rng)
         variables = self.vqgan.init(vq_rng, images, train=False)
         params = {'vqgan': variables['params']}
@@ -169,8 +176,9 @@ class StageATask:
             latent = self.vqgan.apply(variables, latent, method=VQGAN.quantize)[0]
         return self.vqgan.apply(variables, latent, method=VQGAN.decode)
 
-    def visualize(self, params: Any, model_state: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
         """Pairs of (input, reconstruction) side by side: [B, H, 2W, 3] in [-1, 1]."""
+        del frozen
         recon = self.reconstruct(params, model_state, batch['image'])
         return jnp.concatenate([batch['image'], jnp.clip(recon, -1, 1)], axis=2)
 
@@ -179,8 +187,10 @@ class StageATask:
         return (psnr(self.reconstruct(params, model_state, images), images),
                 psnr(self.reconstruct(params, model_state, images, quantize=True), images))
 
-    def evaluate(self, params: Any, model_state: Any, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    def evaluate(self, params: Any, model_state: Any, frozen: dict,
+                 batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
         """Mean reconstruction PSNR over the held-out batches, continuous and through the codebook."""
+        del frozen
         cont, quant = [], []
         for batch in batches:
             a, b = self._eval_psnr(params, model_state, jnp.asarray(batch['image']))

@@ -1,0 +1,25 @@
+"""The ε-prediction loss of the diffusion stages and its deterministic held-out version."""
+import jax
+import jax.numpy as jnp
+
+from wurst_jax.diffusion import schedule
+
+EVAL_TIMES = (0.1, 0.25, 0.5, 0.75, 0.9)  # the fixed noise levels of the held-out loss
+
+
+def epsilon_loss(eps_pred: jax.Array, noise: jax.Array, t: jax.Array, weighting: str,
+                 bucket_losses: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(weighted batch loss, raw per-sample MSE [B]): mean over (H, W, C) of (ε̂ − ε)², times the weight."""
+    raw = jnp.mean((eps_pred.astype(jnp.float32) - noise) ** 2, axis=tuple(range(1, noise.ndim)))
+    weight = schedule.loss_weight(weighting, t, bucket_losses)
+    return jnp.mean(weight * raw), raw
+
+
+def fixed_time_losses(denoise, x0: jax.Array, seed: int = 0) -> jax.Array:
+    """Unweighted ε-MSE of `denoise(x_t, t) -> ε̂` at each of EVAL_TIMES with fixed noise: [len(EVAL_TIMES)]."""
+    out = []
+    for i, time in enumerate(EVAL_TIMES):
+        noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), x0.shape, jnp.float32)
+        t = jnp.full((x0.shape[0],), time, jnp.float32)
+        out.append(jnp.mean((denoise(schedule.add_noise(x0, noise, t), t) - noise) ** 2))
+    return jnp.stack(out)

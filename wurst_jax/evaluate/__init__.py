@@ -1,0 +1,1 @@
+"""Offline evaluation: alignment on the built-in dataset; FID / CLIP score later."""

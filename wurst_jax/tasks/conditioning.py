@@ -1,0 +1,98 @@
+"""What the diffusion stages condition on, shared by Stage B, Stage C and sampling: the text
+encoder (trained with the stage, or frozen from a local CLIP folder), caption dropout for
+classifier-free guidance, and frozen networks loaded from another run or a weights file."""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from wurst_jax import checkpoint, convert
+from wurst_jax.config_lib import ConfigError
+from wurst_jax.models.clip import CLIPTextModel
+from wurst_jax.tokenizer import ByteTokenizer, create_tokenizer
+
+HIDDEN_STATES = ('last', 'penultimate')  # Würstchen: after the final LN; Stable Cascade: hidden_states[-1]
+DROPOUT_MODES = ('batch', 'sample')
+
+
+def validate_text(text: ml_collections.ConfigDict) -> None:
+    if text.hidden_state not in HIDDEN_STATES:
+        raise ConfigError('text.hidden_state', text.hidden_state, f'one of {HIDDEN_STATES}')
+    if text.dropout_mode not in DROPOUT_MODES:
+        raise ConfigError('text.dropout_mode', text.dropout_mode, f'one of {DROPOUT_MODES}')
+    if not 0 <= text.dropout < 1:
+        raise ConfigError('text.dropout', text.dropout, 'a probability in [0, 1)')
+    if text.encoder == 'train' and text.tokenizer != 'bytes':
+        raise ConfigError('text.tokenizer', text.tokenizer, "'bytes' when text.encoder='train'")
+
+
+class TextConditioner:
+    """Tokenizer + CLIP text encoder; `trainable` when config.text.encoder == 'train'.
+
+    config.text: tokenizer ('bytes' or a local CLIP folder), max_length, encoder ('train' or a
+    local transformers CLIP text folder, used frozen), encoder_config (the CLIP fields of a trained
+    encoder), hidden_state, dropout and dropout_mode (caption -> "" for CFG).
+    """
+
+    def __init__(self, text: ml_collections.ConfigDict, dtype: Any = jnp.float32):
+        self.config = text
+        self.tokenizer = create_tokenizer(text.tokenizer, text.max_length)
+        self.trainable = text.encoder == 'train'
+        if self.trainable:
+            byte = self.tokenizer
+            assert isinstance(byte, ByteTokenizer)
+            self.module = CLIPTextModel(vocab_size=byte.vocab_size, max_position_embeddings=text.max_length,
+                                        eos_token_id=byte.eos_token_id, projection_dim=None, dtype=dtype,
+                                        **text.encoder_config.to_dict())
+            self._frozen = None
+        else:
+            self.module, self._frozen = convert.load_diffusers(text.encoder, 'clip_text', dtype=dtype)
+        empty = self.tokenizer([''])
+        self.empty_tokens, self.empty_mask = empty['input_ids'][0], empty['attention_mask'][0]
+
+    @property
+    def width(self) -> int:
+        return self.module.hidden_size
+
+    def init(self, rng: jax.Array) -> Any:
+        return self.module.init(rng, jnp.zeros((1, self.config.max_length), jnp.int32))['params']
+
+    def frozen_variables(self) -> Any:
+        return self._frozen
+
+    def encode(self, params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        """[B, L] tokens -> [B, L, width] states (the configured hidden state)."""
+        out = self.module.apply({'params': params}, tokens, mask)
+        return out['last_hidden_state'] if self.config.hidden_state == 'last' else out['hidden_states'][-1]
+
+    def drop(self, rng: jax.Array, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Replaces captions by the empty caption with probability text.dropout, for the whole batch
+        (the official Würstchen scripts) or per sample (Stable Cascade)."""
+        shape = (1,) if self.config.dropout_mode == 'batch' else (tokens.shape[0],)
+        drop = jax.random.uniform(rng, shape)[:, None] < self.config.dropout
+        return (jnp.where(drop, jnp.asarray(self.empty_tokens), tokens),
+                jnp.where(drop, jnp.asarray(self.empty_mask), mask))
+
+    def empty_batch(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.tile(self.empty_tokens, (batch, 1)), np.tile(self.empty_mask, (batch, 1))
+
+
+def load_stage(source: str, family: str) -> tuple[Any, dict, dict]:
+    """(task, EMA params, model_state) of a trained run of `family` in workdir `source`."""
+    from wurst_jax import tasks  # the tasks import this module
+    config, state = checkpoint.load_trained(source)
+    if config.model_family != family:
+        raise ConfigError('source', source, f'a workdir of a {family} run, not {config.model_family}')
+    return tasks.create(config), state['ema_params'], state['model_state']
+
+
+def network_variables(params: Any, model_state: Any, name: str) -> dict:
+    """Flax variables of sub-network `name` from a task's params and model_state."""
+    return {'params': params[name], **(model_state.get(name) or {})}
+
+
+def unbox(tree: Any) -> Any:
+    return nn.meta.unbox(tree)

@@ -1,0 +1,250 @@
+"""Stage B training: the decoder diffuses Stage A latents conditioned on the effnet map and text.
+
+Latents are Würstchen's h / scale_factor of a frozen Stage A (from a Stage A run, or a converted
+VQGAN). The semantic compressor is trained jointly with the decoder (the v1 recipe; what the
+built-in dataset uses, as no ImageNet weights ship offline) or loaded frozen. Its input follows
+Stable Cascade's recipe: the image resized by a factor drawn per batch from
+`effnet.resize_jitter`, and the map zeroed for a fraction `effnet.dropout` of samples (that zero
+map is the unconditional input of guidance). The jittered map is resized back to the unjittered
+map size, so every branch feeds the decoder the same shape.
+"""
+import os
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from wurst_jax import convert, optim
+from wurst_jax.config_lib import ConfigError, validate_optimizer
+from wurst_jax.diffusion import loss as diffusion_loss
+from wurst_jax.diffusion import samplers, schedule
+from wurst_jax.models.effnet import EfficientNetEncoder
+from wurst_jax.models.resize import resize
+from wurst_jax.models.stage_a import VQGAN
+from wurst_jax.models.stage_b import WuerstchenDiffNeXt
+from wurst_jax.tasks import conditioning
+from wurst_jax.tasks.stage_c import DTYPES, sample_guided, validate_diffusion
+
+
+def load_stage_a(source: str) -> tuple[VQGAN, dict]:
+    """(VQGAN, frozen variables) from a Stage A workdir or a converted vqgan folder/file."""
+    if os.path.isdir(os.path.join(source, 'checkpoints')):
+        task, params, model_state = conditioning.load_stage(source, 'stage_a')
+        return task.vqgan, conditioning.network_variables(params, model_state, 'vqgan')
+    if not os.path.exists(source):
+        raise ConfigError('stage_a.source', source, 'a Stage A workdir, a vqgan model folder or checkpoint file')
+    return convert.load_diffusers(source, 'vqgan')
+
+
+class StageBTask:
+    """The Würstchen v2 decoder (+ a jointly trained effnet) on Stage A latents."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        dtype = DTYPES[config.dtype]
+        self.text = conditioning.TextConditioner(config.text, dtype)
+        self.tokenizer = self.text.tokenizer
+        self.vqgan, self._vqgan_variables = load_stage_a(config.stage_a.source)
+        e = config.effnet
+        self.effnet_trainable = e.source == 'train'
+        if self.effnet_trainable:
+            self.effnet = EfficientNetEncoder(stages=tuple(tuple(s) for s in e.stages), last_channels=e.last_channels,
+                                              c_latent=e.c_latent, stochastic_depth_prob=e.stochastic_depth,
+                                              dtype=dtype)
+            self._effnet_variables = None
+        else:
+            self.effnet, self._effnet_variables = convert.load_diffusers(e.source, 'effnet', dtype=dtype)
+        m = config.model
+        self.decoder = WuerstchenDiffNeXt(
+            c_in=self.vqgan.latent_channels, c_out=self.vqgan.latent_channels, c_r=m.c_r, patch_size=m.patch_size,
+            c_cond=m.c_cond, c_hidden=tuple(m.c_hidden), nhead=tuple(m.nhead), blocks=tuple(m.blocks),
+            level_config=tuple(m.level_config), inject_effnet=tuple(m.inject_effnet), effnet_embd=self.effnet.c_latent,
+            clip_embd=self.text.width, kernel_size=m.kernel_size, dropout=m.dropout, dtype=dtype)
+        self._eval_losses = jax.jit(self._held_out_losses)
+
+    @staticmethod
+    def validate(config: ml_collections.ConfigDict) -> None:
+        m, e = config.model, config.effnet
+        lengths = {len(m[f]) for f in ('c_hidden', 'nhead', 'blocks', 'level_config', 'inject_effnet')}
+        if len(lengths) != 1:
+            raise ConfigError('model.c_hidden', m.c_hidden, 'one entry per level, as nhead, blocks, level_config '
+                                                            'and inject_effnet have')
+        for kinds, heads, width in zip(m.level_config, m.nhead, m.c_hidden):
+            if 'A' in kinds and (heads <= 0 or width % heads):
+                raise ConfigError('model.nhead', m.nhead, 'a positive divisor of c_hidden at every level with attention')
+        unit = 4 * m.patch_size * 2 ** (len(m.c_hidden) - 1)  # the f4 Stage A, then the decoder's levels
+        if config.input.image_size % unit:
+            raise ConfigError('input.image_size', config.input.image_size, f'a multiple of {unit} (Stage A f4 x '
+                                                                           'patch size x 2**(levels - 1))')
+        if not 0 <= e.dropout < 1:
+            raise ConfigError('effnet.dropout', e.dropout, 'a probability in [0, 1)')
+        if not e.resize_jitter or any(not 0 < f <= 1 for f in e.resize_jitter):
+            raise ConfigError('effnet.resize_jitter', e.resize_jitter, 'a non-empty list of factors in (0, 1]')
+        validate_diffusion(config)
+        conditioning.validate_text(config.text)
+        validate_optimizer(config, 'optimizer')
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        size, length = self.config.input.image_size, self.config.text.max_length
+        return {'image': ((size, size, 3), jnp.float32), 'tokens': ((length,), jnp.int32),
+                'token_mask': ((length,), jnp.int32)}
+
+    def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
+        dec_rng, eff_rng, text_rng = jax.random.split(rng, 3)
+        images = batch['image']
+        latents = jax.eval_shape(self.latents, {'stage_a': self._vqgan_variables}, images)
+        e_size = self.config.effnet.image_size
+        params, state = {}, {}
+        if self.effnet_trainable:
+            variables = self.effnet.init(eff_rng, jnp.zeros((1, e_size, e_size, 3)))
+            params['effnet'], state['effnet'] = variables['params'], {'batch_stats': variables['batch_stats']}
+            effnet_variables = variables
+        else:
+            effnet_variables = self._effnet_variables
+        effnet = jax.eval_shape(lambda v: self.effnet.apply(v, jnp.zeros((1, e_size, e_size, 3))), effnet_variables)
+        params['decoder'] = self.decoder.init(
+            dec_rng, jnp.zeros((1, *latents.shape[1:])), jnp.zeros((1,)), jnp.zeros((1, *effnet.shape[1:])),
+            jnp.zeros((1, self.config.text.max_length, self.text.width)))['params']
+        if self.text.trainable:
+            params['text'] = self.text.init(text_rng)
+        if self.config.diffusion.loss_weight == 'adaptive':
+            state['loss_buckets'] = schedule.adaptive_init()
+        return params, state
+
+    def frozen_params(self) -> dict[str, Any]:
+        frozen = {'stage_a': self._vqgan_variables}
+        if not self.effnet_trainable:
+            frozen['effnet'] = self._effnet_variables
+        if not self.text.trainable:
+            frozen['text'] = self.text.frozen_variables()['params']
+        return frozen
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return optim.adamw(self.config.optimizer, self.config.total_steps)
+
+    # -- pieces ----------------------------------------------------------------------------------
+
+    def latents(self, frozen: dict, images: jax.Array) -> jax.Array:
+        """Stage B's space: the Stage A encoder's h / scale_factor."""
+        h = self.vqgan.apply(frozen['stage_a'], images, method=VQGAN.encode)
+        return h / self.vqgan.scale_factor
+
+    def decode_latents(self, frozen: dict, latents: jax.Array) -> jax.Array:
+        return self.vqgan.apply(frozen['stage_a'], latents * self.vqgan.scale_factor, method=VQGAN.decode)
+
+    def effnet_variables(self, params: Any, model_state: Any, frozen: dict) -> dict:
+        if self.effnet_trainable:
+            return conditioning.network_variables(params, model_state, 'effnet')
+        return frozen['effnet']
+
+    def effnet_map(self, variables: dict, images: jax.Array, factor: float = 1.0, train: bool = False,
+                   rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        """(map of the images seen at `factor` x effnet.image_size, updated BN statistics or None)."""
+        size = self.config.effnet.image_size
+        seen = max(32, int(size * factor) // 32 * 32) if factor < 1 else size  # SC: multiples of 32
+        x = (images.astype(jnp.float32) + 1) / 2
+        if x.shape[1:3] != (seen, seen):
+            x = jax.image.resize(x, (x.shape[0], seen, seen, 3), 'bilinear', antialias=True)
+        if train and self.effnet_trainable:
+            out, updates = self.effnet.apply(variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+        else:
+            out, updates = self.effnet.apply(variables, x), None
+        if seen != size:
+            full = jax.eval_shape(lambda v: self.effnet.apply(v, jnp.zeros((1, size, size, 3))), variables)
+            out = resize(out, full.shape[1:3], 'bicubic_antialias')
+        return out.astype(jnp.float32), updates
+
+    def _text_params(self, params: Any, frozen: dict) -> Any:
+        return params['text'] if self.text.trainable else frozen['text']
+
+    # -- training --------------------------------------------------------------------------------
+
+    def grads(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
+              rng: jax.Array, step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+        del step
+        d, e = self.config.diffusion, self.config.effnet
+        t_rng, noise_rng, drop_rng, dropout_rng, jitter_rng, zero_rng, sd_rng = jax.random.split(rng, 7)
+        images = batch['image']
+        x0 = jax.lax.stop_gradient(self.latents(frozen, images))
+        t = schedule.sample_t(t_rng, x0.shape[0], d.t_sampling)
+        noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+        x_t = schedule.add_noise(x0, noise, t)
+        tokens, mask = self.text.drop(drop_rng, batch['tokens'], batch['token_mask'])
+        keep = (jax.random.uniform(zero_rng, (x0.shape[0], 1, 1, 1)) >= e.dropout).astype(jnp.float32)
+        choice = jax.random.randint(jitter_rng, (), 0, len(e.resize_jitter))
+
+        def loss_fn(p):
+            variables = self.effnet_variables(p, model_state, frozen)
+            branches = [lambda v, f=f: self.effnet_map(v, images, f, train=True, rng=sd_rng)
+                        for f in e.resize_jitter]
+            effnet, bn_updates = (branches[0](variables) if len(branches) == 1
+                                  else jax.lax.switch(choice, branches, variables))
+            cond = self.text.encode(self._text_params(p, frozen), tokens, mask)
+            eps = self.decoder.apply({'params': p['decoder']}, x_t, t, effnet * keep, cond, deterministic=False,
+                                     rngs={'dropout': dropout_rng})
+            loss, raw = diffusion_loss.epsilon_loss(eps, noise, t, d.loss_weight, model_state.get('loss_buckets'))
+            return loss, (raw, bn_updates)
+
+        (loss, (raw, bn_updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        new_state = dict(model_state)
+        if bn_updates is not None:
+            new_state['effnet'] = bn_updates
+        if d.loss_weight == 'adaptive':
+            new_state['loss_buckets'] = schedule.adaptive_update(model_state['loss_buckets'], t, raw)
+        return grads, new_state, dict(loss=loss, mse=jnp.mean(raw))
+
+    # -- sampling and evaluation -----------------------------------------------------------------
+
+    def denoiser(self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array):
+        """`denoise(x, t, conditional)` for sample_guided; unconditional = zero map and empty caption."""
+        text_params = self._text_params(params, frozen)
+        empty_tokens, empty_mask = self.text.empty_batch(tokens.shape[0])
+        cond = self.text.encode(text_params, tokens, mask)
+        uncond = self.text.encode(text_params, jnp.asarray(empty_tokens), jnp.asarray(empty_mask))
+
+        def denoise(x, t, conditional):
+            if conditional:
+                return self.decoder.apply({'params': params['decoder']}, x, t, effnet, cond)
+            return self.decoder.apply({'params': params['decoder']}, x, t,
+                                      jnp.concatenate([effnet, jnp.zeros_like(effnet)]), jnp.concatenate([cond, uncond]))
+        return denoise
+
+    def sample(self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array,
+               rng: jax.Array, *, steps: int | None = None, guidance: float | None = None) -> jax.Array:
+        """Images in [-1, 1] from effnet maps [B, h, w, c] (raw space) and captions."""
+        s = self.config.sample
+        size = self.config.input.image_size
+        f = size // jax.eval_shape(self.latents, frozen, jnp.zeros((1, size, size, 3))).shape[1]
+        init_rng, rng = jax.random.split(rng)
+        x = jax.random.normal(init_rng, (tokens.shape[0], size // f, size // f, self.vqgan.latent_channels))
+        latents = sample_guided(self.denoiser(params, frozen, effnet, tokens, mask), x, rng,
+                                samplers.linspace_timesteps(steps or s.decoder_steps),
+                                s.decoder_guidance if guidance is None else guidance, self.config.diffusion.sampler)
+        return jnp.clip(self.decode_latents(frozen, latents), -1, 1)
+
+    def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
+        """Each image beside Stage B's sample from its effnet map and caption, decoded by Stage A."""
+        effnet, _ = self.effnet_map(self.effnet_variables(params, model_state, frozen), batch['image'])
+        fake = self.sample(params, frozen, effnet, batch['tokens'], batch['token_mask'], jax.random.key(0))
+        return jnp.concatenate([batch['image'], fake], axis=2)
+
+    def _held_out_losses(self, params: Any, model_state: Any, frozen: dict, batch: dict) -> jax.Array:
+        x0 = self.latents(frozen, batch['image'])
+        effnet, _ = self.effnet_map(self.effnet_variables(params, model_state, frozen), batch['image'])
+        cond = self.text.encode(self._text_params(params, frozen), batch['tokens'], batch['token_mask'])
+        return diffusion_loss.fixed_time_losses(
+            lambda x, t: self.decoder.apply({'params': params['decoder']}, x, t, effnet, cond), x0)
+
+    def evaluate(self, params: Any, model_state: Any, frozen: dict,
+                 batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+        """Unweighted ε-MSE on held-out images at fixed noise levels and noise."""
+        losses = np.mean([np.asarray(self._eval_losses(params, model_state, frozen, {
+            k: jnp.asarray(b[k]) for k in ('image', 'tokens', 'token_mask')})) for b in batches], axis=0)
+        result = {f'loss_t{t}': float(v) for t, v in zip(diffusion_loss.EVAL_TIMES, losses)}
+        result['loss'] = float(np.mean(losses))
+        return result

@@ -1,0 +1,228 @@
+"""Stage C training: the text-conditional prior diffuses the semantic compressor's map of the image.
+
+The effnet is frozen (from a Stage B run that trained it jointly, or from a converted weights
+file); the text encoder is trained with the prior or frozen from a local CLIP folder. The map is
+scaled as configured (`latent_scaling='v2'`: (x + 1)/42, Würstchen v2's space) before noising.
+"""
+import os
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from wurst_jax import convert, optim
+from wurst_jax.config_lib import ConfigError, validate_optimizer
+from wurst_jax.diffusion import loss as diffusion_loss
+from wurst_jax.diffusion import samplers, schedule
+from wurst_jax.models.stage_c import REMAT_POLICIES, WuerstchenPrior
+from wurst_jax.tasks import conditioning
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+LATENT_SCALINGS = ('v2', 'none')
+
+
+def scale_latents(z: jax.Array, scaling: str) -> jax.Array:
+    return (z + 1.0) / 42.0 if scaling == 'v2' else z
+
+
+def unscale_latents(x: jax.Array, scaling: str) -> jax.Array:
+    """Stage C output -> the effnet's raw space that Stage B conditions on (·42 − 1 for v2)."""
+    return x * 42.0 - 1.0 if scaling == 'v2' else x
+
+
+def validate_diffusion(config: ml_collections.ConfigDict) -> None:
+    d = config.diffusion
+    if d.t_sampling not in schedule.T_SAMPLING:
+        raise ConfigError('diffusion.t_sampling', d.t_sampling, f'one of {schedule.T_SAMPLING}')
+    if d.loss_weight not in schedule.LOSS_WEIGHTS:
+        raise ConfigError('diffusion.loss_weight', d.loss_weight, f'one of {schedule.LOSS_WEIGHTS}')
+    if d.sampler not in samplers.SAMPLERS:
+        raise ConfigError('diffusion.sampler', d.sampler, f'one of {samplers.SAMPLERS}')
+
+
+def load_effnet(source: str, dtype: Any = jnp.float32) -> tuple[Any, dict]:
+    """(effnet module, its frozen variables) from a Stage B workdir that trained it, or a weights
+    folder/file that `wurst_jax.convert` reads."""
+    if os.path.isdir(os.path.join(source, 'checkpoints')):
+        task, params, model_state = conditioning.load_stage(source, 'stage_b')
+        return task.effnet, conditioning.network_variables(params, model_state, 'effnet')
+    if not os.path.exists(source):
+        raise ConfigError('effnet.source', source, 'a Stage B workdir, an effnet model folder or checkpoint file')
+    return convert.load_diffusers(source, 'effnet', dtype=dtype)
+
+
+def effnet_latents(effnet: Any, variables: dict, images: jax.Array, size: int) -> jax.Array:
+    """Images in [-1, 1] -> the effnet's map of them resized to size x size (effnet input in [0, 1])."""
+    x = (images.astype(jnp.float32) + 1) / 2
+    if x.shape[1:3] != (size, size):
+        x = jax.image.resize(x, (x.shape[0], size, size, 3), 'bilinear', antialias=True)
+    return effnet.apply(variables, x).astype(jnp.float32)
+
+
+def sample_guided(denoise_cond, x_init: jax.Array, rng: jax.Array, timesteps, guidance: float,
+                  sampler: str, shift: float = 1.0, rescale: float = 0.0) -> jax.Array:
+    """Runs a sampler with classifier-free guidance; `denoise_cond(x, t, conditional: bool) -> ε̂`.
+
+    The conditional and unconditional passes share one call on a doubled batch.
+    """
+    if guidance <= 1.0:
+        return samplers.sample(lambda x, t: denoise_cond(x, t, True), x_init, timesteps, rng, sampler, shift)
+
+    def denoise(x, t):
+        eps_c, eps_u = jnp.split(denoise_cond(jnp.concatenate([x, x]), jnp.concatenate([t, t]), None), 2)
+        return samplers.guidance(eps_u, eps_c, guidance, rescale)
+
+    return samplers.sample(denoise, x_init, timesteps, rng, sampler, shift)
+
+
+class StageCTask:
+    """The Würstchen prior trained on effnet maps of captioned images."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        dtype = DTYPES[config.dtype]
+        self.text = conditioning.TextConditioner(config.text, dtype)
+        self.tokenizer = self.text.tokenizer
+        self.effnet, self._effnet_variables = load_effnet(config.effnet.source, dtype)
+        m = config.model
+        self.prior = WuerstchenPrior(c_in=self.effnet.c_latent, c=m.c, c_cond=self.text.width, c_r=m.c_r,
+                                     depth=m.depth, num_heads=m.num_heads, dropout=m.dropout,
+                                     scan_blocks=m.scan_blocks, remat_policy=m.remat_policy, dtype=dtype)
+        self._eval_losses = jax.jit(self._held_out_losses)
+
+    @staticmethod
+    def validate(config: ml_collections.ConfigDict) -> None:
+        m = config.model
+        for field in ('c', 'depth', 'num_heads', 'c_r'):
+            if not (isinstance(m[field], int) and m[field] > 0):
+                raise ConfigError(f'model.{field}', m[field], 'a positive integer')
+        if m.c % m.num_heads:
+            raise ConfigError('model.num_heads', m.num_heads, f'a divisor of model.c={m.c}')
+        if m.remat_policy not in REMAT_POLICIES:
+            raise ConfigError('model.remat_policy', m.remat_policy, f'one of {sorted(REMAT_POLICIES)}')
+        if config.latent_scaling not in LATENT_SCALINGS:
+            raise ConfigError('latent_scaling', config.latent_scaling, f'one of {LATENT_SCALINGS}')
+        validate_diffusion(config)
+        conditioning.validate_text(config.text)
+        validate_optimizer(config, 'optimizer')
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        size, length = self.config.input.image_size, self.config.text.max_length
+        return {'image': ((size, size, 3), jnp.float32), 'tokens': ((length,), jnp.int32),
+                'token_mask': ((length,), jnp.int32)}
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(h, w, c) of the Stage C latents."""
+        size = self.config.effnet.image_size
+        out = jax.eval_shape(lambda v: self.effnet.apply(v, jnp.zeros((1, size, size, 3))), self._effnet_variables)
+        return out.shape[1:]
+
+    def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
+        prior_rng, text_rng = jax.random.split(rng)
+        h, w, c = self.latent_shape()
+        cond = jnp.zeros((1, self.config.text.max_length, self.text.width))
+        params = {'prior': self.prior.init(prior_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), cond)['params']}
+        if self.text.trainable:
+            params['text'] = self.text.init(text_rng)
+        state = {'loss_buckets': schedule.adaptive_init()} if self.config.diffusion.loss_weight == 'adaptive' else {}
+        return params, state
+
+    def frozen_params(self) -> dict[str, Any]:
+        frozen = {'effnet': self._effnet_variables}
+        if not self.text.trainable:
+            frozen['text'] = self.text.frozen_variables()['params']
+        return frozen
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return optim.adamw(self.config.optimizer, self.config.total_steps)
+
+    # -- training --------------------------------------------------------------------------------
+
+    def latents(self, frozen: dict, images: jax.Array) -> jax.Array:
+        z = effnet_latents(self.effnet, frozen['effnet'], images, self.config.effnet.image_size)
+        return scale_latents(z, self.config.latent_scaling)
+
+    def _text_params(self, params: Any, frozen: dict) -> Any:
+        return params['text'] if self.text.trainable else frozen['text']
+
+    def grads(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
+              rng: jax.Array, step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+        del step
+        d = self.config.diffusion
+        t_rng, noise_rng, drop_rng, dropout_rng = jax.random.split(rng, 4)
+        x0 = jax.lax.stop_gradient(self.latents(frozen, batch['image']))
+        t = schedule.sample_t(t_rng, x0.shape[0], d.t_sampling)
+        noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+        x_t = schedule.add_noise(x0, noise, t)
+        tokens, mask = self.text.drop(drop_rng, batch['tokens'], batch['token_mask'])
+
+        def loss_fn(p):
+            cond = self.text.encode(self._text_params(p, frozen), tokens, mask)
+            eps = self.prior.apply({'params': p['prior']}, x_t, t, cond, deterministic=False,
+                                   rngs={'dropout': dropout_rng})
+            return diffusion_loss.epsilon_loss(eps, noise, t, d.loss_weight, model_state.get('loss_buckets'))
+
+        (loss, raw), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        new_state = model_state
+        if d.loss_weight == 'adaptive':
+            new_state = {'loss_buckets': schedule.adaptive_update(model_state['loss_buckets'], t, raw)}
+        return grads, new_state, dict(loss=loss, mse=jnp.mean(raw))
+
+    # -- sampling and evaluation -----------------------------------------------------------------
+
+    def denoiser(self, params: Any, frozen: dict, tokens: jax.Array, mask: jax.Array):
+        """`denoise(x, t, conditional)` for sample_guided: None = [conditional; unconditional] halves."""
+        text_params = self._text_params(params, frozen)
+        empty_tokens, empty_mask = self.text.empty_batch(tokens.shape[0])
+        cond = self.text.encode(text_params, tokens, mask)
+        uncond = self.text.encode(text_params, jnp.asarray(empty_tokens), jnp.asarray(empty_mask))
+
+        def denoise(x, t, conditional):
+            c = cond if conditional else jnp.concatenate([cond, uncond])
+            return self.prior.apply({'params': params['prior']}, x, t, c)
+        return denoise
+
+    def sample(self, params: Any, frozen: dict, tokens: jax.Array, mask: jax.Array, rng: jax.Array, *,
+               steps: int | None = None, guidance: float | None = None) -> jax.Array:
+        """Stage C latents for the captions, unscaled into the effnet's raw space: [B, h, w, c]."""
+        s = self.config.sample
+        h, w, c = self.latent_shape()
+        init_rng, rng = jax.random.split(rng)
+        x = jax.random.normal(init_rng, (tokens.shape[0], h, w, c), jnp.float32)
+        timesteps = (samplers.default_stage_c_timesteps() if s.prior_timesteps == 'stage_c_default'
+                     else samplers.linspace_timesteps(steps or s.prior_steps))
+        x = sample_guided(self.denoiser(params, frozen, tokens, mask), x, rng, timesteps,
+                          s.prior_guidance if guidance is None else guidance, self.config.diffusion.sampler)
+        return unscale_latents(x, self.config.latent_scaling)
+
+    def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
+        """The effnet map of each image beside the map sampled from its caption (first 3 channels)."""
+        del model_state
+        real = unscale_latents(self.latents(frozen, batch['image']), self.config.latent_scaling)
+        fake = self.sample(params, frozen, batch['tokens'], batch['token_mask'], jax.random.key(0))
+        pair = jnp.concatenate([real, fake], axis=2)[..., :3]
+        pair = pair / (jnp.max(jnp.abs(real[..., :3]), axis=(1, 2, 3), keepdims=True) + 1e-6)
+        scale = max(1, self.config.input.image_size // real.shape[1])
+        return jnp.clip(jnp.repeat(jnp.repeat(pair, scale, axis=1), scale, axis=2), -1, 1)
+
+    def _held_out_losses(self, params: Any, frozen: dict, batch: dict) -> jax.Array:
+        x0 = self.latents(frozen, batch['image'])
+        cond = self.text.encode(self._text_params(params, frozen), batch['tokens'], batch['token_mask'])
+        return diffusion_loss.fixed_time_losses(lambda x, t: self.prior.apply({'params': params['prior']}, x, t, cond),
+                                                x0)
+
+    def evaluate(self, params: Any, model_state: Any, frozen: dict,
+                 batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+        """Unweighted ε-MSE on held-out images at fixed noise levels and noise."""
+        del model_state
+        losses = np.mean([np.asarray(self._eval_losses(params, frozen, {k: jnp.asarray(b[k]) for k in
+                                                                        ('image', 'tokens', 'token_mask')}))
+                          for b in batches], axis=0)
+        result = {f'loss_t{t}': float(v) for t, v in zip(diffusion_loss.EVAL_TIMES, losses)}
+        result['loss'] = float(np.mean(losses))
+        return result
