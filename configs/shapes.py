@@ -5,7 +5,8 @@
   python -m wurst_jax.main --config=configs/shapes.py:stage=c --workdir=workdirs/shapes/stage_c
 
 `root=DIR` says where the earlier stages' workdirs are (DIR/stage_a, DIR/stage_b; default
-workdirs/shapes); `python -m wurst_jax.demo` runs all three. Stage B trains the semantic
+workdirs/shapes); `python -m wurst_jax.demo` runs all three with `demo`, the step budgets that fit
+the demo's 30 minutes on 2 CPU cores. Stage B trains the semantic
 compressor jointly (no ImageNet weights ship offline) and Stage C diffuses its 8x8x16 map of the
 64 px image. Both train their own small CLIP-architecture text encoder over UTF-8 bytes, so no
 vocabulary file is needed. Images are never flipped for B and C: the captions say left and right.
@@ -17,6 +18,8 @@ from wurst_jax import config_lib
 
 # EfficientNet stages (type, expand ratio, kernel, stride, in, out, layers): with the stride-2 stem,
 # a total stride of 8, so 64 px images give an 8x8 map.
+# Steps per stage in the demo: measured to fit 30 minutes on the 2-core machine together.
+DEMO_STEPS = {'a': 800, 'b': 1500, 'c': 1500}
 SHAPES_EFFNET = [('fused', 1, 3, 1, 16, 16, 1), ('fused', 4, 3, 2, 16, 32, 1), ('mb', 4, 3, 2, 32, 48, 1)]
 
 
@@ -106,7 +109,7 @@ def _stage_c(config: ml_collections.ConfigDict, root: str, runlocal: bool) -> No
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, stage='a', root='workdirs/shapes', runlocal=False)
+    arg = config_lib.parse_arg(arg, stage='a', root='workdirs/shapes', demo=False, runlocal=False)
     config = config_lib.base_config()
     config.eval = ml_collections.ConfigDict(dict(
         data='split', num_examples=256, batch_size=64, use_ema=True, num_grid_images=16, grid_columns=4))
@@ -121,6 +124,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 100
     config.image_every_steps = 500
     config.checkpoint_every_steps = 500
+
+    if arg.demo:
+        config.total_steps = DEMO_STEPS[arg.stage]
+        config.input.shapes.num_test = 64
+        config.eval.num_examples = 64
+        config.image_every_steps = config.checkpoint_every_steps = config.total_steps // 2
+        if arg.stage == 'a':
+            config.input.batch_size = 16
+            config.loss.adv_weight = 0.0  # the discriminator needs more steps than the demo has
 
     if arg.runlocal:
         config.total_steps = 6

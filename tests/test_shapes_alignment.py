@@ -161,3 +161,14 @@ def test_thresholds_are_documented():
     for name in ('MIN_COVERAGE', 'MIN_AREA_FRACTION', 'CENTROID_TOLERANCE',
                  'TRIANGLE_MAX_TOP_FRACTION', 'SQUARE_MIN_FILL', 'MIN_SMOOTHED_EXTENT'):
         assert name in doc, name
+
+
+def test_random_pixels_do_not_align():
+    """Noise holds every colour everywhere, but no object: it must fail colour and position."""
+    rng = np.random.default_rng(0)
+    captions = [make_example(0, i, 64)[1] for i in range(100)]
+    palette = rng.integers(0, 8, (100, 64, 64))
+    colours = np.array([BACKGROUND, *COLOURS.values()], np.uint8)
+    for images in (colours[palette], rng.integers(0, 256, (100, 64, 64, 3)).astype(np.uint8)):
+        result = evaluate(images, captions)
+        assert result['colour_accuracy'] <= 0.05 and result['position_accuracy'] <= 0.05, result

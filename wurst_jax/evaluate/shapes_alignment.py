@@ -3,7 +3,9 @@
 For every object of a caption ('a red circle on the left and ...', parsed with
 `wurst_jax.data.shapes.parse_caption`) `score` answers three questions from the pixels alone:
 
-* colour match: the image holds at least `min_count` pixels of that colour anywhere;
+* colour match: the image holds at least `min_count` pixels of that colour anywhere, counted
+  after the 3x3 majority filter below (for objects of 8 px or more), so that only solid blobs
+  count: an image of random pixels, where every colour is everywhere but nowhere solid, fails;
 * position match: inside the caption position's cell (the third of the image around
   `POSITION_CENTRES[position]`, one arm of the 3x3 plus that the five positions form) the
   colour holds at least `min_count` pixels, and their centroid lies within
@@ -164,6 +166,8 @@ def score(image: np.ndarray, caption: str) -> dict:
     results = []
     for obj in objects:
         colour_mask = labels == _PALETTE_NAMES.index(obj.colour)
+        if smooth:  # an object is a solid blob: scattered pixels (noise, a speckled sample) count for nothing
+            colour_mask = _majority_filter(colour_mask)
         cx, cy = POSITION_CENTRES[obj.position]
         rows = np.abs(fy - cy) < _CELL_HALF
         cols = np.abs(fx - cx) < _CELL_HALF
@@ -183,7 +187,7 @@ def score(image: np.ndarray, caption: str) -> dict:
                 count >= min_count and abs(centroid[0] - cx) <= CENTROID_TOLERANCE
                 and abs(centroid[1] - cy) <= CENTROID_TOLERANCE)
         if count >= min_count:
-            shape, fill, top_fraction = _classify_shape(cell, smooth)
+            shape, fill, top_fraction = _classify_shape(cell, smooth=False)  # already smoothed
             result.update(detected_shape=shape, fill_ratio=fill, top_fraction=top_fraction,
                           shape_match=shape == obj.shape)
         results.append(result)

@@ -1,0 +1,80 @@
+"""Prompts -> images: Stage C samples the semantic map, Stage B the Stage A latents, Stage A decodes.
+
+Each denoising loop is a `lax.scan` inside one jitted function; the prompt batch is sharded over
+all devices along `data`, the (small, frozen) params are replicated. A prompt's image depends only
+on the seed and its position in the list, not on the batch size or device count.
+"""
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from wurst_jax import sharding
+from wurst_jax.tasks import conditioning
+
+
+def to_uint8(images: jax.Array) -> np.ndarray:
+    """[-1, 1] float images -> uint8."""
+    return np.asarray(jnp.clip(jnp.round((images + 1) * 127.5), 0, 255)).astype(np.uint8)
+
+
+class Pipeline:
+    """The three trained stages of a run root (DIR/stage_c and DIR/stage_b, which names its Stage A)."""
+
+    def __init__(self, stage_c_workdir: str, stage_b_workdir: str):
+        self.prior_task, prior_params, _ = conditioning.load_stage(stage_c_workdir, 'stage_c')
+        self.decoder_task, decoder_params, _ = conditioning.load_stage(stage_b_workdir, 'stage_b')
+        self.mesh = sharding.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+        replicated = sharding.replicated(self.mesh)
+        self.prior_params = jax.device_put(prior_params, replicated)
+        self.prior_frozen = jax.device_put(self.prior_task.frozen_params(), replicated)
+        self.decoder_params = jax.device_put(decoder_params, replicated)
+        self.decoder_frozen = jax.device_put(self.decoder_task.frozen_params(), replicated)
+        self.batch_sharding = NamedSharding(self.mesh, P('data'))
+
+    @classmethod
+    def from_root(cls, root: str) -> 'Pipeline':
+        return cls(f'{root}/stage_c', f'{root}/stage_b')
+
+    @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
+        'prior_steps', 'decoder_steps', 'prior_guidance', 'decoder_guidance'))
+    def _generate(self, prior_params, prior_frozen, decoder_params, decoder_frozen, prior_tokens, prior_mask,
+                  decoder_tokens, decoder_mask, keys, *, prior_steps, decoder_steps, prior_guidance,
+                  decoder_guidance):
+        # One key per prompt, so the images do not depend on how prompts are batched.
+        def one(p_tok, p_mask, d_tok, d_mask, key):
+            prior_key, decoder_key = jax.random.split(key)
+            effnet = self.prior_task.sample(prior_params, prior_frozen, p_tok[None], p_mask[None], prior_key,
+                                            steps=prior_steps, guidance=prior_guidance)
+            return self.decoder_task.sample(decoder_params, decoder_frozen, effnet, d_tok[None], d_mask[None],
+                                            decoder_key, steps=decoder_steps, guidance=decoder_guidance)[0]
+        return jax.vmap(one)(prior_tokens, prior_mask, decoder_tokens, decoder_mask, keys)
+
+    def __call__(self, prompts: Sequence[str], *, seed: int = 0, batch_size: int = 8,
+                 prior_steps: int | None = None, decoder_steps: int | None = None,
+                 prior_guidance: float | None = None, decoder_guidance: float | None = None) -> np.ndarray:
+        """uint8 images [N, H, W, 3] for the prompts, in order."""
+        c_sample, b_sample = self.prior_task.config.sample, self.decoder_task.config.sample
+        options = dict(prior_steps=prior_steps or c_sample.prior_steps,
+                       decoder_steps=decoder_steps or b_sample.decoder_steps,
+                       prior_guidance=c_sample.prior_guidance if prior_guidance is None else prior_guidance,
+                       decoder_guidance=b_sample.decoder_guidance if decoder_guidance is None else decoder_guidance)
+        devices = self.mesh.size
+        batch_size = -(-batch_size // devices) * devices  # a multiple of the device count
+        base = jax.random.key(seed)
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start:start + batch_size])
+            padded = chunk + [''] * (batch_size - len(chunk))  # static shapes: pad the last batch
+            p_enc, d_enc = self.prior_task.tokenizer(padded), self.decoder_task.tokenizer(padded)
+            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + batch_size))
+            put = lambda x: jax.device_put(x, self.batch_sharding)
+            with jax.set_mesh(self.mesh):
+                images = self._generate(self.prior_params, self.prior_frozen, self.decoder_params,
+                                        self.decoder_frozen, put(p_enc['input_ids']), put(p_enc['attention_mask']),
+                                        put(d_enc['input_ids']), put(d_enc['attention_mask']), put(keys), **options)
+            out.append(to_uint8(images)[:len(chunk)])
+        return np.concatenate(out)

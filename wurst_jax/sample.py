@@ -1,0 +1,71 @@
+"""python -m wurst_jax.sample --workdir=DIR --prompts=FILE --out=OUT [--seed=0] [--batch_size=8]
+   [--prior_steps=N] [--decoder_steps=N] [--prior_guidance=W] [--decoder_guidance=W]
+
+Generates one image per line of FILE with the stages trained under DIR (DIR/stage_c, DIR/stage_b,
+and the Stage A that DIR/stage_b names; `python -m wurst_jax.demo` makes such a DIR). Writes
+OUT/00000.png, ... in prompt order, OUT/grid.png and OUT/prompts.json.
+"""
+import json
+import os
+
+from absl import app, flags
+
+from wurst_jax import visualize
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run root holding stage_b/ and stage_c/.')
+_PROMPTS = flags.DEFINE_string('prompts', None, 'Text file, one prompt per line.')
+_OUT = flags.DEFINE_string('out', None, 'Output folder.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Same seed, same images.')
+_BATCH = flags.DEFINE_integer('batch_size', 8, 'Prompts per device batch (rounded up to the device count).')
+_PRIOR_STEPS = flags.DEFINE_integer('prior_steps', None, 'Stage C steps (default: the Stage C config).')
+_DECODER_STEPS = flags.DEFINE_integer('decoder_steps', None, 'Stage B steps (default: the Stage B config).')
+_PRIOR_GUIDANCE = flags.DEFINE_float('prior_guidance', None, 'Stage C CFG scale (default: config).')
+_DECODER_GUIDANCE = flags.DEFINE_float('decoder_guidance', None, 'Stage B CFG scale (default: config).')
+flags.mark_flags_as_required(['workdir', 'prompts', 'out'])
+
+
+def read_prompts(path: str) -> list[str]:
+    """Non-empty lines of a UTF-8 text file; an error that names the file when there are none."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f'cannot read prompts file {path}: {e}') from e
+    if not prompts:
+        raise SystemExit(f'prompts file {path} has no prompts: write one prompt per line')
+    return prompts
+
+
+def check_workdir(root: str) -> None:
+    for stage in ('stage_c', 'stage_b'):
+        checkpoints = os.path.join(root, stage, 'checkpoints')
+        if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
+            raise SystemExit(f'{checkpoints} has no checkpoint: --workdir must hold trained stage_b/ and stage_c/ '
+                             '(python -m wurst_jax.demo --workdir=DIR trains them)')
+
+
+def write_images(images, prompts: list[str], out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    for i, image in enumerate(images):
+        visualize.save_png(os.path.join(out, f'{i:05d}.png'), image)
+    grid = visualize.image_grid(images.astype('float32') / 127.5 - 1, ncols=min(8, len(images)))
+    visualize.save_png(os.path.join(out, 'grid.png'), grid)
+    with open(os.path.join(out, 'prompts.json'), 'w') as f:
+        json.dump(prompts, f, indent=1)
+
+
+def main(argv):
+    del argv
+    prompts = read_prompts(_PROMPTS.value)
+    check_workdir(_WORKDIR.value)
+    from wurst_jax.pipeline import Pipeline  # after the input checks: loading JAX and the stages is slow
+    pipeline = Pipeline.from_root(_WORKDIR.value)
+    images = pipeline(prompts, seed=_SEED.value, batch_size=_BATCH.value, prior_steps=_PRIOR_STEPS.value,
+                      decoder_steps=_DECODER_STEPS.value, prior_guidance=_PRIOR_GUIDANCE.value,
+                      decoder_guidance=_DECODER_GUIDANCE.value)
+    write_images(images, prompts, _OUT.value)
+    print(f'wrote {len(images)} images and grid.png to {_OUT.value}')
+
+
+if __name__ == '__main__':
+    app.run(main)
