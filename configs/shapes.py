@@ -91,6 +91,7 @@ def _stage_c(config: ml_collections.ConfigDict, root: str, runlocal: bool) -> No
     config.total_steps = 3000
     config.input = config_lib.input_config('shapes', image_size=64, batch_size=32)
     config.effnet = ml_collections.ConfigDict(dict(source=f'{root}/stage_b', image_size=64))
+    config.init = ml_collections.ConfigDict(dict(prior=''))  # a converted prior to fine-tune from
     # Our jointly trained map is BatchNorm'd to unit variance already; 'v2' is Würstchen's (x + 1)/42.
     config.latent_scaling = 'none'
     config.model = ml_collections.ConfigDict(dict(c=128, depth=4, num_heads=4, c_r=64, dropout=0.0,

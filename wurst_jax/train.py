@@ -49,6 +49,26 @@ def create_train_state(task: Any, tx: optax.GradientTransformation, rng: jax.Arr
                       ema_params=params, model_state=model_state, rng=state_rng)
 
 
+def with_pretrained(task: Any, state: TrainState, state_sharding: Any) -> TrainState:
+    """A fresh state whose networks named by `task.pretrained_params()` (fine-tuning) start from
+    those weights, in params and EMA alike; the optimizer moments start at zero either way."""
+    pretrained = task.pretrained_params()
+    if not pretrained:
+        return state
+    params = dict(state.params)
+    for name, loaded in pretrained.items():
+        want = jax.tree.map(lambda a: (a.shape, str(a.dtype)), params[name])
+        got = jax.tree.map(lambda a: (a.shape, str(a.dtype)), loaded)
+        if want != got:
+            raise ValueError(f'pretrained {name} does not fit the model the config builds: '
+                             f'{jax.tree.structure(got)} vs {jax.tree.structure(want)}')
+        params[name] = loaded
+    params = jax.device_put(params, state_sharding.params)
+    ema = jax.tree.map(jnp.copy, params)  # separate buffers: the step donates the state
+    logging.info('started %s from pretrained weights', sorted(pretrained))
+    return state.replace(params=params, ema_params=ema)
+
+
 def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
     """EMA with the usual warm-up decay min(decay, (1 + step) / (10 + step)) so early EMA tracks params."""
     d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
@@ -153,6 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             unboxed_init = lambda r, x: nn.meta.unbox(init_fn(r, x))
             state = jax.jit(unboxed_init, out_shardings=state_sharding)(
                 jax.random.PRNGKey(config.seed), example_batch(task, 1))
+            state = with_pretrained(task, state, state_sharding)
         else:
             state = restored[1]
     start_step = int(state.step)

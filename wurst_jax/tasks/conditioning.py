@@ -1,9 +1,9 @@
 """What the diffusion stages condition on, shared by Stage B, Stage C and sampling: the text
 encoder (trained with the stage, or frozen from a local CLIP folder), caption dropout for
 classifier-free guidance, and frozen networks loaded from another run or a weights file."""
+import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,6 +11,7 @@ import numpy as np
 
 from wurst_jax import checkpoint, convert
 from wurst_jax.config_lib import ConfigError
+from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.models.clip import CLIPTextModel
 from wurst_jax.tokenizer import ByteTokenizer, create_tokenizer
 
@@ -27,6 +28,11 @@ def validate_text(text: ml_collections.ConfigDict) -> None:
         raise ConfigError('text.dropout', text.dropout, 'a probability in [0, 1)')
     if text.encoder == 'train' and text.tokenizer != 'bytes':
         raise ConfigError('text.tokenizer', text.tokenizer, "'bytes' when text.encoder='train'")
+    if text.encoder != 'train' and not os.path.isdir(text.encoder):
+        raise ConfigError('text.encoder', text.encoder, "'train', or a local transformers CLIP text folder "
+                                                        '(config.json + model.safetensors)')
+    if text.tokenizer != 'bytes' and not os.path.isfile(os.path.join(text.tokenizer, 'tokenizer.json')):
+        raise ConfigError('text.tokenizer', text.tokenizer, "'bytes', or a local folder with tokenizer.json")
 
 
 class TextConditioner:
@@ -94,5 +100,19 @@ def network_variables(params: Any, model_state: Any, name: str) -> dict:
     return {'params': params[name], **(model_state.get(name) or {})}
 
 
-def unbox(tree: Any) -> Any:
-    return nn.meta.unbox(tree)
+def captioned_batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Per-example shapes of a batch of images with tokenized captions."""
+    size, length = config.input.image_size, config.text.max_length
+    return {'image': ((size, size, 3), jnp.float32), 'tokens': ((length,), jnp.int32),
+            'token_mask': ((length,), jnp.int32)}
+
+
+def evaluate_held_out(losses_fn, params: Any, model_state: Any, frozen: dict, batches) -> dict[str, float]:
+    """Mean over held-out batches of `losses_fn(params, model_state, frozen, batch)`, the unweighted
+    ε-MSE at each of diffusion_loss.EVAL_TIMES: a deterministic loss to compare checkpoints by."""
+    keys = ('image', 'tokens', 'token_mask')
+    losses = np.mean([np.asarray(losses_fn(params, model_state, frozen, {k: jnp.asarray(b[k]) for k in keys}))
+                      for b in batches], axis=0)
+    result = {f'loss_t{t}': float(v) for t, v in zip(diffusion_loss.EVAL_TIMES, losses)}
+    result['loss'] = float(np.mean(losses))
+    return result

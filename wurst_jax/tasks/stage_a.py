@@ -90,6 +90,10 @@ class StageATask:
             state['disc'] = {'batch_stats': disc_vars['batch_stats']}
         return params, state
 
+    def pretrained_params(self) -> dict[str, Any]:
+        """Stage A always starts from scratch."""
+        return {}
+
     def frozen_params(self) -> dict[str, Any]:
         """Networks used but not trained: the VGG16 of the perceptual loss, when it is on."""
         if not self.use_perceptual:

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from wurst_jax import convert, optim
-from wurst_jax.config_lib import ConfigError, validate_optimizer
+from wurst_jax.config_lib import ConfigError
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
 from wurst_jax.models.effnet import EfficientNetEncoder
@@ -84,15 +84,11 @@ class StageBTask:
         if not e.resize_jitter or any(not 0 < f <= 1 for f in e.resize_jitter):
             raise ConfigError('effnet.resize_jitter', e.resize_jitter, 'a non-empty list of factors in (0, 1]')
         validate_diffusion(config)
-        conditioning.validate_text(config.text)
-        validate_optimizer(config, 'optimizer')
 
     # -- state -----------------------------------------------------------------------------------
 
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
-        size, length = self.config.input.image_size, self.config.text.max_length
-        return {'image': ((size, size, 3), jnp.float32), 'tokens': ((length,), jnp.int32),
-                'token_mask': ((length,), jnp.int32)}
+        return conditioning.captioned_batch_spec(self.config)
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         dec_rng, eff_rng, text_rng = jax.random.split(rng, 3)
@@ -115,6 +111,10 @@ class StageBTask:
         if self.config.diffusion.loss_weight == 'adaptive':
             state['loss_buckets'] = schedule.adaptive_init()
         return params, state
+
+    def pretrained_params(self) -> dict[str, Any]:
+        """Stage B always starts from scratch here (issue 4 fine-tunes the prior)."""
+        return {}
 
     def frozen_params(self) -> dict[str, Any]:
         frozen = {'stage_a': self._vqgan_variables}
@@ -243,8 +243,4 @@ class StageBTask:
     def evaluate(self, params: Any, model_state: Any, frozen: dict,
                  batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
         """Unweighted ε-MSE on held-out images at fixed noise levels and noise."""
-        losses = np.mean([np.asarray(self._eval_losses(params, model_state, frozen, {
-            k: jnp.asarray(b[k]) for k in ('image', 'tokens', 'token_mask')})) for b in batches], axis=0)
-        result = {f'loss_t{t}': float(v) for t, v in zip(diffusion_loss.EVAL_TIMES, losses)}
-        result['loss'] = float(np.mean(losses))
-        return result
+        return conditioning.evaluate_held_out(self._eval_losses, params, model_state, frozen, batches)

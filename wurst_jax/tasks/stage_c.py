@@ -34,6 +34,9 @@ def unscale_latents(x: jax.Array, scaling: str) -> jax.Array:
 
 
 def validate_diffusion(config: ml_collections.ConfigDict) -> None:
+    """The fields Stage B and Stage C share: diffusion, text and optimizer."""
+    conditioning.validate_text(config.text)
+    validate_optimizer(config, 'optimizer')
     d = config.diffusion
     if d.t_sampling not in schedule.T_SAMPLING:
         raise ConfigError('diffusion.t_sampling', d.t_sampling, f'one of {schedule.T_SAMPLING}')
@@ -88,9 +91,20 @@ class StageCTask:
         self.tokenizer = self.text.tokenizer
         self.effnet, self._effnet_variables = load_effnet(config.effnet.source, dtype)
         m = config.model
-        self.prior = WuerstchenPrior(c_in=self.effnet.c_latent, c=m.c, c_cond=self.text.width, c_r=m.c_r,
-                                     depth=m.depth, num_heads=m.num_heads, dropout=m.dropout,
-                                     scan_blocks=m.scan_blocks, remat_policy=m.remat_policy, dtype=dtype)
+        if config.init.prior:  # fine-tuning: the architecture is the checkpoint's
+            self.prior, self._pretrained = convert.load_diffusers(
+                config.init.prior, 'prior', dropout=m.dropout, scan_blocks=m.scan_blocks,
+                remat_policy=m.remat_policy, dtype=dtype)
+            if (self.prior.c_cond, self.prior.c_in) != (self.text.width, self.effnet.c_latent):
+                raise ConfigError('init.prior', config.init.prior,
+                                  f'a prior with c_cond={self.text.width} (the text encoder width) and '
+                                  f'c_in={self.effnet.c_latent} (the effnet channels); it has c_cond='
+                                  f'{self.prior.c_cond}, c_in={self.prior.c_in}')
+        else:
+            self.prior = WuerstchenPrior(c_in=self.effnet.c_latent, c=m.c, c_cond=self.text.width, c_r=m.c_r,
+                                         depth=m.depth, num_heads=m.num_heads, dropout=m.dropout,
+                                         scan_blocks=m.scan_blocks, remat_policy=m.remat_policy, dtype=dtype)
+            self._pretrained = None
         self._eval_losses = jax.jit(self._held_out_losses)
 
     @staticmethod
@@ -103,18 +117,19 @@ class StageCTask:
             raise ConfigError('model.num_heads', m.num_heads, f'a divisor of model.c={m.c}')
         if m.remat_policy not in REMAT_POLICIES:
             raise ConfigError('model.remat_policy', m.remat_policy, f'one of {sorted(REMAT_POLICIES)}')
+        if not os.path.exists(config.effnet.source):
+            raise ConfigError('effnet.source', config.effnet.source,
+                              'a Stage B workdir, an effnet model folder or an effnet checkpoint file')
+        if config.init.prior and not os.path.exists(config.init.prior):
+            raise ConfigError('init.prior', config.init.prior, "'' or a diffusers prior folder / checkpoint file")
         if config.latent_scaling not in LATENT_SCALINGS:
             raise ConfigError('latent_scaling', config.latent_scaling, f'one of {LATENT_SCALINGS}')
         validate_diffusion(config)
-        conditioning.validate_text(config.text)
-        validate_optimizer(config, 'optimizer')
 
     # -- state -----------------------------------------------------------------------------------
 
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
-        size, length = self.config.input.image_size, self.config.text.max_length
-        return {'image': ((size, size, 3), jnp.float32), 'tokens': ((length,), jnp.int32),
-                'token_mask': ((length,), jnp.int32)}
+        return conditioning.captioned_batch_spec(self.config)
 
     def latent_shape(self) -> tuple[int, int, int]:
         """(h, w, c) of the Stage C latents."""
@@ -131,6 +146,10 @@ class StageCTask:
             params['text'] = self.text.init(text_rng)
         state = {'loss_buckets': schedule.adaptive_init()} if self.config.diffusion.loss_weight == 'adaptive' else {}
         return params, state
+
+    def pretrained_params(self) -> dict[str, Any]:
+        """The converted prior named by config.init.prior, to fine-tune from."""
+        return {'prior': self._pretrained['params']} if self._pretrained else {}
 
     def frozen_params(self) -> dict[str, Any]:
         frozen = {'effnet': self._effnet_variables}
@@ -210,7 +229,8 @@ class StageCTask:
         scale = max(1, self.config.input.image_size // real.shape[1])
         return jnp.clip(jnp.repeat(jnp.repeat(pair, scale, axis=1), scale, axis=2), -1, 1)
 
-    def _held_out_losses(self, params: Any, frozen: dict, batch: dict) -> jax.Array:
+    def _held_out_losses(self, params: Any, model_state: Any, frozen: dict, batch: dict) -> jax.Array:
+        del model_state
         x0 = self.latents(frozen, batch['image'])
         cond = self.text.encode(self._text_params(params, frozen), batch['tokens'], batch['token_mask'])
         return diffusion_loss.fixed_time_losses(lambda x, t: self.prior.apply({'params': params['prior']}, x, t, cond),
@@ -219,10 +239,4 @@ class StageCTask:
     def evaluate(self, params: Any, model_state: Any, frozen: dict,
                  batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
         """Unweighted ε-MSE on held-out images at fixed noise levels and noise."""
-        del model_state
-        losses = np.mean([np.asarray(self._eval_losses(params, frozen, {k: jnp.asarray(b[k]) for k in
-                                                                        ('image', 'tokens', 'token_mask')}))
-                          for b in batches], axis=0)
-        result = {f'loss_t{t}': float(v) for t, v in zip(diffusion_loss.EVAL_TIMES, losses)}
-        result['loss'] = float(np.mean(losses))
-        return result
+        return conditioning.evaluate_held_out(self._eval_losses, params, model_state, frozen, batches)

@@ -1,0 +1,48 @@
+"""Stage C with the Würstchen v2 recipe (wuerstchen.md §4.1, §8.2): the 1B prior on CLIP bigG tokens.
+
+  python -m wurst_jax.main --config=configs/stage_c.py:clip=/models/clip-bigG,effnet=/models/effnet \
+      --workdir=/ckpt/stage_c --config.input.dataset=my_captions --config.input.data_dir=/data/tfds
+
+`clip` is a local transformers CLIP text folder (laion CLIP-ViT-bigG-14: config.json,
+model.safetensors, tokenizer.json); `effnet` the semantic compressor (a converted folder,
+`model_v2_stage_b.pt`, or a Stage B workdir). Batch 1280, AdamW 1e-4 (torch defaults, weight
+decay 0.01), 10k warm-up, clip 1.0, p2 loss, Würstchen t sampling, whole-batch caption dropout
+5 %. The effnet sees 768 px images (24x24 maps), in the v2 space (x + 1)/42.
+"""
+import ml_collections
+
+from wurst_jax import config_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = config_lib.parse_arg(arg, clip='', effnet='', batch=1280)
+    config = config_lib.base_config()
+    config.model_family = 'stage_c'
+    config.total_steps = 1_500_000
+    config.dtype = 'bfloat16'  # float32 master weights, bfloat16 compute (the original used bf16 autocast)
+    config.mesh.fsdp = -1
+    config.mesh.data = 1
+    config.input = config_lib.input_config('my_captions', image_size=768, batch_size=arg.batch, crop='random',
+                                           resize=768)
+    config.effnet = ml_collections.ConfigDict(dict(source=arg.effnet, image_size=768))
+    config.latent_scaling = 'v2'
+    config.init = ml_collections.ConfigDict(dict(prior=''))
+    config.model = ml_collections.ConfigDict(dict(c=1536, depth=32, num_heads=24, c_r=64, dropout=0.1,
+                                                  scan_blocks=True, remat_policy='dots'))
+    config.text = ml_collections.ConfigDict(dict(
+        tokenizer=arg.clip, max_length=77, encoder=arg.clip, hidden_state='last', dropout=0.05,
+        dropout_mode='batch', encoder_config=ml_collections.ConfigDict()))
+    config.diffusion = ml_collections.ConfigDict(dict(t_sampling='wuerstchen', loss_weight='p2', sampler='ddpm'))
+    config.sample = ml_collections.ConfigDict(dict(prior_steps=60, prior_timesteps='stage_c_default',
+                                                  prior_guidance=4.0))
+    config.optimizer = config_lib.optimizer_config(1e-4, warmup_steps=10_000, schedule='constant',
+                                                   weight_decay=0.01)
+    # Würstchen's EMA (β 0.9 every 100 updates) is about a per-step decay of 0.9 ** (1 / 100) = 0.999.
+    config.ema_decay = 0.999
+    config.eval = ml_collections.ConfigDict(dict(
+        data='split', num_examples=1024, batch_size=64, use_ema=True, num_grid_images=8, grid_columns=4))
+    config.log_every_steps = 100
+    config.image_every_steps = 5000
+    config.checkpoint_every_steps = 2000
+    config.eval_every_steps = 10_000
+    return config

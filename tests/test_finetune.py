@@ -1,0 +1,70 @@
+"""configs/wuerstchen_v2_prior_finetune.py end to end on tiny random checkpoints made here: a
+diffusers prior, a transformers CLIP text encoder with its tokenizer, an effnet folder, and a
+folder of captioned images."""
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior  # noqa: E402
+
+from conftest import load_config  # noqa: E402
+from test_clip import _tiny_tokenizer_folder  # noqa: E402
+from torch_reference import randomise  # noqa: E402
+from wurst_jax import checkpoint, config_lib, convert, train  # noqa: E402
+from wurst_jax.convert import core  # noqa: E402
+from wurst_jax.models.effnet import EfficientNetEncoder  # noqa: E402
+
+
+def _random_variables(module, *inputs):
+    """Random values in the shapes of module.init (running variances positive), without running init
+    (slow on CPU for many small convs)."""
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs)))
+    rng = np.random.default_rng(0)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, s: (np.ones(s.shape, np.float32) if path[-1].key == 'var'
+                         else 0.1 * rng.standard_normal(s.shape).astype(np.float32)), shapes)
+
+
+def test_prior_finetune_from_diffusers_folders(tmp_path):
+    prior_dir, clip_dir, effnet_dir, images = (tmp_path / n for n in ('prior', 'clip', 'effnet', 'images'))
+    _tiny_tokenizer_folder(clip_dir, '!')
+    vocab_size = len(transformers.CLIPTokenizer.from_pretrained(clip_dir))
+    eos = transformers.CLIPTokenizer.from_pretrained(clip_dir).eos_token_id
+    text_config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=2, eos_token_id=eos)
+    randomise(transformers.CLIPTextModel(text_config), seed=0).save_pretrained(clip_dir)
+    prior = randomise(WuerstchenPrior(c_in=4, c=16, c_cond=32, c_r=8, depth=2, nhead=2, dropout=0.0), seed=1)
+    with torch.no_grad():
+        prior.out[1].weight.mul_(0.05)
+    prior.save_pretrained(prior_dir)
+    effnet = EfficientNetEncoder(stages=(('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)),
+                                 last_channels=16, c_latent=4)
+    core.save_diffusers(effnet, _random_variables(effnet, np.zeros((1, 32, 32, 3), np.float32)), str(effnet_dir),
+                        'effnet')
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f'{i}.png')
+        (images / f'{i}.txt').write_text(['the cat', 'a photo of a dog'][i % 2])
+
+    config = load_config('wuerstchen_v2_prior_finetune',
+                         f'prior={prior_dir},clip={clip_dir},effnet={effnet_dir},images={images},batch=8,res=32,steps=2')
+    config.input.data_dir = str(tmp_path / 'data')
+    config.optimizer.warmup_steps = 0
+    config.eval.update(num_examples=8, batch_size=8, num_grid_images=2, grid_columns=2)
+    config.sample.update(prior_steps=2, prior_timesteps='linspace')
+    config.log_every_steps = config.image_every_steps = config.checkpoint_every_steps = 1
+    config_lib.validate(config)
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+    _, state = checkpoint.load_trained(str(tmp_path / 'run'))
+    assert int(state['step']) == 2
+    _, pretrained = convert.load_diffusers(str(prior_dir), 'prior', scan_blocks=True)
+    deltas = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                          state['params']['prior'], pretrained['params'])
+    # Two AdamW steps at lr 1e-5 from the released weights: every tensor within ~2e-5 of it, some moved.
+    assert max(jax.tree.leaves(deltas)) < 1e-4 and max(jax.tree.leaves(deltas)) > 0
