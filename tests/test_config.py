@@ -10,7 +10,8 @@ from wurst_jax import config_lib
 
 
 # Recipes for real data need local weights (CLIP, effnet) that the user passes as config arguments.
-NEEDS_LOCAL_FILES = {'stage_c': 'effnet.source', 'wuerstchen_v2_prior_finetune': 'input.folder'}
+NEEDS_LOCAL_FILES = {'stage_b': 'stage_a.source', 'stage_c': 'effnet.source',
+                     'wuerstchen_v2_prior_finetune': 'input.folder'}
 
 
 @pytest.mark.parametrize('path', [p for p in CONFIGS if p.stem not in NEEDS_LOCAL_FILES], ids=lambda p: p.stem)

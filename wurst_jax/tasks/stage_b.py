@@ -79,6 +79,11 @@ class StageBTask:
         if config.input.image_size % unit:
             raise ConfigError('input.image_size', config.input.image_size, f'a multiple of {unit} (Stage A f4 x '
                                                                            'patch size x 2**(levels - 1))')
+        if not os.path.exists(config.stage_a.source):
+            raise ConfigError('stage_a.source', config.stage_a.source,
+                              'a Stage A workdir, a vqgan model folder or a vqgan checkpoint file')
+        if e.source != 'train' and not os.path.exists(e.source):
+            raise ConfigError('effnet.source', e.source, "'train' (joint training) or an effnet folder / checkpoint file")
         if not 0 <= e.dropout < 1:
             raise ConfigError('effnet.dropout', e.dropout, 'a probability in [0, 1)')
         if not e.resize_jitter or any(not 0 < f <= 1 for f in e.resize_jitter):

@@ -91,12 +91,13 @@ class StageCTask:
         self.tokenizer = self.text.tokenizer
         self.effnet, self._effnet_variables = load_effnet(config.effnet.source, dtype)
         m = config.model
-        if config.init.prior:  # fine-tuning: the architecture is the checkpoint's
+        pretrained = config.get('init', {}).get('prior', '')
+        if pretrained:  # fine-tuning: the architecture is the checkpoint's
             self.prior, self._pretrained = convert.load_diffusers(
-                config.init.prior, 'prior', dropout=m.dropout, scan_blocks=m.scan_blocks,
+                pretrained, 'prior', dropout=m.dropout, scan_blocks=m.scan_blocks,
                 remat_policy=m.remat_policy, dtype=dtype)
             if (self.prior.c_cond, self.prior.c_in) != (self.text.width, self.effnet.c_latent):
-                raise ConfigError('init.prior', config.init.prior,
+                raise ConfigError('init.prior', pretrained,
                                   f'a prior with c_cond={self.text.width} (the text encoder width) and '
                                   f'c_in={self.effnet.c_latent} (the effnet channels); it has c_cond='
                                   f'{self.prior.c_cond}, c_in={self.prior.c_in}')
