@@ -70,7 +70,7 @@ def test_ddpm_chain_equals_diffusers(monkeypatch, timesteps):
     x = torch.from_numpy(x_init)
     for t in scheduler.timesteps[:-1]:
         t_batch = t.expand(shape[0])
-        eps = torch.from_numpy(np.asarray(_toy_eps(jnp.asarray(x.numpy()), jnp.asarray(t_batch.numpy()))))
+        eps = torch.from_numpy(np.array(_toy_eps(jnp.asarray(x.numpy()), jnp.asarray(t_batch.numpy()))))
         x = scheduler.step(eps, t_batch, x).prev_sample
     np.testing.assert_allclose(np.asarray(ours), x.numpy(), rtol=1e-4, atol=1e-5)
 
