@@ -69,6 +69,10 @@ class TextConditioner:
     def frozen_variables(self) -> Any:
         return self._frozen
 
+    def params(self, params: Any, frozen: dict) -> Any:
+        """The encoder's params: trained ones from the stage's params, else the frozen ones."""
+        return params['text'] if self.trainable else frozen['text']
+
     def encode(self, params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         """[B, L] tokens -> [B, L, width] states (the configured hidden state)."""
         out = self.module.apply({'params': params}, tokens, mask)
@@ -82,8 +86,14 @@ class TextConditioner:
         return (jnp.where(drop, jnp.asarray(self.empty_tokens), tokens),
                 jnp.where(drop, jnp.asarray(self.empty_mask), mask))
 
-    def empty_batch(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.tile(self.empty_tokens, (batch, 1)), np.tile(self.empty_mask, (batch, 1))
+    def encode_for_guidance(self, params: Any, frozen: dict, tokens: jax.Array,
+                            mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(states of the captions, states of the empty caption): the two halves of guidance."""
+        text_params = self.params(params, frozen)
+        batch = tokens.shape[0]
+        empty_tokens, empty_mask = np.tile(self.empty_tokens, (batch, 1)), np.tile(self.empty_mask, (batch, 1))
+        return (self.encode(text_params, tokens, mask),
+                self.encode(text_params, jnp.asarray(empty_tokens), jnp.asarray(empty_mask)))
 
 
 def load_stage(source: str, family: str) -> tuple[Any, dict, dict]:

@@ -164,9 +164,6 @@ class StageBTask:
             out = resize(out, full.shape[1:3], 'bicubic_antialias')
         return out.astype(jnp.float32), updates
 
-    def _text_params(self, params: Any, frozen: dict) -> Any:
-        return params['text'] if self.text.trainable else frozen['text']
-
     # -- training --------------------------------------------------------------------------------
 
     def grads(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
@@ -189,7 +186,7 @@ class StageBTask:
                         for f in e.resize_jitter]
             effnet, bn_updates = (branches[0](variables) if len(branches) == 1
                                   else jax.lax.switch(choice, branches, variables))
-            cond = self.text.encode(self._text_params(p, frozen), tokens, mask)
+            cond = self.text.encode(self.text.params(p, frozen), tokens, mask)
             eps = self.decoder.apply({'params': p['decoder']}, x_t, t, effnet * keep, cond, deterministic=False,
                                      rngs={'dropout': dropout_rng})
             loss, raw = diffusion_loss.epsilon_loss(eps, noise, t, d.loss_weight, model_state.get('loss_buckets'))
@@ -207,10 +204,7 @@ class StageBTask:
 
     def denoiser(self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array):
         """`denoise(x, t, conditional)` for sample_guided; unconditional = zero map and empty caption."""
-        text_params = self._text_params(params, frozen)
-        empty_tokens, empty_mask = self.text.empty_batch(tokens.shape[0])
-        cond = self.text.encode(text_params, tokens, mask)
-        uncond = self.text.encode(text_params, jnp.asarray(empty_tokens), jnp.asarray(empty_mask))
+        cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask)
 
         def denoise(x, t, conditional):
             if conditional:
@@ -241,7 +235,7 @@ class StageBTask:
     def _held_out_losses(self, params: Any, model_state: Any, frozen: dict, batch: dict) -> jax.Array:
         x0 = self.latents(frozen, batch['image'])
         effnet, _ = self.effnet_map(self.effnet_variables(params, model_state, frozen), batch['image'])
-        cond = self.text.encode(self._text_params(params, frozen), batch['tokens'], batch['token_mask'])
+        cond = self.text.encode(self.text.params(params, frozen), batch['tokens'], batch['token_mask'])
         return diffusion_loss.fixed_time_losses(
             lambda x, t: self.decoder.apply({'params': params['decoder']}, x, t, effnet, cond), x0)
 

@@ -167,9 +167,6 @@ class StageCTask:
         z = effnet_latents(self.effnet, frozen['effnet'], images, self.config.effnet.image_size)
         return scale_latents(z, self.config.latent_scaling)
 
-    def _text_params(self, params: Any, frozen: dict) -> Any:
-        return params['text'] if self.text.trainable else frozen['text']
-
     def grads(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
               rng: jax.Array, step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
         del step
@@ -182,7 +179,7 @@ class StageCTask:
         tokens, mask = self.text.drop(drop_rng, batch['tokens'], batch['token_mask'])
 
         def loss_fn(p):
-            cond = self.text.encode(self._text_params(p, frozen), tokens, mask)
+            cond = self.text.encode(self.text.params(p, frozen), tokens, mask)
             eps = self.prior.apply({'params': p['prior']}, x_t, t, cond, deterministic=False,
                                    rngs={'dropout': dropout_rng})
             return diffusion_loss.epsilon_loss(eps, noise, t, d.loss_weight, model_state.get('loss_buckets'))
@@ -197,10 +194,7 @@ class StageCTask:
 
     def denoiser(self, params: Any, frozen: dict, tokens: jax.Array, mask: jax.Array):
         """`denoise(x, t, conditional)` for sample_guided: None = [conditional; unconditional] halves."""
-        text_params = self._text_params(params, frozen)
-        empty_tokens, empty_mask = self.text.empty_batch(tokens.shape[0])
-        cond = self.text.encode(text_params, tokens, mask)
-        uncond = self.text.encode(text_params, jnp.asarray(empty_tokens), jnp.asarray(empty_mask))
+        cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask)
 
         def denoise(x, t, conditional):
             c = cond if conditional else jnp.concatenate([cond, uncond])
@@ -233,7 +227,7 @@ class StageCTask:
     def _held_out_losses(self, params: Any, model_state: Any, frozen: dict, batch: dict) -> jax.Array:
         del model_state
         x0 = self.latents(frozen, batch['image'])
-        cond = self.text.encode(self._text_params(params, frozen), batch['tokens'], batch['token_mask'])
+        cond = self.text.encode(self.text.params(params, frozen), batch['tokens'], batch['token_mask'])
         return diffusion_loss.fixed_time_losses(lambda x, t: self.prior.apply({'params': params['prior']}, x, t, cond),
                                                 x0)
 
