@@ -8,32 +8,34 @@
 workdirs/shapes); `python -m wurst_jax.demo` runs all three with `demo`, the step budgets that fit
 the demo's 30 minutes on 2 CPU cores. Stage B trains the semantic
 compressor jointly (no ImageNet weights ship offline) and Stage C diffuses its 8x8x16 map of the
-64 px image. Both train their own small CLIP-architecture text encoder over UTF-8 bytes, so no
-vocabulary file is needed. Images are never flipped for B and C: the captions say left and right.
+64 px image. Both train their own small CLIP-architecture text encoder over the grammar's words,
+so no vocabulary file is needed. Images are never flipped for B and C: the captions say left and right.
 `runlocal` shrinks everything for tests.
 """
 import ml_collections
 
 from wurst_jax import config_lib
+from wurst_jax.data import shapes
 
 # EfficientNet stages (type, expand ratio, kernel, stride, in, out, layers): with the stride-2 stem,
 # a total stride of 8, so 64 px images give an 8x8 map.
 # Steps per stage in the demo: measured to fit 30 minutes on the 2-core machine together.
-DEMO_STEPS = {'a': 800, 'b': 1500, 'c': 1500}
+DEMO_STEPS = {'a': 800, 'b': 1500, 'c': 2000}
 SHAPES_EFFNET = [('fused', 1, 3, 1, 16, 16, 1), ('fused', 4, 3, 2, 16, 32, 1), ('mb', 4, 3, 2, 32, 48, 1)]
 
 
 def text_config(runlocal: bool) -> ml_collections.ConfigDict:
     width = 32 if runlocal else 64
     return ml_collections.ConfigDict(dict(
-        tokenizer='bytes', max_length=72, encoder='train', hidden_state='last', dropout=0.1, dropout_mode='sample',
+        tokenizer='words', vocabulary=shapes.caption_vocabulary(), max_length=16, encoder='train',
+        hidden_state='last', dropout=0.1, dropout_mode='sample',
         encoder_config=ml_collections.ConfigDict(dict(
             hidden_size=width, intermediate_size=4 * width, num_hidden_layers=1 if runlocal else 2,
             num_attention_heads=4, hidden_act='gelu'))))
 
 
 def diffusion_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(t_sampling='wuerstchen', loss_weight='p2', sampler='ddpm'))
+    return ml_collections.ConfigDict(dict(t_sampling='wuerstchen', loss_weight='p2', p2_k=1.0, sampler='ddpm'))
 
 
 def _stage_a(config: ml_collections.ConfigDict, runlocal: bool) -> None:
@@ -95,7 +97,7 @@ def _stage_c(config: ml_collections.ConfigDict, root: str, runlocal: bool) -> No
     # Our jointly trained map is BatchNorm'd to unit variance already; 'v2' is Würstchen's (x + 1)/42.
     config.latent_scaling = 'none'
     config.model = ml_collections.ConfigDict(dict(c=128, depth=4, num_heads=4, c_r=64, dropout=0.0,
-                                                  scan_blocks=False, remat_policy='none'))
+                                                  scan_blocks=False, remat_policy='none', pos_embed=True))
     config.text = text_config(runlocal)
     config.diffusion = diffusion_config()
     config.sample = ml_collections.ConfigDict(dict(prior_steps=20, prior_timesteps='linspace', prior_guidance=4.0))

@@ -7,7 +7,8 @@ conditioned on frozen EfficientNetV2-S maps and CLIP ViT-H tokens (wuerstchen.md
 No v2 Stage B training script was published; this follows Stable Cascade's `train_b.py` where it
 has to choose: the effnet sees the image at 0.75x (768 px maps of 1024 px images) scaled by a
 factor in [0.5, 1] per batch, its map is zeroed for 10 % of samples, captions dropped for 5 %;
-AdamW 1e-4, 10k warm-up, clip 1.0, p2 loss.
+AdamW 1e-4, 10k warm-up, clip 1.0, p2 loss. `sharding=dp|fsdp|fsdp_tp` (with `tensor=N`) picks the
+parallelism preset (default fsdp); `--config.grad_accum_steps=K` splits each batch into K micro-batches.
 """
 import ml_collections
 
@@ -15,13 +16,13 @@ from wurst_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, vqgan='', effnet='', clip='', tokenizer='', batch=256, res=1024)
+    arg = config_lib.parse_arg(arg, vqgan='', effnet='', clip='', tokenizer='', batch=256, res=1024,
+                               sharding='fsdp', tensor=1)
     config = config_lib.base_config()
     config.model_family = 'stage_b'
     config.total_steps = 1_000_000
     config.dtype = 'bfloat16'
-    config.mesh.fsdp = -1
-    config.mesh.data = 1
+    config.mesh = config_lib.mesh_preset(arg.sharding, arg.tensor)  # dp | fsdp | fsdp_tp (with tensor=N)
     config.input = config_lib.input_config('my_captions', image_size=arg.res, batch_size=arg.batch,
                                            crop='random', resize=arg.res)
     config.stage_a = ml_collections.ConfigDict(dict(source=arg.vqgan))
@@ -36,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.text = ml_collections.ConfigDict(dict(
         tokenizer=arg.tokenizer or arg.clip, max_length=77, encoder=arg.clip, hidden_state='last', dropout=0.05,
         dropout_mode='sample', encoder_config=ml_collections.ConfigDict()))
-    config.diffusion = ml_collections.ConfigDict(dict(t_sampling='wuerstchen', loss_weight='p2', sampler='ddpm'))
+    config.diffusion = ml_collections.ConfigDict(dict(t_sampling='wuerstchen', loss_weight='p2', p2_k=1.0, sampler='ddpm'))
     config.sample = ml_collections.ConfigDict(dict(decoder_steps=12, decoder_guidance=0.0))
     config.optimizer = config_lib.optimizer_config(1e-4, warmup_steps=10_000, schedule='constant',
                                                    weight_decay=0.01)

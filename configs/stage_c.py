@@ -8,6 +8,8 @@ model.safetensors, tokenizer.json); `effnet` the semantic compressor (a converte
 `model_v2_stage_b.pt`, or a Stage B workdir). Batch 1280, AdamW 1e-4 (torch defaults, weight
 decay 0.01), 10k warm-up, clip 1.0, p2 loss, Würstchen t sampling, whole-batch caption dropout
 5 %. The effnet sees 768 px images (24x24 maps), in the v2 space (x + 1)/42.
+`sharding=dp|fsdp|fsdp_tp` (with `tensor=N`) picks the parallelism preset (default fsdp);
+`--config.grad_accum_steps=K` splits each batch into K micro-batches.
 """
 import ml_collections
 
@@ -15,24 +17,23 @@ from wurst_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, clip='', effnet='', batch=1280)
+    arg = config_lib.parse_arg(arg, clip='', effnet='', batch=1280, sharding='fsdp', tensor=1)
     config = config_lib.base_config()
     config.model_family = 'stage_c'
     config.total_steps = 1_500_000
     config.dtype = 'bfloat16'  # float32 master weights, bfloat16 compute (the original used bf16 autocast)
-    config.mesh.fsdp = -1
-    config.mesh.data = 1
+    config.mesh = config_lib.mesh_preset(arg.sharding, arg.tensor)  # dp | fsdp | fsdp_tp (with tensor=N)
     config.input = config_lib.input_config('my_captions', image_size=768, batch_size=arg.batch, crop='random',
                                            resize=768)
     config.effnet = ml_collections.ConfigDict(dict(source=arg.effnet, image_size=768))
     config.latent_scaling = 'v2'
     config.init = ml_collections.ConfigDict(dict(prior=''))
     config.model = ml_collections.ConfigDict(dict(c=1536, depth=32, num_heads=24, c_r=64, dropout=0.1,
-                                                  scan_blocks=True, remat_policy='dots'))
+                                                  scan_blocks=True, remat_policy='dots', pos_embed=False))
     config.text = ml_collections.ConfigDict(dict(
         tokenizer=arg.clip, max_length=77, encoder=arg.clip, hidden_state='last', dropout=0.05,
         dropout_mode='batch', encoder_config=ml_collections.ConfigDict()))
-    config.diffusion = ml_collections.ConfigDict(dict(t_sampling='wuerstchen', loss_weight='p2', sampler='ddpm'))
+    config.diffusion = ml_collections.ConfigDict(dict(t_sampling='wuerstchen', loss_weight='p2', p2_k=1.0, sampler='ddpm'))
     config.sample = ml_collections.ConfigDict(dict(prior_steps=60, prior_timesteps='stage_c_default',
                                                   prior_guidance=4.0))
     config.optimizer = config_lib.optimizer_config(1e-4, warmup_steps=10_000, schedule='constant',

@@ -14,7 +14,7 @@ import transformers  # noqa: E402
 
 from wurst_jax import convert  # noqa: E402
 from wurst_jax.models.clip import CLIPTextModel, CLIPVisionModel  # noqa: E402
-from wurst_jax.tokenizer import CLIPTokenizer  # noqa: E402
+from wurst_jax.tokenizer import PaddedTokenizer  # noqa: E402
 from torch_reference import TOL, randomise, rel_err  # noqa: E402
 
 # eos_token_id 2 is the legacy rule (pool at argmax of the ids); any other id pools at its first
@@ -270,7 +270,7 @@ def test_tokenizer_matches_transformers(tmp_path, pad_token, max_length):
     _tiny_tokenizer_folder(tmp_path, pad_token)
     reference = transformers.CLIPTokenizer.from_pretrained(tmp_path)
     expected = reference(TEXTS, padding='max_length', max_length=max_length, truncation=True)
-    tokenizer = CLIPTokenizer.from_folder(str(tmp_path), max_length=max_length)
+    tokenizer = PaddedTokenizer.from_folder(str(tmp_path), max_length=max_length)
     ours = tokenizer(TEXTS)
     assert ours['input_ids'].dtype == ours['attention_mask'].dtype == np.int32
     assert ours['input_ids'].shape == (len(TEXTS), max_length)
@@ -282,4 +282,25 @@ def test_tokenizer_matches_transformers(tmp_path, pad_token, max_length):
 
 def test_tokenizer_missing_file_names_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=f'tokenizer.json not found in tokenizer folder {tmp_path}'):
-        CLIPTokenizer.from_folder(str(tmp_path))
+        PaddedTokenizer.from_folder(str(tmp_path))
+
+
+def test_word_tokenizer_and_byte_tokenizer():
+    from wurst_jax.data import shapes
+    from wurst_jax.tokenizer import ByteTokenizer, create_tokenizer
+    words = create_tokenizer('words', 8, shapes.caption_vocabulary())
+    out = words(['a red circle on the left', 'A RED zebra', 'a red circle on the left and a blue square'])
+    vocab = words.tokenizer.get_vocab()
+    red, left, unk = vocab['red'], vocab['left'], vocab['<unk>']
+    np.testing.assert_array_equal(out['input_ids'][0], [1, vocab['a'], red, vocab['circle'], vocab['on'],
+                                                        vocab['the'], left, 2])
+    np.testing.assert_array_equal(out['input_ids'][1], [1, vocab['a'], red, unk, 2, 0, 0, 0])  # case-folded
+    np.testing.assert_array_equal(out['attention_mask'][1], [1, 1, 1, 1, 1, 0, 0, 0])
+    assert out['input_ids'][2, -1] == words.eos_token_id == 2  # truncation keeps the EOS
+    assert words.vocab_size == len(shapes.caption_vocabulary()) + 4
+    every_caption = {w for i in range(200) for w in shapes.make_example(0, i, 16)[1].split()}
+    assert every_caption <= set(vocab)  # the grammar never produces <unk>
+
+    data = ByteTokenizer(6)(['hé', 'abcdefgh'])
+    np.testing.assert_array_equal(data['input_ids'], [[256, 104, 195, 169, 257, 258], [256, 97, 98, 99, 100, 257]])
+    np.testing.assert_array_equal(data['attention_mask'], [[1, 1, 1, 1, 1, 0], [1] * 6])

@@ -78,3 +78,21 @@ def test_main_rejects_bad_value_before_compiling(tmp_path):
     assert result.returncode != 0
     assert "config.input.crop='middle'" in result.stderr
     assert not any(tmp_path.iterdir())  # nothing was built or written
+
+
+def test_text_and_precomputed_fields_are_checked():
+    from wurst_jax.tasks import conditioning
+    text = load_config('shapes', 'stage=c').text
+    conditioning.validate_text(text)
+    for field, value, message in [('vocabulary', [], 'config.text.vocabulary='),
+                                  ('tokenizer', '/no/such/folder', 'config.text.tokenizer='),
+                                  ('hidden_state', 'first', 'config.text.hidden_state=')]:
+        bad = text.copy_and_resolve_references()
+        with bad.ignore_type():
+            bad[field] = value
+        with pytest.raises(config_lib.ConfigError, match=message):
+            conditioning.validate_text(bad)
+    config = load_config('shapes', 'runlocal')
+    config.input.precomputed = '/some/records'
+    with pytest.raises(config_lib.ConfigError, match='config.input.precomputed=.*only Stage C'):
+        config_lib.validate(config)

@@ -256,6 +256,22 @@ def test_r_embedding_matches_diffusers():
                                    atol=1e-3, rtol=0)  # angles reach 1e4 rad, where one float32 ulp is 9.8e-4
 
 
+@pytest.mark.parametrize('size,dim', [(8, 128), (5, 12)])
+def test_sincos_2d_matches_diffusers(size, dim):
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+    from wurst_jax.models import layers
+    ref = get_2d_sincos_pos_embed(dim, size, base_size=size, output_type='np')  # [size * size, dim], row-major
+    np.testing.assert_allclose(np.asarray(layers.sincos_2d(size, size, dim)).reshape(-1, dim), ref, atol=1e-6)
+
+
+def test_prior_with_pos_embed_does_not_convert(tmp_path):
+    from wurst_jax.models.stage_c import WuerstchenPrior as FlaxPrior
+    prior = FlaxPrior(c_in=4, c=16, c_cond=8, c_r=8, depth=1, num_heads=2, pos_embed=True)
+    variables = prior.init(jax.random.key(0), jnp.zeros((1, 4, 4, 4)), jnp.zeros((1,)), jnp.zeros((1, 3, 8)))
+    with pytest.raises(ValueError, match='pos_embed'):
+        convert.save_diffusers(prior, variables, str(tmp_path), 'prior')
+
+
 @pytest.mark.parametrize('factor', [2, 3])
 def test_pixel_shuffles_match_torch(factor):
     from wurst_jax.models import layers

@@ -215,6 +215,17 @@ def test_process_shards_are_disjoint_and_cover_each_epoch(shapes_dir):
         assert set(ids[0]) | set(ids[1]) == all_ids
 
 
+def test_global_batch_rows_do_not_depend_on_the_process_count(shapes_dir):
+    """Concatenating the processes' batches gives the one-process batch, row for row, pixel for pixel."""
+    single = take(train_iterator(shapes_dir), 4)
+    for count in (2, 4):
+        shards = [take(train_iterator(shapes_dir, process_index=p, process_count=count), 4) for p in range(count)]
+        for step in range(4):
+            for key in ('id', 'image'):
+                np.testing.assert_array_equal(np.concatenate([shard[step][key] for shard in shards]),
+                                              single[step][key])
+
+
 def test_global_batch_must_divide_among_processes(shapes_dir):
     with pytest.raises(ValueError, match='batch_size'):
         train_iterator(shapes_dir, batch_size=9, process_count=2)

@@ -31,6 +31,10 @@ def test_t_sampling_puts_mass_at_pure_noise():
 def test_loss_weights():
     t = jnp.array([0.1, 0.5, 0.9])
     np.testing.assert_allclose(schedule.loss_weight('p2', t), 1 / (1 + jnp.exp(schedule.logsnr(t))), rtol=1e-5)
+    np.testing.assert_allclose(schedule.loss_weight('p2', t), 1 - schedule.cosine_alpha_cumprod(t), rtol=1e-5)
+    k = 0.05  # a smaller k lifts the high-noise weights towards 1/k and leaves the low-noise ones ~1/SNR
+    np.testing.assert_allclose(schedule.loss_weight('p2', t, p2_k=k), 1 / (k + jnp.exp(schedule.logsnr(t))), rtol=1e-5)
+    assert float(schedule.loss_weight('p2', jnp.array([1.0]), p2_k=k)[0]) > 0.99 / k
     np.testing.assert_array_equal(schedule.loss_weight('none', t), 1.0)
     buckets = schedule.adaptive_init()
     loss = jnp.array([4.0, 1.0, 0.25])

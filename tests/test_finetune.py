@@ -1,8 +1,12 @@
-"""configs/wuerstchen_v2_prior_finetune.py end to end on tiny random checkpoints made here: a
+"""configs/wuerstchen_v2_prior_finetune.py end to end on tiny random checkpoints made here (a
 diffusers prior, a transformers CLIP text encoder with its tokenizer, an effnet folder, and a
-folder of captioned images."""
+folder of captioned images), and `wurst_jax.precompute` of its frozen encoders."""
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,11 +15,12 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior  # noqa: E402
 
-from conftest import load_config  # noqa: E402
+from conftest import REPO, load_config  # noqa: E402
 from test_clip import _tiny_tokenizer_folder  # noqa: E402
 from torch_reference import randomise  # noqa: E402
-from wurst_jax import checkpoint, config_lib, convert, train  # noqa: E402
+from wurst_jax import checkpoint, config_lib, convert, tasks, train  # noqa: E402
 from wurst_jax.convert import core  # noqa: E402
+from wurst_jax.data import input_pipeline, precomputed  # noqa: E402
 from wurst_jax.models.effnet import EfficientNetEncoder  # noqa: E402
 
 
@@ -29,7 +34,10 @@ def _random_variables(module, *inputs):
                          else 0.1 * rng.standard_normal(s.shape).astype(np.float32)), shapes)
 
 
-def test_prior_finetune_from_diffusers_folders(tmp_path):
+@pytest.fixture(scope='module')
+def finetune_arg(tmp_path_factory):
+    """The fine-tune config's argument string naming tiny random checkpoint folders made here."""
+    tmp_path = tmp_path_factory.mktemp('finetune')
     prior_dir, clip_dir, effnet_dir, images = (tmp_path / n for n in ('prior', 'clip', 'effnet', 'images'))
     _tiny_tokenizer_folder(clip_dir, '!')
     vocab_size = len(transformers.CLIPTokenizer.from_pretrained(clip_dir))
@@ -50,14 +58,22 @@ def test_prior_finetune_from_diffusers_folders(tmp_path):
     for i in range(8):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f'{i}.png')
         (images / f'{i}.txt').write_text(['the cat', 'a photo of a dog'][i % 2])
+    return f'prior={prior_dir},clip={clip_dir},effnet={effnet_dir},images={images},batch=8,res=32,steps=2'
 
-    config = load_config('wuerstchen_v2_prior_finetune',
-                         f'prior={prior_dir},clip={clip_dir},effnet={effnet_dir},images={images},batch=8,res=32,steps=2')
-    config.input.data_dir = str(tmp_path / 'data')
+
+def _small_run_config(arg, data_dir):
+    config = load_config('wuerstchen_v2_prior_finetune', arg)
+    config.input.data_dir = str(data_dir)
     config.optimizer.warmup_steps = 0
     config.eval.update(num_examples=8, batch_size=8, num_grid_images=2, grid_columns=2)
     config.sample.update(prior_steps=2, prior_timesteps='linspace')
     config.log_every_steps = config.image_every_steps = config.checkpoint_every_steps = 1
+    return config
+
+
+def test_prior_finetune_from_diffusers_folders(finetune_arg, tmp_path):
+    prior_dir = finetune_arg.split(',')[0].removeprefix('prior=')
+    config = _small_run_config(finetune_arg, tmp_path / 'data')
     config_lib.validate(config)
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
@@ -68,3 +84,53 @@ def test_prior_finetune_from_diffusers_folders(tmp_path):
                           state['params']['prior'], pretrained['params'])
     # Two AdamW steps at lr 1e-5 from the released weights: every tensor within ~2e-5 of it, some moved.
     assert max(jax.tree.leaves(deltas)) < 1e-4 and max(jax.tree.leaves(deltas)) > 0
+
+
+def test_precompute_equals_the_encoders_and_trains(finetune_arg, tmp_path):
+    """The CLI's records hold what the frozen encoders give on the fly, a step on them has the same
+    gradients as a step on the images, training reads them, and a config they were not made with is refused."""
+    out = tmp_path / 'pre'
+    result = subprocess.run(
+        [sys.executable, '-m', 'wurst_jax.precompute', f'--config=configs/wuerstchen_v2_prior_finetune.py:{finetune_arg}',
+         f'--config.input.data_dir={tmp_path / "data"}', '--config.optimizer.warmup_steps=0', f'--out={out}',
+         '--splits=train', '--batch_size=3'],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ['metadata.json', 'train-00000-of-00001.array_record']
+
+    config = _small_run_config(finetune_arg, tmp_path / 'data')
+    task = tasks.create(config)
+    frozen = task.frozen_params()
+    images = next(input_pipeline.create_eval_iterator(config.input, split='train', batch_size=8,
+                                                      tokenizer=task.tokenizer))
+    pre_config = _small_run_config(finetune_arg, tmp_path / 'data')
+    pre_config.input.precomputed = str(out)
+    config_lib.validate(pre_config)
+    pre_task = tasks.create(pre_config)
+    records = next(input_pipeline.create_eval_iterator(pre_config.input, split='train', batch_size=8))
+    assert set(pre_task.batch_spec()) == {'latents', 'text_states'}
+    np.testing.assert_array_equal(records['id'], images['id'])
+    as_jnp = lambda b, keys: {k: jnp.asarray(b[k]) for k in keys}
+    latents = task.latents(frozen, jnp.asarray(images['image']))
+    states = task.text.encode(frozen['text'], jnp.asarray(images['tokens']), jnp.asarray(images['token_mask']))
+    np.testing.assert_allclose(records['latents'], latents, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(records['text_states'], states, rtol=1e-5, atol=1e-6)
+
+    params, model_state = pre_task.init(jax.random.key(0), None)
+    rng = jax.random.key(1)
+    grads, _, metrics = task.grads(params, model_state, frozen, as_jnp(images, ('image', 'tokens', 'token_mask')),
+                                   rng, 0)
+    pre_grads, _, pre_metrics = pre_task.grads(params, model_state, frozen,
+                                               as_jnp(records, ('latents', 'text_states')), rng, 0)
+    np.testing.assert_allclose(pre_metrics['loss'], metrics['loss'], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), pre_grads, grads)
+
+    train.train_and_evaluate(pre_config, str(tmp_path / 'run'))
+    assert int(checkpoint.load_trained(str(tmp_path / 'run'))[1]['step']) == 2
+
+    pre_config.latent_scaling = 'none'
+    with pytest.raises(config_lib.ConfigError, match='latent_scaling'):
+        config_lib.validate(pre_config)
+    pre_config.input.precomputed = str(tmp_path / 'nowhere')
+    with pytest.raises(config_lib.ConfigError, match='input.precomputed'):
+        config_lib.validate(pre_config)

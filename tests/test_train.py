@@ -6,6 +6,7 @@ import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -60,6 +61,7 @@ def final_params(workdir, step):
     return restored['params'], restored['ema_params'], restored['opt_state']
 
 
+@pytest.mark.slow  # the default suite resumes after kill -9 and SIGTERM in test_faults.py
 def test_resume_in_new_process_equals_straight_run(tmp_path):
     data_dir = tmp_path / 'data'
     straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
@@ -78,3 +80,33 @@ def test_resume_in_new_process_equals_straight_run(tmp_path):
     assert list(straight.glob('events.out.tfevents.*'))
     assert (straight / 'samples_0000006.png').exists()
     assert (straight / 'eval.jsonl').read_text().count('"psnr"') == 1
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients():
+    """On a per-row mean loss, 4 micro-batches give the full-batch gradient; model_state is threaded."""
+    class LinearTask:
+        def grads(self, params, model_state, frozen, batch, rng, step):
+            loss_fn = lambda p: jnp.mean((batch['x'] @ p['w'] - batch['y']) ** 2)
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            return grads, {'seen': model_state['seen'] + batch['x'].shape[0]}, {'loss': loss}
+
+    params = {'w': jax.random.normal(jax.random.PRNGKey(0), (3, 2))}
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, ema_params=params,
+                             model_state={'seen': jnp.zeros((), jnp.int32)}, rng=jax.random.PRNGKey(1))
+    batch = {'x': jax.random.normal(jax.random.PRNGKey(2), (8, 3)), 'y': jax.random.normal(jax.random.PRNGKey(3), (8, 2))}
+    full = train.accumulated_grads(LinearTask(), state, {}, batch, state.rng, 1)
+    micro = jax.jit(lambda s, b: train.accumulated_grads(LinearTask(), s, {}, b, s.rng, 4))(state, batch)
+    np.testing.assert_allclose(micro[0]['w'], full[0]['w'], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(micro[2]['loss'], full[2]['loss'], rtol=1e-5)
+    assert int(micro[1]['seen']) == 8
+
+
+def test_mesh_presets():
+    from wurst_jax import config_lib
+    assert dict(config_lib.mesh_preset('dp')) == {'data': -1, 'fsdp': 1, 'tensor': 1}
+    assert dict(config_lib.mesh_preset('fsdp_tp', tensor=4)) == {'data': 1, 'fsdp': -1, 'tensor': 4}
+    devices = np.array(jax.devices()[:8])
+    mesh = sharding.create_mesh(config_lib.mesh_preset('fsdp_tp', tensor=2), devices)
+    assert dict(mesh.shape) == {'data': 1, 'fsdp': 4, 'tensor': 2}
+    with pytest.raises(config_lib.ConfigError, match='tensor'):
+        config_lib.mesh_preset('fsdp', tensor=2)

@@ -1,13 +1,17 @@
 """The only module that talks to orbax: save and restore the train state, the data iterator and
 the config together, asynchronously, keeping the newest N checkpoints."""
+import json
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def create_manager(directory: str, *, max_to_keep: int) -> ocp.CheckpointManager:
@@ -29,19 +33,63 @@ def save(manager: ocp.CheckpointManager, step: int, *, state: Any, data_iterator
 
 def restore_latest(manager: ocp.CheckpointManager, *, abstract_state: Any,
                    data_iterator: Any) -> tuple[int, Any] | None:
-    """Restores the newest checkpoint into arrays shaped and sharded like `abstract_state`.
+    """Restores the newest checkpoint that reads back into arrays shaped and sharded like `abstract_state`.
 
-    `data_iterator` is restored in place, before it yields anything. Returns (step, state), or
-    None when the directory holds no checkpoint.
+    `data_iterator` is restored in place, before it yields anything. A newer checkpoint that fails to
+    restore (truncated or corrupt files) is named in a warning and, once an older one has restored,
+    moved to a sibling `corrupt_checkpoints/` folder so the run can save that step again. Returns
+    (step, state), or None when the directory holds no checkpoint; raises, moving nothing, if none
+    restores.
     """
-    step = manager.latest_step()
-    if step is None:
-        return None
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    logging.info('Restored checkpoint at step %d from %s', step, manager.directory)
-    return step, restored['state']
+    steps = sorted(manager.all_steps(), reverse=True)
+    failed = []
+    for step in steps:
+        try:
+            state = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))['state']
+            _restore_data_iterator(os.path.join(str(manager.directory), str(step), 'data'), data_iterator)
+        except Exception as e:  # orbax, tensorstore and json raise many types for damaged files
+            logging.warning('checkpoint %s/%d cannot be restored (%s: %s)', manager.directory, step,
+                            type(e).__name__, str(e)[:500])
+            failed.append((step, e))
+            continue
+        for bad, _ in failed:
+            _set_aside(manager, bad)
+        logging.info('Restored checkpoint at step %d from %s', step, manager.directory)
+        return step, state
+    if failed:
+        raise RuntimeError(f'none of the checkpoints {steps} under {manager.directory} could be restored; the '
+                           f'newest failed with {failed[0][1]!r}') from failed[0][1]
+    return None
+
+
+def _restore_data_iterator(directory: str, data_iterator: Any) -> None:
+    """Sets the iterator to the saved position. Saved by another number of processes, any process's
+    file serves: every process's iterator counts batches, which is the global step in each
+    (input_pipeline shards the global stream before batching), so the global order carries over."""
+    own = os.path.join(directory, f'process_{jax.process_index()}-of-{jax.process_count()}.json')
+    if not os.path.exists(own):
+        saved = sorted(f for f in os.listdir(directory) if f.startswith('process_0-of-'))
+        if not saved:
+            raise FileNotFoundError(f'no data iterator state in {directory}')
+        logging.warning('the data position was saved by %s; carrying it over to %d processes',
+                        saved[0].removeprefix('process_0-of-').removesuffix('.json') + ' processes',
+                        jax.process_count())
+        own = os.path.join(directory, saved[0])
+    with open(own) as f:
+        data_iterator.set_state(json.loads(f.read()))
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
+    """Moves a checkpoint that does not restore out of the manager's directory (process 0 moves it)."""
+    src = os.path.join(str(manager.directory), str(step))
+    dst = os.path.join(os.path.dirname(str(manager.directory)), 'corrupt_checkpoints', str(step))
+    logging.warning('moved the checkpoint %s that cannot be restored to %s; resuming from an older one', src, dst)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.move(src, dst if not os.path.exists(dst) else f'{dst}.{int(time.time())}')
+    multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+    manager.reload()
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -49,8 +97,8 @@ def wait(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
 
 
-def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
-    """(config, state as a dict of arrays on one device) of the newest checkpoint of a run.
+def load_trained(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict]:
+    """(config, state as a dict of arrays on one device) of a run's checkpoint, the newest by default.
 
     For using a trained stage frozen inside another (Stage A inside Stage B, the effnet inside
     Stage C, all of them in sampling), on any number of devices: the arrays are restored from the
@@ -60,9 +108,13 @@ def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
     manager = ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'),
                                     item_handlers={'state': ocp.StandardCheckpointHandler(),
                                                    'config': ocp.JsonCheckpointHandler()})
-    step = manager.latest_step()
-    if step is None:
+    steps = manager.all_steps()
+    if not steps:
         raise FileNotFoundError(f'no checkpoint under {directory}: train that stage first (its --workdir)')
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise FileNotFoundError(f'no checkpoint of step {step} under {directory}; it has steps {sorted(steps)}')
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           manager.item_metadata(step)['state'])
@@ -70,3 +122,10 @@ def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
                                                              config=ocp.args.JsonRestore()))
     logging.info('Loaded step %d of %s', step, workdir)
     return ml_collections.ConfigDict(restored['config']), restored['state']
+
+
+def load_params(workdir: str, step: int | None = None, ema: bool = False) -> Any:
+    """The params (or EMA params) pytree of a run's checkpoint as numpy arrays on the host: for
+    tests, evaluation and conversion."""
+    _, state = load_trained(workdir, step)
+    return jax.device_get(state['ema_params' if ema else 'params'])

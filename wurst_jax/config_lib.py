@@ -59,14 +59,33 @@ def base_config() -> ml_collections.ConfigDict:
     # Compute dtype; parameters and optimizer state stay float32.
     config.dtype = 'float32'
     config.ema_decay = 0.999
+    # Micro-batches per step: gradients are averaged over them, activations are those of one.
+    config.grad_accum_steps = 1
     config.log_every_steps = 50
     config.checkpoint_every_steps = 500
     config.keep_checkpoints = 3
     config.image_every_steps = 500
     config.eval_every_steps = 0  # 0: evaluate only at the end of training
+    config.max_nonfinite_steps = 20  # stop after this many skipped (non-finite) steps in a row
     config.record_batch_ids = False  # write each step's example ids to workdir/batch_ids.txt
     config.profile = ml_collections.ConfigDict(dict(first_step=10, num_steps=0))  # 0 steps: off
     return config
+
+
+MESH_PRESETS = ('dp', 'fsdp', 'fsdp_tp')
+
+
+def mesh_preset(name: str, tensor: int = 1) -> ml_collections.ConfigDict:
+    """Mesh sizes of a parallelism preset over all devices: 'dp' replicates params and splits the
+    batch; 'fsdp' also splits params and optimizer state (the `embed`/`conv_out` dims, by the default
+    rules); 'fsdp_tp' adds `tensor`-way tensor parallelism of attention heads and MLPs."""
+    if name not in MESH_PRESETS:
+        raise ConfigError('<arg>.sharding', name, f'one of {MESH_PRESETS}')
+    if (name == 'fsdp_tp') != (tensor > 1):
+        raise ConfigError('<arg>.tensor', tensor, "> 1 with sharding='fsdp_tp' and 1 otherwise")
+    if name == 'dp':
+        return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=tensor))
 
 
 def optimizer_config(lr: float, *, warmup_steps: int = 0, schedule: str = 'cosine',
@@ -85,7 +104,7 @@ def input_config(dataset: str, *, image_size: int, batch_size: int, crop: str = 
         dataset=dataset, data_dir='data', folder='', train_split='train', eval_split='test',
         shapes=ml_collections.ConfigDict(dict(num_train=20000, num_test=512, seed=0)),
         image_size=image_size, resize=resize, crop=crop, flip=flip, batch_size=batch_size,
-        num_workers=0))
+        num_workers=0, precomputed=''))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,6 +168,8 @@ def _validate_input(config) -> None:
     _check(inp.crop in ('center', 'random'), 'input.crop', inp.crop, "one of 'center', 'random'")
     _check(isinstance(inp.num_workers, int) and inp.num_workers >= 0, 'input.num_workers',
            inp.num_workers, 'an integer >= 0')
+    _check(not inp.get('precomputed') or config.model_family == 'stage_c', 'input.precomputed', inp.get('precomputed'),
+           "'' for this model family: only Stage C reads precomputed records")
 
 
 def _validate_eval(config) -> None:
@@ -167,6 +188,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(isinstance(config.seed, int), 'seed', config.seed, 'an integer')
     _check(isinstance(config.eval_every_steps, int) and config.eval_every_steps >= 0, 'eval_every_steps',
            config.eval_every_steps, 'an integer >= 0 (0: evaluate at the end only)')
+    _positive_int(config, 'max_nonfinite_steps')
+    _positive_int(config, 'grad_accum_steps')
     _check(config.dtype in ('float32', 'bfloat16'), 'dtype', config.dtype, "one of 'float32', 'bfloat16'")
     _check(0 <= config.ema_decay < 1, 'ema_decay', config.ema_decay, 'a value in [0, 1)')
     _check(config.profile.num_steps >= 0, 'profile.num_steps', config.profile.num_steps,

@@ -1,6 +1,9 @@
 """Entry point: `python -m wurst_jax.main --config=configs/NAME.py[:ARGS] --workdir=DIR [--config.F=V]`.
 
-Rerunning the same command on the same workdir resumes from its latest checkpoint.
+Rerunning the same command on the same workdir resumes from its latest checkpoint; SIGTERM saves
+one and exits 0. On several hosts add `--multihost` (SLURM, TPU pods and other clusters JAX detects)
+or `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`; every process runs the
+same command. launch/README.md has recipes.
 """
 import logging
 
@@ -11,7 +14,29 @@ from wurst_jax import config_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard events and images.')
+_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize, detecting the cluster '
+                               '(SLURM, TPU pod, Open MPI, ...) from the environment.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (implies --multihost).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Process count, with --coordinator_address.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..N-1, with --coordinator_address.')
+_INIT_TIMEOUT = flags.DEFINE_integer('distributed_timeout', 300, 'Seconds to wait for all processes to join.')
+_HEARTBEAT = flags.DEFINE_integer('heartbeat_timeout', 100, 'Seconds after which a silent (dead) process '
+                                  'makes the others exit non-zero instead of hanging.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def distributed_args() -> dict | None:
+    """jax.distributed.initialize keyword arguments from the flags, or None for a single process."""
+    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+        raise app.UsageError('--coordinator_address, --num_processes and --process_id go together')
+    if not (_MULTIHOST.value or _COORDINATOR.value):
+        return None
+    args = dict(initialization_timeout=_INIT_TIMEOUT.value, heartbeat_timeout_seconds=_HEARTBEAT.value)
+    if _COORDINATOR.value:
+        args.update(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                    process_id=_PROCESS_ID.value)
+    return args
 
 
 class _QuietLibraries(logging.Filter):
@@ -34,6 +59,9 @@ def main(argv):
         handler.addFilter(_QuietLibraries())
     # Imported late so a config error costs no TensorFlow/JAX start-up time.
     import jax
+    dist = distributed_args()
+    if dist is not None:
+        jax.distributed.initialize(**dist)  # before anything touches a device
     from wurst_jax import train
     # TF is only used by clu's TensorBoard writer; keep it off any accelerator.
     import tensorflow as tf

@@ -1,13 +1,14 @@
 """Tokenizers: the CLIP tokenizer of a local Hugging Face model folder (through the `tokenizers`
-library), and a byte tokenizer that needs no vocabulary file, for small encoders trained from
-scratch (the built-in dataset).
+library), and two that need no vocabulary file, for small encoders trained from scratch: whole
+words of a vocabulary given in the config (a closed caption language such as the built-in
+dataset's grammar), and UTF-8 bytes (any text).
 
-    tokenizer = CLIPTokenizer.from_folder('/models/wuerstchen-prior/tokenizer')
+    tokenizer = PaddedTokenizer.from_folder('/models/wuerstchen-prior/tokenizer')
     batch = tokenizer(['a photo of a cat'])   # {'input_ids': int32 [1, 77], 'attention_mask': int32 [1, 77]}
 
-Gives what transformers' `tokenizer(texts, padding='max_length', max_length=77, truncation=True)`
-gives: BOS, the BPE tokens, EOS, then the folder's pad token (CLIP-ViT-H and bigG folders differ:
-`!` or `<|endoftext|>`, so it is read from the folder, never assumed).
+A CLIP folder gives what transformers' `tokenizer(texts, padding='max_length', max_length=77,
+truncation=True)` gives: BOS, the BPE tokens, EOS, then the folder's pad token (CLIP-ViT-H and bigG
+folders differ: `!` or `<|endoftext|>`, so it is read from the folder, never assumed).
 """
 import dataclasses
 import json
@@ -15,9 +16,10 @@ import os
 from typing import Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 TOKENIZER_FILE = 'tokenizer.json'
+WORD_SPECIALS = ('<pad>', '<bos>', '<eos>', '<unk>')
 _CONFIG_FILES = ('tokenizer_config.json', 'special_tokens_map.json')
 
 
@@ -40,13 +42,32 @@ def _pad_token(path: str, tokenizer: Tokenizer) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTokenizer:
+class PaddedTokenizer:
+    """A `tokenizers.Tokenizer` whose outputs are truncated (keeping EOS) and padded to max_length."""
     tokenizer: Tokenizer
     pad_token: str
     max_length: int = 77
 
     @classmethod
-    def from_folder(cls, path: str, max_length: int = 77) -> 'CLIPTokenizer':
+    def from_words(cls, vocabulary: Sequence[str], max_length: int) -> 'PaddedTokenizer':
+        """[<bos>, lowercase words (unknown ones -> <unk>), <eos>, <pad>...], ids 0-3 for the specials."""
+        words = sorted({w.lower() for w in vocabulary} - set(WORD_SPECIALS))
+        tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate((*WORD_SPECIALS, *words))}, unk_token='<unk>'))
+        tokenizer.normalizer = normalizers.Lowercase()
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single='<bos> $A <eos>', special_tokens=[('<bos>', 1), ('<eos>', 2)])
+        return cls._padded(tokenizer, '<pad>', max_length)
+
+    @classmethod
+    def _padded(cls, tokenizer: Tokenizer, pad_token: str, max_length: int) -> 'PaddedTokenizer':
+        tokenizer.enable_truncation(max_length, direction='right')
+        tokenizer.enable_padding(direction='right', pad_id=tokenizer.token_to_id(pad_token), pad_token=pad_token,
+                                 length=max_length)
+        return cls(tokenizer, pad_token, max_length)
+
+    @classmethod
+    def from_folder(cls, path: str, max_length: int = 77) -> 'PaddedTokenizer':
         """Reads path/tokenizer.json and the pad token of path/tokenizer_config.json (or special_tokens_map.json)."""
         tokenizer_path = os.path.join(path, TOKENIZER_FILE)
         if not os.path.isfile(tokenizer_path):
@@ -56,14 +77,21 @@ class CLIPTokenizer:
         pad_token = _pad_token(path, tokenizer)
         if tokenizer.token_to_id(pad_token) is None:
             raise ValueError(f'pad token {pad_token!r} of {path} is not in its vocabulary')
-        tokenizer.enable_truncation(max_length, direction='right')
-        tokenizer.enable_padding(direction='right', pad_id=tokenizer.token_to_id(pad_token), pad_token=pad_token,
-                                 length=max_length)
-        return cls(tokenizer, pad_token, max_length)
+        return cls._padded(tokenizer, pad_token, max_length)
 
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.token_to_id(self.pad_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The id the encoder pools at (the word vocabulary's <eos>; None for a CLIP folder, whose
+        text encoder config names its own)."""
+        return self.tokenizer.token_to_id('<eos>')
 
     def __call__(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:
         """texts -> input_ids, attention_mask: int32 [N, max_length] (right-padded, truncated with EOS kept)."""
@@ -77,7 +105,7 @@ class CLIPTokenizer:
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255, then BOS 256, EOS 257, PAD 258: [BOS, bytes..., EOS, PAD...].
 
-    Same call contract as CLIPTokenizer; truncation keeps the EOS, which the encoder pools.
+    Same call contract as PaddedTokenizer; truncation keeps the EOS, which the encoder pools.
     """
     max_length: int = 77
     bos_token_id: int = 256
@@ -97,8 +125,11 @@ class ByteTokenizer:
         return {'input_ids': ids, 'attention_mask': mask}
 
 
-def create_tokenizer(name: str, max_length: int = 77) -> 'ByteTokenizer | CLIPTokenizer':
-    """'bytes' for the built-in byte tokenizer, else a local Hugging Face CLIP folder."""
+def create_tokenizer(name: str, max_length: int = 77,
+                     vocabulary: Sequence[str] = ()) -> 'ByteTokenizer | PaddedTokenizer':
+    """'bytes', 'words' (of `vocabulary`), else a local Hugging Face CLIP folder."""
     if name == 'bytes':
         return ByteTokenizer(max_length)
-    return CLIPTokenizer.from_folder(name, max_length)
+    if name == 'words':
+        return PaddedTokenizer.from_words(vocabulary, max_length)
+    return PaddedTokenizer.from_folder(name, max_length)

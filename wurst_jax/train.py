@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 
 from wurst_jax import checkpoint, optim, sharding, tasks, visualize
 from wurst_jax.config_lib import ConfigError
@@ -75,19 +77,101 @@ def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
     return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
 
 
+def accumulated_grads(task: Any, state: TrainState, frozen: dict[str, Any], batch: dict[str, jax.Array],
+                      rng: jax.Array, micro_batches: int) -> tuple[Any, Any, dict[str, jax.Array]]:
+    """task.grads, averaged over `micro_batches` slices of the batch computed one after another (a
+    lax.scan), so activations are those of one slice. Row r goes to slice r % micro_batches, which
+    keeps every device's rows on that device; model_state (BatchNorm statistics, loss buckets) is
+    threaded through the slices in order."""
+    if micro_batches == 1:
+        return task.grads(state.params, state.model_state, frozen, batch, rng, state.step)
+    slices = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(x.shape[0] // micro_batches, micro_batches,
+                                                           *x.shape[1:]), 1, 0), batch)
+
+    def accumulate(carry, inputs):
+        total, model_state = carry
+        index, micro = inputs
+        grads, model_state, metrics = task.grads(state.params, model_state, frozen, micro,
+                                                 jax.random.fold_in(rng, index), state.step)
+        return (jax.tree.map(jnp.add, total, grads), model_state), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (total, model_state), metrics = jax.lax.scan(accumulate, (zeros, state.model_state),
+                                                 (jnp.arange(micro_batches), slices))
+    return (jax.tree.map(lambda g: g / micro_batches, total), model_state,
+            jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
+
+
 def train_step(task: Any, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
                state: TrainState, batch: dict[str, jax.Array],
                frozen: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step; `frozen` holds networks used but not trained. Metrics stay on device."""
+    """One optimizer step; `frozen` holds networks used but not trained. Metrics stay on device.
+
+    A step whose loss or gradient is not finite changes nothing but the step count (its batch is
+    consumed) and reports skipped=1, so params never hold non-finite values.
+    """
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, model_state, metrics = task.grads(state.params, state.model_state, frozen, batch, rng, state.step)
+    grads, model_state, metrics = accumulated_grads(task, state, frozen, batch, rng, config.grad_accum_steps)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+    metrics = dict(metrics, grad_norm=grad_norm, skipped=1 - finite.astype(jnp.int32),
                    learning_rate=optim.lr_schedule(config.optimizer, config.total_steps)(state.step))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
-                              ema_params=ema_update(state.ema_params, params, config.ema_decay, state.step))
+    updated = state.replace(params=params, opt_state=opt_state, model_state=model_state,
+                            ema_params=ema_update(state.ema_params, params, config.ema_decay, state.step))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep(updated.params, state.params),
+                              opt_state=keep(updated.opt_state, state.opt_state),
+                              model_state=keep(updated.model_state, state.model_state),
+                              ema_params=keep(updated.ema_params, state.ema_params))
     return new_state, metrics
+
+
+def summarize(pending: list[dict[str, np.ndarray]], streak: int, limit: int) -> tuple[dict[str, float], int]:
+    """(means over the finite steps since the last log plus the count of skipped ones, the run of
+    skipped steps ending now); FloatingPointError once `limit` steps in a row were skipped."""
+    stacked = {k: np.stack([np.asarray(m[k]) for m in pending]) for k in pending[0]}
+    skipped = stacked.pop('skipped').astype(bool)
+    for s in skipped:
+        streak = streak + 1 if s else 0
+        if streak >= limit:
+            raise FloatingPointError(
+                f'{streak} steps in a row had a non-finite loss or gradient (limit max_nonfinite_steps={limit}); '
+                'the last checkpoint holds only finite values: lower optimizer.lr, raise optimizer.grad_clip '
+                'or check the input pipeline, then rerun to resume')
+    summary = {k: float(np.mean(v[~skipped])) if (~skipped).any() else float('nan') for k, v in stacked.items()}
+    summary['skipped_steps'] = float(skipped.sum())
+    return summary, streak
+
+
+class PreemptionWatch:
+    """Whether the run was asked to stop (SIGTERM, as schedulers and TPU maintenance send it).
+
+    With several processes JAX's distributed runtime receives the signal and
+    `reached_preemption_sync_point` makes every process agree on the same step; a single process
+    installs its own handler for the duration of the `with` block.
+    """
+
+    def __enter__(self):
+        self.signalled = False
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.signalled = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.signalled
 
 
 def eval_batches(config: ml_collections.ConfigDict, tokenizer: Any = None) -> Any:
@@ -102,10 +186,11 @@ def eval_batches(config: ml_collections.ConfigDict, tokenizer: Any = None) -> An
 
 
 def _check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-    split = mesh.shape['data'] * mesh.shape['fsdp']
-    if config.input.batch_size % (split * jax.process_count()):
+    split = mesh.shape['data'] * mesh.shape['fsdp'] * config.grad_accum_steps
+    if config.input.batch_size % split or config.input.batch_size % jax.process_count():
         raise ConfigError('input.batch_size', config.input.batch_size,
-                          f'a multiple of data x fsdp = {split} (and of the {jax.process_count()} processes)')
+                          f'a multiple of data x fsdp x grad_accum_steps = {split} and of the process count '
+                          f'{jax.process_count()}')
 
 
 def _evaluate(task, config, state, frozen, writer, workdir: str) -> dict[str, float]:
@@ -199,13 +284,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if config.profile.num_steps > 0 and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(logdir=workdir, first_profile=config.profile.first_step,
                                               num_profile_steps=config.profile.num_steps))
-    visualize_fn = jax.jit(task.visualize)  # compiled once, reused at every image step
+    # Compiled once, reused at every image step; replicated so every process can read the grid.
+    visualize_fn = jax.jit(task.visualize, out_shardings=sharding.replicated(mesh))
     image_batch = next(iter(eval_batches(config, task.tokenizer)))
     image_batch = {k: np.asarray(image_batch[k][:config.eval.num_grid_images]) for k in batch_spec}
-    pending_metrics, last_log = [], (time.time(), start_step)
+    pending_metrics, last_log, nonfinite_streak = [], (time.time(), start_step), 0
     ids_file = (open(os.path.join(workdir, 'batch_ids.txt'), 'a')
                 if config.record_batch_ids and jax.process_index() == 0 else None)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    preempted = False
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), PreemptionWatch() as preemption:
         for step in range(start_step + 1, config.total_steps + 1):
             with jax.profiler.StepTraceAnnotation('train', step_num=step):
                 local = next(train_iter)
@@ -218,28 +305,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 hook(step)
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 # The only host sync of the loop: fetch the metrics accumulated since the last log.
-                summary = {k: float(np.mean(v)) for k, v in jax.tree.map(
-                    lambda *xs: np.stack(xs), *jax.device_get(pending_metrics)).items()}
+                summary, nonfinite_streak = summarize(jax.device_get(pending_metrics), nonfinite_streak,
+                                                      config.max_nonfinite_steps)
                 now = time.time()
                 summary['images_per_sec'] = (step - last_log[1]) * config.input.batch_size / (now - last_log[0])
                 if flops:  # XLA's count for one device's program
                     summary['device_gflops_per_sec'] = (step - last_log[1]) * flops / (now - last_log[0]) / 1e9
-                if not np.isfinite(summary['loss']):
-                    raise FloatingPointError(f'loss is {summary["loss"]} at step {step}; lower optimizer.lr '
-                                             'or check the input pipeline')
                 writer.write_scalars(step, summary)
                 pending_metrics, last_log = [], (now, step)
-            if step % config.image_every_steps == 0:
+            preempted = preemption.reached(step)
+            if step % config.image_every_steps == 0 and not preempted:
                 _write_images(visualize_fn, config, state, frozen, writer, workdir, image_batch)
-            if config.eval_every_steps and step % config.eval_every_steps == 0 and step != config.total_steps:
+            if (config.eval_every_steps and step % config.eval_every_steps == 0 and step != config.total_steps
+                    and not preempted):
                 _evaluate(task, config, state, frozen, writer, workdir)
-            if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+            if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempted:
                 checkpoint.save(manager, step, state=state, data_iterator=train_iter, config=config)
+            if preempted:
+                logging.warning('preempted (SIGTERM) at step %d: saved a checkpoint; rerun the same command '
+                                'to resume', step)
+                break
         if ids_file:
             ids_file.close()
-        if start_step < config.total_steps and config.total_steps % config.image_every_steps:
-            _write_images(visualize_fn, config, state, frozen, writer, workdir, image_batch)
-        _evaluate(task, config, state, frozen, writer, workdir)
+        if not preempted:
+            if start_step < config.total_steps and config.total_steps % config.image_every_steps:
+                _write_images(visualize_fn, config, state, frozen, writer, workdir, image_batch)
+            _evaluate(task, config, state, frozen, writer, workdir)
     checkpoint.wait(manager)
     writer.flush()
     return state

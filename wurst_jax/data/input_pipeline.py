@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
-from wurst_jax.data import image_folder, photos, shapes
+from wurst_jax.data import image_folder, photos, precomputed, shapes
 
 BUILTIN_DATASETS = ('shapes', 'photos', 'image_folder')
 REQUIRED_FEATURES = ('image', 'caption')
@@ -209,23 +209,65 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _precomputed_source(input_config: ml_collections.ConfigDict, split: str) -> Sequence[bytes]:
+    """The records `python -m wurst_jax.precompute` wrote for `split`."""
+    return grain.sources.ArrayRecordDataSource(precomputed.shard_paths(input_config.precomputed, split))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodePrecomputed:
+    """A precomputed record as an example; with a tokenizer (a trained text encoder), its caption's tokens."""
+    tokenizer: Any = None
+
+    def __call__(self, record: bytes) -> dict:
+        out = precomputed.decode_record(record)
+        if self.tokenizer is not None and 'text_states' not in out:
+            encoded = self.tokenizer(out['caption'])
+            out['tokens'], out['token_mask'] = encoded['input_ids'][0], encoded['attention_mask'][0]
+        return out
+
+
+class _ProcessShard(grain.MapDataset):
+    """Process p's share of each global batch: its k-th batch is global elements
+    [k·B + p·b, k·B + (p + 1)·b) (B global, b local), so the global batch lists the same examples in
+    the same row order whatever the process count, and so pairs them with the same noise."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        self._global, self._local = global_batch, global_batch // process_count
+        self._offset = process_index * self._local
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global * self._local
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        step, row = divmod(index, self._local)
+        return self._parent[step * self._global + self._offset + row]
+
+
 def create_train_iterator(input_config: ml_collections.ConfigDict, *, seed: int, process_index: int,
                           process_count: int, tokenizer: Any = None) -> grain.DatasetIterator:
-    """Endless, checkpointable iterator over this process's augmented training batches."""
+    """Endless, checkpointable iterator over this process's augmented training batches (or over
+    precomputed records when input.precomputed names them)."""
     batch = local_batch_size(input_config.batch_size, process_count)
-    source = get_source(input_config, input_config.train_split)
-    ds = (grain.MapDataset.source(source)
-          .map_with_index(_attach_id)
-          .seed(seed)
-          .shuffle()  # Global shuffle, reseeded each epoch by the repeat below.
-          .repeat()
-          # Seeded by the position in the global stream, ahead of the shard, so an element's crop
-          # and flip do not depend on the process count. MapDataset is lazy: only this process's
-          # elements are decoded.
-          .random_map(make_preprocess(input_config, train=True, tokenizer=tokenizer))
-          [process_index::process_count]
-          .batch(batch, drop_remainder=True)
-          .to_iter_dataset(_READ_OPTIONS))
+    if input_config.get('precomputed'):
+        source = _precomputed_source(input_config, input_config.train_split)
+        ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat().map(DecodePrecomputed(tokenizer=tokenizer))
+    else:
+        source = get_source(input_config, input_config.train_split)
+        ds = (grain.MapDataset.source(source)
+              .map_with_index(_attach_id)
+              .seed(seed)
+              .shuffle()  # Global shuffle, reseeded each epoch by the repeat below.
+              .repeat()
+              # Seeded by the position in the global stream, ahead of the shard, so an element's crop
+              # and flip do not depend on the process count. MapDataset is lazy: only this process's
+              # elements are decoded.
+              .random_map(make_preprocess(input_config, train=True, tokenizer=tokenizer)))
+    ds = (_ProcessShard(ds, input_config.batch_size, process_index, process_count)
+          .batch(batch, drop_remainder=True).to_iter_dataset(_READ_OPTIONS))
     if input_config.num_workers > 0:
         _mark_absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=input_config.num_workers))
@@ -233,12 +275,17 @@ def create_train_iterator(input_config: ml_collections.ConfigDict, *, seed: int,
 
 
 def create_eval_iterator(input_config: ml_collections.ConfigDict, *, split: str, batch_size: int,
-                         num_examples: int | None = None, tokenizer: Any = None) -> Iterator[dict]:
-    """Deterministic batches of the first `num_examples` of `split`, the last one possibly short."""
-    source = get_source(input_config, split)
+                         num_examples: int | None = None, tokenizer: Any = None, process_index: int = 0,
+                         process_count: int = 1) -> Iterator[dict]:
+    """Deterministic batches of the first `num_examples` of `split` (every process_count-th of them
+    from process_index on), the last one possibly short."""
+    if input_config.get('precomputed'):
+        source, transform = _precomputed_source(input_config, split), DecodePrecomputed(tokenizer=tokenizer)
+        ds = grain.MapDataset.source(source)
+    else:
+        source, transform = get_source(input_config, split), make_preprocess(input_config, train=False,
+                                                                             tokenizer=tokenizer)
+        ds = grain.MapDataset.source(source).map_with_index(_attach_id)
     count = len(source) if num_examples is None else min(num_examples, len(source))
-    ds = (grain.MapDataset.source(source)
-          .map_with_index(_attach_id)[:count]
-          .map(make_preprocess(input_config, train=False, tokenizer=tokenizer))
-          .batch(batch_size, drop_remainder=False))
+    ds = ds[:count][process_index::process_count].map(transform).batch(batch_size, drop_remainder=False)
     return iter(ds.to_iter_dataset(_READ_OPTIONS))

@@ -84,6 +84,12 @@ def render_scene(objects: list[SceneObject], image_size: int) -> np.ndarray:
     return np.asarray(image)
 
 
+def caption_vocabulary() -> list[str]:
+    """Every word the grammar uses."""
+    phrases = ['a', 'and', *COLOURS, *SHAPES, *POSITIONS]
+    return sorted({word for phrase in phrases for word in phrase.split()})
+
+
 def caption_for(objects: list[SceneObject]) -> str:
     """The grammar's caption for `objects`: 'a {colour} {shape} {position}[ and a ...]'."""
     return ' and '.join(f'a {o.colour} {o.shape} {o.position}' for o in objects)

@@ -8,10 +8,10 @@ EVAL_TIMES = (0.1, 0.25, 0.5, 0.75, 0.9)  # the fixed noise levels of the held-o
 
 
 def epsilon_loss(eps_pred: jax.Array, noise: jax.Array, t: jax.Array, weighting: str,
-                 bucket_losses: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                 bucket_losses: jax.Array | None = None, p2_k: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """(weighted batch loss, raw per-sample MSE [B]): mean over (H, W, C) of (ε̂ − ε)², times the weight."""
     raw = jnp.mean((eps_pred.astype(jnp.float32) - noise) ** 2, axis=tuple(range(1, noise.ndim)))
-    weight = schedule.loss_weight(weighting, t, bucket_losses)
+    weight = schedule.loss_weight(weighting, t, bucket_losses, p2_k)
     return jnp.mean(weight * raw), raw
 
 

@@ -53,9 +53,14 @@ def add_noise(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
     return jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
 
 
-def p2_weight(t: jax.Array) -> jax.Array:
-    """Choi et al.'s P2 weight with k = 1, γ = 1: 1/(1 + SNR) = 1 - ᾱ(t) (Diffuzz, GDF P2LossWeight)."""
-    return 1 - cosine_alpha_cumprod(t)
+def p2_weight(t: jax.Array, k: float = 1.0) -> jax.Array:
+    """Choi et al.'s P2 weight 1/(k + SNR) (γ = 1). k = 1 is Diffuzz's and GDF's P2LossWeight, 1 − ᾱ(t).
+
+    A smaller k raises the weight of the high-noise steps, up to 1/k, where the caption has to set the
+    layout and the ε-MSE rewards it only by SNR times the x0 error; low-noise steps keep ≈ 1/SNR.
+    """
+    a = cosine_alpha_cumprod(t)
+    return 1 / (k + a / (1 - a))
 
 
 # Stable Cascade's AdaptiveLossWeight: the weight of a sample is 1 / (EMA of the raw loss in its logSNR
@@ -86,12 +91,12 @@ def adaptive_update(bucket_losses: jax.Array, t: jax.Array, raw_loss: jax.Array)
     return jnp.where(count > 0, updated, bucket_losses)
 
 
-def loss_weight(kind: str, t: jax.Array, bucket_losses: jax.Array | None = None) -> jax.Array:
-    """Per-sample weight of the ε-MSE: 'none', 'p2' or 'adaptive' (needs the bucket EMAs)."""
+def loss_weight(kind: str, t: jax.Array, bucket_losses: jax.Array | None = None, p2_k: float = 1.0) -> jax.Array:
+    """Per-sample weight of the ε-MSE: 'none', 'p2' (with its k) or 'adaptive' (needs the bucket EMAs)."""
     if kind == 'none':
         return jnp.ones_like(t)
     if kind == 'p2':
-        return p2_weight(t)
+        return p2_weight(t, p2_k)
     if kind == 'adaptive':
         return adaptive_weight(bucket_losses, t)
     raise ValueError(f'loss weight {kind!r} is not one of {LOSS_WEIGHTS}')

@@ -87,6 +87,21 @@ def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
     return x.reshape(b, h * factor, w * factor, c)
 
 
+def sincos_2d(height: int, width: int, dim: int) -> jax.Array:
+    """Fixed 2-D sin-cos position embedding [height, width, dim], float32: the first half of the
+    channels encodes the column, the second the row, each as [sin | cos] at 10000^(-k/(dim/4))."""
+    if dim % 4:
+        raise ValueError(f'sincos_2d needs dim divisible by 4, got {dim}')
+    omega = 1.0 / 10000 ** (jnp.arange(dim // 4, dtype=jnp.float32) / (dim // 4))
+
+    def one_axis(pos):
+        angles = pos.astype(jnp.float32)[:, None] * omega[None]
+        return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    cols, rows = one_axis(jnp.arange(width)), one_axis(jnp.arange(height))
+    return jnp.concatenate([jnp.broadcast_to(cols[None], (height, width, dim // 2)),
+                            jnp.broadcast_to(rows[:, None], (height, width, dim // 2))], axis=-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Würstchen diffusion blocks (wuerstchen.md §1). Names follow the torch modules so conversion is
 # a table: depthwise / channelwise_0 / grn / channelwise_4, mapper, kv_mapper, attention.

@@ -2,7 +2,9 @@
 
 A 1x1 projection, `depth` identical (ResBlock, TimestepBlock, AttnBlock) triplets at one
 resolution, and an output that turns the predicted (a, b) into the noise estimate
-(x - a) / (|1 - b| + 1e-5) (wuerstchen.md §4.1). With `scan_blocks` the triplets are one
+(x - a) / (|1 - b| + 1e-5) (wuerstchen.md §4.1). `pos_embed` (not in the reference) adds a fixed
+2-D sin-cos position embedding after the projection: attention has no notion of place, and a
+shallow prior on a small map cannot infer "on the left" from its convs' borders. With `scan_blocks` the triplets are one
 `nn.scan` over stacked params (fast compiles for depth 32), optionally rematerialised.
 """
 from typing import Any
@@ -65,12 +67,15 @@ class WuerstchenPrior(nn.Module):
     dropout: float = 0.1
     scan_blocks: bool = False
     remat_policy: str = 'none'
+    pos_embed: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, r: jax.Array, cond: jax.Array, deterministic: bool = True) -> jax.Array:
         x_in = x.astype(jnp.float32)
         h = layers.conv(self.c, (1, 1), dtype=self.dtype, name='projection')(x.astype(self.dtype))
+        if self.pos_embed:
+            h = h + layers.sincos_2d(h.shape[1], h.shape[2], self.c).astype(self.dtype)
         cond_init = nn.initializers.normal(0.02)  # Würstchen's init of conditioning mappers
         c_embed = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, kernel_init=cond_init,
                                name='cond_mapper_0')(cond.astype(self.dtype))

@@ -13,7 +13,7 @@ from wurst_jax import checkpoint, convert
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.models.clip import CLIPTextModel
-from wurst_jax.tokenizer import ByteTokenizer, create_tokenizer
+from wurst_jax.tokenizer import create_tokenizer
 
 HIDDEN_STATES = ('last', 'penultimate')  # Würstchen: after the final LN; Stable Cascade: hidden_states[-1]
 DROPOUT_MODES = ('batch', 'sample')
@@ -26,32 +26,32 @@ def validate_text(text: ml_collections.ConfigDict) -> None:
         raise ConfigError('text.dropout_mode', text.dropout_mode, f'one of {DROPOUT_MODES}')
     if not 0 <= text.dropout < 1:
         raise ConfigError('text.dropout', text.dropout, 'a probability in [0, 1)')
-    if text.encoder == 'train' and text.tokenizer != 'bytes':
-        raise ConfigError('text.tokenizer', text.tokenizer, "'bytes' when text.encoder='train'")
+    if text.encoder == 'train' and text.tokenizer not in ('bytes', 'words'):
+        raise ConfigError('text.tokenizer', text.tokenizer, "'bytes' or 'words' when text.encoder='train'")
+    if text.tokenizer == 'words' and not text.get('vocabulary'):
+        raise ConfigError('text.vocabulary', text.get('vocabulary'), "the list of words when text.tokenizer='words'")
     if text.encoder != 'train' and not os.path.isdir(text.encoder):
         raise ConfigError('text.encoder', text.encoder, "'train', or a local transformers CLIP text folder "
                                                         '(config.json + model.safetensors)')
-    if text.tokenizer != 'bytes' and not os.path.isfile(os.path.join(text.tokenizer, 'tokenizer.json')):
-        raise ConfigError('text.tokenizer', text.tokenizer, "'bytes', or a local folder with tokenizer.json")
+    if text.tokenizer not in ('bytes', 'words') and not os.path.isfile(os.path.join(text.tokenizer, 'tokenizer.json')):
+        raise ConfigError('text.tokenizer', text.tokenizer, "'bytes', 'words', or a local folder with tokenizer.json")
 
 
 class TextConditioner:
     """Tokenizer + CLIP text encoder; `trainable` when config.text.encoder == 'train'.
 
-    config.text: tokenizer ('bytes' or a local CLIP folder), max_length, encoder ('train' or a
+    config.text: tokenizer ('bytes', 'words' of text.vocabulary, or a local CLIP folder), max_length, encoder ('train' or a
     local transformers CLIP text folder, used frozen), encoder_config (the CLIP fields of a trained
     encoder), hidden_state, dropout and dropout_mode (caption -> "" for CFG).
     """
 
     def __init__(self, text: ml_collections.ConfigDict, dtype: Any = jnp.float32):
         self.config = text
-        self.tokenizer = create_tokenizer(text.tokenizer, text.max_length)
+        self.tokenizer = create_tokenizer(text.tokenizer, text.max_length, text.get('vocabulary', ()))
         self.trainable = text.encoder == 'train'
         if self.trainable:
-            byte = self.tokenizer
-            assert isinstance(byte, ByteTokenizer)
-            self.module = CLIPTextModel(vocab_size=byte.vocab_size, max_position_embeddings=text.max_length,
-                                        eos_token_id=byte.eos_token_id, projection_dim=None, dtype=dtype,
+            self.module = CLIPTextModel(vocab_size=self.tokenizer.vocab_size, max_position_embeddings=text.max_length,
+                                        eos_token_id=self.tokenizer.eos_token_id, projection_dim=None, dtype=dtype,
                                         **text.encoder_config.to_dict())
             self._frozen = None
         else:
@@ -78,22 +78,32 @@ class TextConditioner:
         out = self.module.apply({'params': params}, tokens, mask)
         return out['last_hidden_state'] if self.config.hidden_state == 'last' else out['hidden_states'][-1]
 
+    def _dropped(self, rng: jax.Array, batch: int) -> jax.Array:
+        """[B, 1] bool: which captions become the empty caption, with probability text.dropout, for
+        the whole batch (the official Würstchen scripts) or per sample (Stable Cascade)."""
+        shape = (1,) if self.config.dropout_mode == 'batch' else (batch,)
+        return jnp.broadcast_to(jax.random.uniform(rng, shape)[:, None] < self.config.dropout, (batch, 1))
+
     def drop(self, rng: jax.Array, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Replaces captions by the empty caption with probability text.dropout, for the whole batch
-        (the official Würstchen scripts) or per sample (Stable Cascade)."""
-        shape = (1,) if self.config.dropout_mode == 'batch' else (tokens.shape[0],)
-        drop = jax.random.uniform(rng, shape)[:, None] < self.config.dropout
+        """Caption dropout for CFG on tokens."""
+        drop = self._dropped(rng, tokens.shape[0])
         return (jnp.where(drop, jnp.asarray(self.empty_tokens), tokens),
                 jnp.where(drop, jnp.asarray(self.empty_mask), mask))
+
+    def drop_states(self, rng: jax.Array, states: jax.Array, text_params: Any) -> jax.Array:
+        """Caption dropout for CFG on precomputed [B, L, D] states of a frozen encoder."""
+        return jnp.where(self._dropped(rng, states.shape[0])[:, :, None], self.empty_states(text_params), states)
+
+    def empty_states(self, text_params: Any) -> jax.Array:
+        """[1, L, D] states of the empty caption: what dropped captions and the unconditional half see."""
+        return self.encode(text_params, jnp.asarray(self.empty_tokens)[None], jnp.asarray(self.empty_mask)[None])
 
     def encode_for_guidance(self, params: Any, frozen: dict, tokens: jax.Array,
                             mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(states of the captions, states of the empty caption): the two halves of guidance."""
         text_params = self.params(params, frozen)
-        batch = tokens.shape[0]
-        empty_tokens, empty_mask = np.tile(self.empty_tokens, (batch, 1)), np.tile(self.empty_mask, (batch, 1))
-        return (self.encode(text_params, tokens, mask),
-                self.encode(text_params, jnp.asarray(empty_tokens), jnp.asarray(empty_mask)))
+        cond = self.encode(text_params, tokens, mask)
+        return cond, jnp.broadcast_to(self.empty_states(text_params), cond.shape)
 
 
 def load_stage(source: str, family: str) -> tuple[Any, dict, dict]:
@@ -117,10 +127,9 @@ def captioned_batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[t
             'token_mask': ((length,), jnp.int32)}
 
 
-def evaluate_held_out(losses_fn, params: Any, model_state: Any, frozen: dict, batches) -> dict[str, float]:
-    """Mean over held-out batches of `losses_fn(params, model_state, frozen, batch)`, the unweighted
-    ε-MSE at each of diffusion_loss.EVAL_TIMES: a deterministic loss to compare checkpoints by."""
-    keys = ('image', 'tokens', 'token_mask')
+def evaluate_held_out(losses_fn, params: Any, model_state: Any, frozen: dict, batches, keys) -> dict[str, float]:
+    """Mean over held-out batches (their entries `keys`) of `losses_fn(params, model_state, frozen, batch)`,
+    the unweighted ε-MSE at each of diffusion_loss.EVAL_TIMES: a deterministic loss to compare checkpoints by."""
     losses = np.mean([np.asarray(losses_fn(params, model_state, frozen, {k: jnp.asarray(b[k]) for k in keys}))
                       for b in batches], axis=0)
     result = {f'loss_t{t}': float(v) for t, v in zip(diffusion_loss.EVAL_TIMES, losses)}

@@ -189,7 +189,8 @@ class StageBTask:
             cond = self.text.encode(self.text.params(p, frozen), tokens, mask)
             eps = self.decoder.apply({'params': p['decoder']}, x_t, t, effnet * keep, cond, deterministic=False,
                                      rngs={'dropout': dropout_rng})
-            loss, raw = diffusion_loss.epsilon_loss(eps, noise, t, d.loss_weight, model_state.get('loss_buckets'))
+            loss, raw = diffusion_loss.epsilon_loss(eps, noise, t, d.loss_weight, model_state.get('loss_buckets'),
+                                                    d.get('p2_k', 1.0))
             return loss, (raw, bn_updates)
 
         (loss, (raw, bn_updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -242,4 +243,5 @@ class StageBTask:
     def evaluate(self, params: Any, model_state: Any, frozen: dict,
                  batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
         """Unweighted ε-MSE on held-out images at fixed noise levels and noise."""
-        return conditioning.evaluate_held_out(self._eval_losses, params, model_state, frozen, batches)
+        return conditioning.evaluate_held_out(self._eval_losses, params, model_state, frozen, batches,
+                                              self.batch_spec())

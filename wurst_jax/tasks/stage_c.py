@@ -3,6 +3,9 @@
 The effnet is frozen (from a Stage B run that trained it jointly, or from a converted weights
 file); the text encoder is trained with the prior or frozen from a local CLIP folder. The map is
 scaled as configured (`latent_scaling='v2'`: (x + 1)/42, Würstchen v2's space) before noising.
+With `input.precomputed` (`python -m wurst_jax.precompute`) batches carry the scaled maps as
+`latents` and a frozen encoder's `text_states`, and the step runs neither encoder; they stay loaded
+for sampling from prompts.
 """
 import os
 from typing import Any, Iterable
@@ -15,6 +18,7 @@ import optax
 
 from wurst_jax import convert, optim
 from wurst_jax.config_lib import ConfigError, validate_optimizer
+from wurst_jax.data import precomputed
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
 from wurst_jax.models.stage_c import REMAT_POLICIES, WuerstchenPrior
@@ -42,6 +46,8 @@ def validate_diffusion(config: ml_collections.ConfigDict) -> None:
         raise ConfigError('diffusion.t_sampling', d.t_sampling, f'one of {schedule.T_SAMPLING}')
     if d.loss_weight not in schedule.LOSS_WEIGHTS:
         raise ConfigError('diffusion.loss_weight', d.loss_weight, f'one of {schedule.LOSS_WEIGHTS}')
+    if not d.get('p2_k', 1.0) > 0:
+        raise ConfigError('diffusion.p2_k', d.p2_k, 'a positive number (1 is Würstchen\'s P2 weight)')
     if d.sampler not in samplers.SAMPLERS:
         raise ConfigError('diffusion.sampler', d.sampler, f'one of {samplers.SAMPLERS}')
 
@@ -104,7 +110,8 @@ class StageCTask:
         else:
             self.prior = WuerstchenPrior(c_in=self.effnet.c_latent, c=m.c, c_cond=self.text.width, c_r=m.c_r,
                                          depth=m.depth, num_heads=m.num_heads, dropout=m.dropout,
-                                         scan_blocks=m.scan_blocks, remat_policy=m.remat_policy, dtype=dtype)
+                                         scan_blocks=m.scan_blocks, remat_policy=m.remat_policy,
+                                         pos_embed=m.get('pos_embed', False), dtype=dtype)
             self._pretrained = None
         self._eval_losses = jax.jit(self._held_out_losses)
 
@@ -123,6 +130,11 @@ class StageCTask:
                               'a Stage B workdir, an effnet model folder or an effnet checkpoint file')
         if config.init.prior and not os.path.exists(config.init.prior):
             raise ConfigError('init.prior', config.init.prior, "'' or a diffusers prior folder / checkpoint file")
+        if config.input.get('precomputed'):
+            try:
+                precomputed.check_matches(config)
+            except FileNotFoundError as e:
+                raise ConfigError('input.precomputed', config.input.precomputed, f'a precompute output folder ({e})')
         if config.latent_scaling not in LATENT_SCALINGS:
             raise ConfigError('latent_scaling', config.latent_scaling, f'one of {LATENT_SCALINGS}')
         validate_diffusion(config)
@@ -130,7 +142,14 @@ class StageCTask:
     # -- state -----------------------------------------------------------------------------------
 
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
-        return conditioning.captioned_batch_spec(self.config)
+        if not self.config.input.get('precomputed'):
+            return conditioning.captioned_batch_spec(self.config)
+        spec = {'latents': (self.latent_shape(), jnp.float32)}
+        if self.text.trainable:
+            spec.update({k: v for k, v in conditioning.captioned_batch_spec(self.config).items() if k != 'image'})
+        else:
+            spec['text_states'] = ((self.config.text.max_length, self.text.width), jnp.float32)
+        return spec
 
     def latent_shape(self) -> tuple[int, int, int]:
         """(h, w, c) of the Stage C latents."""
@@ -167,22 +186,37 @@ class StageCTask:
         z = effnet_latents(self.effnet, frozen['effnet'], images, self.config.effnet.image_size)
         return scale_latents(z, self.config.latent_scaling)
 
+    def batch_latents(self, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
+        """x0: the batch's precomputed latents, or the effnet map of its images."""
+        return batch['latents'] if 'latents' in batch else self.latents(frozen, batch['image'])
+
+    def batch_text(self, params: Any, frozen: dict, batch: dict[str, jax.Array], drop_rng: jax.Array | None = None):
+        """The prior's text conditioning of the batch, with caption dropout when `drop_rng` is given."""
+        text_params = self.text.params(params, frozen)
+        if 'text_states' in batch:
+            states = batch['text_states']
+            return states if drop_rng is None else self.text.drop_states(drop_rng, states, text_params)
+        tokens, mask = batch['tokens'], batch['token_mask']
+        if drop_rng is not None:
+            tokens, mask = self.text.drop(drop_rng, tokens, mask)
+        return self.text.encode(text_params, tokens, mask)
+
     def grads(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
               rng: jax.Array, step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
         del step
         d = self.config.diffusion
         t_rng, noise_rng, drop_rng, dropout_rng = jax.random.split(rng, 4)
-        x0 = jax.lax.stop_gradient(self.latents(frozen, batch['image']))
+        x0 = jax.lax.stop_gradient(self.batch_latents(frozen, batch))
         t = schedule.sample_t(t_rng, x0.shape[0], d.t_sampling)
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
         x_t = schedule.add_noise(x0, noise, t)
-        tokens, mask = self.text.drop(drop_rng, batch['tokens'], batch['token_mask'])
 
         def loss_fn(p):
-            cond = self.text.encode(self.text.params(p, frozen), tokens, mask)
+            cond = self.batch_text(p, frozen, batch, drop_rng)
             eps = self.prior.apply({'params': p['prior']}, x_t, t, cond, deterministic=False,
                                    rngs={'dropout': dropout_rng})
-            return diffusion_loss.epsilon_loss(eps, noise, t, d.loss_weight, model_state.get('loss_buckets'))
+            return diffusion_loss.epsilon_loss(eps, noise, t, d.loss_weight, model_state.get('loss_buckets'),
+                                               d.get('p2_k', 1.0))
 
         (loss, raw), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         new_state = model_state
@@ -192,10 +226,8 @@ class StageCTask:
 
     # -- sampling and evaluation -----------------------------------------------------------------
 
-    def denoiser(self, params: Any, frozen: dict, tokens: jax.Array, mask: jax.Array):
+    def denoiser(self, params: Any, cond: jax.Array, uncond: jax.Array):
         """`denoise(x, t, conditional)` for sample_guided: None = [conditional; unconditional] halves."""
-        cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask)
-
         def denoise(x, t, conditional):
             c = cond if conditional else jnp.concatenate([cond, uncond])
             return self.prior.apply({'params': params['prior']}, x, t, c)
@@ -204,21 +236,32 @@ class StageCTask:
     def sample(self, params: Any, frozen: dict, tokens: jax.Array, mask: jax.Array, rng: jax.Array, *,
                steps: int | None = None, guidance: float | None = None) -> jax.Array:
         """Stage C latents for the captions, unscaled into the effnet's raw space: [B, h, w, c]."""
+        cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask)
+        return self.sample_from_states(params, cond, uncond, rng, steps=steps, guidance=guidance)
+
+    def sample_from_states(self, params: Any, cond: jax.Array, uncond: jax.Array, rng: jax.Array, *,
+                           steps: int | None = None, guidance: float | None = None) -> jax.Array:
+        """`sample` given the text states of the captions and of the empty caption."""
         s = self.config.sample
         h, w, c = self.latent_shape()
         init_rng, rng = jax.random.split(rng)
-        x = jax.random.normal(init_rng, (tokens.shape[0], h, w, c), jnp.float32)
+        x = jax.random.normal(init_rng, (cond.shape[0], h, w, c), jnp.float32)
         timesteps = (samplers.default_stage_c_timesteps() if s.prior_timesteps == 'stage_c_default'
                      else samplers.linspace_timesteps(steps or s.prior_steps))
-        x = sample_guided(self.denoiser(params, frozen, tokens, mask), x, rng, timesteps,
+        x = sample_guided(self.denoiser(params, cond, uncond), x, rng, timesteps,
                           s.prior_guidance if guidance is None else guidance, self.config.diffusion.sampler)
         return unscale_latents(x, self.config.latent_scaling)
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
         """The effnet map of each image beside the map sampled from its caption (first 3 channels)."""
         del model_state
-        real = unscale_latents(self.latents(frozen, batch['image']), self.config.latent_scaling)
-        fake = self.sample(params, frozen, batch['tokens'], batch['token_mask'], jax.random.key(0))
+        real = unscale_latents(self.batch_latents(frozen, batch), self.config.latent_scaling)
+        if 'text_states' in batch:
+            cond = batch['text_states']
+            uncond = jnp.broadcast_to(self.text.empty_states(frozen['text']), cond.shape)
+            fake = self.sample_from_states(params, cond, uncond, jax.random.key(0))
+        else:
+            fake = self.sample(params, frozen, batch['tokens'], batch['token_mask'], jax.random.key(0))
         pair = jnp.concatenate([real, fake], axis=2)[..., :3]
         pair = pair / (jnp.max(jnp.abs(real[..., :3]), axis=(1, 2, 3), keepdims=True) + 1e-6)
         scale = max(1, self.config.input.image_size // real.shape[1])
@@ -226,12 +269,13 @@ class StageCTask:
 
     def _held_out_losses(self, params: Any, model_state: Any, frozen: dict, batch: dict) -> jax.Array:
         del model_state
-        x0 = self.latents(frozen, batch['image'])
-        cond = self.text.encode(self.text.params(params, frozen), batch['tokens'], batch['token_mask'])
+        x0 = self.batch_latents(frozen, batch)
+        cond = self.batch_text(params, frozen, batch)
         return diffusion_loss.fixed_time_losses(lambda x, t: self.prior.apply({'params': params['prior']}, x, t, cond),
                                                 x0)
 
     def evaluate(self, params: Any, model_state: Any, frozen: dict,
                  batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
         """Unweighted ε-MSE on held-out images at fixed noise levels and noise."""
-        return conditioning.evaluate_held_out(self._eval_losses, params, model_state, frozen, batches)
+        return conditioning.evaluate_held_out(self._eval_losses, params, model_state, frozen, batches,
+                                              self.batch_spec())

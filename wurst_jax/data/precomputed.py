@@ -1,0 +1,68 @@
+"""The records `python -m wurst_jax.precompute` writes for Stage C, and how training reads them.
+
+A folder holds `{split}-{process:05d}-of-{N:05d}.array_record` files of msgpack dicts (id, caption,
+latents [h, w, c] scaled as config.latent_scaling says, and text_states [L, D] for a frozen text
+encoder) and metadata.json with the config fields they depend on.
+"""
+import json
+import os
+
+import ml_collections
+import numpy as np
+from flax import serialization
+
+from wurst_jax.config_lib import ConfigError
+
+METADATA = 'metadata.json'
+# The config fields the records depend on: training checks them against its own config.
+FINGERPRINT_FIELDS = ('effnet.source', 'effnet.image_size', 'latent_scaling', 'text.encoder', 'text.tokenizer',
+                      'text.max_length', 'text.hidden_state', 'input.dataset', 'input.image_size', 'input.resize')
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict[str, object]:
+    out = {}
+    for field in FINGERPRINT_FIELDS:
+        value = config
+        for part in field.split('.'):
+            value = value[part]
+        out[field] = value
+    return out
+
+
+def shard_paths(folder: str, split: str) -> list[str]:
+    """This split's record files in `folder`, sorted; an error that says how to make them if none."""
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                   if f.startswith(f'{split}-') and f.endswith('.array_record')) if os.path.isdir(folder) else []
+    if not paths:
+        raise FileNotFoundError(f'no precomputed {split!r} records in {folder}: run '
+                                f'`python -m wurst_jax.precompute --config=... --out={folder}` first')
+    return paths
+
+
+def read_metadata(folder: str) -> dict:
+    path = os.path.join(folder, METADATA)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} is missing: {folder} was not written by `python -m wurst_jax.precompute` '
+                                'or the run was interrupted; run it again')
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_matches(config: ml_collections.ConfigDict) -> None:
+    """ConfigError naming the first field whose value differs from the one the records were made with."""
+    made_with = read_metadata(config.input.precomputed)['config']
+    for field, value in fingerprint(config).items():
+        if made_with.get(field) != value:
+            raise ConfigError(
+                field, value, f'{made_with.get(field)!r}, the value input.precomputed='
+                f'{config.input.precomputed} was made with (or precompute again with this config)')
+
+
+def decode_record(record: bytes) -> dict:
+    """A stored record as a dict of numpy arrays (float32 features) and the caption str."""
+    example = serialization.msgpack_restore(record)
+    example['caption'] = str(example['caption'])
+    for key in ('latents', 'text_states'):
+        if key in example:
+            example[key] = np.asarray(example[key], np.float32)
+    return example
