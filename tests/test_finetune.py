@@ -134,3 +134,6 @@ def test_precompute_equals_the_encoders_and_trains(finetune_arg, tmp_path):
     pre_config.input.precomputed = str(tmp_path / 'nowhere')
     with pytest.raises(config_lib.ConfigError, match='input.precomputed'):
         config_lib.validate(pre_config)
+    result = subprocess.run([sys.executable, '-m', 'wurst_jax.precompute', '--config=configs/shapes.py:runlocal'],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Invalid config: config.model_family='stage_a'" in result.stderr

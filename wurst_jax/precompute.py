@@ -87,16 +87,22 @@ def write_split(task, config: ml_collections.ConfigDict, split: str, out: str, b
     return written
 
 
-def precompute(config: ml_collections.ConfigDict, out: str, splits: list[str], batch_size: int,
-               dtype: str = 'float32') -> dict:
-    """Writes the records of `splits` and metadata.json into `out`; returns the metadata."""
-    from wurst_jax import tasks  # JAX and the networks load only after the flags are checked
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """ConfigError unless `config` is a Stage C config that reads images (not records already)."""
+    config_lib.validate(config)
     if config.model_family != 'stage_c':
         raise config_lib.ConfigError('model_family', config.model_family, "'stage_c': only Stage C has "
                                      'frozen encoders to precompute')
     if config.input.get('precomputed'):
         raise config_lib.ConfigError('input.precomputed', config.input.precomputed,
                                      "'' when precomputing: the images are read from input.dataset")
+
+
+def precompute(config: ml_collections.ConfigDict, out: str, splits: list[str], batch_size: int,
+               dtype: str = 'float32') -> dict:
+    """Writes the records of `splits` and metadata.json into `out`; returns the metadata."""
+    from wurst_jax import tasks  # JAX and the networks load only after the flags are checked
+    check_config(config)
     task = tasks.create(config)
     os.makedirs(out, exist_ok=True)
     np_dtype = {'float32': np.float32, 'bfloat16': jnp.bfloat16}[dtype]
@@ -118,7 +124,7 @@ def main(argv):
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     config = _CONFIG.value
     try:
-        config_lib.validate(config)
+        check_config(config)
     except config_lib.ConfigError as e:
         raise SystemExit(f'Invalid config: {e}') from None
     out = _OUT.value or default_out(config)
