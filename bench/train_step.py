@@ -2,11 +2,10 @@
 
   python bench/train_step.py --config=configs/shapes.py:stage=a [--steps=20] [--config.FIELD=VALUE]
 
-Reports the median step time after warm-up, images/s, compile time, XLA's FLOPs per step, the
+Reports the median step time after warm-up, images/s, compile time, XLA's FLOPs per step and device, the
 achieved FLOP/s and its ratio to a float32 GEMM peak measured in the same process, and peak RSS.
 The side-by-side PyTorch figures of the benchmark issue are not part of this script yet.
 """
-import functools
 import json
 import resource
 import statistics
@@ -58,13 +57,11 @@ def main(_):
             local.update(tokens=encoded['input_ids'], token_mask=encoded['attention_mask'])
         batch = sharding.make_global_batch(local, batch_sharding)
         frozen = jax.device_put(task.frozen_params(), sharding.replicated(mesh))
-        step = jax.jit(functools.partial(train.train_step, task, tx, config),
-                       in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
-                       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+        lowered = train.lower_train_step(config, task, tx, mesh, abstract, state_sharding, frozen)
         t = time.perf_counter()
-        compiled = step.lower(abstract, batch, frozen).compile()
+        compiled = lowered.compile()
         compile_s = time.perf_counter() - t
-        flops = float(compiled.cost_analysis().get('flops', 0.0))
+        flops = train.step_flops(config, lowered) / mesh.size
         for _ in range(2):
             state, metrics = compiled(state, batch, frozen)
         jax.block_until_ready(metrics)

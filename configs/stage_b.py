@@ -33,11 +33,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         c_r=64, patch_size=2, c_cond=1024, c_hidden=[320, 640, 1280, 1280], nhead=[-1, 10, 20, 20],
         blocks=[4, 4, 14, 4], level_config=['CT', 'CTA', 'CTA', 'CTA'], inject_effnet=[False, True, True, True],
-        kernel_size=3, dropout=0.1))
+        kernel_size=3, dropout=0.1, remat_policy='dots'))
     config.text = ml_collections.ConfigDict(dict(
         tokenizer=arg.tokenizer or arg.clip, max_length=77, encoder=arg.clip, hidden_state='last', dropout=0.05,
         dropout_mode='sample', encoder_config=ml_collections.ConfigDict()))
-    config.diffusion = ml_collections.ConfigDict(dict(t_sampling='wuerstchen', loss_weight='p2', p2_k=1.0, sampler='ddpm'))
+    config.diffusion = ml_collections.ConfigDict(dict(t_sampling='wuerstchen', loss_weight='p2', p2_k=1.0,
+                                                    prediction='epsilon', sampler='ddpm'))
     config.sample = ml_collections.ConfigDict(dict(decoder_steps=12, decoder_guidance=0.0))
     config.optimizer = config_lib.optimizer_config(1e-4, warmup_steps=10_000, schedule='constant',
                                                    weight_decay=0.01)

@@ -33,7 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.text = ml_collections.ConfigDict(dict(
         tokenizer=arg.clip, max_length=77, encoder=arg.clip, hidden_state='last', dropout=0.05,
         dropout_mode='batch', encoder_config=ml_collections.ConfigDict()))
-    config.diffusion = ml_collections.ConfigDict(dict(t_sampling='wuerstchen', loss_weight='p2', p2_k=1.0, sampler='ddpm'))
+    config.diffusion = ml_collections.ConfigDict(dict(t_sampling='wuerstchen', loss_weight='p2', p2_k=1.0,
+                                                    prediction='epsilon', sampler='ddpm'))
     config.sample = ml_collections.ConfigDict(dict(prior_steps=60, prior_timesteps='stage_c_default',
                                                   prior_guidance=4.0))
     config.optimizer = config_lib.optimizer_config(1e-4, warmup_steps=10_000, schedule='constant',

@@ -82,6 +82,7 @@ def test_main_rejects_bad_value_before_compiling(tmp_path):
 
 def test_text_and_precomputed_fields_are_checked():
     from wurst_jax.tasks import conditioning
+    from wurst_jax.tasks.stage_c import validate_diffusion
     text = load_config('shapes', 'stage=c').text
     conditioning.validate_text(text)
     for field, value, message in [('vocabulary', [], 'config.text.vocabulary='),
@@ -92,6 +93,10 @@ def test_text_and_precomputed_fields_are_checked():
             bad[field] = value
         with pytest.raises(config_lib.ConfigError, match=message):
             conditioning.validate_text(bad)
+    config = load_config('shapes', 'stage=b,runlocal')
+    config.diffusion.prediction = 'x0'
+    with pytest.raises(config_lib.ConfigError, match=r"config.diffusion.prediction='x0'.*'epsilon', 'v'"):
+        validate_diffusion(config)
     config = load_config('shapes', 'runlocal')
     config.input.precomputed = '/some/records'
     with pytest.raises(config_lib.ConfigError, match='config.input.precomputed=.*only Stage C'):

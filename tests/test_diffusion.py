@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
 
 
@@ -93,6 +94,18 @@ def test_samplers_recover_a_point_mass():
         out = samplers.sample(exact_eps if shift == 1 else _shift_eps(x0, shift), init,
                               samplers.linspace_timesteps(20), jax.random.key(1), sampler, shift)
         np.testing.assert_allclose(out, x0, atol=5e-2, err_msg=f'{sampler} shift {shift}')
+
+
+def test_v_prediction_converts_to_the_noise():
+    """v = √ᾱ·ε − √(1 − ᾱ)·x0 and back: the exact v of x_t gives the exact ε, at every noise level."""
+    rng = np.random.default_rng(0)
+    x0, noise = (jnp.asarray(rng.standard_normal((5, 4, 4, 3)), jnp.float32) for _ in range(2))
+    t = jnp.asarray([0.001, 0.2, 0.5, 0.9, 1.0])
+    x_t = schedule.add_noise(x0, noise, t)
+    v = diffusion_loss.target('v', x0, noise, t)
+    np.testing.assert_allclose(diffusion_loss.to_epsilon('v', v, x_t, t), noise, atol=1e-5)
+    np.testing.assert_allclose(v[-1], -x0[-1], atol=0.05)  # at t = 1, √ᾱ = 0.01: v is −x0 up to 0.01·ε
+    assert diffusion_loss.target('epsilon', x0, noise, t) is noise
 
 
 def _shift_eps(x0, shift):

@@ -21,7 +21,7 @@ import optax
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from wurst_jax import checkpoint, optim, sharding, tasks, visualize
+from wurst_jax import checkpoint, convert, optim, sharding, tasks, visualize
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.data import input_pipeline, photos
 
@@ -185,7 +185,7 @@ def eval_batches(config: ml_collections.ConfigDict, tokenizer: Any = None) -> An
                                                num_examples=config.eval.num_examples, tokenizer=tokenizer)
 
 
-def _check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     split = mesh.shape['data'] * mesh.shape['fsdp'] * config.grad_accum_steps
     if config.input.batch_size % split or config.input.batch_size % jax.process_count():
         raise ConfigError('input.batch_size', config.input.batch_size,
@@ -226,6 +226,60 @@ def abstract_train_state(config: ml_collections.ConfigDict, task: Any, tx: optax
     return init_fn, abstract_state, state_sharding
 
 
+def lower_train_step(config: ml_collections.ConfigDict, task: Any, tx: optax.GradientTransformation,
+                     mesh: jax.sharding.Mesh, abstract_state: TrainState, state_sharding: Any,
+                     frozen: Any) -> jax.stages.Lowered:
+    """train_step lowered for the config's global batch over the mesh; `frozen` may be arrays or
+    ShapeDtypeStructs. The state is donated: its buffers are reused for the new state."""
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+                  for k, v in example_batch(task, config.input.batch_size, abstract=True).items()}
+    step_fn = jax.jit(functools.partial(train_step, task, tx, config),
+                      in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
+                      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return step_fn.lower(abstract_state, batch_spec, frozen)
+
+
+def lower_from_shapes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[jax.stages.Lowered, TrainState]:
+    """(the train step lowered, the abstract state) without reading any weights: frozen networks
+    come from their folders' config.json (`convert.shapes_only`)."""
+    with convert.shapes_only():
+        task = tasks.create(config)
+    tx = task.optimizer()
+    _, abstract_state, state_sharding = abstract_train_state(config, task, tx, mesh,
+                                                             tuple(tuple(r) for r in config.sharding_rules))
+    replicated = sharding.replicated(mesh)
+    frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), task.frozen_params())
+    return lower_train_step(config, task, tx, mesh, abstract_state, state_sharding, frozen), abstract_state
+
+
+def step_flops(config: ml_collections.ConfigDict, lowered: jax.stages.Lowered) -> float:
+    """Model FLOPs of one train step over the whole mesh: XLA's count of the step before partitioning.
+
+    XLA counts a loop body once and counts rematerialised work again, so a step whose blocks are an
+    nn.scan, whose batch is accumulated over micro-batches or whose blocks are rematerialised is
+    counted from its plain twin; that twin, and a step lowered for a TPU topology (which gives no
+    count here), are lowered from shapes alone on one CPU device: seconds, nothing compiled or loaded.
+    """
+    model = config.get('model', {})
+    plain = (not model.get('scan_blocks', False) and model.get('remat_policy', 'none') == 'none'
+             and config.grad_accum_steps == 1)
+    cost = (lowered.cost_analysis() or {}) if plain else {}
+    if 'flops' not in cost:
+        counted = config.copy_and_resolve_references()
+        counted.mesh.update(data=1, fsdp=1, tensor=1)
+        counted.grad_accum_steps = 1
+        if 'scan_blocks' in model:
+            counted.model.scan_blocks = False
+        if 'remat_policy' in model:
+            counted.model.remat_policy = 'none'
+        lowered, _ = lower_from_shapes(counted, sharding.create_mesh(counted.mesh, jax.devices('cpu')[:1]))
+        cost = lowered.cost_analysis() or {}
+    return float(cost.get('flops', 0.0))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains config.model_family for config.total_steps, resuming from workdir's latest checkpoint."""
     os.makedirs(workdir, exist_ok=True)
@@ -234,7 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # -- Mesh, task, optimizer ---------------------------------------------------------------------
     mesh = sharding.create_mesh(config.mesh)
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    _check_batch_fits_mesh(config, mesh)
+    check_batch_fits_mesh(config, mesh)
     task = tasks.create(config)
     tx = task.optimizer()
     logging.info('mesh %s over %d devices', dict(mesh.shape), mesh.size)
@@ -264,19 +318,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start_step = int(state.step)
 
     # -- Compiled step -----------------------------------------------------------------------------
-    batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-                  for k, v in example_batch(task, config.input.batch_size, abstract=True).items()}
     # Frozen networks are read from local files once, and passed to every step, never saved.
     frozen = jax.device_put(task.frozen_params(), sharding.replicated(mesh))
-    step_fn = jax.jit(functools.partial(train_step, task, tx, config),
-                      in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
-                      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        t0 = time.time()
-        compiled = step_fn.lower(abstract_state, batch_spec, frozen).compile()
-        cost = compiled.cost_analysis() or {}
-        flops = float(cost.get('flops', 0.0)) if isinstance(cost, dict) else 0.0
-        logging.info('train step compiled in %.1f s; %.3g FLOP per step', time.time() - t0, flops)
+    lowered = lower_train_step(config, task, tx, mesh, abstract_state, state_sharding, frozen)
+    t0 = time.time()
+    compiled = lowered.compile()
+    flops = step_flops(config, lowered)
+    logging.info('train step compiled in %.1f s; %.3g FLOP per step over %d devices', time.time() - t0, flops,
+                 mesh.size)
 
     # -- Loop --------------------------------------------------------------------------------------
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
@@ -287,7 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Compiled once, reused at every image step; replicated so every process can read the grid.
     visualize_fn = jax.jit(task.visualize, out_shardings=sharding.replicated(mesh))
     image_batch = next(iter(eval_batches(config, task.tokenizer)))
-    image_batch = {k: np.asarray(image_batch[k][:config.eval.num_grid_images]) for k in batch_spec}
+    batch_keys = tuple(task.batch_spec())
+    image_batch = {k: np.asarray(image_batch[k][:config.eval.num_grid_images]) for k in batch_keys}
     pending_metrics, last_log, nonfinite_streak = [], (time.time(), start_step), 0
     ids_file = (open(os.path.join(workdir, 'batch_ids.txt'), 'a')
                 if config.record_batch_ids and jax.process_index() == 0 else None)
@@ -298,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 local = next(train_iter)
                 if ids_file:
                     ids_file.write(f'{step} ' + ' '.join(map(str, local['id'].tolist())) + '\n')
-                batch = sharding.make_global_batch({k: local[k] for k in batch_spec}, batch_sharding)
+                batch = sharding.make_global_batch({k: local[k] for k in batch_keys}, batch_sharding)
                 state, metrics = compiled(state, batch, frozen)
                 pending_metrics.append(metrics)
             for hook in hooks:
@@ -309,8 +359,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                                       config.max_nonfinite_steps)
                 now = time.time()
                 summary['images_per_sec'] = (step - last_log[1]) * config.input.batch_size / (now - last_log[0])
-                if flops:  # XLA's count for one device's program
-                    summary['device_gflops_per_sec'] = (step - last_log[1]) * flops / (now - last_log[0]) / 1e9
+                if flops:
+                    summary['device_gflops_per_sec'] = (
+                        (step - last_log[1]) * flops / mesh.size / (now - last_log[0]) / 1e9)
                 writer.write_scalars(step, summary)
                 pending_metrics, last_log = [], (now, step)
             preempted = preemption.reached(step)

@@ -11,7 +11,7 @@ torch.load(weights_only=True), never by unpickling arbitrary objects.
 from wurst_jax.convert import clip  # noqa: F401
 from wurst_jax.convert import effnet  # noqa: F401
 from wurst_jax.convert import wuerstchen  # noqa: F401  (registers its components)
-from wurst_jax.convert.core import COMPONENTS, load_diffusers, save_diffusers
+from wurst_jax.convert.core import COMPONENTS, load_diffusers, save_diffusers, shapes_only
 from wurst_jax.convert.original import load_original
 
-__all__ = ['COMPONENTS', 'load_diffusers', 'load_original', 'save_diffusers']
+__all__ = ['COMPONENTS', 'load_diffusers', 'load_original', 'save_diffusers', 'shapes_only']

@@ -6,6 +6,7 @@ write back, and the torch key of every Flax variable; the tables live in one mod
 wuerstchen.md §10: Linear (out, in) <-> Dense (in, out); Conv (out, in, kh, kw) <-> (kh, kw, in, out);
 GRN (1, 1, 1, C) <-> (C,). A component with other layouts passes its own `to_flax` / `to_torch`.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -67,6 +68,20 @@ class Component:
 
 
 COMPONENTS: dict[str, Component] = {}
+_SHAPES_ONLY = False
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Within it, `load_diffusers` reads only a model folder's config.json and returns the variables
+    as ShapeDtypeStructs: what an ahead-of-time plan (`wurst_jax.plan`) of a run with big frozen
+    networks needs, without their weights on disk or in memory."""
+    global _SHAPES_ONLY
+    previous, _SHAPES_ONLY = _SHAPES_ONLY, True
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY = previous
 
 
 def register(name: str, component: Component) -> None:
@@ -151,7 +166,7 @@ def read_config(path: str, name: str) -> dict:
     """config.json of a model folder, checked to hold the class that `name` converts."""
     comp = component(name)
     config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, comp.weights_name)
-    for needed in (config_path, weights_path):
+    for needed in (config_path,) if _SHAPES_ONLY else (config_path, weights_path):
         if not os.path.isfile(needed):
             raise FileNotFoundError(f'{needed} not found: {name} expects a {comp.library} model folder '
                                     f'with {CONFIG_NAME} and {comp.weights_name}')
@@ -168,7 +183,8 @@ def load_diffusers(path: str, name: str, **module_overrides: Any) -> tuple[nn.Mo
     """(module configured from path/config.json, Flax variables) from a local diffusers or
     transformers model folder, or from an original checkpoint file (see `original.py`).
 
-    module_overrides set Flax-only options, e.g. scan_blocks=True or dtype=jnp.bfloat16.
+    module_overrides set Flax-only options, e.g. scan_blocks=True or dtype=jnp.bfloat16. Within
+    `shapes_only()` a folder needs only its config.json and the variables are ShapeDtypeStructs.
     """
     if os.path.isfile(path):  # an original checkpoint file rather than a model folder
         from wurst_jax.convert.original import load_original
@@ -177,11 +193,13 @@ def load_diffusers(path: str, name: str, **module_overrides: Any) -> tuple[nn.Mo
     module = comp.from_config(read_config(path, name))
     if module_overrides:
         module = module.clone(**module_overrides)
+    if _SHAPES_ONLY:
+        return module, abstract_variables(module, comp)
     return module, variables_from_state_dict(module, name, load_file(os.path.join(path, comp.weights_name)))
 
 
-def save_diffusers(module: nn.Module, variables: dict, path: str, name: str) -> None:
-    """Writes a model folder (config.json + safetensors) that diffusers/transformers from_pretrained loads."""
+def write_config(module: nn.Module, path: str, name: str) -> None:
+    """Writes path/config.json of `module` as diffusers/transformers expect it (what `shapes_only` reads)."""
     comp = component(name)
     os.makedirs(path, exist_ok=True)
     if comp.library == 'transformers':
@@ -190,6 +208,12 @@ def save_diffusers(module: nn.Module, variables: dict, path: str, name: str) -> 
         header = {'_class_name': comp.class_name, '_diffusers_version': DIFFUSERS_VERSION}
     with open(os.path.join(path, CONFIG_NAME), 'w') as f:
         json.dump({**header, **comp.to_config(module)}, f, indent=2)
+
+
+def save_diffusers(module: nn.Module, variables: dict, path: str, name: str) -> None:
+    """Writes a model folder (config.json + safetensors) that diffusers/transformers from_pretrained loads."""
+    comp = component(name)
+    write_config(module, path, name)
     metadata = {'format': 'pt'} if comp.library == 'transformers' else None
     save_file(state_dict_from_variables(module, name, variables), os.path.join(path, comp.weights_name),
               metadata=metadata)

@@ -26,9 +26,9 @@ def _prior_from_config(cfg: dict) -> WuerstchenPrior:
 
 
 def _prior_config(m: WuerstchenPrior) -> dict:
-    if m.pos_embed:
-        raise ValueError("a prior with pos_embed=True has no diffusers WuerstchenPrior equivalent; keep it in "
-                         "this project's checkpoints")
+    if m.pos_embed or m.linear_output:
+        raise ValueError("a prior with pos_embed or linear_output has no diffusers WuerstchenPrior equivalent; "
+                         "keep it in this project's checkpoints")
     return dict(c_in=m.c_in, c=m.c, c_cond=m.c_cond, c_r=m.c_r, depth=m.depth, nhead=m.num_heads,
                 dropout=m.dropout)
 

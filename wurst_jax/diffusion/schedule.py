@@ -13,6 +13,7 @@ S = 0.008
 ALPHA_MIN, ALPHA_MAX = 1e-4, 0.9999
 LOGSNR_MAX = math.log(ALPHA_MAX / (1 - ALPHA_MAX))  # 9.21: the clamp in logSNR terms
 LOSS_WEIGHTS = ('none', 'p2', 'adaptive')
+PREDICTIONS = ('epsilon', 'v')  # what the network outputs: the noise, or v = √ᾱ·ε − √(1 − ᾱ)·x0
 T_SAMPLING = ('wuerstchen', 'uniform')
 
 
@@ -51,6 +52,19 @@ def add_noise(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
     """x_t = √ᾱ·x0 + √(1 - ᾱ)·ε, t [B]."""
     a = cosine_alpha_cumprod(t).reshape((-1,) + (1,) * (x0.ndim - 1))
     return jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
+
+
+def v_target(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+    """v = √ᾱ·ε − √(1 − ᾱ)·x0 (Salimans & Ho): ≈ −x0 at pure noise, so the layout a caption sets
+    is what the high-noise steps are scored on, where ε-prediction scores it only by √SNR."""
+    a = cosine_alpha_cumprod(t).reshape((-1,) + (1,) * (x0.ndim - 1))
+    return jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * x0
+
+
+def epsilon_from_v(v: jax.Array, x_t: jax.Array, t: jax.Array) -> jax.Array:
+    """ε = √(1 − ᾱ)·x_t + √ᾱ·v, the noise estimate the samplers take."""
+    a = cosine_alpha_cumprod(t).reshape((-1,) + (1,) * (x_t.ndim - 1))
+    return jnp.sqrt(1 - a) * x_t.astype(jnp.float32) + jnp.sqrt(a) * v.astype(jnp.float32)
 
 
 def p2_weight(t: jax.Array, k: float = 1.0) -> jax.Array:

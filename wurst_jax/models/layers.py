@@ -17,6 +17,22 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+REMAT_POLICIES = {
+    'none': None,  # keep every activation
+    'full': jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs only
+}
+
+
+def remat(block_cls: type[nn.Module], policy: str, *, deterministic_argnum: int | None = None) -> type[nn.Module]:
+    """`block_cls` rematerialised with a REMAT_POLICIES policy ('none' returns it unchanged). Its
+    params keep their names. `deterministic_argnum` (counting self) marks the Python-bool argument."""
+    if policy == 'none':
+        return block_cls
+    static = () if deterministic_argnum is None else (deterministic_argnum,)
+    return nn.remat(block_cls, policy=REMAT_POLICIES[policy], static_argnums=static)
+
+
 # Wuerstchen/Paella initialise every Conv/Linear with xavier_uniform and zero bias.
 default_kernel_init = nn.initializers.xavier_uniform()
 

@@ -38,16 +38,19 @@ class WuerstchenDiffNeXt(nn.Module):
     clip_embd: int = 1024
     kernel_size: int = 3
     dropout: float | Sequence[float] = 0.1
+    remat_policy: str = 'none'  # per block: one of layers.REMAT_POLICIES
     dtype: Dtype = jnp.float32
 
     def _block(self, kind: str, level: int, name: str):
-        c, dropout = self.c_hidden[level], self._dropouts()[level]
+        c, dropout, policy = self.c_hidden[level], self._dropouts()[level], self.remat_policy
         if kind == 'C':
-            return layers.ResBlock(c, dropout, self.kernel_size, self.dtype, name=name)
+            return layers.remat(layers.ResBlock, policy, deterministic_argnum=3)(
+                c, dropout, self.kernel_size, self.dtype, name=name)
         if kind == 'T':
-            return layers.TimestepBlock(c, self.dtype, name=name)
+            return layers.remat(layers.TimestepBlock, policy)(c, self.dtype, name=name)
         if kind == 'A':
-            return layers.AttnBlock(c, self.nhead[level], True, dropout, self.dtype, name=name)
+            return layers.remat(layers.AttnBlock, policy, deterministic_argnum=3)(
+                c, self.nhead[level], True, dropout, self.dtype, name=name)
         raise ValueError(f'level_config block type {kind!r} is not one of C, T, A')
 
     def _dropouts(self) -> tuple[float, ...]:

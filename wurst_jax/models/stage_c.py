@@ -4,7 +4,9 @@ A 1x1 projection, `depth` identical (ResBlock, TimestepBlock, AttnBlock) triplet
 resolution, and an output that turns the predicted (a, b) into the noise estimate
 (x - a) / (|1 - b| + 1e-5) (wuerstchen.md §4.1). `pos_embed` (not in the reference) adds a fixed
 2-D sin-cos position embedding after the projection: attention has no notion of place, and a
-shallow prior on a small map cannot infer "on the left" from its convs' borders. With `scan_blocks` the triplets are one
+shallow prior on a small map cannot infer "on the left" from its convs' borders. `linear_output` (not in the
+reference either) returns the output conv's value itself, for v-prediction: v ≈ −x0 at high noise is
+far from x, and dividing by a learnt |1 − b| then diverges. With `scan_blocks` the triplets are one
 `nn.scan` over stacked params (fast compiles for depth 32), optionally rematerialised.
 """
 from typing import Any
@@ -16,13 +18,6 @@ import jax.numpy as jnp
 from wurst_jax.models import layers
 
 Dtype = Any
-
-REMAT_POLICIES = {
-    'none': None,  # keep every activation
-    'full': jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
-    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs only
-}
-
 
 class PriorBlock(nn.Module):
     """One ResBlock -> TimestepBlock -> AttnBlock triplet."""
@@ -49,13 +44,6 @@ class PriorScanStep(PriorBlock):
         return super().__call__(x, r_emb, cond, deterministic), None
 
 
-def _maybe_remat(block_cls, policy: str):
-    if policy == 'none':
-        return block_cls
-    # Argument 4 (counting self) is `deterministic`, a Python bool.
-    return nn.remat(block_cls, policy=REMAT_POLICIES[policy], static_argnums=(4,))
-
-
 class WuerstchenPrior(nn.Module):
     """x: [B, h, w, c_in] noisy latents, r: [B] time in [0, 1], cond: [B, L, c_cond] -> eps [B, h, w, c_in]."""
     c_in: int = 16
@@ -68,6 +56,7 @@ class WuerstchenPrior(nn.Module):
     scan_blocks: bool = False
     remat_policy: str = 'none'
     pos_embed: bool = False
+    linear_output: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -84,16 +73,19 @@ class WuerstchenPrior(nn.Module):
         r_emb = layers.gen_r_embedding(r, self.c_r)
         block_args = dict(channels=self.c, num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype)
         if self.scan_blocks:
-            scan = nn.scan(_maybe_remat(PriorScanStep, self.remat_policy), variable_axes={'params': 0},
+            scan = nn.scan(layers.remat(PriorScanStep, self.remat_policy, deterministic_argnum=4), variable_axes={'params': 0},
                            split_rngs={'params': True, 'dropout': True}, length=self.depth,
                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                            metadata_params={nn.PARTITION_NAME: 'layers'})
             h, _ = scan(**block_args, name='blocks')(h, r_emb, c_embed, deterministic)
         else:
-            block_cls = _maybe_remat(PriorBlock, self.remat_policy)
+            block_cls = layers.remat(PriorBlock, self.remat_policy, deterministic_argnum=4)
             for k in range(self.depth):
                 h = block_cls(**block_args, name=f'blocks_{k}')(h, r_emb, c_embed, deterministic)
         h = layers.layer_norm_2d(self.dtype)(h)
+        if self.linear_output:
+            return layers.conv(self.c_in, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros_init(),
+                               name='out')(h).astype(jnp.float32)
         # Zero init, as Würstchen's: a = b = 0 at the start, so the output is x itself, not a division
         # by a random |1 - b| that can be near zero.
         ab = layers.conv(2 * self.c_in, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros_init(),

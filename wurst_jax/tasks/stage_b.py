@@ -22,6 +22,7 @@ from wurst_jax.config_lib import ConfigError
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
 from wurst_jax.models.effnet import EfficientNetEncoder
+from wurst_jax.models.layers import REMAT_POLICIES
 from wurst_jax.models.resize import resize
 from wurst_jax.models.stage_a import VQGAN
 from wurst_jax.models.stage_b import WuerstchenDiffNeXt
@@ -62,7 +63,8 @@ class StageBTask:
             c_in=self.vqgan.latent_channels, c_out=self.vqgan.latent_channels, c_r=m.c_r, patch_size=m.patch_size,
             c_cond=m.c_cond, c_hidden=tuple(m.c_hidden), nhead=tuple(m.nhead), blocks=tuple(m.blocks),
             level_config=tuple(m.level_config), inject_effnet=tuple(m.inject_effnet), effnet_embd=self.effnet.c_latent,
-            clip_embd=self.text.width, kernel_size=m.kernel_size, dropout=m.dropout, dtype=dtype)
+            clip_embd=self.text.width, kernel_size=m.kernel_size, dropout=m.dropout,
+            remat_policy=m.get('remat_policy', 'none'), dtype=dtype)
         self._eval_losses = jax.jit(self._held_out_losses)
 
     @staticmethod
@@ -75,6 +77,8 @@ class StageBTask:
         for kinds, heads, width in zip(m.level_config, m.nhead, m.c_hidden):
             if 'A' in kinds and (heads <= 0 or width % heads):
                 raise ConfigError('model.nhead', m.nhead, 'a positive divisor of c_hidden at every level with attention')
+        if m.get('remat_policy', 'none') not in REMAT_POLICIES:
+            raise ConfigError('model.remat_policy', m.remat_policy, f'one of {sorted(REMAT_POLICIES)}')
         unit = 4 * m.patch_size * 2 ** (len(m.c_hidden) - 1)  # the f4 Stage A, then the decoder's levels
         if config.input.image_size % unit:
             raise ConfigError('input.image_size', config.input.image_size, f'a multiple of {unit} (Stage A f4 x '
@@ -179,6 +183,7 @@ class StageBTask:
         tokens, mask = self.text.drop(drop_rng, batch['tokens'], batch['token_mask'])
         keep = (jax.random.uniform(zero_rng, (x0.shape[0], 1, 1, 1)) >= e.dropout).astype(jnp.float32)
         choice = jax.random.randint(jitter_rng, (), 0, len(e.resize_jitter))
+        target = diffusion_loss.target(d.get('prediction', 'epsilon'), x0, noise, t)
 
         def loss_fn(p):
             variables = self.effnet_variables(p, model_state, frozen)
@@ -187,9 +192,9 @@ class StageBTask:
             effnet, bn_updates = (branches[0](variables) if len(branches) == 1
                                   else jax.lax.switch(choice, branches, variables))
             cond = self.text.encode(self.text.params(p, frozen), tokens, mask)
-            eps = self.decoder.apply({'params': p['decoder']}, x_t, t, effnet * keep, cond, deterministic=False,
+            out = self.decoder.apply({'params': p['decoder']}, x_t, t, effnet * keep, cond, deterministic=False,
                                      rngs={'dropout': dropout_rng})
-            loss, raw = diffusion_loss.epsilon_loss(eps, noise, t, d.loss_weight, model_state.get('loss_buckets'),
+            loss, raw = diffusion_loss.epsilon_loss(out, target, t, d.loss_weight, model_state.get('loss_buckets'),
                                                     d.get('p2_k', 1.0))
             return loss, (raw, bn_updates)
 
@@ -203,15 +208,20 @@ class StageBTask:
 
     # -- sampling and evaluation -----------------------------------------------------------------
 
+    def epsilon(self, params: Any, x: jax.Array, t: jax.Array, effnet: jax.Array, cond: jax.Array) -> jax.Array:
+        """The decoder's noise estimate ε̂ (converted from v̂ when diffusion.prediction='v')."""
+        out = self.decoder.apply({'params': params['decoder']}, x, t, effnet, cond)
+        return diffusion_loss.to_epsilon(self.config.diffusion.get('prediction', 'epsilon'), out, x, t)
+
     def denoiser(self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array):
         """`denoise(x, t, conditional)` for sample_guided; unconditional = zero map and empty caption."""
         cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask)
 
         def denoise(x, t, conditional):
             if conditional:
-                return self.decoder.apply({'params': params['decoder']}, x, t, effnet, cond)
-            return self.decoder.apply({'params': params['decoder']}, x, t,
-                                      jnp.concatenate([effnet, jnp.zeros_like(effnet)]), jnp.concatenate([cond, uncond]))
+                return self.epsilon(params, x, t, effnet, cond)
+            return self.epsilon(params, x, t, jnp.concatenate([effnet, jnp.zeros_like(effnet)]),
+                                jnp.concatenate([cond, uncond]))
         return denoise
 
     def sample(self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array,
@@ -237,8 +247,7 @@ class StageBTask:
         x0 = self.latents(frozen, batch['image'])
         effnet, _ = self.effnet_map(self.effnet_variables(params, model_state, frozen), batch['image'])
         cond = self.text.encode(self.text.params(params, frozen), batch['tokens'], batch['token_mask'])
-        return diffusion_loss.fixed_time_losses(
-            lambda x, t: self.decoder.apply({'params': params['decoder']}, x, t, effnet, cond), x0)
+        return diffusion_loss.fixed_time_losses(lambda x, t: self.epsilon(params, x, t, effnet, cond), x0)
 
     def evaluate(self, params: Any, model_state: Any, frozen: dict,
                  batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:

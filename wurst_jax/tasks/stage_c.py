@@ -21,7 +21,8 @@ from wurst_jax.config_lib import ConfigError, validate_optimizer
 from wurst_jax.data import precomputed
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
-from wurst_jax.models.stage_c import REMAT_POLICIES, WuerstchenPrior
+from wurst_jax.models.layers import REMAT_POLICIES
+from wurst_jax.models.stage_c import WuerstchenPrior
 from wurst_jax.tasks import conditioning
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -48,6 +49,8 @@ def validate_diffusion(config: ml_collections.ConfigDict) -> None:
         raise ConfigError('diffusion.loss_weight', d.loss_weight, f'one of {schedule.LOSS_WEIGHTS}')
     if not d.get('p2_k', 1.0) > 0:
         raise ConfigError('diffusion.p2_k', d.p2_k, 'a positive number (1 is Würstchen\'s P2 weight)')
+    if d.get('prediction', 'epsilon') not in schedule.PREDICTIONS:
+        raise ConfigError('diffusion.prediction', d.prediction, f'one of {schedule.PREDICTIONS}')
     if d.sampler not in samplers.SAMPLERS:
         raise ConfigError('diffusion.sampler', d.sampler, f'one of {samplers.SAMPLERS}')
 
@@ -111,7 +114,8 @@ class StageCTask:
             self.prior = WuerstchenPrior(c_in=self.effnet.c_latent, c=m.c, c_cond=self.text.width, c_r=m.c_r,
                                          depth=m.depth, num_heads=m.num_heads, dropout=m.dropout,
                                          scan_blocks=m.scan_blocks, remat_policy=m.remat_policy,
-                                         pos_embed=m.get('pos_embed', False), dtype=dtype)
+                                         pos_embed=m.get('pos_embed', False),
+                                         linear_output=m.get('linear_output', False), dtype=dtype)
             self._pretrained = None
         self._eval_losses = jax.jit(self._held_out_losses)
 
@@ -211,11 +215,13 @@ class StageCTask:
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
         x_t = schedule.add_noise(x0, noise, t)
 
+        target = diffusion_loss.target(d.get('prediction', 'epsilon'), x0, noise, t)
+
         def loss_fn(p):
             cond = self.batch_text(p, frozen, batch, drop_rng)
-            eps = self.prior.apply({'params': p['prior']}, x_t, t, cond, deterministic=False,
+            out = self.prior.apply({'params': p['prior']}, x_t, t, cond, deterministic=False,
                                    rngs={'dropout': dropout_rng})
-            return diffusion_loss.epsilon_loss(eps, noise, t, d.loss_weight, model_state.get('loss_buckets'),
+            return diffusion_loss.epsilon_loss(out, target, t, d.loss_weight, model_state.get('loss_buckets'),
                                                d.get('p2_k', 1.0))
 
         (loss, raw), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -226,11 +232,15 @@ class StageCTask:
 
     # -- sampling and evaluation -----------------------------------------------------------------
 
+    def epsilon(self, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
+        """The prior's noise estimate ε̂ (converted from v̂ when diffusion.prediction='v')."""
+        out = self.prior.apply({'params': params['prior']}, x, t, cond)
+        return diffusion_loss.to_epsilon(self.config.diffusion.get('prediction', 'epsilon'), out, x, t)
+
     def denoiser(self, params: Any, cond: jax.Array, uncond: jax.Array):
         """`denoise(x, t, conditional)` for sample_guided: None = [conditional; unconditional] halves."""
         def denoise(x, t, conditional):
-            c = cond if conditional else jnp.concatenate([cond, uncond])
-            return self.prior.apply({'params': params['prior']}, x, t, c)
+            return self.epsilon(params, x, t, cond if conditional else jnp.concatenate([cond, uncond]))
         return denoise
 
     def sample(self, params: Any, frozen: dict, tokens: jax.Array, mask: jax.Array, rng: jax.Array, *,
@@ -271,7 +281,7 @@ class StageCTask:
         del model_state
         x0 = self.batch_latents(frozen, batch)
         cond = self.batch_text(params, frozen, batch)
-        return diffusion_loss.fixed_time_losses(lambda x, t: self.prior.apply({'params': params['prior']}, x, t, cond),
+        return diffusion_loss.fixed_time_losses(lambda x, t: self.epsilon(params, x, t, cond),
                                                 x0)
 
     def evaluate(self, params: Any, model_state: Any, frozen: dict,
