@@ -9,6 +9,9 @@ has to choose: the effnet sees the image at 0.75x (768 px maps of 1024 px images
 factor in [0.5, 1] per batch, its map is zeroed for 10 % of samples, captions dropped for 5 %;
 AdamW 1e-4, 10k warm-up, clip 1.0, p2 loss. `sharding=dp|fsdp|fsdp_tp` (with `tensor=N`) picks the
 parallelism preset (default fsdp); `--config.grad_accum_steps=K` splits each batch into K micro-batches.
+`python -m wurst_jax.plan` (README) fits batch 256 on a v5p-64 slice with `dots` remat (21 GiB per
+chip); XLA's CPU compiler needs `--config.model.remat_policy=full --config.grad_accum_steps=4` to fit
+64 x 80 GB, so start there on GPUs until a GPU plan says otherwise.
 """
 import ml_collections
 

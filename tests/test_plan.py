@@ -63,16 +63,20 @@ def test_fsdp_splits_state_and_remat_cuts_activations(stage_c_arg):
     assert kept['peak_bytes'] >= kept['argument_bytes']
 
 
-def test_flops_count_every_scanned_block(stage_c_arg):
-    """XLA counts a loop body once; step_flops counts a scanned prior as its unrolled twin."""
+def test_flops_count_every_scanned_block_and_micro_batch(stage_c_arg):
+    """XLA counts a loop body once; step_flops counts a scanned prior, or a batch accumulated over
+    micro-batches, as the plain step."""
     mesh = sharding.create_mesh(ml_collections.ConfigDict(dict(data=8, fsdp=1, tensor=1)))
     counts = {}
-    for scan in (True, False):
+    for name, scan, accum in (('plain', False, 1), ('scanned', True, 1), ('accumulated', False, 2)):
         config = _tiny_stage_c(stage_c_arg, depth=4, scan_blocks=scan)
+        config.grad_accum_steps = accum
         lowered, _ = train.lower_from_shapes(config, mesh)
-        counts[scan] = (lowered.cost_analysis()['flops'], train.step_flops(config, lowered))
-    assert counts[True][0] < 0.8 * counts[False][0]  # the raw count misses three of the four blocks
-    assert counts[True][1] == pytest.approx(counts[False][1], rel=1e-6)
+        counts[name] = (lowered.cost_analysis()['flops'], train.step_flops(config, lowered))
+    assert counts['scanned'][0] < 0.8 * counts['plain'][0]  # the raw count misses three of the four blocks
+    assert counts['accumulated'][0] < 0.8 * counts['plain'][0]  # ... and one of the two micro-batches
+    for name in ('scanned', 'accumulated'):
+        assert counts[name][1] == pytest.approx(counts['plain'][1], rel=1e-6), name
 
 
 def test_remat_keeps_params_and_gradients():
