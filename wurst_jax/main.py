@@ -62,6 +62,10 @@ def main(argv):
     dist = distributed_args()
     if dist is not None:
         jax.distributed.initialize(**dist)  # before anything touches a device
+        # The first cross-process collective sets up the CPU collectives, whose set-up waits only 30 s
+        # for the peers: do it now, while every process is at the same point, not after uneven work.
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices('wurst_jax: all processes started')
     from wurst_jax import train
     # TF is only used by clu's TensorBoard writer; keep it off any accelerator.
     import tensorflow as tf
