@@ -16,6 +16,9 @@ except ImportError:
 
 import importlib.util
 import pathlib
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -31,9 +34,52 @@ def load_config(name: str, arg: str | None = None):
     return module.get_config(arg) if arg is not None else module.get_config()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_module(*args, timeout=900):
+    return subprocess.run([sys.executable, '-m', *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='session')
+def demo_root(tmp_path_factory):
+    """A root with all three stages trained by `wurst_jax.demo --runlocal` (a few steps each)."""
+    root = tmp_path_factory.mktemp('demo')
+    result = run_module('wurst_jax.demo', f'--workdir={root}', f'--data_dir={root / "data"}', '--runlocal',
+                        '--num_eval_prompts=8')
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
 @pytest.fixture
 def tiny_shapes_config(tmp_path):
     """configs/shapes.py:runlocal with its data under this test's tmp dir."""
     config = load_config('shapes', 'runlocal')
     config.input.data_dir = str(tmp_path / 'data')
     return config
+
+
+CLIP_TEST_WORDS = ['the', 'cat', 'photo', 'of', 'a', 'dog']
+
+
+def tiny_clip_tokenizer_folder(path, pad_token: str) -> None:
+    """A CLIP BPE over a few letters (whole words merged), saved the way the hub folders are."""
+    import transformers
+    chars = sorted(set(''.join(CLIP_TEST_WORDS)) | set('!.,xyz'))
+    vocab = {}
+    for token in chars + [c + '</w>' for c in chars]:
+        vocab[token] = len(vocab)
+    merges = []
+    for word in CLIP_TEST_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + '</w>']
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    for special in ('<|startoftext|>', '<|endoftext|>'):
+        vocab[special] = len(vocab)
+    tok = transformers.CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token)
+    tok.save_pretrained(path)

@@ -15,6 +15,7 @@ import transformers  # noqa: E402
 from wurst_jax import convert  # noqa: E402
 from wurst_jax.models.clip import CLIPTextModel, CLIPVisionModel  # noqa: E402
 from wurst_jax.tokenizer import PaddedTokenizer  # noqa: E402
+from conftest import tiny_clip_tokenizer_folder  # noqa: E402
 from torch_reference import TOL, randomise, rel_err  # noqa: E402
 
 # eos_token_id 2 is the legacy rule (pool at argmax of the ids); any other id pools at its first
@@ -238,28 +239,6 @@ def test_full_size_parameter_counts(name):
 
 # --- tokenizer ---------------------------------------------------------------------------------
 
-_WORDS = ['the', 'cat', 'photo', 'of', 'a', 'dog']
-
-
-def _tiny_tokenizer_folder(path, pad_token: str) -> None:
-    """A CLIP BPE over a few letters (whole words merged), saved the way the hub folders are."""
-    chars = sorted(set(''.join(_WORDS)) | set('!.,xyz'))
-    vocab = {}
-    for token in chars + [c + '</w>' for c in chars]:
-        vocab[token] = len(vocab)
-    merges = []
-    for word in _WORDS:
-        pieces = list(word[:-1]) + [word[-1] + '</w>']
-        while len(pieces) > 1:
-            merges.append((pieces[0], pieces[1]))
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
-    for special in ('<|startoftext|>', '<|endoftext|>'):
-        vocab[special] = len(vocab)
-    tok = transformers.CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token)
-    tok.save_pretrained(path)
-
-
 TEXTS = ['the cat', 'A photo of THE   dog!!', 'a photo of a cat, a dog, the cat. xyz the dog of a cat',
          '', 'zebra 42 ok']
 
@@ -267,7 +246,7 @@ TEXTS = ['the cat', 'A photo of THE   dog!!', 'a photo of a cat, a dog, the cat.
 @pytest.mark.parametrize('pad_token', ['!', '<|endoftext|>'], ids=['pad_bang', 'pad_eos'])
 @pytest.mark.parametrize('max_length', [8, 77])
 def test_tokenizer_matches_transformers(tmp_path, pad_token, max_length):
-    _tiny_tokenizer_folder(tmp_path, pad_token)
+    tiny_clip_tokenizer_folder(tmp_path, pad_token)
     reference = transformers.CLIPTokenizer.from_pretrained(tmp_path)
     expected = reference(TEXTS, padding='max_length', max_length=max_length, truncation=True)
     tokenizer = PaddedTokenizer.from_folder(str(tmp_path), max_length=max_length)

@@ -15,8 +15,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior  # noqa: E402
 
-from conftest import REPO, load_config  # noqa: E402
-from test_clip import _tiny_tokenizer_folder  # noqa: E402
+from conftest import REPO, load_config, tiny_clip_tokenizer_folder  # noqa: E402
 from torch_reference import randomise  # noqa: E402
 from wurst_jax import checkpoint, config_lib, convert, tasks, train  # noqa: E402
 from wurst_jax.convert import core  # noqa: E402
@@ -39,7 +38,7 @@ def finetune_arg(tmp_path_factory):
     """The fine-tune config's argument string naming tiny random checkpoint folders made here."""
     tmp_path = tmp_path_factory.mktemp('finetune')
     prior_dir, clip_dir, effnet_dir, images = (tmp_path / n for n in ('prior', 'clip', 'effnet', 'images'))
-    _tiny_tokenizer_folder(clip_dir, '!')
+    tiny_clip_tokenizer_folder(clip_dir, '!')
     vocab_size = len(transformers.CLIPTokenizer.from_pretrained(clip_dir))
     eos = transformers.CLIPTokenizer.from_pretrained(clip_dir).eos_token_id
     text_config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,

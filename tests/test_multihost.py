@@ -3,7 +3,6 @@ resumes; a dead peer makes the survivor exit instead of hanging; the launch reci
 cluster detection they rely on finds the process id and count."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port
 from wurst_jax import checkpoint, convert
 from wurst_jax.models.effnet import EfficientNetEncoder
 
@@ -50,12 +49,6 @@ def test_cluster_detection_reads_slurm_and_tpu_environments(monkeypatch):
     tpu = cloud_tpu_cluster.GkeTpuCluster
     assert tpu.is_env_present()
     assert (tpu._get_worker_list_in_slice()[0], tpu.get_process_count(), tpu.get_process_id()) == ('w-0', 4, 2)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def test_explicit_distributed_flags_go_together(tmp_path):
@@ -101,6 +94,7 @@ def finish(proc, timeout=600):
     return stderr
 
 
+@pytest.mark.slow  # about 3.5 min on 2 cores: three launches, each compiling the step
 def test_two_processes_train_then_one_process_resumes(stage_c_args, tmp_path):
     """2 processes x 4 devices train 4 steps on a data=4 x fsdp=2 mesh; 1 process x 8 devices resumes
     to step 6. Final params equal a 1-process run of 6 steps to 1e-5: the same examples reach each

@@ -2,8 +2,6 @@
 deterministic, the CLI checks its inputs, and the Stage B / C steps run sharded on 8 devices."""
 import functools
 import json
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -12,23 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, load_config
+from conftest import load_config, run_module
 from wurst_jax import sharding, tasks, train
 from wurst_jax.data import input_pipeline
-
-
-def run_module(*args, timeout=900):
-    return subprocess.run([sys.executable, '-m', *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope='module')
-def demo_root(tmp_path_factory):
-    """A root with all three stages trained by `wurst_jax.demo --runlocal` (a few steps each)."""
-    root = tmp_path_factory.mktemp('demo')
-    result = run_module('wurst_jax.demo', f'--workdir={root}', f'--data_dir={root / "data"}', '--runlocal',
-                        '--num_eval_prompts=8')
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root
 
 
 def test_demo_writes_stages_grid_and_alignment(demo_root):

@@ -14,6 +14,33 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 
+COMPLETE_MARKER = 'training_complete.json'
+
+
+def mark_complete(workdir: str, step: int) -> None:
+    """Tells evaluation jobs that follow the run that no further checkpoint will come."""
+    with open(os.path.join(workdir, COMPLETE_MARKER), 'w') as f:
+        json.dump({'step': step}, f)
+
+
+def clear_complete(workdir: str) -> None:
+    """A run that (re)starts training is not complete, e.g. one resumed with a larger total_steps."""
+    if os.path.exists(os.path.join(workdir, COMPLETE_MARKER)):
+        os.remove(os.path.join(workdir, COMPLETE_MARKER))
+
+
+def is_complete(workdir: str) -> bool:
+    return os.path.isfile(os.path.join(workdir, COMPLETE_MARKER))
+
+
+def all_steps(workdir: str) -> list[int]:
+    """Committed checkpoint steps of a run, oldest first (none if it has not saved one yet)."""
+    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    if not os.path.isdir(directory):
+        return []
+    return sorted(ocp.CheckpointManager(directory).all_steps())
+
+
 def create_manager(directory: str, *, max_to_keep: int) -> ocp.CheckpointManager:
     """An async CheckpointManager with items state / data / config under `directory`."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,

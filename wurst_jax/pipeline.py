@@ -22,12 +22,17 @@ def to_uint8(images: jax.Array) -> np.ndarray:
 
 
 class Pipeline:
-    """The three trained stages of a run root (DIR/stage_c and DIR/stage_b, which names its Stage A)."""
+    """The three trained stages of a run root (DIR/stage_c and DIR/stage_b, which names its Stage A).
 
-    def __init__(self, stage_c_workdir: str, stage_b_workdir: str):
-        self.prior_task, prior_params, _ = conditioning.load_stage(stage_c_workdir, 'stage_c')
+    `prior_step` picks a Stage C checkpoint (the newest by default); `devices` defaults to all of
+    them, and an evaluation job that splits prompts across processes passes `jax.local_devices()`.
+    """
+
+    def __init__(self, stage_c_workdir: str, stage_b_workdir: str, *, prior_step: int | None = None,
+                 devices: Sequence[jax.Device] | None = None):
+        self.prior_task, prior_params, _ = conditioning.load_stage(stage_c_workdir, 'stage_c', prior_step)
         self.decoder_task, decoder_params, _ = conditioning.load_stage(stage_b_workdir, 'stage_b')
-        self.mesh = sharding.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+        self.mesh = sharding.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, devices)
         replicated = sharding.replicated(self.mesh)
         self.prior_params = jax.device_put(prior_params, replicated)
         self.prior_frozen = jax.device_put(self.prior_task.frozen_params(), replicated)
@@ -36,8 +41,8 @@ class Pipeline:
         self.batch_sharding = NamedSharding(self.mesh, P('data'))
 
     @classmethod
-    def from_root(cls, root: str) -> 'Pipeline':
-        return cls(f'{root}/stage_c', f'{root}/stage_b')
+    def from_root(cls, root: str, **kwargs) -> 'Pipeline':
+        return cls(f'{root}/stage_c', f'{root}/stage_b', **kwargs)
 
     @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
         'prior_steps', 'decoder_steps', 'prior_guidance', 'decoder_guidance'))
@@ -55,8 +60,10 @@ class Pipeline:
 
     def __call__(self, prompts: Sequence[str], *, seed: int = 0, batch_size: int = 8,
                  prior_steps: int | None = None, decoder_steps: int | None = None,
-                 prior_guidance: float | None = None, decoder_guidance: float | None = None) -> np.ndarray:
-        """uint8 images [N, H, W, 3] for the prompts, in order."""
+                 prior_guidance: float | None = None, decoder_guidance: float | None = None,
+                 first_index: int = 0) -> np.ndarray:
+        """uint8 images [N, H, W, 3] for the prompts, in order. `first_index` is the position of
+        prompts[0] in a longer list that is split across callers: it keeps each image the same."""
         c_sample, b_sample = self.prior_task.config.sample, self.decoder_task.config.sample
         options = dict(prior_steps=prior_steps or c_sample.prior_steps,
                        decoder_steps=decoder_steps or b_sample.decoder_steps,
@@ -70,7 +77,8 @@ class Pipeline:
             chunk = list(prompts[start:start + batch_size])
             padded = chunk + [''] * (batch_size - len(chunk))  # static shapes: pad the last batch
             p_enc, d_enc = self.prior_task.tokenizer(padded), self.decoder_task.tokenizer(padded)
-            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + batch_size))
+            first = first_index + start
+            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(first, first + batch_size))
             put = lambda x: jax.device_put(x, self.batch_sharding)
             with jax.set_mesh(self.mesh):
                 images = self._generate(self.prior_params, self.prior_frozen, self.decoder_params,

@@ -11,6 +11,7 @@ import os
 from absl import app, flags
 
 from wurst_jax import visualize
+from wurst_jax.data.prompts import read_prompts
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run root holding stage_b/ and stage_c/.')
 _PROMPTS = flags.DEFINE_string('prompts', None, 'Text file, one prompt per line.')
@@ -22,18 +23,6 @@ _DECODER_STEPS = flags.DEFINE_integer('decoder_steps', None, 'Stage B steps (def
 _PRIOR_GUIDANCE = flags.DEFINE_float('prior_guidance', None, 'Stage C CFG scale (default: config).')
 _DECODER_GUIDANCE = flags.DEFINE_float('decoder_guidance', None, 'Stage B CFG scale (default: config).')
 flags.mark_flags_as_required(['workdir', 'prompts', 'out'])
-
-
-def read_prompts(path: str) -> list[str]:
-    """Non-empty lines of a UTF-8 text file; an error that names the file when there are none."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f'cannot read prompts file {path}: {e}') from e
-    if not prompts:
-        raise SystemExit(f'prompts file {path} has no prompts: write one prompt per line')
-    return prompts
 
 
 def check_workdir(root: str) -> None:

@@ -283,6 +283,8 @@ def step_flops(config: ml_collections.ConfigDict, lowered: jax.stages.Lowered) -
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains config.model_family for config.total_steps, resuming from workdir's latest checkpoint."""
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        checkpoint.clear_complete(workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
     # -- Mesh, task, optimizer ---------------------------------------------------------------------
@@ -384,4 +386,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             _evaluate(task, config, state, frozen, writer, workdir)
     checkpoint.wait(manager)
     writer.flush()
+    if not preempted and jax.process_index() == 0:
+        checkpoint.mark_complete(workdir, config.total_steps)
     return state

@@ -1,1 +1,2 @@
-"""Offline evaluation: alignment on the built-in dataset; FID / CLIP score later."""
+"""Offline evaluation: FID, CLIP score and CMMD from local weights (`job.py`, `python -m
+wurst_jax.evaluate`), and text-image alignment on the built-in `shapes` dataset."""

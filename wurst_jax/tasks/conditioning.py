@@ -106,10 +106,11 @@ class TextConditioner:
         return cond, jnp.broadcast_to(self.empty_states(text_params), cond.shape)
 
 
-def load_stage(source: str, family: str) -> tuple[Any, dict, dict]:
-    """(task, EMA params, model_state) of a trained run of `family` in workdir `source`."""
+def load_stage(source: str, family: str, step: int | None = None) -> tuple[Any, dict, dict]:
+    """(task, EMA params, model_state) of a trained run of `family` in workdir `source`, at `step`
+    (the newest checkpoint by default)."""
     from wurst_jax import tasks  # the tasks import this module
-    config, state = checkpoint.load_trained(source)
+    config, state = checkpoint.load_trained(source, step)
     if config.model_family != family:
         raise ConfigError('source', source, f'a workdir of a {family} run, not {config.model_family}')
     return tasks.create(config), state['ema_params'], state['model_state']
