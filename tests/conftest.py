@@ -23,7 +23,8 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-CONFIGS = sorted((REPO / 'configs').glob('*.py'))
+# Training experiments; configs/eval.py configures the evaluation job (tests/test_evaluate.py).
+CONFIGS = sorted(p for p in (REPO / 'configs').glob('*.py') if p.stem != 'eval')
 
 
 def load_config(name: str, arg: str | None = None):

@@ -286,27 +286,31 @@ def eval_config(demo_root, files, out_dir, **fields):
 
 
 def test_eval_job_scores_the_demo_run(demo_root, eval_files, tmp_path):
-    step = checkpoint.all_steps(demo_root / 'stage_c')[-1]
+    steps = checkpoint.all_steps(demo_root / 'stage_c')
     out = tmp_path / 'eval'
     result = run_module('wurst_jax.evaluate', '--config=configs/eval.py', f'--config.workdir={demo_root}',
                         f'--config.prompts={eval_files["prompts"]}', f'--config.out_dir={out}',
                         f'--config.reference_stats={eval_files["reference"]}',
                         f'--config.inception_weights={eval_files["inception"]}',
-                        f'--config.clip_weights={eval_files["clip"]}', f'--config.steps={step}',
+                        f'--config.clip_weights={eval_files["clip"]}',
                         '--config.prior_steps=2', '--config.decoder_steps=2', '--config.batch_size=4')
     assert result.returncode == 0, result.stderr[-3000:]
-    printed = json.loads(result.stdout.strip().splitlines()[-1])
-    metrics = json.loads((out / str(step) / 'metrics.json').read_text())
-    assert printed['step'] == metrics['step'] == step and metrics['num_images'] == 3
-    scores = metrics['metrics']
-    assert scores['fid'] > 0 and scores['cmmd'] > 0 and 'clip_score_torchmetrics' in scores
-    assert 0 <= scores['colour_accuracy'] <= 1 and scores['num_images'] == 3  # shapes alignment
-    assert metrics['skipped'] == {} and metrics['conventions']['fid_resize'] == 'clean'
-    assert (out / str(step) / 'grid.png').is_file() and (out / str(step) / 'generated_stats.npz').is_file()
+    printed = [json.loads(line) for line in result.stdout.strip().splitlines() if line.startswith('{')]
+    assert len(steps) >= 2 and [p['step'] for p in printed] == steps  # every checkpoint, oldest first
+    for step in steps:
+        metrics = json.loads((out / str(step) / 'metrics.json').read_text())
+        assert metrics['step'] == step and metrics['num_images'] == 3
+        scores = metrics['metrics']
+        assert scores['fid'] > 0 and scores['cmmd'] > 0 and 'clip_score_torchmetrics' in scores
+        assert 0 <= scores['colour_accuracy'] <= 1 and scores['num_images'] == 3  # shapes alignment
+        assert metrics['skipped'] == {} and metrics['conventions']['fid_resize'] == 'clean'
+        assert (out / str(step) / 'grid.png').is_file() and (out / str(step) / 'generated_stats.npz').is_file()
+    first, last = (np.load(out / str(s) / 'generated_stats.npz')['mu'] for s in (steps[0], steps[-1]))
+    assert not np.array_equal(first, last)  # each step samples with its own params
     assert list(out.glob('events.out.tfevents.*'))
 
-    # The same step is not scored again; a finished run ends the job, a running one is waited for.
-    config = eval_config(demo_root, eval_files, out, steps=str(step), follow=True)
+    # Scored steps are not scored again; a finished run ends the job, a running one is waited for.
+    config = eval_config(demo_root, eval_files, out, follow=True)
     assert checkpoint.is_complete(demo_root / 'stage_c') and job.next_step(config) == job._DONE
     marker = demo_root / 'stage_c' / checkpoint.COMPLETE_MARKER
     saved = marker.read_text()

@@ -30,6 +30,7 @@ class Pipeline:
 
     def __init__(self, stage_c_workdir: str, stage_b_workdir: str, *, prior_step: int | None = None,
                  devices: Sequence[jax.Device] | None = None):
+        self.stage_c_workdir = stage_c_workdir
         self.prior_task, prior_params, _ = conditioning.load_stage(stage_c_workdir, 'stage_c', prior_step)
         self.decoder_task, decoder_params, _ = conditioning.load_stage(stage_b_workdir, 'stage_b')
         self.mesh = sharding.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, devices)
@@ -39,6 +40,12 @@ class Pipeline:
         self.decoder_params = jax.device_put(decoder_params, replicated)
         self.decoder_frozen = jax.device_put(self.decoder_task.frozen_params(), replicated)
         self.batch_sharding = NamedSharding(self.mesh, P('data'))
+
+    def load_prior_step(self, step: int) -> None:
+        """Swaps in the Stage C EMA params of checkpoint `step` of the same run; the compiled
+        sampler is reused, as its params are arguments."""
+        _, params, _ = conditioning.load_stage(self.stage_c_workdir, 'stage_c', step)
+        self.prior_params = jax.device_put(params, sharding.replicated(self.mesh))
 
     @classmethod
     def from_root(cls, root: str, **kwargs) -> 'Pipeline':

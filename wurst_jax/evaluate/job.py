@@ -111,13 +111,13 @@ def _sampling_options(config: ml_collections.ConfigDict) -> dict:
                 decoder_guidance=None if config.decoder_guidance < 0 else config.decoder_guidance)
 
 
-def evaluate_step(config: ml_collections.ConfigDict, step: int, prompts: list[str], scorers: Scorers) -> dict:
-    """Generates and scores the images of Stage C checkpoint `step`; returns its metrics.json content."""
-    from wurst_jax.pipeline import Pipeline  # JAX-heavy: imported once the inputs are checked
+def evaluate_step(config: ml_collections.ConfigDict, step: int, prompts: list[str], scorers: Scorers,
+                  pipeline) -> dict:
+    """Generates and scores the images of Stage C checkpoint `step`, whose params `pipeline` holds;
+    returns its metrics.json content."""
     out_dir = os.path.join(config.out_dir, str(step))
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
-    pipeline = Pipeline.from_root(config.workdir, prior_step=step, devices=jax.local_devices())
     lo, hi = process_share(len(prompts))
     images = pipeline(prompts[lo:hi], first_index=lo, **_sampling_options(config))
     sampling_s = time.time() - start
@@ -164,12 +164,17 @@ def run(config: ml_collections.ConfigDict) -> list[dict]:
     prompts = read_prompts(config.prompts)
     scorers = Scorers(config)
     writer = metric_writers.create_default_writer(config.out_dir, just_logging=jax.process_index() > 0)
-    results = []
+    results, pipeline = [], None
     while (step := next_step(config)) != _DONE:
         if step == _WAIT:
             time.sleep(config.poll_seconds)
             continue
-        result = evaluate_step(config, step, prompts, scorers)
+        if pipeline is None:  # JAX-heavy: built once the inputs are checked and a checkpoint exists
+            from wurst_jax.pipeline import Pipeline
+            pipeline = Pipeline.from_root(config.workdir, prior_step=step, devices=jax.local_devices())
+        else:  # same compiled sampler, new params
+            pipeline.load_prior_step(step)
+        result = evaluate_step(config, step, prompts, scorers, pipeline)
         logging.info('step %d: %s', step, result['metrics'])
         writer.write_scalars(step, {**result['metrics'], 'sampling_s': result['sampling_s']})
         writer.flush()
