@@ -11,6 +11,7 @@ torch.load(weights_only=True), never by unpickling arbitrary objects.
 from wurst_jax.convert import clip  # noqa: F401
 from wurst_jax.convert import effnet  # noqa: F401
 from wurst_jax.convert import inception  # noqa: F401
+from wurst_jax.convert import pixart  # noqa: F401
 from wurst_jax.convert import wuerstchen  # noqa: F401  (registers its components)
 from wurst_jax.convert.core import COMPONENTS, load_diffusers, save_diffusers, shapes_only
 from wurst_jax.convert.original import load_original

@@ -103,17 +103,19 @@ def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
     return x.reshape(b, h * factor, w * factor, c)
 
 
-def sincos_2d(height: int, width: int, dim: int) -> jax.Array:
+def sincos_2d(height: int, width: int, dim: int, grid_scale: tuple[float, float] = (1.0, 1.0)) -> jax.Array:
     """Fixed 2-D sin-cos position embedding [height, width, dim], float32: the first half of the
-    channels encodes the column, the second the row, each as [sin | cos] at 10000^(-k/(dim/4))."""
+    channels encodes the column, the second the row, each as [sin | cos] at 10000^(-k/(dim/4)).
+    Positions are index x grid_scale (row, column): DiT/PixArt rescale the grid to a base size."""
     if dim % 4:
         raise ValueError(f'sincos_2d needs dim divisible by 4, got {dim}')
     omega = 1.0 / 10000 ** (jnp.arange(dim // 4, dtype=jnp.float32) / (dim // 4))
 
     def one_axis(pos):
-        angles = pos.astype(jnp.float32)[:, None] * omega[None]
+        angles = pos[:, None] * omega[None]
         return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-    cols, rows = one_axis(jnp.arange(width)), one_axis(jnp.arange(height))
+    cols = one_axis(jnp.arange(width, dtype=jnp.float32) * grid_scale[1])
+    rows = one_axis(jnp.arange(height, dtype=jnp.float32) * grid_scale[0])
     return jnp.concatenate([jnp.broadcast_to(cols[None], (height, width, dim // 2)),
                             jnp.broadcast_to(rows[:, None], (height, width, dim // 2))], axis=-1)
 
@@ -195,24 +197,30 @@ class Attention(nn.Module):
     num_heads: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    zero_init_out: bool = False  # start as a no-op residual branch (PixArt's cross-attention)
 
     @nn.compact
-    def __call__(self, x: jax.Array, kv: jax.Array, deterministic: bool = True) -> jax.Array:
-        """x: [B, T, C], kv: [B, S, C] -> [B, T, C]."""
+    def __call__(self, x: jax.Array, kv: jax.Array, deterministic: bool = True,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """x: [B, T, C], kv: [B, S, C'], mask: [B, S] (True/1 = attend) or None -> [B, T, C]."""
         c, heads = self.channels, self.num_heads
         split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, c // heads)
         q = split(dense(c, ('embed', 'heads'), dtype=self.dtype, name='to_q')(x))
         k = split(dense(c, ('embed', 'heads'), dtype=self.dtype, name='to_k')(kv))
         v = split(dense(c, ('embed', 'heads'), dtype=self.dtype, name='to_v')(kv))
+        mask = None if mask is None else mask.astype(bool)[:, None, None, :]
         if deterministic or self.dropout == 0:
-            out = jax.nn.dot_product_attention(q, k, v)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:  # attention-probability dropout, as torch's MHA does in training
             logits = jnp.einsum('btnh,bsnh->bnts', q, k) / jnp.sqrt(c // heads).astype(q.dtype)
+            if mask is not None:
+                logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
             probs = nn.Dropout(self.dropout)(jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
                                              deterministic=False).astype(v.dtype)
             out = jnp.einsum('bnts,bsnh->btnh', probs, v)
         out = out.reshape(x.shape[0], x.shape[1], c)
-        return dense(c, ('heads', 'embed'), dtype=self.dtype, name='to_out')(out)
+        out_init = nn.initializers.zeros_init() if self.zero_init_out else default_kernel_init
+        return dense(c, ('heads', 'embed'), dtype=self.dtype, kernel_init=out_init, name='to_out')(out)
 
 
 class AttnBlock(nn.Module):
