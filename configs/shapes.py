@@ -3,6 +3,7 @@
   python -m wurst_jax.main --config=configs/shapes.py:stage=a --workdir=workdirs/shapes/stage_a
   python -m wurst_jax.main --config=configs/shapes.py:stage=b --workdir=workdirs/shapes/stage_b
   python -m wurst_jax.main --config=configs/shapes.py:stage=c --workdir=workdirs/shapes/stage_c
+  python -m wurst_jax.main --config=configs/shapes.py:stage=c,backbone=pixart --workdir=workdirs/shapes/stage_c_pixart
 
 `root=DIR` says where the earlier stages' workdirs are (DIR/stage_a, DIR/stage_b; default
 workdirs/shapes); `python -m wurst_jax.demo` runs all three with `demo`, the step budgets that fit
@@ -89,7 +90,7 @@ def _stage_b(config: ml_collections.ConfigDict, root: str, runlocal: bool) -> No
         config.sample.decoder_steps = 2
 
 
-def _stage_c(config: ml_collections.ConfigDict, root: str, runlocal: bool) -> None:
+def _stage_c(config: ml_collections.ConfigDict, root: str, runlocal: bool, backbone: str) -> None:
     config.model_family = 'stage_c'
     config.total_steps = 3000
     config.input = config_lib.input_config('shapes', image_size=64, batch_size=32)
@@ -97,9 +98,11 @@ def _stage_c(config: ml_collections.ConfigDict, root: str, runlocal: bool) -> No
     config.init = ml_collections.ConfigDict(dict(prior=''))  # a converted prior to fine-tune from
     # Our jointly trained map is BatchNorm'd to unit variance already; 'v2' is Würstchen's (x + 1)/42.
     config.latent_scaling = 'none'
-    config.model = ml_collections.ConfigDict(dict(c=128, depth=4, num_heads=4, c_r=64, dropout=0.0,
-                                                  scan_blocks=False, remat_policy='none', pos_embed=True,
-                                                  linear_output=True))
+    config.model = ml_collections.ConfigDict(dict(backbone=backbone, c=128, depth=4, num_heads=4, c_r=64,
+                                                  dropout=0.0, scan_blocks=False, remat_policy='none',
+                                                  pos_embed=True, linear_output=True, patch_size=1))
+    if backbone == 'pixart':  # PixArt-α's DiT on the 8x8 map, one token per cell: 0.97 M params, as the prior's
+        config.model.depth = 3
     config.text = text_config(runlocal)
     # v-prediction, unweighted: at high noise v ≈ −x0, so the layout the caption sets is what those steps
     # are scored on. With ε-prediction (P2) the same 2000-step demo placed shapes at chance (position
@@ -111,14 +114,15 @@ def _stage_c(config: ml_collections.ConfigDict, root: str, runlocal: bool) -> No
     config.eval.num_grid_images = 8
     config.eval.grid_columns = 2
     if runlocal:
-        config.model.c = 16
+        config.model.c = 24 if backbone == 'pixart' else 16
         config.model.depth = 2
         config.model.num_heads = 2
         config.sample.prior_steps = 2
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, stage='a', root='workdirs/shapes', demo=False, runlocal=False)
+    arg = config_lib.parse_arg(arg, stage='a', root='workdirs/shapes', demo=False, runlocal=False,
+                                backbone='wuerstchen')
     config = config_lib.base_config()
     config.eval = ml_collections.ConfigDict(dict(
         data='split', num_examples=256, batch_size=64, use_ema=True, num_grid_images=16, grid_columns=4))
@@ -127,7 +131,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif arg.stage == 'b':
         _stage_b(config, arg.root, arg.runlocal)
     elif arg.stage == 'c':
-        _stage_c(config, arg.root, arg.runlocal)
+        _stage_c(config, arg.root, arg.runlocal, arg.backbone)
     else:
         raise config_lib.ConfigError('<arg>.stage', arg.stage, "one of 'a', 'b', 'c'")
     config.log_every_steps = 100

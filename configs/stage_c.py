@@ -9,7 +9,8 @@ model.safetensors, tokenizer.json); `effnet` the semantic compressor (a converte
 decay 0.01), 10k warm-up, clip 1.0, p2 loss, Würstchen t sampling, whole-batch caption dropout
 5 %. The effnet sees 768 px images (24x24 maps), in the v2 space (x + 1)/42.
 `sharding=dp|fsdp|fsdp_tp` (with `tensor=N`) picks the parallelism preset (default fsdp);
-`--config.grad_accum_steps=K` splits each batch into K micro-batches.
+`--config.grad_accum_steps=K` splits each batch into K micro-batches. `backbone=pixart` swaps the
+prior for PixArt-α's DiT-XL (width 1152, 28 blocks, 16 heads, one token per map cell: 576 tokens).
 """
 import ml_collections
 
@@ -17,7 +18,7 @@ from wurst_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, clip='', effnet='', batch=1280, sharding='fsdp', tensor=1)
+    arg = config_lib.parse_arg(arg, clip='', effnet='', batch=1280, sharding='fsdp', tensor=1, backbone='wuerstchen')
     config = config_lib.base_config()
     config.model_family = 'stage_c'
     config.total_steps = 1_500_000
@@ -28,8 +29,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.effnet = ml_collections.ConfigDict(dict(source=arg.effnet, image_size=768))
     config.latent_scaling = 'v2'
     config.init = ml_collections.ConfigDict(dict(prior=''))
-    config.model = ml_collections.ConfigDict(dict(c=1536, depth=32, num_heads=24, c_r=64, dropout=0.1,
-                                                  scan_blocks=True, remat_policy='dots', pos_embed=False))
+    config.model = ml_collections.ConfigDict(dict(backbone=arg.backbone, c=1536, depth=32, num_heads=24, c_r=64,
+                                                  dropout=0.1, patch_size=1, scan_blocks=True, remat_policy='dots',
+                                                  pos_embed=False))
+    if arg.backbone == 'pixart':
+        config.model.update(c=1152, depth=28, num_heads=16)
     config.text = ml_collections.ConfigDict(dict(
         tokenizer=arg.clip, max_length=77, encoder=arg.clip, hidden_state='last', dropout=0.05,
         dropout_mode='batch', encoder_config=ml_collections.ConfigDict()))

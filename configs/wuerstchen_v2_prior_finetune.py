@@ -28,8 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.latent_scaling = 'v2'
     config.init = ml_collections.ConfigDict(dict(prior=arg.prior))
     # The architecture comes from the checkpoint; these are the training-time options.
-    config.model = ml_collections.ConfigDict(dict(c=1536, depth=32, num_heads=24, c_r=64, dropout=0.1,
-                                                  scan_blocks=True, remat_policy='dots'))
+    config.model = ml_collections.ConfigDict(dict(backbone='wuerstchen', c=1536, depth=32, num_heads=24, c_r=64,
+                                                  dropout=0.1, patch_size=1, scan_blocks=True, remat_policy='dots'))
     config.text = ml_collections.ConfigDict(dict(
         tokenizer=arg.tokenizer or arg.clip, max_length=77, encoder=arg.clip, hidden_state='last', dropout=0.05,
         dropout_mode='sample', encoder_config=ml_collections.ConfigDict()))

@@ -57,6 +57,18 @@ def test_bad_value_is_rejected_with_its_name(field, value):
     assert f'config.{field}=' in str(err.value)
 
 
+@pytest.mark.parametrize('field, value, backbone', [
+    ('model.backbone', 'unet', 'wuerstchen'),
+    ('model.c', 30, 'pixart'),  # PixArt's sin-cos positions need a multiple of 4
+    ('model.patch_size', 0, 'pixart'),
+])
+def test_stage_c_backbone_fields_are_checked(field, value, backbone):
+    config = load_config('shapes', f'stage=c,runlocal,backbone={backbone}')
+    config.model[field.split('.')[1]] = value
+    with pytest.raises(config_lib.ConfigError, match=f'config.{field}='):
+        config_lib.validate(config)
+
+
 def test_two_minus_one_mesh_axes_rejected():
     config = load_config('shapes', 'runlocal')
     config.mesh.fsdp = -1

@@ -99,10 +99,11 @@ def test_stage_step_runs_sharded_on_8_devices(demo_root, stage):
     assert any('fsdp' in spec for spec in specs), specs  # FSDP really splits some weights
 
 
-def test_stage_c_overfits_a_few_captions(demo_root):
-    """On 8 fixed images and captions, the held-out ε-MSE on them falls well below its start (the
-    shapes prior predicts v; the ε path trains in the fine-tune and Stage B tests)."""
-    config = load_config('shapes', f'stage=c,runlocal,root={demo_root}')
+@pytest.mark.parametrize('backbone', ['wuerstchen', 'pixart'])
+def test_stage_c_overfits_a_few_captions(demo_root, backbone):
+    """On 8 fixed images and captions, the held-out ε-MSE on them falls well below its start, with
+    either backbone (the shapes prior predicts v; the ε path trains in the fine-tune and Stage B tests)."""
+    config = load_config('shapes', f'stage=c,runlocal,root={demo_root},backbone={backbone}')
     assert config.diffusion.prediction == 'v'
     config.input.data_dir = str(demo_root / 'overfit_data')
     config.input.shapes.num_train = 8

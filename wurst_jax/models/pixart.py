@@ -48,7 +48,7 @@ class TimestepMLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.normal(0.02)  # PixArt's init of the timestep MLP
         x = layers.dense(self.features, (None, 'embed'), dtype=self.dtype, kernel_init=init, name='linear_1')(x)
-        return layers.dense(self.features, ('embed', 'embed'), dtype=self.dtype, kernel_init=init,
+        return layers.dense(self.features, (None, 'embed'), dtype=self.dtype, kernel_init=init,
                             name='linear_2')(nn.silu(x))
 
 
@@ -140,7 +140,7 @@ class PixArtTransformer(nn.Module):
             init = nn.initializers.normal(0.02)
             text = layers.dense(d, (None, 'embed'), dtype=self.dtype, kernel_init=init,
                                 name='caption_projection_linear_1')(text.astype(self.dtype))
-            text = layers.dense(d, ('embed', 'embed'), dtype=self.dtype, kernel_init=init,
+            text = layers.dense(d, (None, 'embed'), dtype=self.dtype, kernel_init=init,
                                 name='caption_projection_linear_2')(nn.gelu(text, approximate=True))
         text = text.astype(self.dtype)
         if text_mask is None:

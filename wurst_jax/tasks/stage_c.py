@@ -1,5 +1,9 @@
 """Stage C training: the text-conditional prior diffuses the semantic compressor's map of the image.
 
+`model.backbone` picks the denoiser: 'wuerstchen' (Würstchen's prior, `models/stage_c.py`) or
+'pixart' (PixArt-α's DiT, `models/pixart.py`, patches of `model.patch_size`, time scaled to its
+0..1000 units); both train, sample and evaluate through the same methods below.
+
 The effnet is frozen (from a Stage B run that trained it jointly, or from a converted weights
 file); the text encoder is trained with the prior or frozen from a local CLIP folder. The map is
 scaled as configured (`latent_scaling='v2'`: (x + 1)/42, Würstchen v2's space) before noising.
@@ -22,11 +26,14 @@ from wurst_jax.data import precomputed
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
 from wurst_jax.models.layers import REMAT_POLICIES
+from wurst_jax.models.pixart import PixArtTransformer
 from wurst_jax.models.stage_c import WuerstchenPrior
 from wurst_jax.tasks import conditioning
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 LATENT_SCALINGS = ('v2', 'none')
+BACKBONES = ('wuerstchen', 'pixart')
+PIXART_TIME_SCALE = 1000.0  # our t in [0, 1] -> PixArt's DDPM timestep units
 
 
 def scale_latents(z: jax.Array, scaling: str) -> jax.Array:
@@ -100,8 +107,16 @@ class StageCTask:
         self.tokenizer = self.text.tokenizer
         self.effnet, self._effnet_variables = load_effnet(config.effnet.source, dtype)
         m = config.model
+        self.backbone = m.get('backbone', 'wuerstchen')
         pretrained = config.get('init', {}).get('prior', '')
-        if pretrained:  # fine-tuning: the architecture is the checkpoint's
+        if self.backbone == 'pixart':
+            h, w, c = self.latent_shape()
+            self.prior = PixArtTransformer(
+                in_channels=c, out_channels=c, num_heads=m.num_heads, head_dim=m.c // m.num_heads, depth=m.depth,
+                patch_size=m.patch_size, sample_size=h, interpolation_scale=1, caption_channels=self.text.width,
+                scan_blocks=m.scan_blocks, remat_policy=m.remat_policy, dtype=dtype)
+            self._pretrained = None
+        elif pretrained:  # fine-tuning: the architecture is the checkpoint's
             self.prior, self._pretrained = convert.load_diffusers(
                 pretrained, 'prior', dropout=m.dropout, scan_blocks=m.scan_blocks,
                 remat_policy=m.remat_policy, dtype=dtype)
@@ -129,6 +144,16 @@ class StageCTask:
             raise ConfigError('model.num_heads', m.num_heads, f'a divisor of model.c={m.c}')
         if m.remat_policy not in REMAT_POLICIES:
             raise ConfigError('model.remat_policy', m.remat_policy, f'one of {sorted(REMAT_POLICIES)}')
+        backbone = m.get('backbone', 'wuerstchen')
+        if backbone not in BACKBONES:
+            raise ConfigError('model.backbone', backbone, f'one of {BACKBONES}')
+        if backbone == 'pixart':
+            if m.c % 4:
+                raise ConfigError('model.c', m.c, "a multiple of 4 for PixArt's 2-D sin-cos positions")
+            if not (isinstance(m.get('patch_size'), int) and m.patch_size > 0):
+                raise ConfigError('model.patch_size', m.get('patch_size'), 'a positive integer for PixArt')
+            if config.init.prior:
+                raise ConfigError('init.prior', config.init.prior, "'' for PixArt (fine-tuning loads Würstchen priors)")
         if not os.path.exists(config.effnet.source):
             raise ConfigError('effnet.source', config.effnet.source,
                               'a Stage B workdir, an effnet model folder or an effnet checkpoint file')
@@ -219,8 +244,7 @@ class StageCTask:
 
         def loss_fn(p):
             cond = self.batch_text(p, frozen, batch, drop_rng)
-            out = self.prior.apply({'params': p['prior']}, x_t, t, cond, deterministic=False,
-                                   rngs={'dropout': dropout_rng})
+            out = self.prior_output(p['prior'], x_t, t, cond, dropout_rng)
             return diffusion_loss.epsilon_loss(out, target, t, d.loss_weight, model_state.get('loss_buckets'),
                                                d.get('p2_k', 1.0))
 
@@ -232,9 +256,19 @@ class StageCTask:
 
     # -- sampling and evaluation -----------------------------------------------------------------
 
+    def prior_output(self, prior_params: Any, x: jax.Array, t: jax.Array, cond: jax.Array,
+                     dropout_rng: jax.Array | None = None) -> jax.Array:
+        """The backbone's raw prediction (ε or v) for noisy maps x at times t in [0, 1]."""
+        if self.backbone == 'pixart':  # no dropout in PixArt's blocks
+            return self.prior.apply({'params': prior_params}, x, PIXART_TIME_SCALE * t, cond)
+        if dropout_rng is None:
+            return self.prior.apply({'params': prior_params}, x, t, cond)
+        return self.prior.apply({'params': prior_params}, x, t, cond, deterministic=False,
+                                rngs={'dropout': dropout_rng})
+
     def epsilon(self, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
         """The prior's noise estimate ε̂ (converted from v̂ when diffusion.prediction='v')."""
-        out = self.prior.apply({'params': params['prior']}, x, t, cond)
+        out = self.prior_output(params['prior'], x, t, cond)
         return diffusion_loss.to_epsilon(self.config.diffusion.get('prediction', 'epsilon'), out, x, t)
 
     def denoiser(self, params: Any, cond: jax.Array, uncond: jax.Array):
