@@ -14,7 +14,6 @@ import dataclasses
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
