@@ -1,5 +1,6 @@
 """The only module that talks to orbax: save and restore the train state, the data iterator and
 the config together, asynchronously, keeping the newest N checkpoints."""
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ def mark_complete(workdir: str, step: int) -> None:
 
 def clear_complete(workdir: str) -> None:
     """A run that (re)starts training is not complete, e.g. one resumed with a larger total_steps."""
-    if os.path.exists(os.path.join(workdir, COMPLETE_MARKER)):
+    with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(workdir, COMPLETE_MARKER))
 
 

@@ -40,12 +40,6 @@ def stage_config(stage: str, root: str):
     return config
 
 
-def latest_step(workdir: str) -> int:
-    directory = os.path.join(workdir, 'checkpoints')
-    steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
-    return max(steps, default=0)
-
-
 def fresh_prompts(count: int) -> list[str]:
     from wurst_jax.data import shapes
     return [shapes.caption_for(shapes.sample_objects(np.random.default_rng([EVAL_SEED, i]))) for i in range(count)]
@@ -53,7 +47,7 @@ def fresh_prompts(count: int) -> list[str]:
 
 def main(argv):
     del argv
-    from wurst_jax import config_lib, train, visualize
+    from wurst_jax import checkpoint, config_lib, train, visualize
     from wurst_jax.evaluate import shapes_alignment
     from wurst_jax.pipeline import Pipeline
     root = os.path.abspath(_WORKDIR.value)
@@ -62,7 +56,7 @@ def main(argv):
         config = stage_config(stage, root)
         config_lib.validate(config)
         workdir = os.path.join(root, f'stage_{stage}')
-        if latest_step(workdir) >= config.total_steps:
+        if max(checkpoint.all_steps(workdir), default=0) >= config.total_steps:
             logging.info('stage %s already trained in %s', stage, workdir)
             continue
         start = time.time()

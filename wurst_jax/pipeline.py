@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from wurst_jax import sharding
+from wurst_jax import checkpoint, sharding
 from wurst_jax.tasks import conditioning
 
 
@@ -44,8 +44,8 @@ class Pipeline:
     def load_prior_step(self, step: int) -> None:
         """Swaps in the Stage C EMA params of checkpoint `step` of the same run; the compiled
         sampler is reused, as its params are arguments."""
-        _, params, _ = conditioning.load_stage(self.stage_c_workdir, 'stage_c', step)
-        self.prior_params = jax.device_put(params, sharding.replicated(self.mesh))
+        _, state = checkpoint.load_trained(self.stage_c_workdir, step)  # params only: the task is the same
+        self.prior_params = jax.device_put(state['ema_params'], sharding.replicated(self.mesh))
 
     @classmethod
     def from_root(cls, root: str, **kwargs) -> 'Pipeline':

@@ -79,6 +79,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def local_inference(batch_size: int) -> tuple[int, NamedSharding, NamedSharding]:
+    """(batch_size rounded up to this process's device count, replicated, batch-split) shardings over
+    this process's devices: for evaluation networks that each process runs on its own share."""
+    mesh = Mesh(np.array(jax.local_devices()), ('data',))
+    return -(-batch_size // mesh.size) * mesh.size, replicated(mesh), NamedSharding(mesh, P('data'))
+
+
 def make_global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assembles each process's share of the batch into global arrays split along the batch axis."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

@@ -16,10 +16,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 from safetensors.numpy import load_file
 
+from wurst_jax import sharding
 from wurst_jax.convert.core import CONFIG_NAME, TRANSFORMERS_WEIGHTS, variables_from_state_dict
 from wurst_jax.models.clip import CLIPTextModel, CLIPVisionModel
 from wurst_jax.tokenizer import create_tokenizer
@@ -92,10 +92,7 @@ class CLIPEmbedder:
             k: v for k, v in state.items() if k.startswith(('vision_model.', 'visual_projection.'))})
         self.tokenizer = create_tokenizer(path, max_length=self.text.max_position_embeddings)
         self.name = cfg.get('_name_or_path') or os.path.basename(os.path.normpath(path))
-        mesh = Mesh(np.array(jax.local_devices()), ('data',))
-        self.batch_size = -(-batch_size // mesh.size) * mesh.size
-        self.batch = NamedSharding(mesh, P('data'))
-        replicated = NamedSharding(mesh, P())
+        self.batch_size, replicated, self.batch = sharding.local_inference(batch_size)
         self.text_vars, self.vision_vars = jax.device_put((text_vars, vision_vars), replicated)
         normalize = lambda e: e / jnp.linalg.norm(e, axis=-1, keepdims=True)
         self._image_fn = jax.jit(lambda v, x: normalize(self.vision.apply(v, x)['image_embeds']))

@@ -16,9 +16,9 @@ import os
 import jax
 import numpy as np
 import scipy.linalg
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from wurst_jax import sharding
 from wurst_jax.evaluate import gather
 
 INCEPTION_SIZE = 299
@@ -54,10 +54,8 @@ class InceptionFeatures:
         if resize not in RESIZE_MODES:
             raise ValueError(f'unknown FID resize {resize!r}: use one of {RESIZE_MODES}')
         self.resize = resize
-        mesh = Mesh(np.array(jax.local_devices()), ('data',))
-        self.batch_size = -(-batch_size // mesh.size) * mesh.size
-        self.variables = jax.device_put(variables, NamedSharding(mesh, P()))
-        self.batch = NamedSharding(mesh, P('data'))
+        self.batch_size, replicated, self.batch = sharding.local_inference(batch_size)
+        self.variables = jax.device_put(variables, replicated)
         self._apply = jax.jit(lambda v, x: module.apply(v, x / 127.5 - 1.0))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
