@@ -61,6 +61,7 @@ class Component:
     init_method: str | None = None  # module method that `example_inputs` feed, if not __call__
     accepts: tuple[str, ...] = ()  # further class names a folder may hold (e.g. CLIPTextModel)
     prepare_state: Callable[[dict], dict] | None = None  # renames/drops file keys before matching
+    check_state: Callable[[nn.Module, dict], None] | None = None  # checks a file's non-weight tensors
 
     @property
     def weights_name(self) -> str:
@@ -125,6 +126,8 @@ def variables_from_state_dict(module: nn.Module, name: str, state: dict[str, np.
     """Flax variables of `module` from a torch-named state dict; every missing, unexpected or
     wrongly shaped tensor is named in one error."""
     comp = component(name)
+    if comp.check_state is not None:
+        comp.check_state(module, state)
     if comp.prepare_state is not None:
         state = comp.prepare_state(state)
     flat_module = _unscanned(module)

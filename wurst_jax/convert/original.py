@@ -10,6 +10,7 @@ entry holds the network depends on the file:
   vqgan_f4_v1_500k.pt                      vqgan     'state_dict'
   stage_a.safetensors (Stable Cascade)     vqgan     flat (decode scale 0.43 there: pass it in config)
   effnet_encoder.safetensors (SC)          effnet    flat (mapper BatchNorm without affine)
+  PixArt-XL-2-*.pth (PixArt-alpha)         pixart    'state_dict_ema' or 'state_dict' (names: convert/pixart.py)
 
 Stable Cascade's Stage B/C UNets (`stage_b*.safetensors`, `stage_c*.safetensors`) are another
 architecture (StableCascadeUNet), not converted here.
@@ -28,12 +29,16 @@ RELEASED_CONFIGS = {
     'decoder': {},  # the WuerstchenDiffNeXt defaults are the released decoder
     'vqgan': {},
     'effnet': {},
+    # PixArt-XL-2-1024-MS.pth; the 512 / 256 files: {'sample_size': 64 / 32, 'use_additional_conditions': False,
+    # 'interpolation_scale': 1}, and the loader names the interpolation_scale if the file's positions disagree.
+    'pixart': dict(sample_size=128, interpolation_scale=2, caption_channels=4096, in_channels=4, out_channels=8),
 }
 _ENTRIES = {
     'prior': ('ema_state_dict', 'state_dict'),
     'decoder': ('state_dict',),
     'effnet': ('effnet_state_dict',),
     'vqgan': ('state_dict',),
+    'pixart': ('state_dict_ema', 'state_dict'),  # PixArt's training saves both; released files hold state_dict
 }
 _TORCH_SUFFIXES = ('.pt', '.pth', '.ckpt', '.bin')
 

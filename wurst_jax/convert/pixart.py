@@ -4,8 +4,18 @@ Flax names are diffusers' with four renames: `blocks_i` <-> `transformer_blocks.
 timestep / size MLPs and `t_block` live under `adaln_single` (`adaln_single.emb.*`,
 `adaln_single.linear`), `pos_embed_proj` <-> `pos_embed.proj`, and Sequential indices come back
 (`to_out.0`, `ff.net.0.proj`, `ff.net.2`, `caption_projection.linear_1`).
+
+Original PixArt `.pth` files (`load_diffusers('PixArt-XL-2-512x512.pth', 'pixart')`, or
+`convert.original.load_original(path, 'pixart', config)` for fields other than the 1024-MS model's)
+carry the names of PixArt-alpha's own modules; `original_to_diffusers` renames them the way diffusers'
+converter does, splitting the fused `attn.qkv` and `cross_attn.kv_linear`. Two tensors of those
+files are not weights: `pos_embed`, the fixed positions, is checked against the ones the module
+computes (a mismatch names the `interpolation_scale` the file was made with), and
+`y_embedder.y_embedding`, the fixed random caption that replaced dropped captions in training, is
+dropped as diffusers' converter drops it (sampling uses the empty caption's states instead).
 """
 import jax.numpy as jnp
+import numpy as np
 
 from wurst_jax.convert.core import Component, register
 from wurst_jax.models.pixart import PixArtTransformer
@@ -65,4 +75,78 @@ def _key(m: PixArtTransformer, path: tuple[str, ...]) -> str:
     return '.'.join(parts + [_LEAVES.get(leaf, leaf)])
 
 
-register('pixart', Component('PixArtTransformer2DModel', 'diffusers', _from_config, _config, _inputs, _key))
+# Original module name -> diffusers name, per prefix (PixArt-alpha's tools/convert_pixart_alpha_to_diffusers.py).
+_ORIGINAL_PREFIXES = {
+    'x_embedder.proj.': 'pos_embed.proj.', 't_block.1.': 'adaln_single.linear.',
+    't_embedder.mlp.0.': 'adaln_single.emb.timestep_embedder.linear_1.',
+    't_embedder.mlp.2.': 'adaln_single.emb.timestep_embedder.linear_2.',
+    'csize_embedder.mlp.0.': 'adaln_single.emb.resolution_embedder.linear_1.',
+    'csize_embedder.mlp.2.': 'adaln_single.emb.resolution_embedder.linear_2.',
+    'ar_embedder.mlp.0.': 'adaln_single.emb.aspect_ratio_embedder.linear_1.',
+    'ar_embedder.mlp.2.': 'adaln_single.emb.aspect_ratio_embedder.linear_2.',
+    'y_embedder.y_proj.fc1.': 'caption_projection.linear_1.', 'y_embedder.y_proj.fc2.': 'caption_projection.linear_2.',
+    'final_layer.linear.': 'proj_out.', 'final_layer.scale_shift_table': 'scale_shift_table',
+}
+_ORIGINAL_BLOCK = {'attn.proj.': 'attn1.to_out.0.', 'mlp.fc1.': 'ff.net.0.proj.', 'mlp.fc2.': 'ff.net.2.',
+                   'cross_attn.q_linear.': 'attn2.to_q.', 'cross_attn.proj.': 'attn2.to_out.0.',
+                   'scale_shift_table': 'scale_shift_table'}
+_FUSED = {'attn.qkv.': ('attn1.to_q.', 'attn1.to_k.', 'attn1.to_v.'), 'cross_attn.kv_linear.': ('attn2.to_k.', 'attn2.to_v.')}
+_NOT_WEIGHTS = ('pos_embed', 'y_embedder.y_embedding')
+
+
+def _rename(key: str, table: dict[str, str]) -> str | None:
+    for old, new in table.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
+def original_to_diffusers(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An original PixArt state dict (weights only) in diffusers' names; a diffusers one is returned as is."""
+    if 'x_embedder.proj.weight' not in state:
+        return state
+    out, unknown = {}, []
+    for key, value in state.items():
+        if key in _NOT_WEIGHTS:
+            continue
+        if key.startswith('blocks.'):
+            _, index, rest = key.split('.', 2)
+            prefix = f'transformer_blocks.{index}.'
+            fused = next((f for f in _FUSED if rest.startswith(f)), None)
+            if fused:
+                leaf = rest[len(fused):]
+                for name, part in zip(_FUSED[fused], np.split(value, len(_FUSED[fused]), axis=0)):
+                    out[prefix + name + leaf] = part
+                continue
+            new = _rename(rest, _ORIGINAL_BLOCK)
+            new = new and prefix + new
+        else:
+            new = _rename(key, _ORIGINAL_PREFIXES)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise ValueError(f'original PixArt checkpoint has tensors this converter does not know: {unknown}')
+    return out
+
+
+def _check_positions(module: PixArtTransformer, state: dict[str, np.ndarray]) -> None:
+    """The file's fixed positions must be the module's: else its sample_size / interpolation_scale differ."""
+    if 'pos_embed' not in state:
+        return
+    stored = np.asarray(state['pos_embed']).reshape(-1, module.width)
+    base = module.sample_size // module.patch_size
+    if stored.shape[0] != base * base:
+        raise ValueError(f'pos_embed of the checkpoint has {stored.shape[0]} positions, the module\'s base grid '
+                         f'{base}x{base} (sample_size={module.sample_size}): pass the sample_size it was trained at')
+    ours = np.asarray(module.positions(base, base))
+    if not np.allclose(stored, ours, atol=1e-4):
+        scales = [s for s in (0.25, 0.5, 1.0, 2.0, 4.0)
+                  if np.allclose(stored, module.clone(interpolation_scale=s).positions(base, base), atol=1e-4)]
+        raise ValueError(f'pos_embed of the checkpoint is not the module\'s (interpolation_scale='
+                         f'{module.interpolation_scale}); it matches interpolation_scale={scales or "none of 0.25-4"}')
+
+
+register('pixart', Component('PixArtTransformer2DModel', 'diffusers', _from_config, _config, _inputs, _key,
+                             prepare_state=original_to_diffusers, check_state=_check_positions))
