@@ -84,3 +84,28 @@ def tiny_clip_tokenizer_folder(path, pad_token: str) -> None:
         vocab[special] = len(vocab)
     tok = transformers.CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token)
     tok.save_pretrained(path)
+
+
+def tiny_clip_folder(path, hidden_size: int = 32) -> None:
+    """A random one-layer transformers CLIP text model with the tokenizer above, as a hub folder."""
+    import transformers
+    from torch_reference import randomise
+    tiny_clip_tokenizer_folder(path, '!')
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(path)
+    config = transformers.CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                                         intermediate_size=2 * hidden_size, num_hidden_layers=1,
+                                         num_attention_heads=2, eos_token_id=tokenizer.eos_token_id)
+    randomise(transformers.CLIPTextModel(config), seed=0).save_pretrained(path)
+
+
+def random_variables(module, *inputs):
+    """Random values in the shapes of module.init (running variances positive), without running init
+    (slow on CPU for many small convs)."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs)))
+    rng = np.random.default_rng(0)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, s: (np.ones(s.shape, np.float32) if path[-1].key == 'var'
+                         else 0.1 * rng.standard_normal(s.shape).astype(np.float32)), shapes)

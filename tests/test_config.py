@@ -10,7 +10,7 @@ from wurst_jax import config_lib
 
 
 # Recipes for real data need local weights (CLIP, effnet) that the user passes as config arguments.
-NEEDS_LOCAL_FILES = {'stage_b': 'stage_a.source', 'stage_c': 'effnet.source',
+NEEDS_LOCAL_FILES = {'stage_b': 'stage_a.source', 'stage_c': 'effnet.source', 'pixart_alpha': 'stage_a.source',
                      'wuerstchen_v2_prior_finetune': 'input.folder'}
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wurst_jax.data import image_folder, input_pipeline, photos, shapes
+from wurst_jax.data import aspect_buckets, image_folder, input_pipeline, photos, shapes
 
 SIZE = 32
 NUM_TRAIN, NUM_TEST = 24, 8
@@ -403,3 +403,69 @@ def test_photos_hold_out_astronaut_and_crops_tile_it(tmp_path):
     assert crops.shape == (64, 64, 64, 3) and crops.dtype == np.uint8
     np.testing.assert_array_equal(crops[9], astronaut[64:128, 64:128])  # Row 1, column 1.
     assert photos.astronaut_crops(128).shape == (16, 128, 128, 3)
+
+
+# --- multi-aspect buckets -------------------------------------------------------------------------
+
+def test_bucket_tables_are_pixarts():
+    """Ours holds PixArt-α's 40 training ratios; diffusers ships the 33 it samples at, which must agree."""
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (ASPECT_RATIO_256_BIN, ASPECT_RATIO_512_BIN,
+                                                                        ASPECT_RATIO_1024_BIN)
+    for size, reference in ((256, ASPECT_RATIO_256_BIN), (512, ASPECT_RATIO_512_BIN), (1024, ASPECT_RATIO_1024_BIN)):
+        ours = {str(ratio): [float(h), float(w)] for ratio, h, w in aspect_buckets.bucket_table(size)}
+        assert len(ours) == 40 and {k: ours[k] for k in reference} == reference
+    table = aspect_buckets.bucket_table(32, multiple=8)
+    assert all(h % 8 == 0 and w % 8 == 0 for _, h, w in table)
+    assert table[aspect_buckets.closest_bucket(30, 61, table)][1:] == (24, 48)
+
+
+@pytest.fixture(scope='module')
+def aspect_folder(tmp_path_factory) -> pathlib.Path:
+    """12 landscape (h/w 0.5), 8 portrait (2.1) and 4 near-square (0.9) captioned images."""
+    folder = tmp_path_factory.mktemp('aspect') / 'images'
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(20, 40)] * 12 + [(42, 20)] * 8 + [(27, 30)] * 4):
+        save(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), folder / f'{i:02d}.png', f'image {i}')
+    return folder
+
+
+def bucket_iterator(folder, *, process_index=0, process_count=1, **overrides):
+    fields = dict(dataset='image_folder', folder=str(folder), image_size=32, batch_size=4, aspect_buckets=True,
+                  bucket_multiple=8, crop='random')
+    config = make_input_config(folder.parent / 'tfds', **{**fields, **overrides})
+    return input_pipeline.create_train_iterator(config, seed=1, process_index=process_index,
+                                                process_count=process_count)
+
+
+def test_bucketed_batches_share_one_bucket_and_shard_like_square_ones(aspect_folder):
+    batches = take(bucket_iterator(aspect_folder), 10)
+    sizes = {f'image {i}': s for i, s in enumerate([(20, 40)] * 12 + [(42, 20)] * 8 + [(27, 30)] * 4)}
+    expected = {(20, 40): ((24, 48), 0.5), (42, 20): ((48, 24), 2.09), (27, 30): ((32, 32), 0.88)}
+    shapes_seen = []
+    for batch in batches:
+        originals = {sizes[str(c)] for c in batch['caption']}
+        assert len(originals) == 1  # one bucket per batch
+        (hw, ratio), = [expected[o] for o in originals]
+        assert batch['image'].shape == (4, *hw, 3)
+        np.testing.assert_array_equal(batch['original_size'], np.tile(originals.pop(), (4, 1)))
+        np.testing.assert_allclose(batch['aspect_ratio'], np.full((4, 1), ratio), rtol=1e-6)
+        shapes_seen.append(hw)
+    # An epoch is 3 + 2 + 1 batches: every image once, the buckets' batches interleaved.
+    assert sorted(shapes_seen[:6]) == sorted([(24, 48)] * 3 + [(48, 24)] * 2 + [(32, 32)])
+    assert shapes_seen[:6] != sorted(shapes_seen[:6]) and shapes_seen[:6] != shapes_seen[6:10] + shapes_seen[:2]
+    assert len({str(c) for b in batches[:6] for c in b['caption']}) == 24
+    # Two processes take the two halves of the same global batches; a restored iterator goes on alike.
+    halves = [take(bucket_iterator(aspect_folder, process_index=p, process_count=2), 10) for p in (0, 1)]
+    for step, batch in enumerate(batches):
+        for key in ('id', 'image'):
+            np.testing.assert_array_equal(np.concatenate([h[step][key] for h in halves]), batch[key])
+    partial = bucket_iterator(aspect_folder)
+    take(partial, 4)
+    restored = bucket_iterator(aspect_folder)
+    restored.set_state(partial.get_state())
+    assert_batches_equal(take(restored, 6), batches[4:])
+
+
+def test_buckets_too_small_for_a_batch_are_an_error(aspect_folder):
+    with pytest.raises(ValueError, match='no aspect bucket holds a whole global batch of 16'):
+        bucket_iterator(aspect_folder, batch_size=16)

@@ -4,7 +4,6 @@ folder of captioned images), and `wurst_jax.precompute` of its frozen encoders."
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +11,10 @@ import pytest
 from PIL import Image
 
 torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+pytest.importorskip("transformers")
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior  # noqa: E402
 
-from conftest import REPO, load_config, tiny_clip_tokenizer_folder  # noqa: E402
+from conftest import REPO, load_config, random_variables, tiny_clip_folder  # noqa: E402
 from torch_reference import randomise  # noqa: E402
 from wurst_jax import checkpoint, config_lib, convert, tasks, train  # noqa: E402
 from wurst_jax.convert import core  # noqa: E402
@@ -23,34 +22,19 @@ from wurst_jax.data import input_pipeline, precomputed  # noqa: E402
 from wurst_jax.models.effnet import EfficientNetEncoder  # noqa: E402
 
 
-def _random_variables(module, *inputs):
-    """Random values in the shapes of module.init (running variances positive), without running init
-    (slow on CPU for many small convs)."""
-    shapes = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs)))
-    rng = np.random.default_rng(0)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, s: (np.ones(s.shape, np.float32) if path[-1].key == 'var'
-                         else 0.1 * rng.standard_normal(s.shape).astype(np.float32)), shapes)
-
-
 @pytest.fixture(scope='module')
 def finetune_arg(tmp_path_factory):
     """The fine-tune config's argument string naming tiny random checkpoint folders made here."""
     tmp_path = tmp_path_factory.mktemp('finetune')
     prior_dir, clip_dir, effnet_dir, images = (tmp_path / n for n in ('prior', 'clip', 'effnet', 'images'))
-    tiny_clip_tokenizer_folder(clip_dir, '!')
-    vocab_size = len(transformers.CLIPTokenizer.from_pretrained(clip_dir))
-    eos = transformers.CLIPTokenizer.from_pretrained(clip_dir).eos_token_id
-    text_config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                                              num_hidden_layers=1, num_attention_heads=2, eos_token_id=eos)
-    randomise(transformers.CLIPTextModel(text_config), seed=0).save_pretrained(clip_dir)
+    tiny_clip_folder(clip_dir)
     prior = randomise(WuerstchenPrior(c_in=4, c=16, c_cond=32, c_r=8, depth=2, nhead=2, dropout=0.0), seed=1)
     with torch.no_grad():
         prior.out[1].weight.mul_(0.05)
     prior.save_pretrained(prior_dir)
     effnet = EfficientNetEncoder(stages=(('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)),
                                  last_channels=16, c_latent=4)
-    core.save_diffusers(effnet, _random_variables(effnet, np.zeros((1, 32, 32, 3), np.float32)), str(effnet_dir),
+    core.save_diffusers(effnet, random_variables(effnet, np.zeros((1, 32, 32, 3), np.float32)), str(effnet_dir),
                         'effnet')
     images.mkdir()
     rng = np.random.default_rng(0)

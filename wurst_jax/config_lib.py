@@ -104,7 +104,7 @@ def input_config(dataset: str, *, image_size: int, batch_size: int, crop: str = 
         dataset=dataset, data_dir='data', folder='', train_split='train', eval_split='test',
         shapes=ml_collections.ConfigDict(dict(num_train=20000, num_test=512, seed=0)),
         image_size=image_size, resize=resize, crop=crop, flip=flip, batch_size=batch_size,
-        num_workers=0, precomputed=''))
+        num_workers=0, precomputed='', aspect_buckets=False, bucket_multiple=0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,6 +166,13 @@ def _validate_input(config) -> None:
     _check(inp.resize == 0 or inp.resize >= inp.image_size, 'input.resize', inp.resize,
            f'0 or at least input.image_size={inp.image_size}, since the crop is taken after resizing')
     _check(inp.crop in ('center', 'random'), 'input.crop', inp.crop, "one of 'center', 'random'")
+    _check(isinstance(inp.get('aspect_buckets', False), bool), 'input.aspect_buckets', inp.get('aspect_buckets'),
+           'True (a batch per multi-aspect bucket, PixArt-α) or False')
+    multiple = inp.get('bucket_multiple', 0)
+    _check(isinstance(multiple, int) and multiple >= 0, 'input.bucket_multiple', multiple,
+           '0 (image_size / 16) or the positive multiple that bucket sides are rounded to')
+    _check(not inp.get('aspect_buckets', False) or config.model_family == 'stage_c', 'input.aspect_buckets', True,
+           'False except for Stage C (the other stages train on square crops)')
     _check(isinstance(inp.num_workers, int) and inp.num_workers >= 0, 'input.num_workers',
            inp.num_workers, 'an integer >= 0')
     _check(not inp.get('precomputed') or config.model_family == 'stage_c', 'input.precomputed', inp.get('precomputed'),

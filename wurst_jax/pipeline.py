@@ -1,4 +1,5 @@
-"""Prompts -> images: Stage C samples the semantic map, Stage B the Stage A latents, Stage A decodes.
+"""Prompts -> images: Stage C samples the semantic map, Stage B the Stage A latents, Stage A decodes
+(a single-stage Stage C run, `latents='stage_a'`, samples the Stage A latents itself: no Stage B).
 
 Each denoising loop is a `lax.scan` inside one jitted function; the prompt batch is sharded over
 all devices along `data`, the (small, frozen) params are replicated. A prompt's image depends only
@@ -22,23 +23,27 @@ def to_uint8(images: jax.Array) -> np.ndarray:
 
 
 class Pipeline:
-    """The three trained stages of a run root (DIR/stage_c and DIR/stage_b, which names its Stage A).
+    """The three trained stages of a run root (DIR/stage_c and DIR/stage_b, which names its Stage A;
+    DIR/stage_b is not read when the Stage C run is single-stage).
 
     `prior_step` picks a Stage C checkpoint (the newest by default); `devices` defaults to all of
     them, and an evaluation job that splits prompts across processes passes `jax.local_devices()`.
     """
 
-    def __init__(self, stage_c_workdir: str, stage_b_workdir: str, *, prior_step: int | None = None,
+    def __init__(self, stage_c_workdir: str, stage_b_workdir: str | None, *, prior_step: int | None = None,
                  devices: Sequence[jax.Device] | None = None):
         self.stage_c_workdir = stage_c_workdir
         self.prior_task, prior_params, _ = conditioning.load_stage(stage_c_workdir, 'stage_c', prior_step)
-        self.decoder_task, decoder_params, _ = conditioning.load_stage(stage_b_workdir, 'stage_b')
+        self.single_stage = self.prior_task.space == 'stage_a'
         self.mesh = sharding.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, devices)
         replicated = sharding.replicated(self.mesh)
         self.prior_params = jax.device_put(prior_params, replicated)
         self.prior_frozen = jax.device_put(self.prior_task.frozen_params(), replicated)
-        self.decoder_params = jax.device_put(decoder_params, replicated)
-        self.decoder_frozen = jax.device_put(self.decoder_task.frozen_params(), replicated)
+        self.decoder_task, self.decoder_params, self.decoder_frozen = None, {}, {}
+        if not self.single_stage:
+            self.decoder_task, decoder_params, _ = conditioning.load_stage(stage_b_workdir, 'stage_b')
+            self.decoder_params = jax.device_put(decoder_params, replicated)
+            self.decoder_frozen = jax.device_put(self.decoder_task.frozen_params(), replicated)
         self.batch_sharding = NamedSharding(self.mesh, P('data'))
 
     def load_prior_step(self, step: int) -> None:
@@ -61,6 +66,8 @@ class Pipeline:
             prior_key, decoder_key = jax.random.split(key)
             effnet = self.prior_task.sample(prior_params, prior_frozen, p_tok[None], p_mask[None], prior_key,
                                             steps=prior_steps, guidance=prior_guidance)
+            if self.single_stage:  # the prior sampled Stage A latents
+                return self.prior_task.decode(prior_frozen, effnet)[0]
             return self.decoder_task.sample(decoder_params, decoder_frozen, effnet, d_tok[None], d_mask[None],
                                             decoder_key, steps=decoder_steps, guidance=decoder_guidance)[0]
         return jax.vmap(one)(prior_tokens, prior_mask, decoder_tokens, decoder_mask, keys)
@@ -71,11 +78,13 @@ class Pipeline:
                  first_index: int = 0) -> np.ndarray:
         """uint8 images [N, H, W, 3] for the prompts, in order. `first_index` is the position of
         prompts[0] in a longer list that is split across callers: it keeps each image the same."""
-        c_sample, b_sample = self.prior_task.config.sample, self.decoder_task.config.sample
+        c_sample = self.prior_task.config.sample
+        b_sample = self.decoder_task.config.sample if self.decoder_task else {}
         options = dict(prior_steps=prior_steps or c_sample.prior_steps,
-                       decoder_steps=decoder_steps or b_sample.decoder_steps,
+                       decoder_steps=decoder_steps or b_sample.get('decoder_steps'),
                        prior_guidance=c_sample.prior_guidance if prior_guidance is None else prior_guidance,
-                       decoder_guidance=b_sample.decoder_guidance if decoder_guidance is None else decoder_guidance)
+                       decoder_guidance=b_sample.get('decoder_guidance') if decoder_guidance is None
+                       else decoder_guidance)
         devices = self.mesh.size
         batch_size = -(-batch_size // devices) * devices  # a multiple of the device count
         base = jax.random.key(seed)
@@ -83,7 +92,8 @@ class Pipeline:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
             padded = chunk + [''] * (batch_size - len(chunk))  # static shapes: pad the last batch
-            p_enc, d_enc = self.prior_task.tokenizer(padded), self.decoder_task.tokenizer(padded)
+            p_enc = self.prior_task.tokenizer(padded)
+            d_enc = self.decoder_task.tokenizer(padded) if self.decoder_task else p_enc
             first = first_index + start
             keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(first, first + batch_size))
             put = lambda x: jax.device_put(x, self.batch_sharding)

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 from clu import metric_writers, periodic_actions
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from wurst_jax import checkpoint, convert, optim, sharding, tasks, visualize
@@ -52,19 +53,25 @@ def create_train_state(task: Any, tx: optax.GradientTransformation, rng: jax.Arr
 
 
 def with_pretrained(task: Any, state: TrainState, state_sharding: Any) -> TrainState:
-    """A fresh state whose networks named by `task.pretrained_params()` (fine-tuning) start from
-    those weights, in params and EMA alike; the optimizer moments start at zero either way."""
+    """A fresh state whose networks named by `task.pretrained_params()` (fine-tuning, or the next stage
+    of a training plan) start from those weights, in params and EMA alike; the optimizer moments start
+    at zero either way. Params the loaded network lacks (a layer the new stage adds, e.g. PixArtMS's
+    size embedders) keep their initialisation and are logged; any other mismatch is an error."""
     pretrained = task.pretrained_params()
     if not pretrained:
         return state
     params = dict(state.params)
     for name, loaded in pretrained.items():
-        want = jax.tree.map(lambda a: (a.shape, str(a.dtype)), params[name])
-        got = jax.tree.map(lambda a: (a.shape, str(a.dtype)), loaded)
-        if want != got:
-            raise ValueError(f'pretrained {name} does not fit the model the config builds: '
-                             f'{jax.tree.structure(got)} vs {jax.tree.structure(want)}')
-        params[name] = loaded
+        want = traverse_util.flatten_dict(nn.meta.unbox(params[name]))
+        got = traverse_util.flatten_dict(loaded)
+        wrong = sorted('/'.join(k) for k in got if k not in want or want[k].shape != got[k].shape)
+        if wrong:
+            raise ValueError(f'pretrained {name} does not fit the model the config builds: {wrong} are not in it '
+                             'or have other shapes')
+        new = sorted('/'.join(k) for k in want if k not in got)
+        if new:
+            logging.warning('pretrained %s lacks %s: they start from their initialisation', name, new)
+        params[name] = traverse_util.unflatten_dict({k: got.get(k, v).astype(v.dtype) for k, v in want.items()})
     params = jax.device_put(params, state_sharding.params)
     ema = jax.tree.map(jnp.copy, params)  # separate buffers: the step donates the state
     logging.info('started %s from pretrained weights', sorted(pretrained))
@@ -228,18 +235,24 @@ def abstract_train_state(config: ml_collections.ConfigDict, task: Any, tx: optax
 
 def lower_train_step(config: ml_collections.ConfigDict, task: Any, tx: optax.GradientTransformation,
                      mesh: jax.sharding.Mesh, abstract_state: TrainState, state_sharding: Any,
-                     frozen: Any) -> jax.stages.Lowered:
-    """train_step lowered for the config's global batch over the mesh; `frozen` may be arrays or
-    ShapeDtypeStructs. The state is donated: its buffers are reused for the new state."""
+                     frozen: Any, batch: dict[str, Any] | None = None) -> jax.stages.Lowered:
+    """train_step lowered for the config's global batch over the mesh (or for the shapes of `batch`,
+    e.g. an aspect bucket's); `frozen` may be arrays or ShapeDtypeStructs. The state is donated: its
+    buffers are reused for the new state."""
     rules = tuple(tuple(r) for r in config.sharding_rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-                  for k, v in example_batch(task, config.input.batch_size, abstract=True).items()}
+    batch = batch or example_batch(task, config.input.batch_size, abstract=True)
+    batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in batch.items()}
     step_fn = jax.jit(functools.partial(train_step, task, tx, config),
                       in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
                       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return step_fn.lower(abstract_state, batch_spec, frozen)
+
+
+def batch_signature(batch: dict[str, Any]) -> tuple:
+    """What a compiled step is specialised to: each entry's shape and dtype."""
+    return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
 
 
 def lower_from_shapes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[jax.stages.Lowered, TrainState]:
@@ -324,10 +337,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     frozen = jax.device_put(task.frozen_params(), sharding.replicated(mesh))
     lowered = lower_train_step(config, task, tx, mesh, abstract_state, state_sharding, frozen)
     t0 = time.time()
-    compiled = lowered.compile()
+    # One executable per batch shape: a single one, or one per aspect bucket as batches arrive.
+    compiled = {batch_signature(example_batch(task, config.input.batch_size, abstract=True)): lowered.compile()}
     flops = step_flops(config, lowered)
     logging.info('train step compiled in %.1f s; %.3g FLOP per step over %d devices', time.time() - t0, flops,
                  mesh.size)
+
+    def compiled_step(batch):
+        signature = batch_signature(batch)
+        if signature not in compiled:
+            compiled[signature] = lower_train_step(config, task, tx, mesh, abstract_state, state_sharding, frozen,
+                                                   batch).compile()
+            logging.info('compiled the train step for batch shapes %s', signature)
+        return compiled[signature]
 
     # -- Loop --------------------------------------------------------------------------------------
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
@@ -351,7 +373,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if ids_file:
                     ids_file.write(f'{step} ' + ' '.join(map(str, local['id'].tolist())) + '\n')
                 batch = sharding.make_global_batch({k: local[k] for k in batch_keys}, batch_sharding)
-                state, metrics = compiled(state, batch, frozen)
+                state, metrics = compiled_step(batch)(state, batch, frozen)
                 pending_metrics.append(metrics)
             for hook in hooks:
                 hook(step)

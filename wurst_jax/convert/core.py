@@ -165,6 +165,17 @@ def state_dict_from_variables(module: nn.Module, name: str, variables: dict) -> 
             for path, v in flat.items()}
 
 
+def read_class_name(path: str) -> str | None:
+    """The class a model folder's config.json names (diffusers `_class_name` or transformers
+    `architectures[0]`); None for a file or a folder without config.json."""
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path) as f:
+        config = json.load(f)
+    return config.get('_class_name') or (config.get('architectures') or [None])[0]
+
+
 def read_config(path: str, name: str) -> dict:
     """config.json of a model folder, checked to hold the class that `name` converts."""
     comp = component(name)
@@ -175,7 +186,7 @@ def read_config(path: str, name: str) -> dict:
                                     f'with {CONFIG_NAME} and {comp.weights_name}')
     with open(config_path) as f:
         config = json.load(f)
-    found = config.get('_class_name') or (config.get('architectures') or [None])[0]
+    found = read_class_name(path)
     if found is not None and found not in (comp.class_name, *comp.accepts):
         raise ValueError(f'{config_path} is a {found}, but component {name!r} is a '
                          f'{" or ".join((comp.class_name, *comp.accepts))}')

@@ -1,7 +1,9 @@
 """grain input pipeline over TFDS ArrayRecord sources: training and evaluation iterators.
 
 Batches are dicts of numpy arrays for this process: `image` float32 [B, S, S, 3] in [-1, 1],
-`id` int64 [B], `caption` str [B], and with a tokenizer `tokens`, `token_mask` int32 [B, L].
+`id` int64 [B], `caption` str [B], and with a tokenizer `tokens`, `token_mask` int32 [B, L]. With
+`input.aspect_buckets` each training batch is [B, h, w, 3] for one bucket (h, w) of
+`aspect_buckets.py` and carries `original_size` [B, 2] and `aspect_ratio` [B, 1].
 """
 import contextlib
 import dataclasses
@@ -18,7 +20,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
-from wurst_jax.data import image_folder, photos, precomputed, shapes
+from wurst_jax.data import aspect_buckets, image_folder, photos, precomputed, shapes
 
 BUILTIN_DATASETS = ('shapes', 'photos', 'image_folder')
 REQUIRED_FEATURES = ('image', 'caption')
@@ -128,15 +130,22 @@ def resize_shorter_side(image: Image.Image, target: int) -> Image.Image:
     return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
 
 
-def center_crop_offset(width: int, height: int, size: int) -> tuple[int, int]:
-    """(left, top) of the centred size x size window."""
-    return (width - size) // 2, (height - size) // 2
+def resize_to_cover(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scales, keeping the aspect ratio, to the smallest size that covers width x height (bicubic)."""
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
 
 
-def random_crop_offset(width: int, height: int, size: int,
-                       rng: np.random.Generator) -> tuple[int, int]:
-    """(left, top) of a uniformly placed size x size window."""
-    return int(rng.integers(width - size + 1)), int(rng.integers(height - size + 1))
+def center_crop_offset(width: int, height: int, size: int, crop_height: int | None = None) -> tuple[int, int]:
+    """(left, top) of the centred size x size (or size x crop_height) window."""
+    return (width - size) // 2, (height - (crop_height or size)) // 2
+
+
+def random_crop_offset(width: int, height: int, size: int, rng: np.random.Generator,
+                       crop_height: int | None = None) -> tuple[int, int]:
+    """(left, top) of a uniformly placed size x size (or size x crop_height) window."""
+    return int(rng.integers(width - size + 1)), int(rng.integers(height - (crop_height or size) + 1))
 
 
 def to_signed_unit(image: Image.Image) -> np.ndarray:
@@ -157,25 +166,39 @@ def _attach_id(index: int, example: dict) -> dict:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Preprocess:
     """Decode, resize the shorter side, crop to image_size, maybe flip, scale to [-1, 1]; with a
-    tokenizer, also the caption's `tokens` and `token_mask` (int32 [L])."""
+    tokenizer, also the caption's `tokens` and `token_mask` (int32 [L]).
+
+    With a bucket table, an example that names its `bucket` is resized to cover that bucket's
+    (h, w) and cropped to it, and every example carries PixArtMS's micro-conditions: its decoded
+    `original_size` (h, w) and the `aspect_ratio` of its crop (the bucket's ratio; 1 for a square).
+    """
     image_size: int
     resize: int
     random_crop: bool = False
     flip: bool = False
     tokenizer: Any = None
+    buckets: tuple[tuple[float, int, int], ...] | None = None
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
-        """One example as {'image': float32 [S, S, 3], 'id': int64, 'caption': str}."""
-        image = resize_shorter_side(decode_image(example['image']), self.resize)
-        s = self.image_size
-        if self.random_crop:
-            left, top = random_crop_offset(*image.size, s, rng)
+        """One example as {'image': float32 [S, S, 3] (or the bucket's [h, w, 3]), 'id': int64, 'caption': str}."""
+        image = decode_image(example['image'])
+        original_size = np.array(image.size[::-1], np.float32)
+        if 'bucket' in example:
+            ratio, h, w = self.buckets[example['bucket']]
+            image = resize_to_cover(image, w, h)
         else:
-            left, top = center_crop_offset(*image.size, s)
-        image = image.crop((left, top, left + s, top + s))
+            ratio, h, w = 1.0, self.image_size, self.image_size
+            image = resize_shorter_side(image, self.resize)
+        if self.random_crop:
+            left, top = random_crop_offset(*image.size, w, rng, h)
+        else:
+            left, top = center_crop_offset(*image.size, w, h)
+        image = image.crop((left, top, left + w, top + h))
         if self.flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         out = {'image': to_signed_unit(image), 'id': np.int64(example['id']), 'caption': _as_str(example['caption'])}
+        if self.buckets is not None:
+            out.update(original_size=original_size, aspect_ratio=np.array([ratio], np.float32))
         if self.tokenizer is not None:
             encoded = self.tokenizer(out['caption'])
             out['tokens'], out['token_mask'] = encoded['input_ids'][0], encoded['attention_mask'][0]
@@ -188,9 +211,11 @@ def make_preprocess(input_config: ml_collections.ConfigDict, *, train: bool, tok
     if resize < input_config.image_size:
         raise ValueError(f'input.resize={resize} is below input.image_size='
                          f'{input_config.image_size}; the crop is taken after resizing')
+    buckets = (aspect_buckets.bucket_table(input_config.image_size, input_config.get('bucket_multiple', 0))
+               if input_config.get('aspect_buckets', False) else None)
     return Preprocess(image_size=input_config.image_size, resize=resize,
                       random_crop=train and input_config.crop == 'random',
-                      flip=train and bool(input_config.flip), tokenizer=tokenizer)
+                      flip=train and bool(input_config.flip), tokenizer=tokenizer, buckets=buckets)
 
 
 # --- Iterators -----------------------------------------------------------------------------------
@@ -247,6 +272,24 @@ class _ProcessShard(grain.MapDataset):
         return self._parent[step * self._global + self._offset + row]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Fetch:
+    """A planned {'index', 'bucket'} as the record it names, with the bucket."""
+    source: Sequence[dict]
+
+    def __call__(self, planned: dict) -> dict:
+        return {**_attach_id(planned['index'], self.source[planned['index']]), 'bucket': planned['bucket']}
+
+
+def _bucketed_examples(input_config: ml_collections.ConfigDict, seed: int, tokenizer: Any) -> grain.MapDataset:
+    """The endless global stream of augmented examples, each global batch from one aspect bucket."""
+    source = get_source(input_config, input_config.train_split)
+    preprocess = make_preprocess(input_config, train=True, tokenizer=tokenizer)
+    buckets = [aspect_buckets.closest_bucket(h, w, preprocess.buckets) for h, w in aspect_buckets.image_sizes(source)]
+    order = aspect_buckets.BucketedOrder(np.array(buckets), input_config.batch_size, seed)
+    return order.seed(seed).map(_Fetch(source)).random_map(preprocess)
+
+
 def create_train_iterator(input_config: ml_collections.ConfigDict, *, seed: int, process_index: int,
                           process_count: int, tokenizer: Any = None) -> grain.DatasetIterator:
     """Endless, checkpointable iterator over this process's augmented training batches (or over
@@ -255,6 +298,8 @@ def create_train_iterator(input_config: ml_collections.ConfigDict, *, seed: int,
     if input_config.get('precomputed'):
         source = _precomputed_source(input_config, input_config.train_split)
         ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat().map(DecodePrecomputed(tokenizer=tokenizer))
+    elif input_config.get('aspect_buckets', False):
+        ds = _bucketed_examples(input_config, seed, tokenizer)
     else:
         source = get_source(input_config, input_config.train_split)
         ds = (grain.MapDataset.source(source)

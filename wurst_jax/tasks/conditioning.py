@@ -1,6 +1,7 @@
 """What the diffusion stages condition on, shared by Stage B, Stage C and sampling: the text
 encoder (trained with the stage, or frozen from a local CLIP folder), caption dropout for
-classifier-free guidance, and frozen networks loaded from another run or a weights file."""
+classifier-free guidance, and frozen networks loaded from another run or a weights file (Stage A's
+VQGAN with the latent space it defines)."""
 import os
 from typing import Any
 
@@ -13,6 +14,7 @@ from wurst_jax import checkpoint, convert
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.models.clip import CLIPTextModel
+from wurst_jax.models.stage_a import VQGAN
 from wurst_jax.tokenizer import create_tokenizer
 
 HIDDEN_STATES = ('last', 'penultimate')  # Würstchen: after the final LN; Stable Cascade: hidden_states[-1]
@@ -114,6 +116,26 @@ def load_stage(source: str, family: str, step: int | None = None) -> tuple[Any, 
     if config.model_family != family:
         raise ConfigError('source', source, f'a workdir of a {family} run, not {config.model_family}')
     return tasks.create(config), state['ema_params'], state['model_state']
+
+
+def load_stage_a(source: str) -> tuple[VQGAN, dict]:
+    """(VQGAN, frozen variables) from a Stage A workdir or a converted vqgan folder/file."""
+    if os.path.isdir(os.path.join(source, 'checkpoints')):
+        task, params, model_state = load_stage(source, 'stage_a')
+        return task.vqgan, network_variables(params, model_state, 'vqgan')
+    if not os.path.exists(source):
+        raise ConfigError('stage_a.source', source, 'a Stage A workdir, a vqgan model folder or checkpoint file')
+    return convert.load_diffusers(source, 'vqgan')
+
+
+def stage_a_latents(vqgan: VQGAN, variables: dict, images: jax.Array) -> jax.Array:
+    """The space Stage B (and a single-stage prior) diffuses: the Stage A encoder's h / scale_factor."""
+    return vqgan.apply(variables, images, method=VQGAN.encode) / vqgan.scale_factor
+
+
+def stage_a_decode(vqgan: VQGAN, variables: dict, latents: jax.Array) -> jax.Array:
+    """Images in [-1, 1] from latents of that space."""
+    return vqgan.apply(variables, latents * vqgan.scale_factor, method=VQGAN.decode)
 
 
 def network_variables(params: Any, model_state: Any, name: str) -> dict:

@@ -24,20 +24,9 @@ from wurst_jax.diffusion import samplers, schedule
 from wurst_jax.models.effnet import EfficientNetEncoder
 from wurst_jax.models.layers import REMAT_POLICIES
 from wurst_jax.models.resize import resize
-from wurst_jax.models.stage_a import VQGAN
 from wurst_jax.models.stage_b import WuerstchenDiffNeXt
 from wurst_jax.tasks import conditioning
 from wurst_jax.tasks.stage_c import DTYPES, sample_guided, validate_diffusion
-
-
-def load_stage_a(source: str) -> tuple[VQGAN, dict]:
-    """(VQGAN, frozen variables) from a Stage A workdir or a converted vqgan folder/file."""
-    if os.path.isdir(os.path.join(source, 'checkpoints')):
-        task, params, model_state = conditioning.load_stage(source, 'stage_a')
-        return task.vqgan, conditioning.network_variables(params, model_state, 'vqgan')
-    if not os.path.exists(source):
-        raise ConfigError('stage_a.source', source, 'a Stage A workdir, a vqgan model folder or checkpoint file')
-    return convert.load_diffusers(source, 'vqgan')
 
 
 class StageBTask:
@@ -48,7 +37,7 @@ class StageBTask:
         dtype = DTYPES[config.dtype]
         self.text = conditioning.TextConditioner(config.text, dtype)
         self.tokenizer = self.text.tokenizer
-        self.vqgan, self._vqgan_variables = load_stage_a(config.stage_a.source)
+        self.vqgan, self._vqgan_variables = conditioning.load_stage_a(config.stage_a.source)
         e = config.effnet
         self.effnet_trainable = e.source == 'train'
         if self.effnet_trainable:
@@ -139,12 +128,10 @@ class StageBTask:
     # -- pieces ----------------------------------------------------------------------------------
 
     def latents(self, frozen: dict, images: jax.Array) -> jax.Array:
-        """Stage B's space: the Stage A encoder's h / scale_factor."""
-        h = self.vqgan.apply(frozen['stage_a'], images, method=VQGAN.encode)
-        return h / self.vqgan.scale_factor
+        return conditioning.stage_a_latents(self.vqgan, frozen['stage_a'], images)
 
     def decode_latents(self, frozen: dict, latents: jax.Array) -> jax.Array:
-        return self.vqgan.apply(frozen['stage_a'], latents * self.vqgan.scale_factor, method=VQGAN.decode)
+        return conditioning.stage_a_decode(self.vqgan, frozen['stage_a'], latents)
 
     def effnet_variables(self, params: Any, model_state: Any, frozen: dict) -> dict:
         if self.effnet_trainable:

@@ -1,8 +1,13 @@
-"""Stage C training: the text-conditional prior diffuses the semantic compressor's map of the image.
+"""Stage C training: the text-conditional prior diffuses the semantic compressor's map of the image
+(or, with `latents='stage_a'`, the image's Stage A latents: one diffusion stage, no Stage B).
 
 `model.backbone` picks the denoiser: 'wuerstchen' (Würstchen's prior, `models/stage_c.py`) or
 'pixart' (PixArt-α's DiT, `models/pixart.py`, patches of `model.patch_size`, time scaled to its
-0..1000 units); both train, sample and evaluate through the same methods below.
+0..1000 units); both train, sample and evaluate through the same methods below. PixArt's
+`init.prior` may be a class-conditional DiT folder (the re-parameterised start, `convert/dit.py`), a
+PixArt folder or `.pth`, or the workdir of an earlier Stage C run (the next stage of PixArt-α's
+training plan, `configs/pixart_alpha.py`); `model.micro_conditions` adds PixArtMS's size and aspect
+conditions, taken from the multi-aspect buckets of the input pipeline (`input.aspect_buckets`).
 
 The effnet is frozen (from a Stage B run that trained it jointly, or from a converted weights
 file); the text encoder is trained with the prior or frozen from a local CLIP folder. The map is
@@ -25,6 +30,7 @@ from wurst_jax.config_lib import ConfigError, validate_optimizer
 from wurst_jax.data import precomputed
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
+from wurst_jax.convert.dit import pixart_from_dit
 from wurst_jax.models.layers import REMAT_POLICIES
 from wurst_jax.models.pixart import PixArtTransformer
 from wurst_jax.models.stage_c import WuerstchenPrior
@@ -32,6 +38,7 @@ from wurst_jax.tasks import conditioning
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 LATENT_SCALINGS = ('v2', 'none')
+LATENT_SPACES = ('effnet', 'stage_a')  # Würstchen's semantic map, or single-stage on Stage A latents
 BACKBONES = ('wuerstchen', 'pixart')
 PIXART_TIME_SCALE = 1000.0  # our t in [0, 1] -> PixArt's DDPM timestep units
 
@@ -73,11 +80,11 @@ def load_effnet(source: str, dtype: Any = jnp.float32) -> tuple[Any, dict]:
     return convert.load_diffusers(source, 'effnet', dtype=dtype)
 
 
-def effnet_latents(effnet: Any, variables: dict, images: jax.Array, size: int) -> jax.Array:
-    """Images in [-1, 1] -> the effnet's map of them resized to size x size (effnet input in [0, 1])."""
+def effnet_latents(effnet: Any, variables: dict, images: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Images in [-1, 1] -> the effnet's map of them resized to size (h, w) (effnet input in [0, 1])."""
     x = (images.astype(jnp.float32) + 1) / 2
-    if x.shape[1:3] != (size, size):
-        x = jax.image.resize(x, (x.shape[0], size, size, 3), 'bilinear', antialias=True)
+    if x.shape[1:3] != tuple(size):
+        x = jax.image.resize(x, (x.shape[0], *size, 3), 'bilinear', antialias=True)
     return effnet.apply(variables, x).astype(jnp.float32)
 
 
@@ -98,41 +105,78 @@ def sample_guided(denoise_cond, x_init: jax.Array, rng: jax.Array, timesteps, gu
 
 
 class StageCTask:
-    """The Würstchen prior trained on effnet maps of captioned images."""
+    """The text-conditional prior (Würstchen's or PixArt-α's) on effnet maps or Stage A latents."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         dtype = DTYPES[config.dtype]
         self.text = conditioning.TextConditioner(config.text, dtype)
         self.tokenizer = self.text.tokenizer
-        self.effnet, self._effnet_variables = load_effnet(config.effnet.source, dtype)
+        self.space = config.get('latents', 'effnet')
+        if self.space == 'stage_a':
+            self.vqgan, self._vqgan_variables = conditioning.load_stage_a(config.stage_a.source)
+        else:
+            self.effnet, self._effnet_variables = load_effnet(config.effnet.source, dtype)
         m = config.model
         self.backbone = m.get('backbone', 'wuerstchen')
+        self.micro_conditions = bool(m.get('micro_conditions', False))
         pretrained = config.get('init', {}).get('prior', '')
+        self._pretrained = {}
         if self.backbone == 'pixart':
-            h, w, c = self.latent_shape()
-            self.prior = PixArtTransformer(
-                in_channels=c, out_channels=c, num_heads=m.num_heads, head_dim=m.c // m.num_heads, depth=m.depth,
-                patch_size=m.patch_size, sample_size=h, interpolation_scale=1, caption_channels=self.text.width,
-                scan_blocks=m.scan_blocks, remat_policy=m.remat_policy, dtype=dtype)
-            self._pretrained = None
+            self.prior = self._pixart(m, pretrained, dtype)
         elif pretrained:  # fine-tuning: the architecture is the checkpoint's
-            self.prior, self._pretrained = convert.load_diffusers(
+            self.prior, variables = convert.load_diffusers(
                 pretrained, 'prior', dropout=m.dropout, scan_blocks=m.scan_blocks,
                 remat_policy=m.remat_policy, dtype=dtype)
-            if (self.prior.c_cond, self.prior.c_in) != (self.text.width, self.effnet.c_latent):
+            self._pretrained = {'prior': variables['params']}
+            if (self.prior.c_cond, self.prior.c_in) != (self.text.width, self.latent_shape()[-1]):
                 raise ConfigError('init.prior', pretrained,
                                   f'a prior with c_cond={self.text.width} (the text encoder width) and '
-                                  f'c_in={self.effnet.c_latent} (the effnet channels); it has c_cond='
+                                  f'c_in={self.latent_shape()[-1]} (the latent channels); it has c_cond='
                                   f'{self.prior.c_cond}, c_in={self.prior.c_in}')
         else:
-            self.prior = WuerstchenPrior(c_in=self.effnet.c_latent, c=m.c, c_cond=self.text.width, c_r=m.c_r,
+            self.prior = WuerstchenPrior(c_in=self.latent_shape()[-1], c=m.c, c_cond=self.text.width, c_r=m.c_r,
                                          depth=m.depth, num_heads=m.num_heads, dropout=m.dropout,
                                          scan_blocks=m.scan_blocks, remat_policy=m.remat_policy,
                                          pos_embed=m.get('pos_embed', False),
                                          linear_output=m.get('linear_output', False), dtype=dtype)
-            self._pretrained = None
         self._eval_losses = jax.jit(self._held_out_losses)
+
+    def _pixart(self, m: ml_collections.ConfigDict, source: str, dtype: Any) -> PixArtTransformer:
+        """PixArt-α, from scratch, from an earlier Stage C run of the training plan (its architecture and EMA
+        weights, at this run's latent size), or with the architecture of a DiT folder (re-parameterised,
+        §A.3) or PixArt checkpoint (diffusers folder or original .pth); noted in self._pretrained."""
+        h, w, c = self.latent_shape()
+        options = dict(scan_blocks=m.scan_blocks, remat_policy=m.remat_policy, dtype=dtype)
+        if not source:
+            return PixArtTransformer(
+                in_channels=c, out_channels=c, num_heads=m.num_heads, head_dim=m.c // m.num_heads, depth=m.depth,
+                patch_size=m.patch_size, sample_size=h, interpolation_scale=1, caption_channels=self.text.width,
+                use_additional_conditions=self.micro_conditions, **options)
+        if os.path.isdir(os.path.join(source, 'checkpoints')):  # the previous stage of the plan
+            task, params, _ = conditioning.load_stage(source, 'stage_c')
+            if task.backbone != 'pixart':
+                raise ConfigError('init.prior', source, 'the workdir of a PixArt Stage C run')
+            # Positions at this run's grid, unscaled, as PixArt-α's 512 px stage after its 256 px ones.
+            module = task.prior.clone(sample_size=h, use_additional_conditions=self.micro_conditions, **options)
+            self._pretrained = {k: v for k, v in params.items() if k == 'prior' or self.text.trainable}
+        elif convert.core.read_class_name(source) == 'DiTTransformer2DModel':
+            module, variables = pixart_from_dit(source, caption_channels=self.text.width, **options)
+            self._pretrained = {'prior': variables['params']}
+        else:
+            module, variables = convert.load_diffusers(source, 'pixart', **options)
+            self._pretrained = {'prior': variables['params']}
+        if self.micro_conditions and module.width % 3:
+            raise ConfigError('model.micro_conditions', True, f'False for a PixArt of width {module.width}: '
+                              'its size and aspect embeddings take a third of the width each')
+        found = (module.in_channels, module.caption_channels, module.use_additional_conditions)
+        if found != (c, self.text.width, self.micro_conditions) or module.out_channels not in (c, 2 * c):
+            raise ConfigError('init.prior', source,
+                              f'a DiT/PixArt with in_channels={c} (the latent channels; out_channels {c} or '
+                              f'{2 * c} with learned variance), caption_channels={self.text.width} and '
+                              f'use_additional_conditions={self.micro_conditions} (model.micro_conditions); '
+                              f'it has {found} and out_channels={module.out_channels}')
+        return module
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
@@ -152,14 +196,35 @@ class StageCTask:
                 raise ConfigError('model.c', m.c, "a multiple of 4 for PixArt's 2-D sin-cos positions")
             if not (isinstance(m.get('patch_size'), int) and m.patch_size > 0):
                 raise ConfigError('model.patch_size', m.get('patch_size'), 'a positive integer for PixArt')
-            if config.init.prior:
-                raise ConfigError('init.prior', config.init.prior, "'' for PixArt (fine-tuning loads Würstchen priors)")
-        if not os.path.exists(config.effnet.source):
+        if m.get('micro_conditions', False):
+            if backbone != 'pixart':
+                raise ConfigError('model.micro_conditions', True, "False unless model.backbone='pixart' (PixArtMS)")
+            if m.c % 3 and not config.init.prior:
+                raise ConfigError('model.c', m.c, 'a multiple of 3 with model.micro_conditions (PixArtMS embeds '
+                                  'height, width and aspect ratio in a third of the width each)')
+            if not config.input.get('aspect_buckets', False):
+                raise ConfigError('model.micro_conditions', True,
+                                  'False unless input.aspect_buckets=True (the sizes come with the buckets)')
+        space = config.get('latents', 'effnet')
+        if space not in LATENT_SPACES:
+            raise ConfigError('latents', space, f'one of {LATENT_SPACES}')
+        if space == 'stage_a':
+            if not os.path.exists(config.stage_a.source):
+                raise ConfigError('stage_a.source', config.stage_a.source,
+                                  'a Stage A workdir, a vqgan model folder or checkpoint file (latents=stage_a)')
+            if config.latent_scaling != 'none':
+                raise ConfigError('latent_scaling', config.latent_scaling, "'none' with latents='stage_a' "
+                                  "(Stage A latents are scaled by the VQGAN's scale_factor)")
+        elif not os.path.exists(config.effnet.source):
             raise ConfigError('effnet.source', config.effnet.source,
                               'a Stage B workdir, an effnet model folder or an effnet checkpoint file')
         if config.init.prior and not os.path.exists(config.init.prior):
-            raise ConfigError('init.prior', config.init.prior, "'' or a diffusers prior folder / checkpoint file")
+            raise ConfigError('init.prior', config.init.prior,
+                              "'' or a diffusers prior folder / checkpoint file (PixArt: a DiT or PixArt folder, "
+                              'a PixArt .pth, or the workdir of an earlier Stage C run)')
         if config.input.get('precomputed'):
+            if config.input.get('aspect_buckets', False):
+                raise ConfigError('input.aspect_buckets', True, 'False with input.precomputed (fixed-size records)')
             try:
                 precomputed.check_matches(config)
             except FileNotFoundError as e:
@@ -171,8 +236,10 @@ class StageCTask:
     # -- state -----------------------------------------------------------------------------------
 
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        micro = {'original_size': ((2,), jnp.float32), 'aspect_ratio': ((1,), jnp.float32)}
         if not self.config.input.get('precomputed'):
-            return conditioning.captioned_batch_spec(self.config)
+            spec = conditioning.captioned_batch_spec(self.config)
+            return {**spec, **micro} if self.micro_conditions else spec
         spec = {'latents': (self.latent_shape(), jnp.float32)}
         if self.text.trainable:
             spec.update({k: v for k, v in conditioning.captioned_batch_spec(self.config).items() if k != 'image'})
@@ -180,28 +247,36 @@ class StageCTask:
             spec['text_states'] = ((self.config.text.max_length, self.text.width), jnp.float32)
         return spec
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(h, w, c) of the Stage C latents."""
-        size = self.config.effnet.image_size
-        out = jax.eval_shape(lambda v: self.effnet.apply(v, jnp.zeros((1, size, size, 3))), self._effnet_variables)
-        return out.shape[1:]
+    def latent_shape(self, image_hw: tuple[int, int] | None = None) -> tuple[int, int, int]:
+        """(h, w, c) of the Stage C latents of images of image_hw (default: input.image_size square)."""
+        size = self.config.input.image_size
+        images = jax.ShapeDtypeStruct((1, *(image_hw or (size, size)), 3), jnp.float32)
+        return jax.eval_shape(lambda v, x: self.latents(v, x), self.frozen_params(), images).shape[1:]
+
+    def effnet_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """The effnet's input size for images of image_hw: effnet.image_size for input.image_size, in proportion."""
+        scale = self.config.effnet.image_size / self.config.input.image_size
+        return round(image_hw[0] * scale), round(image_hw[1] * scale)
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         prior_rng, text_rng = jax.random.split(rng)
         h, w, c = self.latent_shape()
         cond = jnp.zeros((1, self.config.text.max_length, self.text.width))
-        params = {'prior': self.prior.init(prior_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), cond)['params']}
+        micro = self.micro(None, 1)
+        params = {'prior': self.prior.init(prior_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), cond,
+                                           *(() if micro is None else (None, *micro)))['params']}
         if self.text.trainable:
             params['text'] = self.text.init(text_rng)
         state = {'loss_buckets': schedule.adaptive_init()} if self.config.diffusion.loss_weight == 'adaptive' else {}
         return params, state
 
     def pretrained_params(self) -> dict[str, Any]:
-        """The converted prior named by config.init.prior, to fine-tune from."""
-        return {'prior': self._pretrained['params']} if self._pretrained else {}
+        """The networks config.init.prior starts from: a converted prior to fine-tune, a DiT start, or an
+        earlier run of the PixArt training plan."""
+        return self._pretrained
 
     def frozen_params(self) -> dict[str, Any]:
-        frozen = {'effnet': self._effnet_variables}
+        frozen = {'stage_a': self._vqgan_variables} if self.space == 'stage_a' else {'effnet': self._effnet_variables}
         if not self.text.trainable:
             frozen['text'] = self.text.frozen_variables()['params']
         return frozen
@@ -212,8 +287,24 @@ class StageCTask:
     # -- training --------------------------------------------------------------------------------
 
     def latents(self, frozen: dict, images: jax.Array) -> jax.Array:
-        z = effnet_latents(self.effnet, frozen['effnet'], images, self.config.effnet.image_size)
+        """x0 of images [B, H, W, 3]: their Stage A latents, or their scaled effnet map."""
+        if self.space == 'stage_a':
+            return conditioning.stage_a_latents(self.vqgan, frozen['stage_a'], images)
+        z = effnet_latents(self.effnet, frozen['effnet'], images, self.effnet_size(images.shape[1:3]))
         return scale_latents(z, self.config.latent_scaling)
+
+    def decode(self, frozen: dict, latents: jax.Array) -> jax.Array:
+        """Images in [-1, 1] from sampled Stage A latents (latents='stage_a': no Stage B)."""
+        return conditioning.stage_a_decode(self.vqgan, frozen['stage_a'], latents)
+
+    def micro(self, batch: dict[str, jax.Array] | None, batch_size: int) -> tuple[jax.Array, jax.Array] | None:
+        """PixArtMS's (image size [B, 2], aspect ratio [B, 1]): the batch's, else a square input.image_size."""
+        if not self.micro_conditions:
+            return None
+        if batch is not None and 'original_size' in batch:
+            return batch['original_size'], batch['aspect_ratio']
+        size = float(self.config.input.image_size)
+        return jnp.full((batch_size, 2), size), jnp.ones((batch_size, 1))
 
     def batch_latents(self, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
         """x0: the batch's precomputed latents, or the effnet map of its images."""
@@ -244,7 +335,7 @@ class StageCTask:
 
         def loss_fn(p):
             cond = self.batch_text(p, frozen, batch, drop_rng)
-            out = self.prior_output(p['prior'], x_t, t, cond, dropout_rng)
+            out = self.prior_output(p['prior'], x_t, t, cond, dropout_rng, self.micro(batch, x0.shape[0]))
             return diffusion_loss.epsilon_loss(out, target, t, d.loss_weight, model_state.get('loss_buckets'),
                                                d.get('p2_k', 1.0))
 
@@ -257,18 +348,22 @@ class StageCTask:
     # -- sampling and evaluation -----------------------------------------------------------------
 
     def prior_output(self, prior_params: Any, x: jax.Array, t: jax.Array, cond: jax.Array,
-                     dropout_rng: jax.Array | None = None) -> jax.Array:
-        """The backbone's raw prediction (ε or v) for noisy maps x at times t in [0, 1]."""
+                     dropout_rng: jax.Array | None = None, micro: tuple | None = None) -> jax.Array:
+        """The backbone's raw prediction (ε or v) for noisy maps x at times t in [0, 1]; `micro` are
+        PixArtMS's size conditions (`self.micro`)."""
         if self.backbone == 'pixart':  # no dropout in PixArt's blocks
-            return self.prior.apply({'params': prior_params}, x, PIXART_TIME_SCALE * t, cond)
+            out = self.prior.apply({'params': prior_params}, x, PIXART_TIME_SCALE * t, cond, None, *(micro or ()))
+            return out[..., :x.shape[-1]]  # a DiT start's learned-variance half is not trained here
         if dropout_rng is None:
             return self.prior.apply({'params': prior_params}, x, t, cond)
         return self.prior.apply({'params': prior_params}, x, t, cond, deterministic=False,
                                 rngs={'dropout': dropout_rng})
 
-    def epsilon(self, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
-        """The prior's noise estimate ε̂ (converted from v̂ when diffusion.prediction='v')."""
-        out = self.prior_output(params['prior'], x, t, cond)
+    def epsilon(self, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array,
+                batch: dict[str, jax.Array] | None = None) -> jax.Array:
+        """The prior's noise estimate ε̂ (converted from v̂ when diffusion.prediction='v'); a batch gives
+        the size micro-conditions, if any."""
+        out = self.prior_output(params['prior'], x, t, cond, micro=self.micro(batch, x.shape[0]))
         return diffusion_loss.to_epsilon(self.config.diffusion.get('prediction', 'epsilon'), out, x, t)
 
     def denoiser(self, params: Any, cond: jax.Array, uncond: jax.Array):
@@ -279,7 +374,7 @@ class StageCTask:
 
     def sample(self, params: Any, frozen: dict, tokens: jax.Array, mask: jax.Array, rng: jax.Array, *,
                steps: int | None = None, guidance: float | None = None) -> jax.Array:
-        """Stage C latents for the captions, unscaled into the effnet's raw space: [B, h, w, c]."""
+        """Stage C latents for the captions, unscaled into the effnet's raw space (or Stage A latents): [B, h, w, c]."""
         cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask)
         return self.sample_from_states(params, cond, uncond, rng, steps=steps, guidance=guidance)
 
@@ -297,7 +392,8 @@ class StageCTask:
         return unscale_latents(x, self.config.latent_scaling)
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
-        """The effnet map of each image beside the map sampled from its caption (first 3 channels)."""
+        """The effnet map of each image beside the map sampled from its caption (first 3 channels);
+        single-stage, the image beside the decoded sample."""
         del model_state
         real = unscale_latents(self.batch_latents(frozen, batch), self.config.latent_scaling)
         if 'text_states' in batch:
@@ -306,6 +402,8 @@ class StageCTask:
             fake = self.sample_from_states(params, cond, uncond, jax.random.key(0))
         else:
             fake = self.sample(params, frozen, batch['tokens'], batch['token_mask'], jax.random.key(0))
+        if self.space == 'stage_a':
+            return jnp.clip(jnp.concatenate([self.decode(frozen, real), self.decode(frozen, fake)], axis=2), -1, 1)
         pair = jnp.concatenate([real, fake], axis=2)[..., :3]
         pair = pair / (jnp.max(jnp.abs(real[..., :3]), axis=(1, 2, 3), keepdims=True) + 1e-6)
         scale = max(1, self.config.input.image_size // real.shape[1])
@@ -315,8 +413,7 @@ class StageCTask:
         del model_state
         x0 = self.batch_latents(frozen, batch)
         cond = self.batch_text(params, frozen, batch)
-        return diffusion_loss.fixed_time_losses(lambda x, t: self.epsilon(params, x, t, cond),
-                                                x0)
+        return diffusion_loss.fixed_time_losses(lambda x, t: self.epsilon(params, x, t, cond, batch), x0)
 
     def evaluate(self, params: Any, model_state: Any, frozen: dict,
                  batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:

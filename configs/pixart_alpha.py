@@ -1,0 +1,86 @@
+"""PixArt-α's three-stage training plan (pixart_greedy_eval.md §A.6) as three Stage C runs, each
+starting from the one before (`init=` its workdir):
+
+  stage=1  pixel dependency: PixArt-α re-parameterised from a class-conditional DiT folder (`dit=`,
+           e.g. DiT-XL-2-256 in diffusers form; §A.3), on class-labelled images captioned with their
+           class names, 256 px, batch 1024, 300k steps.
+  stage=2  text-image alignment: dense captions (SAM with LLaVA captions), 256 px, batch 11392, 150k steps.
+  stage=3  high aesthetics: 512 px, multi-aspect buckets (a batch per bucket of PixArt's 40-ratio
+           table) and PixArtMS's size and aspect micro-conditions (their embedders start fresh),
+           batch 2560, 100k steps.
+
+  python -m wurst_jax.main --config=configs/pixart_alpha.py:stage=1,dit=/models/DiT-XL-2-256,clip=/models/clip-vit-l,stage_a=/models/vqgan \
+      --workdir=/ckpt/pixart1 --config.input.dataset=imagenet_captions --config.input.data_dir=/data/tfds
+  python -m wurst_jax.main --config=configs/pixart_alpha.py:stage=2,init=/ckpt/pixart1,clip=...,stage_a=... \
+      --workdir=/ckpt/pixart2 --config.input.dataset=sam_llava
+  python -m wurst_jax.main --config=configs/pixart_alpha.py:stage=3,init=/ckpt/pixart2,clip=...,stage_a=... \
+      --workdir=/ckpt/pixart3 --config.input.dataset=aesthetic
+
+The denoiser diffuses Stage A latents directly (`latents='stage_a'`, one diffusion stage as PixArt
+on its VAE; 4 channels, so the DiT's patch embedding fits). `latents=effnet,effnet=...` trains it on
+Würstchen's 16-channel map instead (no DiT start then: stage 1 starts from scratch).
+
+What is PixArt's (§A.6): DiT-XL/2 (1152 wide, 28 blocks, 16 heads, patch 2), AdamW at a constant 2e-5
+after 1000 warm-up steps, weight decay 0.03, gradient clipping at 0.01, EMA 0.9999, caption dropout
+10 %, the batch sizes and step counts above, the bucket table. What is ours: a local CLIP text encoder
+(`clip=`, 77 tokens) instead of T5-XXL with 120; the cosine schedule with ε-prediction instead of
+iDDPM's linear β with learned variance (a DiT start's variance half is ignored); AdamW's eps at
+optax's 1e-8, not 1e-10; no √(batch/256) scaling of the learning rate (PixArt's code applies one).
+"""
+import ml_collections
+
+from wurst_jax import config_lib
+
+# stage -> (image size, global batch, steps)
+PLAN = {1: (256, 1024, 300_000), 2: (256, 11_392, 150_000), 3: (512, 2_560, 100_000)}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = config_lib.parse_arg(arg, stage=1, dit='', init='', clip='', stage_a='', latents='stage_a', effnet='',
+                               sharding='fsdp', tensor=1, runlocal=False)
+    if arg.stage not in PLAN:
+        raise config_lib.ConfigError('<arg>.stage', arg.stage, f'one of {sorted(PLAN)}')
+    size, batch, steps = PLAN[arg.stage]
+    config = config_lib.base_config()
+    config.model_family = 'stage_c'
+    config.total_steps = steps
+    config.dtype = 'bfloat16'
+    config.mesh = config_lib.mesh_preset(arg.sharding, arg.tensor)
+    config.input = config_lib.input_config('my_captions', image_size=size, batch_size=batch, crop='random')
+    config.input.aspect_buckets = arg.stage == 3
+    config.latents = arg.latents
+    config.stage_a = ml_collections.ConfigDict(dict(source=arg.stage_a))
+    config.effnet = ml_collections.ConfigDict(dict(source=arg.effnet, image_size=size * 3))  # 24x24 at 256 px
+    config.latent_scaling = 'none' if arg.latents == 'stage_a' else 'v2'
+    # Stage 1 starts from the DiT, later stages from the run before.
+    config.init = ml_collections.ConfigDict(dict(prior=arg.dit if arg.stage == 1 else arg.init))
+    config.model = ml_collections.ConfigDict(dict(
+        backbone='pixart', c=1152, depth=28, num_heads=16, c_r=64, dropout=0.0, patch_size=2,
+        scan_blocks=True, remat_policy='dots', micro_conditions=arg.stage == 3))
+    config.text = ml_collections.ConfigDict(dict(
+        tokenizer=arg.clip, max_length=77, encoder=arg.clip, hidden_state='last', dropout=0.1,
+        dropout_mode='sample', encoder_config=ml_collections.ConfigDict()))
+    config.diffusion = ml_collections.ConfigDict(dict(t_sampling='uniform', loss_weight='none', p2_k=1.0,
+                                                    prediction='epsilon', sampler='ddpm'))
+    config.sample = ml_collections.ConfigDict(dict(prior_steps=20, prior_timesteps='linspace', prior_guidance=4.5))
+    config.optimizer = config_lib.optimizer_config(2e-5, warmup_steps=1000, schedule='constant', weight_decay=0.03,
+                                                   grad_clip=0.01)
+    config.ema_decay = 0.9999
+    config.eval = ml_collections.ConfigDict(dict(
+        data='split', num_examples=1024, batch_size=64, use_ema=True, num_grid_images=8, grid_columns=4))
+    config.log_every_steps = 100
+    config.image_every_steps = 5000
+    config.checkpoint_every_steps = 2000
+    config.eval_every_steps = 10_000
+    if arg.runlocal:  # the plan's shape at toy size, for tests: the DiT's width comes from its folder
+        config.total_steps = 2
+        config.dtype = 'float32'
+        config.mesh = config_lib.mesh_preset('dp')
+        config.input.image_size = 16 if arg.stage < 3 else 32
+        config.input.batch_size = 8
+        config.model.update(c=24, depth=2, num_heads=2, scan_blocks=False, remat_policy='none')
+        config.sample.prior_steps = 2
+        config.optimizer.warmup_steps = 0
+        config.eval.update(num_examples=8, batch_size=8, num_grid_images=2, grid_columns=2)
+        config.log_every_steps = config.image_every_steps = config.checkpoint_every_steps = 1
+    return config
