@@ -4,12 +4,14 @@
   python -m wurst_jax.main --config=configs/shapes.py:stage=b --workdir=workdirs/shapes/stage_b
   python -m wurst_jax.main --config=configs/shapes.py:stage=c --workdir=workdirs/shapes/stage_c
   python -m wurst_jax.main --config=configs/shapes.py:stage=c,backbone=pixart --workdir=workdirs/shapes/stage_c_pixart
+  python -m wurst_jax.main --config=configs/shapes.py:stage=c,backbone=pixart,latents=stage_a --workdir=workdirs/shapes/single
 
 `root=DIR` says where the earlier stages' workdirs are (DIR/stage_a, DIR/stage_b; default
 workdirs/shapes); `python -m wurst_jax.demo` runs all three with `demo`, the step budgets that fit
 the demo's 30 minutes on 2 CPU cores. Stage B trains the semantic
 compressor jointly (no ImageNet weights ship offline) and Stage C diffuses its 8x8x16 map of the
-64 px image, predicting v with a linear output head. Both train their own small CLIP-architecture text encoder over the grammar's words,
+64 px image, predicting v with a linear output head (`latents=stage_a`: a single diffusion stage on
+Stage A's 16x16x4 latents, no Stage B). Both train their own small CLIP-architecture text encoder over the grammar's words,
 so no vocabulary file is needed. Images are never flipped for B and C: the captions say left and right.
 `runlocal` shrinks everything for tests.
 """
@@ -90,11 +92,13 @@ def _stage_b(config: ml_collections.ConfigDict, root: str, runlocal: bool) -> No
         config.sample.decoder_steps = 2
 
 
-def _stage_c(config: ml_collections.ConfigDict, root: str, runlocal: bool, backbone: str) -> None:
+def _stage_c(config: ml_collections.ConfigDict, root: str, runlocal: bool, backbone: str, latents: str) -> None:
     config.model_family = 'stage_c'
     config.total_steps = 3000
     config.input = config_lib.input_config('shapes', image_size=64, batch_size=32)
+    config.latents = latents
     config.effnet = ml_collections.ConfigDict(dict(source=f'{root}/stage_b', image_size=64))
+    config.stage_a = ml_collections.ConfigDict(dict(source=f'{root}/stage_a'))  # read with latents='stage_a'
     config.init = ml_collections.ConfigDict(dict(prior=''))  # a converted prior to fine-tune from
     # Our jointly trained map is BatchNorm'd to unit variance already; 'v2' is Würstchen's (x + 1)/42.
     config.latent_scaling = 'none'
@@ -103,6 +107,8 @@ def _stage_c(config: ml_collections.ConfigDict, root: str, runlocal: bool, backb
                                                   pos_embed=True, linear_output=True, patch_size=1))
     if backbone == 'pixart':  # PixArt-α's DiT on the 8x8 map, one token per cell: 0.97 M params, as the prior's
         config.model.depth = 3
+    if latents == 'stage_a':  # single-stage on the 16x16x4 Stage A latents: 2x2 patches, again 64 tokens
+        config.model.patch_size = 2
     config.text = text_config(runlocal)
     # v-prediction, unweighted: at high noise v ≈ −x0, so the layout the caption sets is what those steps
     # are scored on. With ε-prediction (P2) the same 2000-step demo placed shapes at chance (position
@@ -122,7 +128,7 @@ def _stage_c(config: ml_collections.ConfigDict, root: str, runlocal: bool, backb
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(arg, stage='a', root='workdirs/shapes', demo=False, runlocal=False,
-                                backbone='wuerstchen')
+                                backbone='wuerstchen', latents='effnet')
     config = config_lib.base_config()
     config.eval = ml_collections.ConfigDict(dict(
         data='split', num_examples=256, batch_size=64, use_ema=True, num_grid_images=16, grid_columns=4))
@@ -131,7 +137,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif arg.stage == 'b':
         _stage_b(config, arg.root, arg.runlocal)
     elif arg.stage == 'c':
-        _stage_c(config, arg.root, arg.runlocal, arg.backbone)
+        _stage_c(config, arg.root, arg.runlocal, arg.backbone, arg.latents)
     else:
         raise config_lib.ConfigError('<arg>.stage', arg.stage, "one of 'a', 'b', 'c'")
     config.log_every_steps = 100
