@@ -16,7 +16,8 @@ from torch_reference import randomise  # noqa: E402
 from wurst_jax import checkpoint, config_lib, convert, train  # noqa: E402
 from wurst_jax.convert.dit import pixart_from_dit  # noqa: E402
 from wurst_jax.models.stage_a import VQGAN  # noqa: E402
-from wurst_jax.pipeline import Pipeline  # noqa: E402
+from wurst_jax.evaluate import job  # noqa: E402
+from wurst_jax.pipeline import Pipeline, needs_stage_b  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -79,9 +80,19 @@ def test_plan_runs_from_the_dit_start_to_multi_aspect_buckets(plan_folders, tmp_
     assert 'resolution_embedder' in prior and 'resolution_embedder' not in one['params']['prior']
     assert 0 < max_delta(prior, one['ema_params']['prior']) < 1e-3
 
-    # Prompts to images through Stage A alone.
+    # Prompts to images through Stage A alone; a run root with stage_c/ only is enough for the
+    # sample CLI and the evaluation job.
     images = Pipeline(str(tmp_path / 'stage3'), None)(['the cat', 'a photo of a dog'], batch_size=2)
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
+    run_root = tmp_path / 'root'
+    run_root.mkdir()
+    (run_root / 'stage_c').symlink_to(tmp_path / 'stage3')
+    assert not needs_stage_b(str(run_root))
+    prompts = tmp_path / 'prompts.txt'
+    prompts.write_text('the cat\n')
+    eval_config = load_config('eval')
+    eval_config.update(workdir=str(run_root), prompts=str(prompts))
+    job.validate(eval_config)
 
 
 def test_plan_refuses_a_start_that_does_not_fit(plan_folders, tmp_path):

@@ -152,6 +152,17 @@ def load_trained(workdir: str, step: int | None = None) -> tuple[ml_collections.
     return ml_collections.ConfigDict(restored['config']), restored['state']
 
 
+def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
+    """The config a run saved with its newest checkpoint (None before the first): cheap, no arrays read."""
+    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    if not all_steps(workdir):
+        return None
+    manager = ocp.CheckpointManager(directory, item_names=('config',),
+                                    item_handlers={'config': ocp.JsonCheckpointHandler()})
+    restored = manager.restore(max(manager.all_steps()), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return ml_collections.ConfigDict(restored['config'])
+
+
 def load_params(workdir: str, step: int | None = None, ema: bool = False) -> Any:
     """The params (or EMA params) pytree of a run's checkpoint as numpy arrays on the host: for
     tests, evaluation and conversion."""

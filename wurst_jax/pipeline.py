@@ -22,6 +22,12 @@ def to_uint8(images: jax.Array) -> np.ndarray:
     return np.asarray(jnp.clip(jnp.round((images + 1) * 127.5), 0, 255)).astype(np.uint8)
 
 
+def needs_stage_b(root: str) -> bool:
+    """Whether sampling the run root needs DIR/stage_b: not when its Stage C run is single-stage."""
+    config = checkpoint.saved_config(f'{root}/stage_c')
+    return config is None or config.get('latents', 'effnet') != 'stage_a'
+
+
 class Pipeline:
     """The three trained stages of a run root (DIR/stage_c and DIR/stage_b, which names its Stage A;
     DIR/stage_b is not read when the Stage C run is single-stage).

@@ -28,9 +28,13 @@ flags.mark_flags_as_required(['workdir', 'prompts', 'out'])
 def check_workdir(root: str) -> None:
     for stage in ('stage_c', 'stage_b'):
         checkpoints = os.path.join(root, stage, 'checkpoints')
+        if stage == 'stage_b':
+            from wurst_jax.pipeline import needs_stage_b  # reads stage_c's saved config: orbax
+            if not needs_stage_b(root):
+                continue
         if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
             raise SystemExit(f'{checkpoints} has no checkpoint: --workdir must hold trained stage_b/ and stage_c/ '
-                             '(python -m wurst_jax.demo --workdir=DIR trains them)')
+                             '(stage_c/ alone if single-stage; python -m wurst_jax.demo --workdir=DIR trains them)')
 
 
 def write_images(images, prompts: list[str], out: str) -> None:

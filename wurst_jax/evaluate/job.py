@@ -21,17 +21,17 @@ from wurst_jax import checkpoint, visualize
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.data.prompts import read_prompts
 from wurst_jax.evaluate import clip_metrics, fid, gather, shapes_alignment
+from wurst_jax.pipeline import Pipeline, needs_stage_b
 
 _WAIT, _DONE = -1, -2
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Errors that name the field, before anything slow is loaded."""
-    for stage in ('stage_b', 'stage_c'):
-        if not config.workdir or not os.path.isdir(os.path.join(config.workdir, stage)):
-            raise ConfigError('workdir', config.workdir, f'a run root with stage_b/ and stage_c/ (it lacks {stage}/; '
-                              'python -m wurst_jax.demo --workdir=DIR writes one)')
-    if not checkpoint.all_steps(os.path.join(config.workdir, 'stage_b')):
+    if not config.workdir or not os.path.isdir(os.path.join(config.workdir, 'stage_c')):
+        raise ConfigError('workdir', config.workdir, 'a run root with stage_c/ (and stage_b/ unless Stage C is '
+                          'single-stage; python -m wurst_jax.demo --workdir=DIR writes one)')
+    if needs_stage_b(config.workdir) and not checkpoint.all_steps(os.path.join(config.workdir, 'stage_b')):
         raise ConfigError('workdir', config.workdir, 'its stage_b/ has no checkpoint: train Stage B first')
     if not config.follow and not checkpoint.all_steps(os.path.join(config.workdir, 'stage_c')):
         raise ConfigError('workdir', config.workdir, 'its stage_c/ has no checkpoint to score; '
@@ -170,7 +170,6 @@ def run(config: ml_collections.ConfigDict) -> list[dict]:
             time.sleep(config.poll_seconds)
             continue
         if pipeline is None:  # JAX-heavy: built once the inputs are checked and a checkpoint exists
-            from wurst_jax.pipeline import Pipeline
             pipeline = Pipeline.from_root(config.workdir, prior_step=step, devices=jax.local_devices())
         else:  # same compiled sampler, new params
             pipeline.load_prior_step(step)

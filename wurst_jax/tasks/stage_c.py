@@ -247,10 +247,10 @@ class StageCTask:
             spec['text_states'] = ((self.config.text.max_length, self.text.width), jnp.float32)
         return spec
 
-    def latent_shape(self, image_hw: tuple[int, int] | None = None) -> tuple[int, int, int]:
-        """(h, w, c) of the Stage C latents of images of image_hw (default: input.image_size square)."""
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(h, w, c) of the Stage C latents of square input.image_size images (a bucket's differ)."""
         size = self.config.input.image_size
-        images = jax.ShapeDtypeStruct((1, *(image_hw or (size, size)), 3), jnp.float32)
+        images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
         return jax.eval_shape(lambda v, x: self.latents(v, x), self.frozen_params(), images).shape[1:]
 
     def effnet_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
