@@ -1,0 +1,49 @@
+"""The attention kernel `layers.Attention` picks per backend (`layers.attention_kernel`), measured side
+by side: the gradient of a Würstchen prior (the issue's Stage C `small` model: c 256, depth 4, 8 heads,
+batch 8, 24x24 latents, 77 text tokens) with each kernel, timed in turns. One JSON object, last line.
+
+  python bench/attention.py [--steps=5]
+"""
+import json
+
+import common
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from wurst_jax.models import layers
+from wurst_jax.models.stage_c import WuerstchenPrior
+
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed rounds (each runs every kernel once).')
+KERNELS = ('einsum', 'dot_product_attention')
+
+
+def prior_grad(kernel: str):
+    """A compiled `params -> grads` of the small prior with attention kernel `kernel`, and its params."""
+    p = common.STAGE_C_MODELS['small']
+    model = WuerstchenPrior(c_in=16, c=p['c'], c_cond=256, c_r=64, depth=p['depth'], num_heads=p['num_heads'])
+    x = jnp.ones((p['batch'], p['side'], p['side'], 16))
+    t, cond = jnp.full((p['batch'],), 0.5), jnp.ones((p['batch'], 77, 256))
+    params = model.init(jax.random.key(0), x, t, cond)['params']
+    grad = jax.jit(jax.grad(lambda q: jnp.mean(model.apply({'params': q}, x, t, cond) ** 2)))
+    chosen, layers.attention_kernel = layers.attention_kernel, lambda: kernel
+    try:  # the kernel is chosen while tracing, at the first call
+        jax.block_until_ready(grad(params))
+    finally:
+        layers.attention_kernel = chosen
+    return grad, params
+
+
+def main(_):
+    grads = {kernel: prior_grad(kernel) for kernel in KERNELS}
+    times = common.median_times_interleaved(
+        [(lambda g=g, p=p: g(p), jax.block_until_ready) for g, p in grads.values()], _STEPS.value)
+    result = {f'{kernel}_s': round(s, 4) for kernel, s in zip(KERNELS, times)}
+    result.update(backend=jax.default_backend(), chosen=layers.attention_kernel(),
+                  einsum_speedup=round(times[1] / times[0], 3))
+    print(json.dumps(result))
+
+
+if __name__ == '__main__':
+    app.run(main)
