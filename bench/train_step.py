@@ -40,6 +40,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from wurst_jax import config_lib, convert, sharding, tasks, train
+from wurst_jax.models import layers
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config to time (ours only); else --stage/--size.')
 _STAGE = flags.DEFINE_enum('stage', 'c', common.STAGES, 'Preset stage.')
@@ -50,8 +51,8 @@ _SET = flags.DEFINE_multi_string('set', [], 'FIELD=VALUE changes to the preset c
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps after warm-up, each side.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps first, each side.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Also time the diffusers reference (presets only).')
-_DEPTHWISE = flags.DEFINE_enum('depthwise', 'default', ['default', 'shifted'],
-                                'Depthwise 3x3 convs as XLA grouped convs, or as a sum of shifted copies (lever).')
+_DEPTHWISE = flags.DEFINE_enum('depthwise', 'auto', ['auto', 'shifted', 'grouped'],
+                                'layers.DepthwiseConv kernel (auto: a sum of shifted copies on XLA:CPU, else grouped).')
 _INTERLEAVE = flags.DEFINE_bool('interleave', False, 'Alternate our step and the reference step in one timing '
                                  'loop. On a CPU, run with OMP_WAIT_POLICY=PASSIVE: torch\'s spinning OpenMP '
                                  'threads otherwise make each torch step after a JAX step seconds slower.')
@@ -77,29 +78,6 @@ def padded_attention(attention, implementation: str, q, k, v, *args, **kwargs):
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
         kwargs['key_value_seq_lengths'] = jnp.full((k.shape[0],), length, jnp.int32)
     return attention(q, k, v, *args, implementation=implementation, **kwargs)
-
-
-def shifted_depthwise(conv, lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
-                      dimension_numbers=None, feature_group_count=1, **kwargs):
-    """lax.conv_general_dilated, except that a stride-1 depthwise conv of flax's NHWC layout is
-    computed as a sum of k x k shifted, channel-scaled copies of its input (the same sum, in the
-    same order); XLA:CPU's grouped convolution is 3-8x slower than that, forward and backward."""
-    k_h, k_w, per_group, channels = rhs.shape
-    plain = (tuple(window_strides) == (1, 1) and not any(d not in (None, 1) for d in (lhs_dilation or ()))
-             and not any(d not in (None, 1) for d in (rhs_dilation or ())))
-    if not (feature_group_count > 1 and per_group == 1 and feature_group_count == channels == lhs.shape[-1]
-            and plain and padding != 'SAME' and lhs.ndim == 4):
-        return conv(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                    dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, **kwargs)
-    padding = ((0, 0), (0, 0)) if padding == 'VALID' else padding
-    x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    h, w = x.shape[1] - k_h + 1, x.shape[2] - k_w + 1
-    out = None
-    for i in range(k_h):
-        for j in range(k_w):
-            term = x[:, i:i + h, j:j + w, :] * rhs[i, j, 0]
-            out = term if out is None else out + term
-    return out
 
 
 def build_config():
@@ -197,10 +175,10 @@ def time_reference(config, task) -> dict:
 
 def main(_):
     default_attention = jax.nn.dot_product_attention
-    default_conv = jax.lax.conv_general_dilated
-    if _DEPTHWISE.value == 'shifted':
-        jax.lax.conv_general_dilated = functools.partial(shifted_depthwise, default_conv)
-    if _ATTENTION.value != 'default':
+    if _DEPTHWISE.value != 'auto':
+        layers.depthwise_kernel = lambda: _DEPTHWISE.value
+    if _ATTENTION.value != 'default':  # also on XLA:CPU, whose default is the einsum form (bench/attention.py)
+        layers.attention_kernel = lambda: 'dot_product_attention'
         jax.nn.dot_product_attention = functools.partial(padded_attention, default_attention, _ATTENTION.value)
     config, preset = build_config()
     mesh = sharding.create_mesh(config.mesh)
@@ -214,8 +192,8 @@ def main(_):
     progress(f'task built on {jax.devices()[0]}')
 
     result = dict(stage=config.model_family, size=_SIZE.value if preset else 'config', batch_size=bs,
-                  dtype=config.dtype, attention=_ATTENTION.value,
-                  depthwise=_DEPTHWISE.value)
+                  dtype=config.dtype, attention=_ATTENTION.value, attention_kernel=layers.attention_kernel(),
+                  depthwise=layers.depthwise_kernel())
     interleave = preset and _TORCH.value and _INTERLEAVE.value
     result['interleaved'] = bool(interleave)
     if preset and _TORCH.value and not interleave:
@@ -245,8 +223,8 @@ def main(_):
     compile_s = time.perf_counter() - t
     progress(f'compiled in {compile_s:.1f} s')
     # The FLOP count's twin (scanned / remat configs) is lowered for a CPU from the model as written;
-    # a plain config is counted as lowered (with --depthwise=shifted that differs by < 0.1 %).
-    jax.nn.dot_product_attention, jax.lax.conv_general_dilated = default_attention, default_conv
+    # a plain config is counted as lowered (the shifted and grouped depthwise convs differ by < 0.1 %).
+    jax.nn.dot_product_attention = default_attention
     flops = train.step_flops(config, lowered) / mesh.size
     progress(f'{flops:.4g} FLOP per step')
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

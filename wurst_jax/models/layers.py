@@ -60,6 +60,39 @@ def conv(features: int, kernel_size: Sequence[int], *, strides: int = 1, padding
         name=name)
 
 
+def depthwise_kernel() -> str:
+    """How `DepthwiseConv` runs: 'shifted' (a sum of k x k shifted, channel-scaled copies) on XLA:CPU,
+    whose grouped convolution is 3-8x slower fwd + bwd (bench/README.md, depthwise micro-benchmark),
+    'grouped' (lax's feature-grouped convolution) elsewhere."""
+    return 'shifted' if jax.default_backend() == 'cpu' else 'grouped'
+
+
+class DepthwiseConv(nn.Module):
+    """A stride-1 depthwise conv with nn.Conv(groups=features)'s params ('kernel' [k, k, 1, C], 'bias'),
+    replicated (9·C floats: activations never switch to a channel split); `padding` 'VALID' or
+    ((top, bottom), (left, right))."""
+    features: int
+    kernel_size: int = 3
+    padding: Any = 'VALID'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, c = self.kernel_size, self.features
+        kernel = self.param('kernel', nn.with_logical_partitioning(default_kernel_init, (None,) * 4), (k, k, 1, c))
+        bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)), (c,))
+        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        padding = ((0, 0), (0, 0)) if self.padding == 'VALID' else tuple(map(tuple, self.padding))
+        if depthwise_kernel() == 'grouped':
+            out = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, feature_group_count=c,
+                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        else:
+            x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+            h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
+            out = sum(x[:, i:i + h, j:j + w, :] * kernel[i, j, 0] for i in range(k) for j in range(k))
+        return out + bias
+
+
 def conv_transpose(features: int, kernel_size: Sequence[int], *, strides: int, torch_padding: int,
                    dtype: Dtype = jnp.float32, name: str | None = None) -> nn.ConvTranspose:
     """torch.nn.ConvTranspose2d(k, stride, padding=p) as a Flax ConvTranspose.
@@ -165,8 +198,7 @@ class ResBlock(nn.Module):
     def __call__(self, x: jax.Array, skip: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         c, k = self.channels, self.kernel_size
         x = shard_batch(x)
-        h = conv(c, (k, k), padding=((k // 2, k // 2),) * 2, groups=c, axes=(None, None), dtype=self.dtype,
-                 name='depthwise')(x)
+        h = DepthwiseConv(c, k, ((k // 2, k // 2),) * 2, self.dtype, name='depthwise')(x)
         h = layer_norm_2d(self.dtype)(shard_batch(h))
         if skip is not None:
             h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)

@@ -29,9 +29,7 @@ class MixingResBlock(nn.Module):
         norm = layers.layer_norm_2d(self.dtype)
         t = norm(x) * (1 + g[0]) + g[1]
         t = layers.shard_batch(jnp.pad(t, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='edge'))
-        # Depthwise kernels are 9*C floats: replicated, so activations never switch to a channel split.
-        t = layers.conv(c, (3, 3), padding='VALID', groups=c, dtype=self.dtype, axes=(None, None),
-                        name='depthwise')(t)
+        t = layers.DepthwiseConv(c, 3, 'VALID', self.dtype, name='depthwise')(t)
         x = x + layers.shard_batch(t) * g[2]
         t = norm(x) * (1 + g[3]) + g[4]
         t = layers.dense(4 * c, ('embed', 'mlp'), dtype=self.dtype, name='channelwise_0')(t)
