@@ -152,6 +152,18 @@ def load_trained(workdir: str, step: int | None = None) -> tuple[ml_collections.
     return ml_collections.ConfigDict(restored['config']), restored['state']
 
 
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config saved with a run's newest checkpoint, read without its arrays (to check a run
+    before building on it)."""
+    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    manager = ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'),
+                                    item_handlers={'config': ocp.JsonCheckpointHandler()})
+    if not manager.all_steps():
+        raise FileNotFoundError(f'no checkpoint under {directory}')
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return ml_collections.ConfigDict(restored['config'])
+
+
 def load_params(workdir: str, step: int | None = None, ema: bool = False) -> Any:
     """The params (or EMA params) pytree of a run's checkpoint as numpy arrays on the host: for
     tests, evaluation and conversion."""
