@@ -23,7 +23,7 @@ from wurst_jax.data import shapes
 ARMS = ('core', 'grow', 'scratch')
 CORE_SIZE, FINAL_SIZE = 16, 64
 LEVEL_CHANNELS = (64, 32, 16)  # from the 8x8 core outward: 16, 32, 64 px
-STEPS = {'core': 3000, 'grow': 600, 'scratch': 900}
+STEPS = {'core': 1500, 'grow': 400, 'scratch': 1170}
 EVAL_PROMPTS = 200
 
 

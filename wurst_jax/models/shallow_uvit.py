@@ -9,8 +9,8 @@ entry convolution at full resolution, `len(level_channels)` encoder levels (resi
 (a 2x2 stride-2 transposed convolution, then a residual block fed the encoder's skip), and a 3x3 exit
 convolution. Both return the raw prediction (v) for x [B, H, W, 3] at times r [B] given text [B, L, D].
 
-Param names are what growing copies (`wurst_jax.growing`): `core`, and per level `encoder_k` /
-`decoder_k` with k counted from the core outward, so a model grown again keeps its levels' names and
+Param names are what growing copies (`wurst_jax.growing`): `core`, and per level `encoder_k`,
+`down_k`, `up_k`, `decoder_k` with k counted from the core outward, so a model grown again keeps its levels' names and
 the new outermost level gets the next index; `entry` and `exit` always belong to one resolution.
 
 Choices the paper leaves open (its body could not be read; §B.3, §E):
