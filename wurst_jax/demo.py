@@ -27,7 +27,6 @@ GRID_PROMPTS = (
     'a cyan circle at the top and a red square at the bottom',
     'a blue triangle on the left and a yellow circle on the right',
 )
-EVAL_SEED = 7919  # a caption stream the training split (seed 0) never draws from
 
 
 def stage_config(stage: str, root: str):
@@ -40,14 +39,10 @@ def stage_config(stage: str, root: str):
     return config
 
 
-def fresh_prompts(count: int) -> list[str]:
-    from wurst_jax.data import shapes
-    return [shapes.caption_for(shapes.sample_objects(np.random.default_rng([EVAL_SEED, i]))) for i in range(count)]
-
-
 def main(argv):
     del argv
     from wurst_jax import checkpoint, config_lib, train, visualize
+    from wurst_jax.data import shapes
     from wurst_jax.evaluate import shapes_alignment
     from wurst_jax.pipeline import Pipeline
     root = os.path.abspath(_WORKDIR.value)
@@ -70,7 +65,7 @@ def main(argv):
     grid_images = pipeline(list(GRID_PROMPTS), seed=0)
     visualize.save_png(os.path.join(samples, 'grid.png'),
                        visualize.image_grid(grid_images.astype(np.float32) / 127.5 - 1, ncols=4))
-    prompts = fresh_prompts(_NUM_EVAL.value)
+    prompts = shapes.fresh_captions(_NUM_EVAL.value)
     images = pipeline(prompts, seed=1, batch_size=16)
     alignment = shapes_alignment.evaluate(images, prompts)
     timings['sampling_s'] = round(time.time() - start, 1)

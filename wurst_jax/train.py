@@ -79,9 +79,12 @@ def with_pretrained(task: Any, state: TrainState, state_sharding: Any) -> TrainS
 
 
 def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
-    """EMA with the usual warm-up decay min(decay, (1 + step) / (10 + step)) so early EMA tracks params."""
+    """EMA with the usual warm-up decay min(decay, (1 + step) / (10 + step)) so early EMA tracks params.
+
+    Written e + (1 − d)·(p − e), not d·e + (1 − d)·p: a param the step left unchanged (frozen while
+    growing) then keeps its EMA bit for bit, where the other form drifts by rounding."""
     d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-    return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+    return jax.tree.map(lambda e, p: e + (1 - d) * (p - e), ema, params)
 
 
 def accumulated_grads(task: Any, state: TrainState, frozen: dict[str, Any], batch: dict[str, jax.Array],

@@ -119,6 +119,14 @@ def sample_objects(rng: np.random.Generator) -> list[SceneObject]:
             for c, s, p in zip(colours, shapes, positions)]
 
 
+EVAL_CAPTION_SEED = 7919  # a caption stream the training split (seed 0) never draws from
+
+
+def fresh_captions(count: int, seed: int = EVAL_CAPTION_SEED) -> list[str]:
+    """`count` captions of the stream `seed`, for scoring text alignment on prompts not trained on."""
+    return [caption_for(sample_objects(np.random.default_rng([seed, i]))) for i in range(count)]
+
+
 def make_example(seed: int, index: int, image_size: int) -> tuple[np.ndarray, str]:
     """Example `index` of the stream `seed`: (image uint8 [S, S, 3], caption)."""
     objects = sample_objects(np.random.default_rng([seed, index]))

@@ -36,6 +36,21 @@ def t_from_logsnr(log_snr: jax.Array, s: float = S) -> jax.Array:
     return jnp.arccos(jnp.sqrt(jnp.clip(alpha * start, 0, 1))) / (jnp.pi / 2) * (1 + s) - s
 
 
+def shifted_cosine_logsnr(t: jax.Array, image_size: int, base: float = 64.0, limit: float = 15.0) -> jax.Array:
+    """Simple Diffusion's (Hoogeboom et al., 2023) resolution-shifted cosine logSNR at t in [0, 1]:
+    −2·log tan(πt/2) + 2·log(base/image_size), clipped to [−limit, limit]. A larger image keeps more of
+    its signal at a given noise level (neighbouring pixels average the noise out), so it is noised more."""
+    # tan(π/2) in float32 is negative; 1 − 1e-5 is already past the clip for any shift below 7.
+    t = jnp.clip(jnp.asarray(t, jnp.float32), 0.0, 1 - 1e-5)
+    return jnp.clip(-2 * jnp.log(jnp.tan(jnp.pi * t / 2)) + 2 * math.log(base / image_size), -limit, limit)
+
+
+def shifted_cosine_time(t: jax.Array, image_size: int, base: float = 64.0) -> jax.Array:
+    """The time of this module's schedule whose ᾱ is the shifted schedule's at t, so that add_noise,
+    v_target, epsilon_from_v and the samplers serve it unchanged (ᾱ keeps the module's clamp, |logSNR| ≤ 9.2)."""
+    return t_from_logsnr(shifted_cosine_logsnr(t, image_size, base))
+
+
 def sample_t(rng: jax.Array, batch: int, method: str = 'wuerstchen') -> jax.Array:
     """Training times [batch].
 

@@ -9,9 +9,10 @@ from typing import Any
 import ml_collections
 
 from wurst_jax.config_lib import ConfigError
-from wurst_jax.tasks import stage_a, stage_b, stage_c
+from wurst_jax.tasks import pixel, stage_a, stage_b, stage_c
 
-FAMILIES = {'stage_a': stage_a.StageATask, 'stage_b': stage_b.StageBTask, 'stage_c': stage_c.StageCTask}
+FAMILIES = {'stage_a': stage_a.StageATask, 'stage_b': stage_b.StageBTask, 'stage_c': stage_c.StageCTask,
+            'pixel': pixel.PixelTask}
 
 
 def _family(config: ml_collections.ConfigDict):

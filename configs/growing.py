@@ -1,0 +1,80 @@
+"""Greedy growing on the built-in `shapes` dataset: a core trained at 16 px, grown to 64 px, against
+the same 64 px UNet trained from scratch with the same training FLOPs (issue 9).
+
+  python -m wurst_jax.main --config=configs/growing.py:arm=core --workdir=workdirs/growing/core
+  python -m wurst_jax.main --config=configs/growing.py:arm=grow --workdir=workdirs/growing/grow  # reads core
+  python -m wurst_jax.main --config=configs/growing.py:arm=scratch --workdir=workdirs/growing/scratch
+
+`root=DIR` says where the core run is (DIR/core; default workdirs/growing). `arm=grow,phase=2` trains
+the grown model end to end (the core unfrozen). Each run's final eval.jsonl holds the held-out loss
+and the shapes alignment of EVAL_PROMPTS fresh captions (`alignment_*`).
+
+The core is a Shallow-UViT at 16 px (2x2 patches: an 8x8 core grid); the grown and scratch models are
+UNets at 64 px with three 2x levels down to the same 8x8 grid around a core of the same shape.
+Step counts: `python bench/growing_flops.py` lowers each arm's train step and prints XLA's FLOPs per
+step (`train.step_flops`); STEPS holds the core and grow budgets chosen to fit the 2-core machine and
+the scratch budget that gives it the same total. `runlocal` shrinks everything for tests.
+"""
+import ml_collections
+
+from wurst_jax import config_lib
+from wurst_jax.data import shapes
+
+ARMS = ('core', 'grow', 'scratch')
+CORE_SIZE, FINAL_SIZE = 16, 64
+LEVEL_CHANNELS = (64, 32, 16)  # from the 8x8 core outward: 16, 32, 64 px
+STEPS = {'core': 1500, 'grow': 400, 'scratch': 1170}
+EVAL_PROMPTS = 200
+
+
+def text_config(runlocal: bool) -> ml_collections.ConfigDict:
+    """A small CLIP-architecture encoder over the grammar's words, trained with the core."""
+    width = 32 if runlocal else 64
+    return ml_collections.ConfigDict(dict(
+        tokenizer='words', vocabulary=shapes.caption_vocabulary(), max_length=16, encoder='train',
+        hidden_state='last', dropout=0.1, dropout_mode='sample',
+        encoder_config=ml_collections.ConfigDict(dict(
+            hidden_size=width, intermediate_size=4 * width, num_hidden_layers=1 if runlocal else 2,
+            num_attention_heads=4, hidden_act='gelu'))))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = config_lib.parse_arg(arg, arm='core', root='workdirs/growing', phase=1, runlocal=False)
+    if arg.arm not in ARMS:
+        raise config_lib.ConfigError('<arg>.arm', arg.arm, f'one of {ARMS}')
+    config = config_lib.base_config()
+    config.model_family = 'pixel'
+    config.total_steps = STEPS[arg.arm]
+    size = CORE_SIZE if arg.arm == 'core' else FINAL_SIZE
+    config.input = config_lib.input_config('shapes', image_size=size, batch_size=16)
+    config.model = ml_collections.ConfigDict(dict(
+        c=128, depth=4, num_heads=4, c_r=64, patch_size=2,
+        level_channels=() if arg.arm == 'core' else LEVEL_CHANNELS))
+    config.grow = ml_collections.ConfigDict(dict(
+        from_workdir=f'{arg.root}/core' if arg.arm == 'grow' else '', phase=arg.phase))
+    config.text = text_config(arg.runlocal)
+    # The resolution shift is relative to 64 px: the final model is noised as Simple Diffusion's base,
+    # the 16 px core with logSNR + 2·log 4, since its pixels hold the same objects with 16x fewer samples.
+    config.diffusion = ml_collections.ConfigDict(dict(schedule_base=64.0, sampler='ddim'))
+    config.sample = ml_collections.ConfigDict(dict(steps=20, guidance=4.0))
+    config.optimizer = config_lib.optimizer_config(1e-3, warmup_steps=100, schedule='cosine')
+    config.eval = ml_collections.ConfigDict(dict(
+        data='split', num_examples=64, batch_size=50, use_ema=True, num_grid_images=8, grid_columns=2,
+        alignment_prompts=EVAL_PROMPTS))
+    config.input.shapes.num_test = 64
+    config.log_every_steps = 100
+    config.image_every_steps = config.checkpoint_every_steps = 1000
+
+    if arg.runlocal:
+        config.total_steps = 4
+        config.input.image_size = 16 if arg.arm == 'core' else 32
+        config.input.batch_size = 8
+        config.input.shapes = ml_collections.ConfigDict(dict(num_train=32, num_test=8, seed=0))
+        config.model.update(c=16, depth=1, num_heads=2, c_r=16, patch_size=2,
+                            level_channels=() if arg.arm == 'core' else (16, 8))
+        config.sample.steps = 2
+        config.optimizer.warmup_steps = 1
+        config.eval.update(num_examples=8, batch_size=8, num_grid_images=2, alignment_prompts=8)
+        config.log_every_steps = 2
+        config.image_every_steps = config.checkpoint_every_steps = 2
+    return config

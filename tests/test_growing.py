@@ -1,0 +1,154 @@
+"""Greedy growing (configs/growing.py:runlocal on 8 fake CPU devices): a Shallow-UViT core trained at
+16 px, grown to 32 px with the core frozen through the real training loop, then grown again to 64 px."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import load_config
+from wurst_jax import checkpoint, config_lib, growing, sharding, tasks, train
+from wurst_jax.data import input_pipeline
+from wurst_jax.diffusion import schedule
+
+
+def runlocal(arm: str, tmp_path, **grow) -> ml_collections.ConfigDict:
+    config = load_config('growing', f'arm={arm},runlocal')
+    config.input.data_dir = str(tmp_path / 'data')
+    config.grow.update(grow)
+    return config
+
+
+@pytest.fixture(scope='module')
+def core_run(tmp_path_factory):
+    """(workdir, config) of a Shallow-UViT core at 16 px, initialised and saved the way a run saves
+    its checkpoints: growing reads nothing else from it (training it would only cost test time)."""
+    root = tmp_path_factory.mktemp('growing')
+    config = runlocal('core', root)
+    task = tasks.create(config)
+    state = nn.meta.unbox(train.create_train_state(task, task.optimizer(), jax.random.PRNGKey(0), None))
+    data = input_pipeline.create_train_iterator(config.input, seed=0, process_index=0, process_count=1,
+                                                tokenizer=task.tokenizer)
+    manager = checkpoint.create_manager(str(root / 'core' / 'checkpoints'), max_to_keep=1)
+    checkpoint.save(manager, 1, state=state, data_iterator=data, config=config)
+    checkpoint.wait(manager)
+    return str(root / 'core'), config
+
+
+@pytest.fixture(scope='module')
+def grown_run(core_run, tmp_path_factory):
+    """(workdir, config) of 4 phase-1 steps of the 32 px UNet grown from core_run, on a 4x2 mesh."""
+    root = tmp_path_factory.mktemp('grown')
+    config = runlocal('grow', root, from_workdir=core_run[0], phase=1)
+    config.mesh.data, config.mesh.fsdp = 4, 2
+    config_lib.validate(config)
+    train.train_and_evaluate(config, str(root / 'grow'))
+    return str(root / 'grow'), config
+
+
+def test_shifted_schedule_moves_logsnr_by_twice_the_log_size_ratio():
+    t = np.linspace(0.2, 0.8, 7)
+    lsnr_64, lsnr_16 = schedule.shifted_cosine_logsnr(t, 64), schedule.shifted_cosine_logsnr(t, 16)
+    np.testing.assert_allclose(lsnr_64, -2 * np.log(np.tan(np.pi * t / 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lsnr_16 - lsnr_64, 2 * np.log(4), rtol=1e-5)
+    # The cosine-schedule time the network sees has exactly that noise level.
+    np.testing.assert_allclose(schedule.logsnr(schedule.shifted_cosine_time(t, 16)), lsnr_16, atol=1e-3)
+    assert float(schedule.shifted_cosine_logsnr(1.0, 16)) == -15 and float(schedule.shifted_cosine_logsnr(0.0, 64)) == 15
+
+
+def test_phase1_training_leaves_core_and_text_encoder_bit_identical(core_run, grown_run):
+    core_params = checkpoint.load_params(core_run[0], ema=True)
+    grown = checkpoint.load_params(grown_run[0])
+    grown_ema = checkpoint.load_params(grown_run[0], ema=True)
+    for params in (grown, grown_ema):
+        jax.tree.map(np.testing.assert_array_equal, params['core'], core_params['core'])
+        jax.tree.map(np.testing.assert_array_equal, params['text'], core_params['text'])
+    # The shallow layers are gone; the new levels and the zero-initialised exit have trained.
+    assert {'entry', 'encoder', 'decoder', 'exit', 'core'} == set(core_params) - {'text'}
+    assert {'entry', 'exit', 'core', 'encoder_0', 'down_0', 'up_0', 'decoder_0', 'encoder_1', 'down_1',
+            'up_1', 'decoder_1'} == set(grown) - {'text'}
+    assert np.abs(grown['exit']['kernel']).max() > 0
+    assert grown['entry']['kernel'].shape == (3, 3, 3, 8)  # the outermost width, 32 px
+
+
+def test_phase2_optimizer_moves_the_core_and_phase1_does_not(core_run, tmp_path):
+    updates, params = {}, None
+    for phase in (1, 2):
+        config = runlocal('grow', tmp_path, from_workdir=core_run[0], phase=phase)
+        config.optimizer.update(schedule='constant', warmup_steps=0)
+        task = tasks.create(config)
+        params = params or nn.meta.unbox(jax.jit(task.init)(jax.random.PRNGKey(0))[0])
+        tx = task.optimizer()
+        grads = jax.tree.map(jnp.ones_like, params)
+        updates[phase], _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
+    for tree, moved in ((updates[1], False), (updates[2], True)):
+        for name in ('core', 'text'):
+            assert all(bool(jnp.any(u != 0)) == moved for u in jax.tree.leaves(tree[name]))
+        assert bool(jnp.any(tree['encoder_1']['res']['channelwise_0']['kernel'] != 0))
+
+
+def test_second_growth_to_64px_keeps_grown_levels_and_trains_sharded(grown_run, tmp_path):
+    """32 -> 64 px: a third level outward; the sharded (data 4 x fsdp 2) step moves only the new layers."""
+    config = runlocal('grow', tmp_path, from_workdir=grown_run[0], phase=1)
+    config.input.image_size = 64
+    config.model.level_channels = (16, 8, 8)
+    config.mesh.data, config.mesh.fsdp = 4, 2
+    config.optimizer.update(schedule='constant', warmup_steps=0)
+    config_lib.validate(config)
+    task = tasks.create(config)
+    carried = growing.carried_modules(load_config('growing', 'arm=grow,runlocal')) + ('text',)
+    mesh = sharding.create_mesh(config.mesh)
+    rules = config.sharding_rules
+    tx = task.optimizer()
+    init_fn, _, state_sharding = train.abstract_train_state(config, task, tx, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    rng = np.random.default_rng(0)
+    encoded = task.tokenizer(['a red circle on the left'] * 8)
+    batch = {'image': rng.uniform(-1, 1, (8, 64, 64, 3)).astype(np.float32),
+             'tokens': encoded['input_ids'], 'token_mask': encoded['attention_mask']}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=state_sharding)(
+            jax.random.PRNGKey(0), train.example_batch(task, 1))
+        state = train.with_pretrained(task, state, state_sharding)
+        before = jax.device_get(state.params)
+        out = jax.eval_shape(task.denoiser_output, state.params, jnp.ones((2, 64, 64, 3)), jnp.full((2,), 0.5),
+                             jnp.zeros((2, config.text.max_length, task.text.width)))
+        step = jax.jit(functools.partial(train.train_step, task, tx, config),
+                       in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
+                       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+        state, metrics = step(state, sharding.make_global_batch(batch, batch_sharding), {})
+    assert out.shape == (2, 64, 64, 3)
+    source = checkpoint.load_params(grown_run[0], ema=True)
+    for name in carried:
+        jax.tree.map(np.testing.assert_array_equal, before[name], source[name])
+    assert before['encoder_2']['res']['channelwise_0']['kernel'].shape == (8, 32)
+    assert before['down_2']['kernel'].shape == (2, 2, 8, 8)  # 64 -> 32 px into level 1's width
+    assert before['up_2']['kernel'].shape == (2, 2, 8, 8)
+    assert before['decoder_2']['res']['channelwise_0']['kernel'].shape == (16, 32)  # concatenated skip
+    assert before['entry']['kernel'].shape == (3, 3, 3, 8)
+    assert np.isfinite(float(metrics['loss'])) and int(metrics['skipped']) == 0
+    after = jax.device_get(state.params)
+    for name in carried:
+        jax.tree.map(np.testing.assert_array_equal, after[name], before[name])
+    # The exit starts at zero, so the first step's gradient reaches only the exit.
+    assert np.any(after['exit']['kernel'] != before['exit']['kernel'])
+    assert state.params['encoder_2']['res']['channelwise_0']['kernel'].sharding.spec[0] == 'fsdp'
+
+
+def test_growing_from_an_incompatible_run_is_a_config_error(core_run, tmp_path):
+    wider = runlocal('grow', tmp_path, from_workdir=core_run[0])
+    wider.model.c = 32
+    with pytest.raises(config_lib.ConfigError, match=r'grow\.from_workdir.*model\.c=32.*it has 16'):
+        config_lib.validate(wider)
+    other_family = load_config('shapes', 'stage=c,runlocal')
+    with pytest.raises(config_lib.ConfigError, match=r"grow\.from_workdir.*'pixel' run.*'stage_c'"):
+        growing.check_growable(runlocal('grow', tmp_path, from_workdir='elsewhere'), other_family)
+    wrong_grid = runlocal('grow', tmp_path, from_workdir=core_run[0])
+    wrong_grid.input.image_size = 64  # two levels down from 64 px is 16x16, not the core's 8x8
+    with pytest.raises(config_lib.ConfigError, match=r'input\.image_size=64.*8x8'):
+        config_lib.validate(wrong_grid)
+    with pytest.raises(config_lib.ConfigError, match=r'grow\.from_workdir.*no checkpoint'):
+        config_lib.validate(runlocal('grow', tmp_path, from_workdir=str(tmp_path / 'missing')))
