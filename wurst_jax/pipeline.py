@@ -15,11 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from wurst_jax import checkpoint, sharding
 from wurst_jax.tasks import conditioning
-
-
-def to_uint8(images: jax.Array) -> np.ndarray:
-    """[-1, 1] float images -> uint8."""
-    return np.asarray(jnp.clip(jnp.round((images + 1) * 127.5), 0, 255)).astype(np.uint8)
+from wurst_jax.visualize import to_uint8
 
 
 def needs_stage_b(root: str) -> bool:

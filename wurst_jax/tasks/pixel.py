@@ -30,8 +30,8 @@ from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
 from wurst_jax.evaluate import shapes_alignment
 from wurst_jax.models.shallow_uvit import GrownUNet, ShallowUViT
-from wurst_jax.pipeline import to_uint8
 from wurst_jax.tasks import conditioning
+from wurst_jax.visualize import to_uint8
 from wurst_jax.tasks.stage_c import DTYPES, sample_guided
 
 PHASES = (1, 2)  # 1: only the new layers train; 2: everything trains
