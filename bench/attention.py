@@ -1,6 +1,7 @@
-"""The attention kernel `layers.Attention` picks per backend (`layers.attention_kernel`), measured side
-by side: the gradient of a Würstchen prior (the issue's Stage C `small` model: c 256, depth 4, 8 heads,
-batch 8, 24x24 latents, 77 text tokens) with each kernel, timed in turns. One JSON object, last line.
+"""The attention kernels of `layers.Attention` (`layers.ATTENTION_KERNELS`; `layers.attention_kernel`
+picks one per backend), measured side by side: the gradient of a Würstchen prior (the issue's Stage C
+`small` model: c 256, depth 4, 8 heads, batch 8, 24x24 latents, 77 text tokens) with each kernel,
+timed in turns. One JSON object, last line.
 
   python bench/attention.py [--steps=5]
 """
@@ -16,7 +17,7 @@ from wurst_jax.models import layers
 from wurst_jax.models.stage_c import WuerstchenPrior
 
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed rounds (each runs every kernel once).')
-KERNELS = ('einsum', 'dot_product_attention')
+KERNELS = layers.ATTENTION_KERNELS
 
 
 def prior_grad(kernel: str):
@@ -27,11 +28,8 @@ def prior_grad(kernel: str):
     t, cond = jnp.full((p['batch'],), 0.5), jnp.ones((p['batch'], 77, 256))
     params = model.init(jax.random.key(0), x, t, cond)['params']
     grad = jax.jit(jax.grad(lambda q: jnp.mean(model.apply({'params': q}, x, t, cond) ** 2)))
-    chosen, layers.attention_kernel = layers.attention_kernel, lambda: kernel
-    try:  # the kernel is chosen while tracing, at the first call
+    with layers.forced_attention_kernel(kernel):  # the kernel is chosen while tracing, at the first call
         jax.block_until_ready(grad(params))
-    finally:
-        layers.attention_kernel = chosen
     return grad, params
 
 
@@ -40,8 +38,9 @@ def main(_):
     times = common.median_times_interleaved(
         [(lambda g=g, p=p: g(p), jax.block_until_ready) for g, p in grads.values()], _STEPS.value)
     result = {f'{kernel}_s': round(s, 4) for kernel, s in zip(KERNELS, times)}
-    result.update(backend=jax.default_backend(), chosen=layers.attention_kernel(),
-                  einsum_speedup=round(times[1] / times[0], 3))
+    result.update({f'{kernel}_speedup': round(result['dot_product_attention_s'] / result[f'{kernel}_s'], 3)
+                   for kernel in KERNELS if kernel != 'dot_product_attention'})
+    result.update(backend=jax.default_backend(), chosen=layers.attention_kernel())
     print(json.dumps(result))
 
 

@@ -1,5 +1,5 @@
 """The per-backend kernels of models/layers.py compute the same thing whichever is chosen: the depthwise
-conv against flax's grouped nn.Conv, attention's einsum form against jax.nn.dot_product_attention."""
+conv against flax's grouped nn.Conv, attention's einsum and blocked forms against jax.nn.dot_product_attention."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,18 +28,37 @@ def test_depthwise_conv_equals_grouped_nn_conv(monkeypatch, padding, kernel):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
 
 
-def test_attention_kernels_agree(monkeypatch):
-    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+@pytest.mark.parametrize('tile_bytes', [2 ** 22, 448])  # one block of queries; two of 8 rows, 2 padded
+def test_attention_kernels_agree(monkeypatch, tile_bytes):
+    x = jax.random.normal(jax.random.key(0), (2, 14, 16))
     kv = jax.random.normal(jax.random.key(1), (2, 7, 12))
     mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3])
     module = layers.Attention(16, 4)
     variables = module.init(jax.random.key(2), x, kv)
-    outputs = {}
-    for kernel in ('einsum', 'dot_product_attention'):
+    monkeypatch.setattr(layers, 'blocked_attention',
+                        lambda *a, blocked=layers.blocked_attention: blocked(*a, tile_bytes=tile_bytes))
+
+    def loss(variables, x, kv):
+        return jnp.sum(jnp.sin(module.apply(variables, x, kv, mask=mask)))
+    outputs, grads = {}, {}
+    for kernel in ('einsum', 'blocked', 'dot_product_attention'):
         monkeypatch.setattr(layers, 'attention_kernel', lambda kernel=kernel: kernel)
         outputs[kernel] = module.apply(variables, x, kv, mask=mask)
-    np.testing.assert_allclose(outputs['einsum'], outputs['dot_product_attention'], rtol=1e-5, atol=1e-6)
+        grads[kernel] = jax.grad(loss, argnums=(0, 1, 2))(variables, x, kv)
+    for kernel in ('einsum', 'blocked'):
+        np.testing.assert_allclose(outputs[kernel], outputs['dot_product_attention'], rtol=1e-5, atol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                     grads[kernel], grads['dot_product_attention'])
     # The mask matters: the second sample's padded keys are ignored, its kept keys are not.
     changed = kv.at[1, 4:].add(3.0)
-    np.testing.assert_allclose(module.apply(variables, x, changed, mask=mask)[1], outputs['einsum'][1], atol=1e-6)
-    assert not np.allclose(module.apply(variables, x, changed)[1], outputs['einsum'][1], atol=1e-3)
+    np.testing.assert_allclose(module.apply(variables, x, changed, mask=mask)[1], outputs['blocked'][1], atol=1e-6)
+    assert not np.allclose(module.apply(variables, x, changed)[1], outputs['blocked'][1], atol=1e-3)
+
+
+def test_blocked_attention_with_every_key_masked_matches_the_plain_form():
+    """A row with no key to attend (a fully padded caption) averages all values, as the plain form does."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 5, 2, 4)) for i in range(3))
+    mask = jnp.zeros((1, 5), bool)
+    logits = jnp.where(mask[:, None, None, :], jnp.einsum('btnh,bsnh->bnts', q, k), jnp.finfo(jnp.float32).min)
+    plain = jnp.einsum('bnts,bsnh->btnh', jax.nn.softmax(logits, axis=-1), v)
+    np.testing.assert_allclose(layers.blocked_attention(q, k, v, mask, tile_bytes=4), plain, atol=1e-6)

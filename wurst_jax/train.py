@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from wurst_jax import checkpoint, convert, optim, sharding, tasks, visualize
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.data import input_pipeline, photos
+from wurst_jax.models import layers
 
 
 @flax.struct.dataclass
@@ -275,13 +276,14 @@ def step_flops(config: ml_collections.ConfigDict, lowered: jax.stages.Lowered) -
     """Model FLOPs of one train step over the whole mesh: XLA's count of the step before partitioning.
 
     XLA counts a loop body once and counts rematerialised work again, so a step whose blocks are an
-    nn.scan, whose batch is accumulated over micro-batches or whose blocks are rematerialised is
-    counted from its plain twin; that twin, and a step lowered for a TPU topology (which gives no
-    count here), are lowered from shapes alone on one CPU device: seconds, nothing compiled or loaded.
+    nn.scan, whose batch is accumulated over micro-batches, whose blocks are rematerialised or whose
+    attention is blocked (`layers.blocked_attention`, a loop over query blocks) is counted from its
+    plain twin; that twin, and a step lowered for a TPU topology (which gives no count here), are
+    lowered from shapes alone on one CPU device: seconds, nothing compiled or loaded.
     """
     model = config.get('model', {})
     plain = (not model.get('scan_blocks', False) and model.get('remat_policy', 'none') == 'none'
-             and config.grad_accum_steps == 1)
+             and config.grad_accum_steps == 1 and layers.attention_kernel() != 'blocked')
     cost = (lowered.cost_analysis() or {}) if plain else {}
     if 'flops' not in cost:
         counted = config.copy_and_resolve_references()
@@ -291,7 +293,8 @@ def step_flops(config: ml_collections.ConfigDict, lowered: jax.stages.Lowered) -
             counted.model.scan_blocks = False
         if 'remat_policy' in model:
             counted.model.remat_policy = 'none'
-        lowered, _ = lower_from_shapes(counted, sharding.create_mesh(counted.mesh, jax.devices('cpu')[:1]))
+        with layers.forced_attention_kernel('einsum'):
+            lowered, _ = lower_from_shapes(counted, sharding.create_mesh(counted.mesh, jax.devices('cpu')[:1]))
         cost = lowered.cost_analysis() or {}
     return float(cost.get('flops', 0.0))
 
