@@ -2,6 +2,7 @@
 weights, as one JSON object on the last line.
 
   python bench/sample.py [--batch=4] [--prior_steps=20] [--decoder_steps=12] [--prior_guidance=4] [--repeats=3]
+                         [--attention_kernel=auto|blocked|einsum|dot_product_attention]
 
 The diffusers `WuerstchenPrior` (c 256, depth 4, 8 heads: the train bench's Stage C small),
 `WuerstchenDiffNeXt` and `PaellaVQModel` (the shapes Stage B decoder and Stage A VQGAN) are built
@@ -14,6 +15,7 @@ given (random), so no text encoder runs on either side. Ours is one jitted funct
 called in turn, `--repeats` times each after a warm-up; `speedup` = torch time / ours (medians).
 `prior_rel_err` compares one prior call of the two sides: the weights are the same.
 """
+import contextlib
 import math
 import tempfile
 import time
@@ -29,6 +31,7 @@ from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenD
 
 from wurst_jax import convert
 from wurst_jax.diffusion import samplers, schedule
+from wurst_jax.models import layers
 from wurst_jax.models.stage_a import VQGAN
 from wurst_jax.tasks.stage_c import sample_guided
 
@@ -38,6 +41,8 @@ _DECODER_STEPS = flags.DEFINE_integer('decoder_steps', 12, 'Stage B steps.')
 _GUIDANCE = flags.DEFINE_float('prior_guidance', 4.0, 'Stage C CFG scale (Stage B runs without).')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls per side after one warm-up, alternating.')
 _IMAGE = flags.DEFINE_integer('image_size', 128, 'Output side in pixels (Stage A latents are 1/4).')
+_KERNEL = flags.DEFINE_enum('attention_kernel', 'auto', ('auto',) + layers.ATTENTION_KERNELS,
+                            'layers.Attention kernel (auto: blocked on XLA:CPU, else dot_product_attention).')
 
 PRIOR = dict(c_in=16, c=256, c_cond=256, c_r=64, depth=4, nhead=8, dropout=0.0)
 DECODER = dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=64, c_hidden=[64, 128], nhead=[4, 4], blocks=[2, 2],
@@ -122,6 +127,12 @@ def jax_sampler(root: str, prior_ts, decoder_ts, guidance: float, size: int):
 
 
 def main(_):
+    kernel = _KERNEL.value
+    with layers.forced_attention_kernel(kernel) if kernel != 'auto' else contextlib.nullcontext():
+        run()
+
+
+def run():
     b, size = _BATCH.value, _IMAGE.value
     prior_ts = samplers.linspace_timesteps(_PRIOR_STEPS.value)
     decoder_ts = samplers.linspace_timesteps(_DECODER_STEPS.value)
@@ -155,7 +166,8 @@ def main(_):
                   prior_guidance=_GUIDANCE.value, jax_s=round(jax_s, 4), jax_first_call_s=round(jax_first, 2),
                   jax_images_per_s=round(b / jax_s, 2), torch_s=round(torch_s, 4),
                   torch_images_per_s=round(b / torch_s, 2), speedup=round(torch_s / jax_s, 3),
-                  prior_rel_err=rel_err, torch_threads=torch.get_num_threads())
+                  prior_rel_err=rel_err, torch_threads=torch.get_num_threads(),
+                  attention_kernel=layers.attention_kernel())
     result.update(common.machine())
     common.print_result(result)
 
