@@ -3,6 +3,7 @@ one JSON object on the last line.
 
   python bench/train_step.py --stage=c --size=small              # the issue's calibration model, float32
   python bench/train_step.py --stage={a,b,c} --size={tiny,small} [--steps=20] [--torch=false]
+                             [--attention_kernel=auto|blocked|einsum|dot_product_attention]
   python bench/train_step.py --stage=c --size=full --dtype=bfloat16 --batch=32 --attention=cudnn   # a GPU
   python bench/train_step.py --config=configs/shapes.py:stage=a [--config.FIELD=VALUE]   # any config, ours only
 
@@ -59,7 +60,10 @@ _INTERLEAVE = flags.DEFINE_bool('interleave', False, 'Alternate our step and the
 _PROFILE = flags.DEFINE_string('profile_dir', '', 'If set, trace 3 more steps of ours there (jax.profiler, '
                                 'with a Perfetto file) and report the ops that took longest.')
 _ATTENTION = flags.DEFINE_enum('attention', 'default', ['default', 'xla', 'cudnn'],
-                               'jax.nn.dot_product_attention implementation (cudnn: flash attention on a GPU).')
+                               'jax.nn.dot_product_attention implementation (cudnn: flash attention on a GPU); '
+                               'not default: the attention kernel is dot_product_attention.')
+_KERNEL = flags.DEFINE_enum('attention_kernel', 'auto', ('auto',) + layers.ATTENTION_KERNELS,
+                            'layers.Attention kernel (auto: blocked on XLA:CPU, else dot_product_attention).')
 
 H100_DENSE_BF16_TFLOPS = 989.0
 
@@ -174,11 +178,16 @@ def time_reference(config, task) -> dict:
 
 
 def main(_):
+    kernel = 'dot_product_attention' if _ATTENTION.value != 'default' else _KERNEL.value
+    with layers.forced_attention_kernel(kernel) if kernel != 'auto' else contextlib.nullcontext():
+        run()
+
+
+def run():
     default_attention = jax.nn.dot_product_attention
     if _DEPTHWISE.value != 'auto':
         layers.depthwise_kernel = lambda: _DEPTHWISE.value
-    if _ATTENTION.value != 'default':  # also on XLA:CPU, whose default is the einsum form (bench/attention.py)
-        layers.attention_kernel = lambda: 'dot_product_attention'
+    if _ATTENTION.value != 'default':
         jax.nn.dot_product_attention = functools.partial(padded_attention, default_attention, _ATTENTION.value)
     config, preset = build_config()
     mesh = sharding.create_mesh(config.mesh)
