@@ -13,7 +13,7 @@ from diffusers import DiTTransformer2DModel  # noqa: E402
 
 from conftest import load_config, random_variables, tiny_clip_folder  # noqa: E402
 from torch_reference import randomise  # noqa: E402
-from wurst_jax import checkpoint, config_lib, convert, train  # noqa: E402
+from wurst_jax import checkpoint, config_lib, convert, tasks, train  # noqa: E402
 from wurst_jax.convert.dit import pixart_from_dit  # noqa: E402
 from wurst_jax.models.stage_a import VQGAN  # noqa: E402
 from wurst_jax.evaluate import job  # noqa: E402
@@ -102,3 +102,14 @@ def test_plan_refuses_a_start_that_does_not_fit(plan_folders, tmp_path):
     config = plan_config(plan_folders, 2, str(plan_folders / 'vqgan'))
     with pytest.raises(ValueError, match='PaellaVQModel'):
         train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_buckets_whose_latents_are_not_whole_patches_are_refused_at_start(plan_folders):
+    """At 32 px and f4 latents, sides on a multiple of 4 give odd latent sides for some buckets
+    (e.g. 20 px -> 5), which PixArt's 2x2 patches cannot cover: refused before any step, by the field."""
+    config = plan_config(plan_folders, 3)
+    config.input.bucket_multiple = 4
+    with pytest.raises(config_lib.ConfigError, match=r'input.bucket_multiple.*multiple of 8 pixels'):
+        tasks.create(config)
+    config.input.bucket_multiple = 8
+    assert tasks.create(config).backbone == 'pixart'

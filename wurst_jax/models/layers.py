@@ -89,10 +89,39 @@ class DepthwiseConv(nn.Module):
             out = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, feature_group_count=c,
                                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
         else:
-            x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-            h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
-            out = sum(x[:, i:i + h, j:j + w, :] * kernel[i, j, 0] for i in range(k) for j in range(k))
+            out = _shifted_depthwise(jnp.pad(x, ((0, 0), *padding, (0, 0))), kernel[:, :, 0, :])
         return out + bias
+
+
+@jax.custom_vjp
+def _shifted_depthwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x: [B, H + k - 1, W + k - 1, C] (padded), kernel: [k, k, C] -> [B, H, W, C]."""
+    k = kernel.shape[0]
+    h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
+    return sum(x[:, i:i + h, j:j + w, :] * kernel[i, j] for i in range(k) for j in range(k))
+
+
+def _shifted_depthwise_fwd(x, kernel):
+    return _shifted_depthwise(x, kernel), (x, kernel)
+
+
+def _shifted_depthwise_bwd(residuals, d_out):
+    x, kernel = residuals
+    k = kernel.shape[0]
+    dx = sum(jnp.pad(d_out * kernel[i, j], ((0, 0), (i, k - 1 - i), (j, k - 1 - j), (0, 0)))
+             for i in range(k) for j in range(k))
+
+    # The k·k kernel-gradient reductions one after another: side by side, XLA:CPU fuses them into one
+    # multi-output reduction about 5x slower than the k·k apart (bench/README.md, depthwise).
+    def tap(_, offset):
+        window = jax.lax.dynamic_slice(x, (0, offset[0], offset[1], 0), d_out.shape)
+        return None, jnp.sum((window * d_out).astype(jnp.float32), axis=(0, 1, 2))
+    offsets = jnp.array([(i, j) for i in range(k) for j in range(k)])
+    d_kernel = jax.lax.scan(tap, None, offsets)[1].reshape(kernel.shape).astype(kernel.dtype)
+    return dx, d_kernel
+
+
+_shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 
 
 def conv_transpose(features: int, kernel_size: Sequence[int], *, strides: int, torch_padding: int,

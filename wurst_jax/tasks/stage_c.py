@@ -27,7 +27,7 @@ import optax
 
 from wurst_jax import convert, optim
 from wurst_jax.config_lib import ConfigError, validate_optimizer
-from wurst_jax.data import precomputed
+from wurst_jax.data import aspect_buckets, precomputed
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
 from wurst_jax.convert.dit import pixart_from_dit
@@ -124,6 +124,8 @@ class StageCTask:
         self._pretrained = {}
         if self.backbone == 'pixart':
             self.prior = self._pixart(m, pretrained, dtype)
+            if config.input.get('aspect_buckets', False):
+                self._check_bucket_latents(self.prior.patch_size)
         elif pretrained:  # fine-tuning: the architecture is the checkpoint's
             self.prior, variables = convert.load_diffusers(
                 pretrained, 'prior', dropout=m.dropout, scan_blocks=m.scan_blocks,
@@ -177,6 +179,24 @@ class StageCTask:
                               f'use_additional_conditions={self.micro_conditions} (model.micro_conditions); '
                               f'it has {found} and out_channels={module.out_channels}')
         return module
+
+    def _check_bucket_latents(self, patch_size: int) -> None:
+        """Every aspect bucket's latent sides must be whole PixArt patches. Checked here, from shapes
+        alone, because a bucket's step is compiled when its first batch comes, mid-run."""
+        size, multiple = self.config.input.image_size, self.config.input.get('bucket_multiple', 0)
+        frozen = self.frozen_params()
+        latent_side = {}  # each latent side depends on one image side only
+        for side in sorted({s for _, h, w in aspect_buckets.bucket_table(size, multiple) for s in (h, w)}):
+            images = jax.ShapeDtypeStruct((1, side, size, 3), jnp.float32)
+            latent_side[side] = jax.eval_shape(self.latents, frozen, images).shape[1]
+        bad = {side: n for side, n in latent_side.items() if n % patch_size}
+        if bad:
+            pixels = size * patch_size / latent_side[size] if size in latent_side else None
+            hint = f' (here a multiple of {pixels:g} pixels)' if pixels and pixels == int(pixels) else ''
+            raise ConfigError('input.bucket_multiple', multiple,
+                              f'a value whose bucket sides give latent sides divisible by the patch size '
+                              f'{patch_size}{hint}; bucket sides {sorted(bad)} give latent sides '
+                              f'{[bad[k] for k in sorted(bad)]}')
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
