@@ -1,0 +1,83 @@
+"""The depthwise 3x3 conv of the ResBlocks (`layers.DepthwiseConv`), forward + backward, at the shapes
+of the Stage C small prior and of the shapes Stage A, timed in turns for: XLA's grouped conv, the
+shifted sum with its hand-written backward (the XLA:CPU default), the same sum differentiated by JAX
+(what the backward replaced), in turns, and torch's grouped Conv2d, timed before them. One JSON
+object, last line.
+
+  python bench/depthwise.py [--steps=20]
+"""
+import json
+
+import common  # noqa: F401 - allocator settings and torch-before-tensorflow import order
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import torch
+from absl import app, flags
+
+from wurst_jax.models import layers
+
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed rounds (each runs every kernel once).')
+SHAPES = {'stage_c_small': (8, 24, 24, 256), 'stage_a_64px': (8, 64, 64, 32), 'stage_a_32px': (8, 32, 32, 64)}
+
+
+def shifted_autodiff(x, kernel):
+    """The sum of shifted, channel-scaled copies, left to JAX's autodiff."""
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1] - 2, x.shape[2] - 2
+    return sum(x[:, i:i + h, j:j + w, :] * kernel[i, j, 0] for i in range(3) for j in range(3))
+
+
+def jax_step(kind: str, shape):
+    """A jitted fwd + bwd of one kernel at `shape`, and its arguments."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    d_out = jax.random.normal(jax.random.key(1), shape)
+    module = layers.DepthwiseConv(shape[-1], 3, ((1, 1), (1, 1)))
+    variables = nn.meta.unbox(module.init(jax.random.key(2), x))
+    if kind == 'shifted_autodiff':
+        forward = lambda v, x: shifted_autodiff(x, v['params']['kernel']) + v['params']['bias']  # noqa: E731
+    else:
+        def forward(v, x):
+            chosen, layers.depthwise_kernel = layers.depthwise_kernel, lambda: kind
+            try:
+                return module.apply(v, x)
+            finally:
+                layers.depthwise_kernel = chosen
+    step = jax.jit(lambda v, x: jax.vjp(forward, v, x)[1](d_out))
+    jax.block_until_ready(step(variables, x))
+    return lambda: step(variables, x)
+
+
+def torch_step(shape):
+    b, h, w, c = shape
+    conv = torch.nn.Conv2d(c, c, 3, padding=1, groups=c)
+    x = torch.randn(b, c, h, w, requires_grad=True)
+    d_out = torch.randn(b, c, h, w)
+
+    def step():
+        conv.zero_grad()
+        x.grad = None
+        conv(x).backward(d_out)
+        return x.grad
+    return step
+
+
+def main(_):
+    torch.set_num_threads(2)
+    result = {}
+    for name, shape in SHAPES.items():
+        # torch on its own first: its OpenMP threads slow down after JAX steps (bench/README.md).
+        torch_s = common.median_time(torch_step(shape), lambda y: float(y.sum()), _STEPS.value, 2)
+        steps = {kind: jax_step(kind, shape) for kind in ('grouped', 'shifted', 'shifted_autodiff')}
+        times = common.median_times_interleaved([(fn, jax.block_until_ready) for fn in steps.values()], _STEPS.value)
+        result[name] = {kind: round(s * 1e3, 2) for kind, s in zip([*steps, 'torch'], [*times, torch_s])}
+        result[name]['shape'] = list(shape)
+    result['unit'] = 'ms per fwd + bwd'
+    result['chosen'] = layers.depthwise_kernel()
+    result.update(common.machine())
+    print(json.dumps(result))
+
+
+if __name__ == '__main__':
+    app.run(main)
