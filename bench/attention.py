@@ -40,7 +40,8 @@ def main(_):
     result = {f'{kernel}_s': round(s, 4) for kernel, s in zip(KERNELS, times)}
     result.update({f'{kernel}_speedup': round(result['dot_product_attention_s'] / result[f'{kernel}_s'], 3)
                    for kernel in KERNELS if kernel != 'dot_product_attention'})
-    result.update(backend=jax.default_backend(), chosen=layers.attention_kernel())
+    result['chosen'] = layers.attention_kernel()
+    result.update(common.machine())
     print(json.dumps(result))
 
 
