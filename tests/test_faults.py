@@ -96,7 +96,6 @@ def kill_preempt_corrupt_then_finish(straight, workdir, kill_after):
     assert_same_final_state(straight[0], workdir)
 
 
-@pytest.mark.slow  # 65 s; the default suite keeps the straight run, resume and non-finite tests
 def test_kill9_sigterm_and_truncated_checkpoint_then_resume_equals_straight_run(straight, tmp_path):
     seed = random.randrange(1000)
     kill_after = random.Random(seed).randrange(EVERY, TOTAL - 3 * EVERY)

@@ -87,7 +87,7 @@ def _sharded_step(config):
     return task, run, state, it, frozen
 
 
-@pytest.mark.parametrize('stage', [pytest.param('b', marks=pytest.mark.slow), 'c'])  # b: 33 s, in -m slow
+@pytest.mark.parametrize('stage', ['b', 'c'])
 def test_stage_step_runs_sharded_on_8_devices(demo_root, stage):
     config = load_config('shapes', f'stage={stage},runlocal,root={demo_root}')
     config.input.data_dir = str(demo_root / 'data')
