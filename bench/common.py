@@ -6,6 +6,7 @@ The presets describe what `--stage` / `--size` mean; every one is an ordinary co
 step `python -m wurst_jax.main` runs.
 """
 import ast
+import contextlib
 import importlib.util
 import json
 import os
@@ -57,6 +58,7 @@ import ml_collections  # noqa: E402
 
 from wurst_jax.convert import core  # noqa: E402
 from wurst_jax.models.clip import CLIPTextModel  # noqa: E402
+from wurst_jax.models import layers  # noqa: E402
 from wurst_jax.models.effnet import EfficientNetEncoder  # noqa: E402
 from wurst_jax.models.stage_a import VQGAN  # noqa: E402
 
@@ -252,3 +254,9 @@ def print_result(result: dict[str, Any]) -> None:
     """The benchmark's figures as one JSON object on the last line of stdout."""
     sys.stdout.flush()
     print(json.dumps(result), flush=True)
+
+
+def attention_kernel(kernel: str):
+    """Context for a bench's `--attention_kernel`: `layers.forced_attention_kernel`, or for 'auto' the
+    backend's own choice (`layers.attention_kernel`)."""
+    return contextlib.nullcontext() if kernel == 'auto' else layers.forced_attention_kernel(kernel)

@@ -15,7 +15,6 @@ given (random), so no text encoder runs on either side. Ours is one jitted funct
 called in turn, `--repeats` times each after a warm-up; `speedup` = torch time / ours (medians).
 `prior_rel_err` compares one prior call of the two sides: the weights are the same.
 """
-import contextlib
 import math
 import tempfile
 import time
@@ -127,8 +126,7 @@ def jax_sampler(root: str, prior_ts, decoder_ts, guidance: float, size: int):
 
 
 def main(_):
-    kernel = _KERNEL.value
-    with layers.forced_attention_kernel(kernel) if kernel != 'auto' else contextlib.nullcontext():
+    with common.attention_kernel(_KERNEL.value):
         run()
 
 

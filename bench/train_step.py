@@ -178,8 +178,7 @@ def time_reference(config, task) -> dict:
 
 
 def main(_):
-    kernel = 'dot_product_attention' if _ATTENTION.value != 'default' else _KERNEL.value
-    with layers.forced_attention_kernel(kernel) if kernel != 'auto' else contextlib.nullcontext():
+    with common.attention_kernel('dot_product_attention' if _ATTENTION.value != 'default' else _KERNEL.value):
         run()
 
 
