@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-torch = pytest.importorskip('torch')
-pytest.importorskip("transformers")
+import torch  # noqa: E402
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior  # noqa: E402
 
 from conftest import REPO, load_config, random_variables, tiny_clip_folder  # noqa: E402

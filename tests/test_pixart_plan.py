@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-torch = pytest.importorskip('torch')
+import torch  # noqa: E402
 from diffusers import DiTTransformer2DModel  # noqa: E402
 
 from conftest import load_config, random_variables, tiny_clip_folder  # noqa: E402
