@@ -1,4 +1,5 @@
 """Helpers for parity tests against the PyTorch references (test-only: needs torch)."""
+import jax
 import numpy as np
 import torch
 
@@ -30,3 +31,8 @@ def nchw(x: np.ndarray) -> torch.Tensor:
 
 def nhwc(x: torch.Tensor) -> np.ndarray:
     return x.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def step_noises(rng, steps: int, shape) -> list[np.ndarray]:
+    """The noise `samplers.sample` draws at each of `steps` steps from `rng`, for a reference sampler to add."""
+    return [np.array(jax.random.normal(key, shape)) for key in jax.random.split(rng, steps)]

@@ -1,9 +1,9 @@
 """Samplers on continuous t, each a `lax.scan` over (t, t_prev) pairs so a whole chain is one jit.
 
-- 'ddpm': diffusers' DDPMWuerstchenScheduler / Diffuzz DDPMSampler (wuerstchen.md §9.1).
+- 'ddpm': diffusers' DDPMWuerstchenScheduler / Diffuzz DDPMSampler.
 - 'ddim': DDIM with η = 0.
 - 'stable_cascade': GDF's sampler (DDIM with η = 1 in (a, b) form, noise on every step) with its
-  logSNR `shift` (§9.3).
+  logSNR `shift` and its time input, CosineTNoiseCond of the logSNR (Stable Cascade's gdf/).
 Classifier-free guidance is ε̂ = ε̂_u + w·(ε̂_c − ε̂_u), optionally rescaled as GDF's cfg_rho does.
 """
 import math
@@ -29,18 +29,22 @@ def default_stage_c_timesteps() -> np.ndarray:
 
 
 def guidance(eps_uncond: jax.Array, eps_cond: jax.Array, scale: float, rescale: float = 0.0) -> jax.Array:
-    """CFG lerp; with rescale = ρ > 0, GDF's std rescaling ρ·pred·std(cond)/std(pred) + (1 − ρ)·pred."""
+    """CFG lerp; with rescale = ρ > 0, Stable Cascade's cfg_rho (gdf/__init__.py, GDF.sample):
+    ρ·pred·std(cond)/(std(pred) + 1e-9) + (1 − ρ)·pred, each std over the whole batch as GDF takes it.
+    diffusers' rescale_noise_cfg takes them per sample; the two agree on one sample, which is how the
+    pipeline samples each prompt."""
     pred = eps_uncond + scale * (eps_cond - eps_uncond)
     if rescale > 0:
-        axes = tuple(range(1, pred.ndim))
-        ratio = jnp.std(eps_cond, axis=axes, keepdims=True) / jnp.std(pred, axis=axes, keepdims=True)
-        pred = rescale * pred * ratio + (1 - rescale) * pred
+        pred = rescale * pred * jnp.std(eps_cond) / (jnp.std(pred) + 1e-9) + (1 - rescale) * pred
     return pred
 
 
-def _shifted(t: jax.Array, shift: float) -> tuple[jax.Array, jax.Array]:
-    """(ᾱ, model time input) at t with the logSNR moved by 2·ln(1/shift) (GDF); shift 1 is plain."""
-    if shift == 1:
+def _shifted(t: jax.Array, shift: float, noise_cond: bool) -> tuple[jax.Array, jax.Array]:
+    """(ᾱ, model time input) at t with the logSNR moved by 2·ln(1/shift) and clamped to the unshifted
+    range (GDF's CosineSchedule); the time input is then GDF's CosineTNoiseCond, the t of that logSNR.
+    Unshifted and without `noise_cond` (diffusers' schedulers) it is t itself. The two differ where ᾱ
+    is clamped: GDF gives the model 0.9936 at t = 1."""
+    if shift == 1 and not noise_cond:
         return schedule.cosine_alpha_cumprod(t), t
     log_snr = jnp.clip(schedule.logsnr(t) + 2 * math.log(1 / shift), -schedule.LOGSNR_MAX, schedule.LOGSNR_MAX)
     return jax.nn.sigmoid(log_snr), schedule.t_from_logsnr(log_snr)
@@ -83,8 +87,8 @@ def sample(denoise: Callable[[jax.Array, jax.Array], jax.Array], x_init: jax.Arr
 
     def body(x, inputs):
         t, t_prev, key = inputs
-        alpha_t, t_in = _shifted(t, shift)
-        alpha_prev, _ = _shifted(t_prev, shift)
+        alpha_t, t_in = _shifted(t, shift, sampler == 'stable_cascade')
+        alpha_prev, _ = _shifted(t_prev, shift, sampler == 'stable_cascade')
         eps = denoise(x, jnp.full((batch,), t_in, jnp.float32)).astype(jnp.float32)
         noise = jax.random.normal(key, x.shape, jnp.float32)
         if sampler == 'ddpm':

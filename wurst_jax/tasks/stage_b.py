@@ -214,15 +214,20 @@ class StageBTask:
     def sample(self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array,
                rng: jax.Array, *, steps: int | None = None, guidance: float | None = None) -> jax.Array:
         """Images in [-1, 1] from effnet maps [B, h, w, c] (raw space) and captions."""
+        latents = self.sample_latents(params, frozen, effnet, tokens, mask, rng, steps=steps, guidance=guidance)
+        return jnp.clip(self.decode_latents(frozen, latents), -1, 1)
+
+    def sample_latents(self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array,
+                       rng: jax.Array, *, steps: int | None = None, guidance: float | None = None) -> jax.Array:
+        """`sample` before Stage A decodes: the sampled Stage A latents [B, H/f, W/f, c]."""
         s = self.config.sample
         size = self.config.input.image_size
         f = size // jax.eval_shape(self.latents, frozen, jnp.zeros((1, size, size, 3))).shape[1]
         init_rng, rng = jax.random.split(rng)
         x = jax.random.normal(init_rng, (tokens.shape[0], size // f, size // f, self.vqgan.latent_channels))
-        latents = sample_guided(self.denoiser(params, frozen, effnet, tokens, mask), x, rng,
-                                samplers.linspace_timesteps(steps or s.decoder_steps),
-                                s.decoder_guidance if guidance is None else guidance, self.config.diffusion.sampler)
-        return jnp.clip(self.decode_latents(frozen, latents), -1, 1)
+        return sample_guided(self.denoiser(params, frozen, effnet, tokens, mask), x, rng,
+                             samplers.linspace_timesteps(steps or s.decoder_steps),
+                             s.decoder_guidance if guidance is None else guidance, self.config.diffusion.sampler)
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
         """Each image beside Stage B's sample from its effnet map and caption, decoded by Stage A."""
