@@ -1,11 +1,15 @@
 """The per-backend kernels of models/layers.py compute the same thing whichever is chosen: the depthwise
-conv against flax's grouped nn.Conv, attention's einsum and blocked forms against jax.nn.dot_product_attention."""
+conv against flax's grouped nn.Conv, attention's einsum and blocked forms against jax.nn.dot_product_attention;
+BatchNorm's train step against torch's BatchNorm2d."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from torch_reference import nchw, nhwc, randomise
 from wurst_jax.models import layers
 
 
@@ -62,3 +66,31 @@ def test_blocked_attention_with_every_key_masked_matches_the_plain_form():
     logits = jnp.where(mask[:, None, None, :], jnp.einsum('btnh,bsnh->bnts', q, k), jnp.finfo(jnp.float32).min)
     plain = jnp.einsum('bnts,bsnh->btnh', jax.nn.softmax(logits, axis=-1), v)
     np.testing.assert_allclose(layers.blocked_attention(q, k, v, mask, tile_bytes=4), plain, atol=1e-6)
+
+
+@pytest.mark.parametrize('affine,eps', [(True, 1e-3), (False, 1e-5)])  # the effnet's backbone and SC's mapper
+def test_batch_norm_train_step_matches_torch(affine, eps):
+    """From the same statistics and batch: torch's train-mode output and updated running mean and (unbiased)
+    variance, then its eval-mode output; the batch sharded over the 8 devices, one sample each, still
+    normalises with the whole batch's statistics."""
+    ref = randomise(torch.nn.BatchNorm2d(6, eps=eps, affine=affine), seed=0)
+    state = {k: v.numpy().copy() for k, v in ref.state_dict().items()}
+    variables = {'batch_stats': {'mean': state['running_mean'], 'var': state['running_var']}}
+    if affine:
+        variables['params'] = {'scale': state['weight'], 'bias': state['bias']}
+    x = (2 + 3 * np.random.default_rng(1).standard_normal((8, 5, 3, 6))).astype(np.float32)
+    with torch.no_grad():
+        expected = nhwc(ref.train()(nchw(x)))
+        expected_eval = nhwc(ref.eval()(nchw(x)))
+    module = layers.BatchNorm(epsilon=eps, affine=affine)
+    assert jax.tree.map(np.shape, nn.meta.unbox(module.init(jax.random.key(0), x, use_running_average=False))) == \
+        jax.tree.map(np.shape, variables)
+    mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+    step = jax.jit(lambda v, x: module.apply(v, x, use_running_average=False, mutable=['batch_stats']))
+    for batch in (x, jax.device_put(x, NamedSharding(mesh, P('data')))):
+        out, updates = step(variables, batch)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(updates['batch_stats']['mean'], ref.running_mean.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(updates['batch_stats']['var'], ref.running_var.numpy(), rtol=1e-6, atol=1e-6)
+    evaluated = module.apply({**variables, 'batch_stats': updates['batch_stats']}, x, use_running_average=True)
+    np.testing.assert_allclose(evaluated, expected_eval, rtol=1e-5, atol=1e-5)

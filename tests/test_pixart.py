@@ -36,14 +36,14 @@ def random_pixart(cfg: dict, seed: int) -> PixArtTransformer2DModel:
 
 def pixart_inputs(cfg: dict, h: int, w: int, seed: int = 1) -> dict:
     rng = np.random.default_rng(seed)
-    mask = np.ones((2, 5), np.int64)
+    mask = np.ones((4, 5), np.int64)
     mask[1, 3:] = 0  # the second caption has 3 tokens
-    inputs = dict(x=rng.standard_normal((2, h, w, cfg['in_channels'])).astype(np.float32),
-                  t=np.array([13.0, 871.0], np.float32), mask=mask,
-                  text=rng.standard_normal((2, 5, cfg['caption_channels'])).astype(np.float32))
+    inputs = dict(x=rng.standard_normal((4, h, w, cfg['in_channels'])).astype(np.float32),
+                  t=np.array([10.0, 500.0, 900.0, 1000.0], np.float32),  # at t ~ 1000 the angles reach 1e3 rad
+                  mask=mask, text=rng.standard_normal((4, 5, cfg['caption_channels'])).astype(np.float32))
     if cfg['use_additional_conditions']:
-        inputs.update(resolution=np.array([[48.0, 64.0], [64.0, 40.0]], np.float32),
-                      aspect_ratio=np.array([[0.75], [1.6]], np.float32))
+        inputs.update(resolution=np.array([[48.0, 64.0], [64.0, 40.0], [32.0, 96.0], [1024.0, 768.0]], np.float32),
+                      aspect_ratio=np.array([[0.75], [1.6], [3.0], [0.75]], np.float32))
     return inputs
 
 

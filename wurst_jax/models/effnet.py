@@ -9,7 +9,7 @@ Conventions (all as torchvision, so converted weights give the torch numbers):
   * NHWC. Every conv pads (k - 1) // 2 on every side, also the stride-2 ones (torch's symmetric padding;
     Flax 'SAME' would pad (0, 1) on even inputs and shift the grid by one pixel).
   * BatchNorm eps 1e-3 (backbone; torchvision's efficientnet_v2 norm layer) and 1e-5 (mapper, a plain
-    BatchNorm2d), flax momentum 0.9 == torch momentum 0.1. `train=False` uses the running statistics.
+    BatchNorm2d), torch's momentum 0.1 and running statistics (`layers.BatchNorm`). `train=False` uses them.
   * SiLU everywhere; squeeze-excitation (MBConv only) = mean over H, W -> 1x1 conv to max(1, block_in // 4)
     -> SiLU -> 1x1 conv -> sigmoid -> scale. Expanded widths are torchvision's `_make_divisible(c * ratio, 8)`.
   * Stochastic depth (torchvision "row" mode: drop whole residual branches per sample, rescale by
@@ -57,13 +57,6 @@ def make_divisible(v: float, divisor: int = 8) -> int:
     return new_v + divisor if new_v < 0.9 * v else new_v
 
 
-def _batch_norm(epsilon: float, affine: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(momentum=0.9, epsilon=epsilon, use_scale=affine, use_bias=affine, dtype=dtype,
-                        param_dtype=jnp.float32,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)), name=name)
-
-
 class ConvNormAct(nn.Module):
     """torchvision Conv2dNormActivation: conv (no bias, padding (k-1)//2) -> BN(eps 1e-3) -> optional SiLU."""
     features: int
@@ -79,7 +72,7 @@ class ConvNormAct(nn.Module):
         axes = (None, None) if self.groups > 1 else ('conv_in', 'conv_out')
         x = layers.conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding=((p, p), (p, p)),
                         groups=self.groups, use_bias=False, axes=axes, dtype=self.dtype, name='conv')(x)
-        x = _batch_norm(1e-3, True, self.dtype, 'norm')(x, use_running_average=not train)
+        x = layers.BatchNorm(epsilon=1e-3, dtype=self.dtype, name='norm')(x, use_running_average=not train)
         return nn.silu(x) if self.activation else x
 
 
@@ -170,7 +163,7 @@ class EfficientNetEncoder(nn.Module):
         last = self.last_channels or 4 * self.stages[-1][5]
         x = ConvNormAct(last, 1, dtype=self.dtype, name=f'backbone_{len(self.stages) + 1}')(x, train)
         x = layers.conv(self.c_latent, (1, 1), padding='VALID', use_bias=False, dtype=self.dtype, name='mapper_0')(x)
-        x = _batch_norm(1e-5, self.mapper_affine, jnp.float32, 'mapper_1')(
+        x = layers.BatchNorm(epsilon=1e-5, affine=self.mapper_affine, name='mapper_1')(
             x.astype(jnp.float32), use_running_average=not train)
         if self.output_scaling == 'v2':
             x = (x + 1.0) / 42.0

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -150,6 +151,47 @@ def layer_norm_2d(dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Lay
     return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype, name=name)
 
 
+class BatchNorm(nn.Module):
+    """torch.nn.BatchNorm2d over the last (channel) axis, with nn.BatchNorm's variables ('scale' and 'bias'
+    params, 'mean' and 'var' batch_stats), so converted weights and checkpoints load unchanged.
+
+    In train mode (`use_running_average=False`) it normalises with the biased batch variance and moves the
+    running statistics as torch does: stat = (1 - momentum) * stat + momentum * batch, the variance's from
+    the unbiased batch variance (nn.BatchNorm takes the biased one, and the complementary momentum). The
+    statistics are float32 means over all axes but the last, global under a batch-sharded jit.
+    """
+    momentum: float = 0.1  # torch's convention
+    epsilon: float = 1e-5
+    affine: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+        c = x.shape[-1]
+        running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
+        running_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        if use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            n = x.size // c
+            if n < 2:
+                raise ValueError(f'BatchNorm in train mode needs more than one value per channel, got {x.shape}')
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axes)
+            var = jnp.mean(jnp.square(x32 - mean), axes)  # two passes, as torch: no E[x²] - E[x]² cancellation
+            if not self.is_initializing():  # init leaves torch's starting statistics (0, 1)
+                m = self.momentum
+                running_mean.value = (1 - m) * running_mean.value + m * mean
+                running_var.value = (1 - m) * running_var.value + m * var * (n / (n - 1))
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.affine:
+            replicated = lambda init: nn.with_logical_partitioning(init, (None,))
+            y = (y * self.param('scale', replicated(nn.initializers.ones_init()), (c,), jnp.float32)
+                 + self.param('bias', replicated(nn.initializers.zeros_init()), (c,), jnp.float32))
+        return y.astype(self.dtype)
+
+
 def pixel_unshuffle(x: jax.Array, factor: int) -> jax.Array:
     """torch.nn.PixelUnshuffle on NHWC: [B, H, W, C] -> [B, H/r, W/r, C*r*r], channel = c*r*r + i*r + j."""
     b, h, w, c = x.shape
@@ -188,16 +230,24 @@ def sincos_2d(height: int, width: int, dim: int, grid_scale: tuple[float, float]
 # Würstchen diffusion blocks (wuerstchen.md §1). Names follow the torch modules so conversion is
 # a table: depthwise / channelwise_0 / grn / channelwise_4, mapper, kv_mapper, attention.
 
+def rounded_exp(exponent: np.ndarray) -> np.ndarray:
+    """exp of float32 exponents, correctly rounded to float32 (through float64). Sinusoidal embeddings
+    take their frequencies from this, not jnp.exp, whose float32 polynomial is often a last bit off:
+    at angles near 1e4 rad one ulp of a frequency moves the sine by up to ~5e-4. torch's CPU exp
+    rounds correctly at about 99% of inputs."""
+    return np.exp(np.asarray(exponent, np.float32).astype(np.float64)).astype(np.float32)
+
+
 def gen_r_embedding(r: jax.Array, dim: int = 64, max_positions: int = 10000) -> jax.Array:
-    """Würstchen's sinusoidal embedding of the continuous time r in [0, 1]: [B] -> [B, dim], float32.
+    """Würstchen's sinusoidal embedding of the continuous time r in [0, 1]: [B] -> [B, dim], float32
+    (dome272/Wuerstchen, modules/wuerstchen.py `gen_r_embedding`).
 
     Always float32: r * 10000 reaches 1e4, where bfloat16 loses the high-frequency phases.
     """
     r = r.astype(jnp.float32) * max_positions
     half = dim // 2
-    # The step is a Python double, as in the torch reference: at angles near 1e4 rad a last-bit
-    # difference in a frequency shows in the sine.
-    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(max_positions) / (half - 1)))
+    # The float32 exponent the torch reference computes: arange(half) times the step rounded to float32.
+    freqs = rounded_exp(np.arange(half, dtype=np.float32) * np.float32(-math.log(max_positions) / (half - 1)))
     angles = r[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))

@@ -30,7 +30,7 @@ def sinusoid_frequencies(dim: int = 256, shift: int = 0) -> np.ndarray:
     frequency moves the angle by ~3e-5, more than a parity test allows."""
     half = dim // 2
     exponent = np.float32(-math.log(10000.0)) * np.arange(half, dtype=np.float32) / np.float32(half - shift)
-    return np.exp(exponent.astype(np.float64)).astype(np.float32)
+    return layers.rounded_exp(exponent)
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256) -> jax.Array:

@@ -92,10 +92,7 @@ class VQGAN(nn.Module):
             down.append(MixingResBlock(width, dt))
         self.down_blocks = down
         self.to_latent = layers.conv(self.latent_channels, (1, 1), use_bias=False, dtype=dt)
-        # torch BatchNorm2d(momentum=0.1, eps=1e-5) == flax momentum 0.9.
-        self.latent_norm = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
-                                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
-                                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
+        self.latent_norm = layers.BatchNorm(epsilon=1e-5)  # torch's BatchNorm2d(c_latent)
         self.quantizer = VectorQuantizer(self.num_codes, self.latent_channels)
         self.from_latent = layers.conv(widths[-1], (1, 1), dtype=dt)
         up = []
