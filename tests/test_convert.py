@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
+import torch  # noqa: E402
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior  # noqa: E402
 
 from wurst_jax import convert  # noqa: E402
@@ -14,7 +14,7 @@ from wurst_jax.models.stage_a import VQGAN  # noqa: E402
 from torch_reference import TOL, nchw, nhwc, randomise, rel_err  # noqa: E402
 
 PRIOR_CONFIGS = [
-    dict(c_in=16, c=64, c_cond=32, c_r=16, depth=2, nhead=4, dropout=0.0),
+    dict(c_in=16, c=64, c_cond=32, c_r=64, depth=2, nhead=4, dropout=0.0),  # Würstchen's c_r
     dict(c_in=6, c=48, c_cond=20, c_r=15, depth=3, nhead=3, dropout=0.0),  # odd c_r: zero-padded embedding
 ]
 
@@ -29,9 +29,9 @@ def test_prior_matches_diffusers(tmp_path, cfg, scan):
     ref.save_pretrained(tmp_path)
     module, variables = convert.load_diffusers(str(tmp_path), 'prior', scan_blocks=scan)
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, 12, 8, cfg['c_in'])).astype(np.float32)  # non-square latents
-    r = np.array([0.05, 0.93], np.float32)
-    c = rng.standard_normal((2, 7, cfg['c_cond'])).astype(np.float32)
+    x = rng.standard_normal((4, 12, 8, cfg['c_in'])).astype(np.float32)  # non-square latents
+    r = np.array([0.01, 0.5, 0.9, 1.0], np.float32)  # at r ~ 1 the embedding's angles reach 1e4 rad
+    c = rng.standard_normal((4, 7, cfg['c_cond'])).astype(np.float32)
     with torch.no_grad():
         expected = ref(nchw(x), torch.from_numpy(r), torch.from_numpy(c)).numpy().transpose(0, 2, 3, 1)
     ours = jax.jit(module.apply)(variables, x, r, c)
@@ -39,7 +39,7 @@ def test_prior_matches_diffusers(tmp_path, cfg, scan):
 
 
 DECODER_CONFIGS = [
-    dict(c_r=16, c_cond=32, c_hidden=[16, 24, 32], nhead=[-1, 2, 4], blocks=[1, 2, 1],
+    dict(c_r=64, c_cond=32, c_hidden=[16, 24, 32], nhead=[-1, 2, 4], blocks=[1, 2, 1],
          level_config=['CT', 'CTA', 'CTA'], inject_effnet=[False, True, True], effnet_embd=5, clip_embd=12,
          dropout=0.0),
     # Effnet injected at every level, odd widths and a 5x5 depthwise kernel, two levels, per-level dropout.
@@ -61,10 +61,10 @@ def test_decoder_matches_diffusers(tmp_path, cfg):
     module, variables = convert.load_diffusers(str(tmp_path), 'decoder')
     rng = np.random.default_rng(6)
     unit = module.patch_size * 2 ** (len(module.c_hidden) - 1)
-    x = rng.standard_normal((2, 2 * unit, 3 * unit, module.c_in)).astype(np.float32)  # non-square latents
-    r = np.array([0.1, 0.8], np.float32)
-    effnet = rng.standard_normal((2, 3, 5, module.effnet_embd)).astype(np.float32)
-    clip = rng.standard_normal((2, 6, module.clip_embd)).astype(np.float32)
+    x = rng.standard_normal((4, 2 * unit, 3 * unit, module.c_in)).astype(np.float32)  # non-square latents
+    r = np.array([0.01, 0.5, 0.9, 1.0], np.float32)  # at r ~ 1 the embedding's angles reach 1e4 rad
+    effnet = rng.standard_normal((4, 3, 5, module.effnet_embd)).astype(np.float32)
+    clip = rng.standard_normal((4, 6, module.clip_embd)).astype(np.float32)
     with torch.no_grad():
         expected = nhwc(ref(nchw(x), torch.from_numpy(r), nchw(effnet), torch.from_numpy(clip)))
     assert rel_err(jax.jit(module.apply)(variables, x, r, effnet, clip), expected) <= TOL
@@ -155,20 +155,68 @@ def test_bad_weights_name_every_bad_key(tmp_path):
         convert.load_diffusers(str(tmp_path), 'prior')
 
 
-def _original_names(state: dict) -> dict:
-    """diffusers -> dome272 names: q/k/v back into one in_proj, to_out.0 -> out_proj, the codebook."""
-    out = {}
-    for key, value in state.items():
-        if '.attention.to_q.' in key:
-            prefix, leaf = key.split('.attention.to_q.')
-            parts = [state[f'{prefix}.attention.{n}.{leaf}'] for n in ('to_q', 'to_k', 'to_v')]
-            out[f'{prefix}.attention.attn.in_proj_{leaf}'] = torch.cat(parts)
-        elif '.attention.to_k.' in key or '.attention.to_v.' in key:
-            continue
-        else:
-            out[key.replace('.attention.to_out.0.', '.attention.attn.out_proj.')
-                   .replace('vquantizer.embedding.', 'vquantizer.codebook.')] = value
-    return out
+class Attention2D(torch.nn.Module):
+    """The official attention (dome272/Wuerstchen modules.py, Stability-AI/StableCascade modules/common.py):
+    one torch.nn.MultiheadAttention over the flattened map. Called as diffusers' AttnBlock calls its attention,
+    with keys/values that already hold the map's tokens (the official `self_attn=True` concatenation)."""
+
+    def __init__(self, c, nhead):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(c, nhead, bias=True, batch_first=True)
+
+    def forward(self, x, encoder_hidden_states):
+        b, c, h, w = x.shape
+        tokens = x.view(b, c, -1).permute(0, 2, 1)
+        out = self.attn(tokens, encoder_hidden_states, encoder_hidden_states, need_weights=False)[0]
+        return out.permute(0, 2, 1).reshape(b, c, h, w)
+
+
+class VectorQuantize(torch.nn.Module):
+    """The official quantiser (pabloppp/pytorch-tools torchtools/nn/vq.py, used by dome272/Wuerstchen vqgan.py
+    and Stable Cascade modules/stage_a.py): an nn.Embedding `codebook`, nearest code by squared distance.
+    Returns (quantised, None, None) as diffusers' PaellaVQModel.decode unpacks it."""
+
+    def __init__(self, embedding_size, k):
+        super().__init__()
+        self.codebook = torch.nn.Embedding(k, embedding_size)
+
+    def forward(self, x):
+        z = x.movedim(1, -1)
+        flat = z.reshape(-1, z.shape[-1])
+        codes = self.codebook.weight
+        dist = torch.addmm((codes ** 2).sum(1) + (flat ** 2).sum(1, keepdim=True), flat, codes.t(), alpha=-2.0)
+        return codes[dist.argmin(1)].view(z.shape).movedim(-1, 1), None, None
+
+
+def with_official_layers(model):
+    """A diffusers Würstchen model turned into the official module tree: its attention and codebook become the
+    official layer types above; every other module diffusers ported under the official name and type."""
+    from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import AttnBlock
+    for block in [m for m in model.modules() if isinstance(m, AttnBlock)]:
+        block.attention = Attention2D(block.attention.inner_dim, block.attention.heads)
+    if isinstance(model, PaellaVQModel):
+        model.vquantizer = VectorQuantize(model.config.latent_channels, model.config.num_vq_embeddings)
+    return model
+
+
+def _torch_outputs(component, model) -> list[np.ndarray]:
+    """The outputs of a torch Würstchen model on one fixed batch (VQGAN: latents, decoded, quantised decoded)."""
+    rng = np.random.default_rng(8)
+    r = torch.tensor([0.2, 0.7])
+    with torch.no_grad():
+        if component == 'vqgan':
+            latents = model.encode(torch.from_numpy(rng.uniform(0, 1, (2, 3, 24, 16)).astype(np.float32))).latents
+            return [latents.numpy(), model.decode(latents).sample.numpy(),
+                    model.decode(latents, force_not_quantize=False).sample.numpy()]
+        if component == 'prior':
+            x = torch.from_numpy(rng.standard_normal((2, model.config.c_in, 6, 4)).astype(np.float32))
+            return [model(x, r, torch.from_numpy(rng.standard_normal((2, 5, model.config.c_cond)).astype(np.float32)))
+                    .numpy()]
+        cfg = model.config
+        x = torch.from_numpy(rng.standard_normal((2, cfg.c_in, 8, 16)).astype(np.float32))
+        effnet = torch.from_numpy(rng.standard_normal((2, cfg.effnet_embd, 3, 5)).astype(np.float32))
+        clip = torch.from_numpy(rng.standard_normal((2, 6, cfg.clip_embd)).astype(np.float32))
+        return [model(x, r, effnet, clip).numpy()]
 
 
 @pytest.mark.parametrize('component, make, entry', [
@@ -176,21 +224,35 @@ def _original_names(state: dict) -> dict:
     ('decoder', lambda: WuerstchenDiffNeXt(**DECODER_CONFIGS[0]), 'state_dict'),
     ('vqgan', lambda: PaellaVQModel(**VQGAN_CONFIGS[0]), 'state_dict'),
 ])
-def test_original_checkpoint_loads_like_diffusers(tmp_path, component, make, entry):
-    ref = randomise(make(), seed=7)
-    ref.save_pretrained(tmp_path / 'diffusers')
-    original = _original_names(ref.state_dict())
-    assert any('attn.in_proj' in k or 'codebook' in k for k in original)  # the names really differ
-    torch.save({entry: original, 'optimizer': {'step': 3}}, tmp_path / 'model.pt')
-    config = json.loads((tmp_path / 'diffusers' / 'config.json').read_text())
+def test_original_checkpoint_matches_official_modules(tmp_path, component, make, entry):
+    """A checkpoint of the official module tree, saved as the official scripts save it (dome272/Wuerstchen
+    train_stage_C.py / train_stage_B.py: torch.save of a dict of state dicts; Stable Cascade: a flat
+    .safetensors), loads into ours; the diffusers model our variables map to computes what the official modules
+    compute (our Flax modules compute what diffusers does: the tests above)."""
+    ref = randomise(with_official_layers(make()), seed=7)
+    with torch.no_grad():  # keep the output's divisor away from 0, where it would amplify rounding
+        if component == 'prior':
+            ref.out[1].weight.mul_(0.05)
+            ref.out[1].bias.mul_(0.05)
+        elif component == 'decoder':
+            ref.clf[1].weight.mul_(0.1)
+    state = ref.state_dict()
+    assert any(k.endswith(('.attention.attn.in_proj_weight', 'vquantizer.codebook.weight')) for k in state)
+    content = {entry: state, 'optimizer_state_dict': {'state': {}, 'param_groups': []}}
+    if entry == 'ema_state_dict':  # the training weights beside the EMA ones: the EMA ones must be read
+        content['state_dict'] = {k: torch.zeros_like(v) for k, v in state.items()}
+    torch.save(content, tmp_path / 'model.pt')
+    config = dict(ref.config)
     module, variables = convert.original.load_original(str(tmp_path / 'model.pt'), component, config)
-    _, expected = convert.load_diffusers(str(tmp_path / 'diffusers'), component)
-    jax.tree.map(np.testing.assert_array_equal, variables, expected)
-    # The same tensors as a flat .safetensors file (Stable Cascade's format).
+    converted = make().eval()
+    converted.load_state_dict({k: torch.from_numpy(v) for k, v in
+                               convert.core.state_dict_from_variables(module, component, variables).items()})
+    for ours, expected in zip(_torch_outputs(component, converted), _torch_outputs(component, ref), strict=True):
+        assert rel_err(ours, expected) <= TOL
     from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in original.items()}, tmp_path / 'model.safetensors')
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / 'model.safetensors')
     _, flat = convert.original.load_original(str(tmp_path / 'model.safetensors'), component, config)
-    jax.tree.map(np.testing.assert_array_equal, flat, expected)
+    jax.tree.map(np.testing.assert_array_equal, flat, variables)
 
 
 def test_original_checkpoint_errors(tmp_path):
@@ -245,15 +307,6 @@ def test_cli_round_trip(tmp_path):
     back = WuerstchenPrior.from_pretrained(tmp_path / 'back')
     for (name, a), (_, b) in zip(ref.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), name
-
-
-def test_r_embedding_matches_diffusers():
-    from wurst_jax.models import layers
-    r = np.array([0.0, 0.013, 0.5, 0.999, 1.0], np.float32)
-    for c_r in (64, 15):
-        ref = WuerstchenPrior(c_in=4, c=8, c_cond=8, c_r=c_r, depth=1, nhead=1).gen_r_embedding(torch.from_numpy(r))
-        np.testing.assert_allclose(np.asarray(layers.gen_r_embedding(jnp.asarray(r), c_r)), ref.numpy(),
-                                   atol=1e-3, rtol=0)  # angles reach 1e4 rad, where one float32 ulp is 9.8e-4
 
 
 @pytest.mark.parametrize('size,dim', [(8, 128), (5, 12)])

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-torchvision = pytest.importorskip('torchvision')
+import torch  # noqa: E402
+import torchvision  # noqa: E402
 from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig, MBConvConfig  # noqa: E402
 
 from wurst_jax import convert  # noqa: E402
 from wurst_jax.convert import core  # noqa: E402
-from wurst_jax.models.effnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetEncoder  # noqa: E402
+from wurst_jax.models.effnet import EfficientNetEncoder  # noqa: E402
 from torch_reference import TOL, nchw, nhwc, randomise, rel_err  # noqa: E402
 
 # (block type, expand ratio, kernel, stride, in, out, layers). torchvision rounds MBConvConfig widths to
@@ -43,7 +43,8 @@ def torch_settings(stages):
 
 
 class TorchEncoder(torch.nn.Module):
-    """The checkpoint layout: `backbone` = torchvision features, `mapper` = Conv1x1 + BatchNorm2d."""
+    """The official `EfficientNetEncoder` (dome272/Wuerstchen modules.py, Stability-AI/StableCascade
+    modules/effnet.py): `backbone` = torchvision features, `mapper` = Conv1x1 (no bias) + BatchNorm2d."""
 
     def __init__(self, backbone, last, affine, c_latent=16):
         super().__init__()
@@ -72,10 +73,16 @@ def random_variables(module, seed):
     return jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(s.dtype), shapes)
 
 
+# The input normalisation of the released EfficientNetV2-S weights, as torchvision states it; the official
+# Würstchen (utils.py effnet_preprocess) and Stable Cascade (train/train_c.py) code applies it with Normalize.
+_WEIGHTS_TRANSFORMS = torchvision.models.EfficientNet_V2_S_Weights.IMAGENET1K_V1.transforms()
+IMAGENET_NORMALIZE = torchvision.transforms.Normalize(mean=_WEIGHTS_TRANSFORMS.mean, std=_WEIGHTS_TRANSFORMS.std)
+
+
 def torch_forward(ref, x01, normalize=True, scaling='none'):
     x = nchw(x01)
     if normalize:
-        x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+        x = IMAGENET_NORMALIZE(x)
     with torch.no_grad():
         y = nhwc(ref(x))
     return (y + 1) / 42 if scaling == 'v2' else y
@@ -99,7 +106,8 @@ def test_matches_torchvision(stages, last, size, affine):
 
 
 def test_train_mode_batch_statistics():
-    """train=True (no stochastic depth) normalises with batch statistics as torch's train mode does."""
+    """train=True (no stochastic depth) normalises with batch statistics and updates every running mean and
+    (unbiased) variance as torch's train mode does."""
     ref = randomise(torch_encoder(SMALL_B, 72, True, sd_prob=0.0), seed=3).train()
     module = EfficientNetEncoder(stages=SMALL_B, last_channels=72, stochastic_depth_prob=0.0, normalize_input=False)
     variables = core.variables_from_state_dict(module, 'effnet', numpy_state(ref))
@@ -109,6 +117,8 @@ def test_train_mode_batch_statistics():
     ours, updates = jax.jit(partial(module.apply, train=True, mutable=['batch_stats']))(variables, x)
     assert rel_err(ours, expected) <= 1e-4
     assert set(updates) == {'batch_stats'}
+    updated = core.variables_from_state_dict(module, 'effnet', numpy_state(ref))['batch_stats']
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), updates['batch_stats'], updated)
 
 
 def test_stochastic_depth_only_in_train():
@@ -125,17 +135,33 @@ def test_stochastic_depth_only_in_train():
     np.testing.assert_array_equal(no_sd(jax.random.key(1)), no_sd(jax.random.key(2)))
 
 
-def test_efficientnet_v2_s_layout():
-    """The default settings are torchvision's efficientnet_v2_s: weights load strictly and agree."""
+def test_stable_cascade_effnet_file_matches_torch(tmp_path):
+    """Stable Cascade's effnet_encoder.safetensors as released (torchvision efficientnet_v2_s features, the
+    mapper BatchNorm without affine) loads from the file alone and computes what the torch module does."""
+    from safetensors.torch import save_file
     backbone = torchvision.models.efficientnet_v2_s(weights=None).features
     ref = randomise(TorchEncoder(backbone, 1280, affine=False), seed=6)
-    module = EfficientNetEncoder(mapper_affine=False)
-    variables = core.variables_from_state_dict(module, 'effnet', numpy_state(ref))
+    save_file(ref.state_dict(), tmp_path / 'effnet_encoder.safetensors')
+    module, variables = convert.load_diffusers(str(tmp_path / 'effnet_encoder.safetensors'), 'effnet')
+    assert module == EfficientNetEncoder(mapper_affine=False)
     x = np.random.default_rng(7).uniform(0, 1, (1, 64, 64, 3)).astype(np.float32)
     ours = jax.jit(module.apply)(variables, x)
     expected = torch_forward(ref, x)
     assert ours.shape == (1, 2, 2, 16)
     assert rel_err(ours, expected) <= TOL
+
+
+def test_wuerstchen_effnet_state_dict_matches_torch(tmp_path):
+    """A Würstchen Stage B .pt (train_stage_B.py saves the effnet as 'effnet_state_dict', its mapper BatchNorm
+    affine) loads with the affine mapper read off the file."""
+    ref = randomise(torch_encoder(SMALL_A, None, affine=True), seed=10)
+    decoder = {'clf.1.weight': torch.zeros(8, 4, 1, 1)}  # the generator's entry beside it
+    torch.save({'state_dict': decoder, 'effnet_state_dict': ref.state_dict()}, tmp_path / 'model_v2_stage_b.pt')
+    module, variables = convert.load_original(str(tmp_path / 'model_v2_stage_b.pt'), 'effnet',
+                                              {'stages': SMALL_A, 'c_cond': 128})
+    assert module.mapper_affine
+    x = np.random.default_rng(11).uniform(0, 1, (2, 24, 40, 3)).astype(np.float32)
+    assert rel_err(jax.jit(module.apply)(variables, x), torch_forward(ref, x)) <= TOL
 
 
 @pytest.mark.parametrize('affine', [True, False], ids=['affine', 'no_affine'])

@@ -20,12 +20,12 @@ from pytorch_fid import fid_score, inception as pytorch_fid_inception
 from safetensors.numpy import save_file
 
 from conftest import REPO, free_port, load_config, run_module, tiny_clip_tokenizer_folder
-from torch_reference import nchw, nhwc, rel_err
+from torch_reference import nchw, nhwc, randomise, rel_err
 from wurst_jax import checkpoint
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.convert import core
 from wurst_jax.convert.inception import load_inception_fid
-from wurst_jax.evaluate import clip_metrics, fid, job
+from wurst_jax.evaluate import clip_metrics, fid, job, shapes_alignment
 from wurst_jax.models.inception import InceptionV3FID
 from wurst_jax.pipeline import Pipeline
 
@@ -202,23 +202,27 @@ def clip_folder(tmp_path_factory):
     config = transformers.CLIPConfig(**{**TINY_CLIP, 'text_config': {
         **TINY_CLIP['text_config'], 'vocab_size': len(tokenizer), 'eos_token_id': tokenizer.eos_token_id,
         'pad_token_id': tokenizer.pad_token_id, 'bos_token_id': tokenizer.bos_token_id}})
-    torch.manual_seed(0)
-    transformers.CLIPModel(config).eval().save_pretrained(path)
+    randomise(transformers.CLIPModel(config), seed=0).save_pretrained(path)
     return path
+
+
+def clip_image_processor(size: int, backend=transformers.CLIPImageProcessorPil):
+    """transformers' CLIP preprocessing (shorter side to `size` bicubic, centre crop, CLIP mean/std) at `size`."""
+    return backend(size={'shortest_edge': size}, crop_size={'height': size, 'width': size})
 
 
 def test_clip_embeddings_and_scores_match_transformers(clip_folder):
     prompts = ['a photo of the cat', 'the dog', 'a cat of a dog, the photo']
-    images = np.random.default_rng(6).integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
+    images = np.random.default_rng(6).integers(0, 256, (3, 37, 52, 3), dtype=np.uint8)  # raw, not square
     embedder = clip_metrics.CLIPEmbedder(str(clip_folder), batch_size=2)  # 2: a padded last batch
     image_embeds, text_embeds = embedder.image_embeds(images), embedder.text_embeds(prompts)
 
     ref = transformers.CLIPModel.from_pretrained(clip_folder).eval()
     tokens = transformers.CLIPTokenizer.from_pretrained(clip_folder)(
         prompts, padding='max_length', max_length=77, return_tensors='pt')
+    pixels = clip_image_processor(30)(list(images), return_tensors='pt')['pixel_values']
     with torch.no_grad():
-        out = ref(input_ids=tokens['input_ids'], attention_mask=tokens['attention_mask'],
-                  pixel_values=nchw(clip_metrics.preprocess(images, 30)))
+        out = ref(input_ids=tokens['input_ids'], attention_mask=tokens['attention_mask'], pixel_values=pixels)
     assert rel_err(image_embeds, out.image_embeds.numpy()) < 1e-4
     assert rel_err(text_embeds, out.text_embeds.numpy()) < 1e-4
 
@@ -231,6 +235,39 @@ def test_clip_embeddings_and_scores_match_transformers(clip_folder):
     assert clip_metrics.clip_score(np.array([-0.2, 0.1]), 'hessel') == pytest.approx(0.125)  # each pair is
     with pytest.raises(ValueError, match='unknown CLIP score convention'):
         clip_metrics.clip_score(cos, 'clipscore')
+
+
+@pytest.mark.parametrize('shape', [(37, 61), (80, 45), (19, 19), (233, 500), (30, 31)])
+def test_clip_preprocessing_matches_clip_image_processor(shape):
+    """'clip' is transformers' CLIPImageProcessor on raw uint8 images of odd sizes and aspect ratios (upscaled
+    and downscaled): exactly its PIL backend, within one uint8 level its torchvision backend."""
+    image = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    ours = clip_metrics.preprocess(image[None], 30)[0]
+    expected = clip_image_processor(30)(image, return_tensors='np')['pixel_values'][0].transpose(1, 2, 0)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+    torchvision_backend = clip_image_processor(30, transformers.CLIPImageProcessor)
+    close = torchvision_backend(image, return_tensors='np')['pixel_values'][0].transpose(1, 2, 0)
+    assert np.abs(ours - close).max() <= 1.001 / 255 / min(transformers.image_utils.OPENAI_CLIP_STD)
+
+
+@pytest.mark.parametrize('shape', [(37, 61), (233, 500), (19, 19)])
+def test_cmmd_preprocessing_matches_cmmd_reference(shape):
+    """'cmmd' is google-research cmmd/io_util.py `_center_crop_and_resize` (PIL crop box, then PIL bicubic
+    to 336, ViT-L/14@336's size), /255, then CLIP's mean/std (scenic `normalize_image`, in embedding.py)."""
+    image = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    im = Image.fromarray(image)
+    w, h = im.size
+    side = min(w, h)
+    top, left = (h - side) // 2, (w - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((336, 336), resample=Image.BICUBIC)
+    mean, std = np.array(transformers.image_utils.OPENAI_CLIP_MEAN), np.array(transformers.image_utils.OPENAI_CLIP_STD)
+    expected = (np.asarray(im).astype(np.float32) / 255.0 - mean) / std
+    np.testing.assert_allclose(clip_metrics.preprocess(image[None], 336, 'cmmd')[0], expected, rtol=0, atol=1e-6)
+    if shape[0] == shape[1]:  # on squares both orders are the same pixels
+        np.testing.assert_array_equal(clip_metrics.preprocess(image[None], 336, 'cmmd'),
+                                      clip_metrics.preprocess(image[None], 336))
+    with pytest.raises(ValueError, match='unknown CLIP preprocessing'):
+        clip_metrics.preprocess(image[None], 336, 'openai')
 
 
 def test_cmmd_equals_direct_numpy():
@@ -279,6 +316,13 @@ def eval_files(tmp_path_factory, inception_weights, clip_folder):
     return {'prompts': prompts, 'inception': weights, 'reference': root / 'ref.npz', 'clip': clip_folder}
 
 
+def grid_images(path, count: int) -> np.ndarray:
+    """The `count` images of a one-row grid.png (visualize.image_grid: 2 px padding around each)."""
+    grid = np.asarray(Image.open(path))
+    h, w = grid.shape[0] - 4, (grid.shape[1] - 2) // count - 2
+    return np.stack([grid[2:2 + h, 2 + i * (w + 2):2 + i * (w + 2) + w] for i in range(count)])
+
+
 def eval_config(demo_root, files, out_dir, **fields):
     config = load_config('eval')
     config.update({'workdir': str(demo_root), 'prompts': str(files['prompts']), 'out_dir': str(out_dir),
@@ -298,12 +342,25 @@ def test_eval_job_scores_the_demo_run(demo_root, eval_files, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     printed = [json.loads(line) for line in result.stdout.strip().splitlines() if line.startswith('{')]
     assert len(steps) >= 2 and [p['step'] for p in printed] == steps  # every checkpoint, oldest first
+    # The scores are recomputed from the images in grid.png (all three, lossless): FID by pytorch-fid
+    # from np.mean / np.cov of their features, CMMD and the shapes alignment from the same images.
+    reference = fid.load_stats(str(eval_files['reference']))
+    inception = fid.InceptionFeatures(*load_inception_fid(str(eval_files['inception'])), resize='clean',
+                                      batch_size=4)
+    embedder = clip_metrics.CLIPEmbedder(str(eval_files['clip']), batch_size=4)
+    prompts = eval_files['prompts'].read_text().splitlines()
     for step in steps:
         metrics = json.loads((out / str(step) / 'metrics.json').read_text())
         assert metrics['step'] == step and metrics['num_images'] == 3
         scores = metrics['metrics']
-        assert scores['fid'] > 0 and scores['cmmd'] > 0 and 'clip_score_torchmetrics' in scores
-        assert 0 <= scores['colour_accuracy'] <= 1 and scores['num_images'] == 3  # shapes alignment
+        images = grid_images(out / str(step) / 'grid.png', count=3)
+        features = inception(images)
+        assert scores['fid'] == pytest.approx(fid_score.calculate_frechet_distance(
+            features.mean(0), np.cov(features, rowvar=False), reference['mu'], reference['sigma']), rel=1e-4)
+        assert scores['cmmd'] == pytest.approx(
+            clip_metrics.cmmd(embedder.image_embeds(images), reference['clip_embeds']), rel=1e-4)
+        alignment = shapes_alignment.evaluate(images, prompts)
+        assert {k: scores[k] for k in alignment} == alignment and 'clip_score_torchmetrics' in scores
         assert metrics['skipped'] == {} and metrics['conventions']['fid_resize'] == 'clean'
         assert (out / str(step) / 'grid.png').is_file() and (out / str(step) / 'generated_stats.npz').is_file()
     # Each step samples with its own params: the job swaps them into one pipeline (the demo's few

@@ -76,30 +76,57 @@ def test_discriminator_is_frozen_until_adv_start(tiny_shapes_config):
     assert float(metrics_after['disc_loss']) > 0 and float(metrics_after['adv_loss']) > 0
 
 
-def write_random_vgg16(path, seed=0):
-    """A torchvision-keyed vgg16 features state dict with random weights, as .npz."""
-    from wurst_jax.models import vgg
-    rng = np.random.default_rng(seed)
-    state, in_ch = {}, 3
-    widths = [w for w in vgg.LAYOUT if w != 'M']
-    for index, width in zip(vgg.torch_indices(), widths):
-        state[f'features.{index}.weight'] = rng.normal(0, np.sqrt(2 / (9 * in_ch)), (width, in_ch, 3, 3))
-        state[f'features.{index}.bias'] = rng.normal(0, 0.01, (width,))
-        in_ch = width
-    np.savez(path, **state)
+def write_torchvision_vgg16(path, seed=0):
+    """torchvision's vgg16 with random features, its state dict saved with torch.save as a user would (the
+    classifier, 120M parameters the loss never reads, stays on the meta device and out of the file)."""
+    import torch
+    import torchvision
+    from torch_reference import randomise
+    with torch.device('meta'):
+        ref = torchvision.models.vgg16(weights=None)
+    ref.features.to_empty(device='cpu')
+    randomise(ref.features, seed, scale=0.05)  # about unit gain per conv: deep maps stay O(1)
+    state = {k: v for k, v in ref.state_dict().items() if not v.is_meta}
+    torch.save(state, path)
+    return ref.features, state
+
+
+def test_vgg16_features_match_torchvision(tmp_path):
+    """Our VGG16Features with a real torchvision vgg16 state dict (.pth, and the same tensors as .npz) gives
+    torchvision's ReLU maps at LPIPS's five taps, after LPIPS's input scaling."""
+    import torch
+    from torch_reference import TOL, nchw, nhwc, rel_err
+    from wurst_jax import perceptual
+    from wurst_jax.models.vgg import VGG16Features
+    features, state = write_torchvision_vgg16(tmp_path / 'vgg16.pth')
+    params = perceptual.load_vgg16_params(str(tmp_path / 'vgg16.pth'))
+    np.savez(tmp_path / 'vgg16.npz', **{k: v.numpy() for k, v in state.items()})
+    jax.tree.map(np.testing.assert_array_equal, perceptual.load_vgg16_params(str(tmp_path / 'vgg16.npz')), params)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 37, 26, 3)).astype(np.float32)  # odd: pools floor
+    # LPIPS (richzhang/PerceptualSimilarity lpips/lpips.py ScalingLayer) for inputs in [-1, 1], and its vgg16
+    # slices (lpips/pretrained_networks.py): the outputs of features[:4], [:9], [:16], [:23], [:30].
+    shift = torch.tensor([-.030, -.088, -.188])[None, :, None, None]
+    scale = torch.tensor([.458, .448, .450])[None, :, None, None]
+    h, expected = (nchw(x) - shift) / scale, []
+    with torch.no_grad():
+        for index, layer in enumerate(features[:30]):  # the last pool is not read
+            h = layer(h)
+            if index in (3, 8, 15, 22, 29):
+                expected.append(nhwc(h))
+    ours = jax.jit(VGG16Features().apply)({'params': params}, x)
+    assert [f.shape for f in ours] == [e.shape for e in expected]
+    for a, b in zip(ours, expected):
+        assert rel_err(a, b) <= TOL
 
 
 def test_perceptual_loss_reads_local_weights_and_trains(tiny_shapes_config, tmp_path):
     from wurst_jax import config_lib, perceptual
     from wurst_jax.models.vgg import VGG16Features, perceptual_distance
-    weights = tmp_path / 'vgg16.npz'
-    write_random_vgg16(weights)
+    weights = tmp_path / 'vgg16.pth'
+    write_torchvision_vgg16(weights)
     params = perceptual.load_vgg16_params(str(weights))
-    # torch OIHW (64, 3, 3, 3) becomes flax HWIO (3, 3, 3, 64).
-    assert params['features_0']['kernel'].shape == (3, 3, 3, 64)
     x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
     feats = VGG16Features().apply({'params': params}, x)
-    assert [f.shape[-1] for f in feats] == [64, 128, 256, 512, 512]
     assert float(jnp.max(perceptual_distance(feats, feats))) == 0.0
     other = VGG16Features().apply({'params': params}, -x)
     assert float(jnp.min(perceptual_distance(feats, other))) > 0.0

@@ -30,17 +30,28 @@ def to_flax(src: str, dst: str, component: str) -> None:
 
 
 def to_diffusers(src: str, dst: str, component: str) -> None:
-    with open(os.path.join(src, core.CONFIG_NAME)) as f:
-        module = core.component(component).from_config(json.load(f))
-    with open(os.path.join(src, FLAX_VARIABLES), 'rb') as f:
-        variables = serialization.msgpack_restore(f.read())
+    config_path, variables_path = os.path.join(src, core.CONFIG_NAME), os.path.join(src, FLAX_VARIABLES)
+    for needed in (config_path, variables_path):
+        if not os.path.isfile(needed):
+            raise FileNotFoundError(f'{needed} not found: --to=diffusers reads a Flax folder ({core.CONFIG_NAME} and '
+                                    f'{FLAX_VARIABLES}) as python -m wurst_jax.convert writes it')
+    module = core.component(component).from_config(core.read_json(config_path))
+    with open(variables_path, 'rb') as f:
+        try:
+            variables = serialization.msgpack_restore(f.read())
+        except ValueError as e:  # msgpack's errors for truncated or foreign data
+            raise ValueError(f'{variables_path} is not readable Flax msgpack ({e}): it is truncated or corrupt, '
+                             'convert it again') from None
     core.save_diffusers(module, variables, dst, component)
 
 
 def main(argv):
     del argv
     convert = to_diffusers if _TO.value == 'diffusers' else to_flax
-    convert(_SRC.value, _DST.value, _COMPONENT.value)
+    try:
+        convert(_SRC.value, _DST.value, _COMPONENT.value)
+    except (FileNotFoundError, ValueError) as e:  # the input named, with the fix: no traceback needed
+        raise SystemExit(f'--src={_SRC.value}: {e}') from None
 
 
 if __name__ == '__main__':

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 CONFIG_NAME = 'config.json'
@@ -165,14 +166,31 @@ def state_dict_from_variables(module: nn.Module, name: str, variables: dict) -> 
             for path, v in flat.items()}
 
 
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """The tensors of a .safetensors file; a truncated or corrupt one is an error naming it."""
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f'{path} is not a readable safetensors file ({e}): it is truncated or corrupt, '
+                         'download or convert it again') from None
+
+
+def read_json(path: str) -> dict:
+    """A model folder's JSON file; an unreadable one is an error naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path} is not valid JSON ({e}): restore the model folder\'s {CONFIG_NAME}') from None
+
+
 def read_class_name(path: str) -> str | None:
     """The class a model folder's config.json names (diffusers `_class_name` or transformers
     `architectures[0]`); None for a file or a folder without config.json."""
     config_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_path):
         return None
-    with open(config_path) as f:
-        config = json.load(f)
+    config = read_json(config_path)
     return config.get('_class_name') or (config.get('architectures') or [None])[0]
 
 
@@ -184,8 +202,7 @@ def read_config(path: str, name: str) -> dict:
         if not os.path.isfile(needed):
             raise FileNotFoundError(f'{needed} not found: {name} expects a {comp.library} model folder '
                                     f'with {CONFIG_NAME} and {comp.weights_name}')
-    with open(config_path) as f:
-        config = json.load(f)
+    config = read_json(config_path)
     found = read_class_name(path)
     if found is not None and found not in (comp.class_name, *comp.accepts):
         raise ValueError(f'{config_path} is a {found}, but component {name!r} is a '
@@ -209,7 +226,7 @@ def load_diffusers(path: str, name: str, **module_overrides: Any) -> tuple[nn.Mo
         module = module.clone(**module_overrides)
     if _SHAPES_ONLY:
         return module, abstract_variables(module, comp)
-    return module, variables_from_state_dict(module, name, load_file(os.path.join(path, comp.weights_name)))
+    return module, variables_from_state_dict(module, name, read_safetensors(os.path.join(path, comp.weights_name)))
 
 
 def write_config(module: nn.Module, path: str, name: str) -> None:

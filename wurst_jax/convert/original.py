@@ -9,17 +9,17 @@ entry holds the network depends on the file:
   model_v2_stage_b.pt                      decoder   'state_dict';  effnet 'effnet_state_dict'
   vqgan_f4_v1_500k.pt                      vqgan     'state_dict'
   stage_a.safetensors (Stable Cascade)     vqgan     flat (decode scale 0.43 there: pass it in config)
-  effnet_encoder.safetensors (SC)          effnet    flat (mapper BatchNorm without affine)
+  effnet_encoder.safetensors (SC)          effnet    flat (mapper BatchNorm without affine, read off the file)
   PixArt-XL-2-*.pth (PixArt-alpha)         pixart    'state_dict_ema' or 'state_dict' (names: convert/pixart.py)
 
 Stable Cascade's Stage B/C UNets (`stage_b*.safetensors`, `stage_c*.safetensors`) are another
 architecture (StableCascadeUNet), not converted here.
 """
 import os
+import pickle
 
 import flax.linen as nn
 import numpy as np
-from safetensors.numpy import load_file
 
 from wurst_jax.convert import core
 
@@ -48,13 +48,18 @@ def _read_torch(path: str) -> dict:
         import torch
     except ImportError as e:
         raise ImportError(f'reading {path} needs PyTorch (pip install torch); safetensors files do not') from e
-    return torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        first_line = str(e).strip().splitlines()[0]
+        raise ValueError(f'{path} cannot be read by torch.load ({type(e).__name__}: {first_line}): it is truncated '
+                         'or corrupt, download it again') from None
 
 
 def read_checkpoint(path: str, component: str) -> dict[str, np.ndarray]:
     """The flat, torch-named state dict of `component` in an original checkpoint file."""
     if path.endswith('.safetensors'):
-        return load_file(path)
+        return core.read_safetensors(path)
     if not path.endswith(_TORCH_SUFFIXES):
         raise ValueError(f'{path}: expected a .safetensors or .pt/.pth/.ckpt/.bin checkpoint file')
     content = _read_torch(path)
@@ -97,8 +102,16 @@ def load_original(path: str, component: str, config: dict | None = None,
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path} not found: expected an original {component} checkpoint file')
     comp = core.component(component)
-    module = comp.from_config({**RELEASED_CONFIGS.get(component, {}), **(config or {})})
+    state = diffusers_names(read_checkpoint(path, component))
+    module = comp.from_config({**RELEASED_CONFIGS.get(component, {}), **_fields_of_file(component, state),
+                               **(config or {})})
     if module_overrides:
         module = module.clone(**module_overrides)
-    state = diffusers_names(read_checkpoint(path, component))
     return module, core.variables_from_state_dict(module, component, state)
+
+
+def _fields_of_file(component: str, state: dict[str, np.ndarray]) -> dict:
+    """Config fields that the released files of one component differ in, read off the tensors."""
+    if component == 'effnet':  # Würstchen's mapper BatchNorm is affine, Stable Cascade's (affine=False) is not
+        return {'mapper_affine': 'mapper.1.weight' in state}
+    return {}

@@ -5,12 +5,16 @@ See configs/eval.py for the fields and wurst_jax/evaluate/job.py for what is wri
 import json
 
 import jax
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
+from wurst_jax import config_lib
 from wurst_jax.evaluate import job
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/eval.py', 'Evaluation config.')
+# No default: a default config file is loaded (with the --config.F overrides) as this module is
+# imported, where a misspelt field could only be a traceback.
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Evaluation config, e.g. configs/eval.py.')
+flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
@@ -18,10 +22,14 @@ def main(argv):
     config = _CONFIG.value
     if config.multihost:
         jax.distributed.initialize()
-    for result in job.run(config):
+    try:
+        results = job.run(config)
+    except config_lib.ConfigError as e:
+        raise SystemExit(f'Invalid config: {e}') from None
+    for result in results:
         if jax.process_index() == 0:
             print(json.dumps({k: result[k] for k in ('step', 'num_images', 'metrics', 'skipped')}))
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

@@ -6,8 +6,11 @@ CLIP score conventions (`clip_score`), all over pairs (image i, prompt i):
 * 'cosine': the mean raw cosine (MLPerf / maxdiffusion).
 CMMD: the biased MMD² with a Gaussian kernel of σ = 10 between L2-normalised CLIP image embeddings,
 × 1000 (Jayasumana et al. 2024; the paper's network is ViT-L/14 at 336 px).
-Images are centre-cropped to a square, resized with PIL bicubic to the network's size, scaled to
-[0, 1] and normalised with CLIP's mean and std, as CMMD's reference code does.
+Preprocessing (`preprocess`), PIL bicubic, then [0, 1] and CLIP's mean and std, in one of two orders:
+* 'clip' (CLIP score): shorter side resized to the network's size, then centre-cropped, as transformers'
+  CLIPImageProcessor (PIL backend) does;
+* 'cmmd': centre-cropped to a square, then resized, as CMMD's reference code does (google-research
+  `cmmd/io_util.py`). The two agree exactly on square images.
 """
 import json
 import os
@@ -56,16 +59,36 @@ def cmmd(x: np.ndarray, y: np.ndarray, sigma: float = 10.0, scale: float = 1000.
     return float(scale * _mmd2(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), sigma))
 
 
-def preprocess(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> float32 [N, size, size, 3], centre-cropped, bicubic, CLIP-normalised."""
-    out = []
-    for image in images:
-        h, w = image.shape[:2]
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        square = Image.fromarray(image[top:top + s, left:left + s])
-        out.append(np.asarray(square.resize((size, size), resample=Image.BICUBIC), np.float32) / 255.0)
-    return (np.stack(out) - CLIP_MEAN) / CLIP_STD
+PREPROCESSING = ('clip', 'cmmd')
+
+
+def _resize_then_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """CLIPImageProcessor: the shorter side to `size` (the longer one rounded down), then the centre square."""
+    h, w = image.shape[:2]
+    long = int(size * max(h, w) / min(h, w))
+    new_h, new_w = (long, size) if w <= h else (size, long)
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample=Image.BICUBIC))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[top:top + size, left:left + size]
+
+
+def _crop_then_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """CMMD's io_util: the centre square, then resized to `size`."""
+    h, w = image.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    square = Image.fromarray(image[top:top + s, left:left + s])
+    return np.asarray(square.resize((size, size), resample=Image.BICUBIC))
+
+
+def preprocess(images: np.ndarray, size: int, order: str = 'clip') -> np.ndarray:
+    """uint8 [N, H, W, 3] -> float32 [N, size, size, 3]: bicubic and centre crop in `order` (see module doc),
+    CLIP-normalised."""
+    if order not in PREPROCESSING:
+        raise ValueError(f'unknown CLIP preprocessing {order!r}: use one of {PREPROCESSING}')
+    square = _resize_then_crop if order == 'clip' else _crop_then_resize
+    pixels = np.stack([square(image, size) for image in images]).astype(np.float32) / 255.0
+    return (pixels - CLIP_MEAN) / CLIP_STD
 
 
 class CLIPEmbedder:
@@ -106,9 +129,9 @@ class CLIPEmbedder:
             out.append(np.asarray(fn(*[jax.device_put(p, self.batch) for p in padded]))[:len(chunks[0])])
         return np.concatenate(out)
 
-    def image_embeds(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, H, W, 3] -> [N, P]."""
-        pixels = preprocess(images, self.vision.image_size)
+    def image_embeds(self, images: np.ndarray, order: str = 'clip') -> np.ndarray:
+        """uint8 [N, H, W, 3] -> [N, P], preprocessed for the CLIP score ('clip') or CMMD ('cmmd')."""
+        pixels = preprocess(images, self.vision.image_size, order)
         return self._batched(lambda x: self._image_fn(self.vision_vars, x), [pixels])
 
     def text_embeds(self, prompts: Sequence[str]) -> np.ndarray:

@@ -36,8 +36,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not config.follow and not checkpoint.all_steps(os.path.join(config.workdir, 'stage_c')):
         raise ConfigError('workdir', config.workdir, 'its stage_c/ has no checkpoint to score; '
                           'with --config.follow=True the job waits for the first')
-    if not config.prompts:
-        raise ConfigError('prompts', config.prompts, 'a text file with one prompt per line')
+    if not config.prompts or not os.path.isfile(config.prompts):
+        raise ConfigError('prompts', config.prompts, 'an existing text file with one prompt per line')
     for field, is_ok in (('inception_weights', os.path.isfile), ('reference_stats', os.path.isfile),
                          ('clip_weights', os.path.isdir)):
         if config[field] and not is_ok(config[field]):
@@ -93,6 +93,8 @@ class Scorers:
             cosines = gather.allgather_rows((image_embeds * self.clip.text_embeds(prompts)).sum(-1))
             metrics[f'clip_score_{self.config.clip_score}'] = clip_metrics.clip_score(cosines, self.config.clip_score)
             if 'clip_embeds' in self.reference:
+                if images.shape[1] != images.shape[2]:  # the two preprocessings differ only off squares
+                    image_embeds = self.clip.image_embeds(images, 'cmmd')
                 metrics['cmmd'] = clip_metrics.cmmd(gather.allgather_rows(image_embeds), self.reference['clip_embeds'],
                                                     self.config.cmmd_sigma, self.config.cmmd_scale)
         return metrics

@@ -84,7 +84,7 @@ def main(argv):
     for batch in batches(read_images(_IMAGES.value, _SIZE.value, skipped), _BATCH.value, _MAX.value):
         stats.update(inception(batch))
         if clip:
-            embeds.append(clip.image_embeds(batch))
+            embeds.append(clip.image_embeds(batch, 'cmmd'))
     if stats.count < 2:
         raise SystemExit(f'--images={_IMAGES.value} gave {stats.count} readable images; FID needs many (10k+)')
     mu, sigma = stats.mean_and_cov()
