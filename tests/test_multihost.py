@@ -1,19 +1,21 @@
-"""Several processes: two processes on loopback train on one global mesh and checkpoint, one process
-resumes; a dead peer makes the survivor exit instead of hanging; the launch recipes parse and the
-cluster detection they rely on finds the process id and count."""
+"""Several processes: every model family trains, evaluates, writes images and checkpoints as two
+processes on loopback sharing one global mesh; one process resumes a two-process checkpoint; a dead
+peer makes the survivor exit instead of hanging; the launch recipes parse and the cluster detection
+they rely on finds the process id and count."""
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port
-from wurst_jax import checkpoint, convert
-from wurst_jax.models.effnet import EfficientNetEncoder
+from conftest import REPO, free_port, main_args
+from wurst_jax import checkpoint
 
 LAUNCH = sorted((REPO / 'launch').glob('*.sh')) + sorted((REPO / 'launch').glob('*.sbatch'))
 
@@ -51,79 +53,106 @@ def test_cluster_detection_reads_slurm_and_tpu_environments(monkeypatch):
     assert (tpu._get_worker_list_in_slice()[0], tpu.get_process_count(), tpu.get_process_id()) == ('w-0', 4, 2)
 
 
-def test_explicit_distributed_flags_go_together(tmp_path):
-    result = subprocess.run([sys.executable, '-m', 'wurst_jax.main', '--config=configs/shapes.py:runlocal',
-                             f'--workdir={tmp_path}', '--coordinator_address=127.0.0.1:1234'],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert '--coordinator_address, --num_processes and --process_id go together' in result.stderr
+def test_explicit_distributed_flags_go_together(children, tmp_path):
+    proc = children.start('wurst_jax.main', '--config=configs/shapes.py:runlocal', f'--workdir={tmp_path}',
+                          '--coordinator_address=127.0.0.1:1234')
+    output = children.wait(proc, timeout=300)
+    assert proc.returncode != 0
+    assert '--coordinator_address, --num_processes and --process_id go together' in output
 
 
-@pytest.fixture(scope='module')
-def stage_c_args(tmp_path_factory):
-    """Arguments of a tiny Stage C run (`configs/shapes.py:stage=c,runlocal`) on a random effnet folder."""
-    root = tmp_path_factory.mktemp('multihost')
-    effnet = EfficientNetEncoder(stages=(('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)),
-                                 last_channels=32, c_latent=4)
-    variables = jax.jit(effnet.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
-    convert.save_diffusers(effnet, variables, str(root / 'effnet'), 'effnet')
-    return root, ['--config=configs/shapes.py:stage=c,runlocal', f'--config.effnet.source={root / "effnet"}',
-                  f'--config.input.data_dir={root / "data"}', '--config.mesh.data=4', '--config.mesh.fsdp=2',
-                  '--config.checkpoint_every_steps=2', '--config.log_every_steps=1', '--config.image_every_steps=100',
-                  # A constant rate: runs of different total_steps then take the same steps.
-                  '--config.optimizer.schedule=constant', '--config.optimizer.warmup_steps=0']
+STEPS = 2
+# Each family's tiny config and the local folder it reads a frozen network from (tiny_stage_folders).
+FAMILIES = {
+    'stage_a': ('configs/shapes.py:stage=a,runlocal', None),
+    'stage_b': ('configs/shapes.py:stage=b,runlocal', ('stage_a.source', 'vqgan')),
+    'stage_c': ('configs/shapes.py:stage=c,runlocal', ('effnet.source', 'effnet')),
+    'stage_c_pixart': ('configs/shapes.py:stage=c,backbone=pixart,runlocal', ('effnet.source', 'effnet')),
+    'pixel': ('configs/growing.py:arm=core,runlocal', None),
+}
 
 
-def launch(args, devices, *extra):
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu')
-    return subprocess.Popen([sys.executable, '-m', 'wurst_jax.main', *args, *extra], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def family_args(family, folders, workdir, data_dir, total=STEPS):
+    """A tiny run of `family` that checkpoints, writes images and evaluates once, at its last step."""
+    config, frozen = FAMILIES[family]
+    source = [f'--config.{frozen[0]}={folders[frozen[1]]}'] if frozen else []
+    return main_args(config, workdir, data_dir, total, f'--config.checkpoint_every_steps={total}',
+                     f'--config.image_every_steps={total}', '--config.log_every_steps=1', *source)
 
 
-def two_processes(args, workdir, total, *extra):
+def two_processes(children, args, *extra):
+    """Processes 0 and 1 of one job, 4 fake devices each, joined through a coordinator on loopback."""
     port = free_port()
-    return [launch(args, 4, f'--workdir={workdir}', f'--config.total_steps={total}',
-                   f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}',
-                   '--distributed_timeout=120', *extra)
+    return [children.start(*args, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                           f'--process_id={i}', '--distributed_timeout=120', *extra, devices=4)
             for i in range(2)]
 
 
-def finish(proc, timeout=600):
-    _, stderr = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, stderr[-3000:]
-    return stderr
+@pytest.fixture(scope='module')
+def two_process_run(module_children, tiny_stage_folders, tmp_path_factory):
+    """family -> (workdir, [output of process 0, of process 1]) of a two-process run of STEPS steps,
+    launched once per module."""
+    runs = {}
+
+    def run(family):
+        if family not in runs:
+            root = tmp_path_factory.mktemp(family)
+            procs = two_processes(module_children, family_args(family, tiny_stage_folders, root / 'run', root / 'data'))
+            runs[family] = root / 'run', module_children.finish_all(procs)
+        return runs[family]
+    return run
 
 
-@pytest.mark.slow  # about 3.5 min on 2 cores: three launches, each compiling the step
-def test_two_processes_train_then_one_process_resumes(stage_c_args, tmp_path):
-    """2 processes x 4 devices train 4 steps on a data=4 x fsdp=2 mesh; 1 process x 8 devices resumes
-    to step 6. Final params equal a 1-process run of 6 steps to 1e-5: the same examples reach each
-    step, but the global batch is assembled in another row order, so float sums round differently."""
-    root, args = stage_c_args
-    multi, single = tmp_path / 'multi', tmp_path / 'single'
-    procs = two_processes(args, multi, 4)
-    logs = [finish(p) for p in procs]
+def _own_group(family):
+    """One xdist group per family run, so the runs spread over the workers (see conftest)."""
+    return pytest.mark.xdist_group(f'two_processes_{family}')
+
+
+@pytest.mark.slow  # each family compiles its step, sampling and evaluation in two processes
+@pytest.mark.parametrize('family', [pytest.param(f, marks=_own_group(f)) for f in FAMILIES])
+def test_two_processes_train_evaluate_write_images_and_checkpoint(two_process_run, family):
+    """2 processes x 4 devices on one data=4 x fsdp=2 mesh: the job trains, checkpoints, writes the
+    image grid and evaluates; both processes compute the same evaluation from the global arrays."""
+    workdir, logs = two_process_run(family)
     assert 'JAX process 1 of 2, 4 local devices' in logs[1]
-    assert (multi / 'checkpoints' / '4').is_dir()
-    assert len(list(multi.glob('events.out.tfevents.*'))) == 1  # process 1 writes no TensorBoard file
-    resumed = finish(launch(args, 8, f'--workdir={multi}', '--config.total_steps=6'))
-    assert 'Restored checkpoint at step 4' in resumed
-    finish(launch(args, 8, f'--workdir={single}', '--config.total_steps=6'))
-    for ema in (False, True):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-                     checkpoint.load_params(str(multi), ema=ema), checkpoint.load_params(str(single), ema=ema))
+    assert checkpoint.all_steps(str(workdir)) == [STEPS] and checkpoint.is_complete(str(workdir))
+    assert (workdir / f'samples_{STEPS:07d}.png').is_file()
+    assert len(list(workdir.glob('events.out.tfevents.*'))) == 1  # process 1 writes no TensorBoard file
+    (result,) = [json.loads(line) for line in (workdir / 'eval.jsonl').read_text().splitlines()]
+    assert result['step'] == STEPS and all(np.isfinite(v) for v in result.values())
+    evals = [re.findall(r'eval at step \d+: (.*)', log) for log in logs]
+    assert len(evals[0]) == 1 and evals[0] == evals[1]
 
 
 @pytest.mark.slow
-def test_dead_peer_makes_the_survivor_exit(stage_c_args, tmp_path):
-    root, args = stage_c_args
-    procs = two_processes(args, tmp_path / 'run', 100_000, '--heartbeat_timeout=10')
-    deadline = time.time() + 300
-    while not (tmp_path / 'run' / 'checkpoints' / '2').is_dir():
-        assert all(p.poll() is None for p in procs) and time.time() < deadline
-        time.sleep(0.1)
+@_own_group('stage_c')
+def test_two_processes_train_then_one_process_resumes(two_process_run, tiny_stage_folders, children, tmp_path):
+    """The two-process Stage C job's checkpoint, resumed by 1 process x 8 devices for 2 more steps,
+    equals a 1-process run of as many steps to 1e-5 (the collectives between processes sum in
+    another order); step and rng exactly. (Not Stage A: Adam amplifies the rounding of its conv
+    biases ahead of a BatchNorm, whose gradients are next to zero.)"""
+    multi, _ = two_process_run('stage_c')
+    resumed, single, data_dir = tmp_path / 'resumed', tmp_path / 'single', multi.parent / 'data'
+    shutil.copytree(multi, resumed)
+    log = children.run(*family_args('stage_c', tiny_stage_folders, resumed, data_dir, STEPS + 2))
+    assert f'Restored checkpoint at step {STEPS}' in log
+    assert 'the data position was saved by 2 processes; carrying it over to 1 processes' in log
+    children.run(*family_args('stage_c', tiny_stage_folders, single, data_dir, STEPS + 2))
+    (_, a), (_, b) = checkpoint.load_trained(str(resumed)), checkpoint.load_trained(str(single))
+    for exact in ('step', 'rng'):
+        np.testing.assert_array_equal(a.pop(exact), b.pop(exact))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), a, b)
+
+
+@pytest.mark.slow
+@_own_group('stage_a')
+def test_dead_peer_makes_the_survivor_exit(two_process_run, tiny_stage_folders, children, tmp_path):
+    multi, _ = two_process_run('stage_a')  # its step, compiled once, is this job's too (the cache)
+    args = family_args('stage_a', tiny_stage_folders, tmp_path / 'run', multi.parent / 'data', 100_000)
+    procs = two_processes(children, args, '--heartbeat_timeout=10')
+    children.wait_until(lambda: '] [2] ' in children.output(procs[0]), procs)
     procs[1].send_signal(signal.SIGKILL)
-    killed_at = time.time()
-    procs[0].communicate(timeout=120)  # raises TimeoutExpired if it hangs
-    assert procs[0].returncode != 0
-    print(f'survivor exited {time.time() - killed_at:.1f} s after its peer died')
+    killed_at = time.monotonic()
+    children.wait(procs[0], timeout=120)  # fails if it hangs
+    assert procs[0].returncode not in (0, None)
+    print(f'survivor exited {time.monotonic() - killed_at:.1f} s after its peer died')

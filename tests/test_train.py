@@ -1,17 +1,13 @@
-"""The training loop end to end on 8 fake CPU devices: learning, outputs, and exact resume."""
+"""The training loop on 8 fake CPU devices: learning, gradient accumulation, mesh presets. Exact
+resume in a new process, after kills at random moments, is tests/test_faults.py."""
 import functools
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO
 from wurst_jax import sharding, tasks, train
 from wurst_jax.data import input_pipeline
 
@@ -41,45 +37,6 @@ def test_stage_a_loss_falls_on_4x2_mesh(tiny_shapes_config):
     assert int(state.step) == 25
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
     assert state.params['vqgan']['up_blocks_0']['channelwise_0']['kernel'].sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
-
-
-def run_main(workdir, total_steps, data_dir, *extra):
-    """Runs the entry point in a fresh process with 8 fake devices, like a user relaunching."""
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-    args = [sys.executable, '-m', 'wurst_jax.main', '--config=configs/shapes.py:runlocal',
-            f'--workdir={workdir}', f'--config.total_steps={total_steps}', f'--config.input.data_dir={data_dir}',
-            '--config.mesh.data=4', '--config.mesh.fsdp=2', '--config.optimizer.schedule=constant',
-            '--config.optimizer.warmup_steps=0', '--config.record_batch_ids=True',
-            '--config.checkpoint_every_steps=2', *extra]
-    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def final_params(workdir, step):
-    restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))
-    return restored['params'], restored['ema_params'], restored['opt_state']
-
-
-@pytest.mark.slow  # the default suite resumes after kill -9 and SIGTERM in test_faults.py
-def test_resume_in_new_process_equals_straight_run(tmp_path):
-    data_dir = tmp_path / 'data'
-    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-    run_main(straight, 6, data_dir)
-    run_main(resumed, 3, data_dir)
-    second = run_main(resumed, 6, data_dir)
-    assert 'Restored checkpoint at step 3' in second.stderr
-
-    a, b = final_params(straight, 6), final_params(resumed, 6)
-    jax.tree.map(np.testing.assert_array_equal, a, b)
-    ids_straight = (straight / 'batch_ids.txt').read_text().splitlines()
-    ids_resumed = (resumed / 'batch_ids.txt').read_text().splitlines()
-    assert len(ids_straight) == 6 and ids_straight == ids_resumed
-
-    # The run left what a user looks for: TensorBoard events, image grids and eval results.
-    assert list(straight.glob('events.out.tfevents.*'))
-    assert (straight / 'samples_0000006.png').exists()
-    assert (straight / 'eval.jsonl').read_text().count('"psnr"') == 1
 
 
 def test_gradient_accumulation_averages_micro_batch_gradients():

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from wurst_jax.config_lib import MESH_AXES, ConfigError
@@ -89,6 +90,18 @@ def local_inference(batch_size: int) -> tuple[int, NamedSharding, NamedSharding]
 def make_global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assembles each process's share of the batch into global arrays split along the batch axis."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def to_host(tree: Any) -> Any:
+    """A tree of arrays as numpy arrays holding their whole value, on every process: what evaluation and
+    image writing read. An array split over several processes' devices (a jitted function's output
+    on the global mesh may keep the batch split) is gathered, so every process must call this at the
+    same point; any other array (replicated, or on this process's devices) is read where it is."""
+    def fetch(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+    return jax.tree.map(fetch, tree)
 
 
 def log_param_shardings(params: Any, shardings: Any, *, limit: int = 12) -> None:

@@ -218,7 +218,7 @@ def _evaluate(task, config, state, frozen, writer, workdir: str) -> dict[str, fl
 
 def _write_images(visualize_fn, config, state, frozen, writer, workdir: str, batch: dict[str, np.ndarray]) -> None:
     params = state.ema_params if config.eval.use_ema else state.params
-    grid = visualize.image_grid(np.asarray(visualize_fn(params, state.model_state, frozen, batch)),
+    grid = visualize.image_grid(sharding.to_host(visualize_fn(params, state.model_state, frozen, batch)),
                                 ncols=config.eval.grid_columns)
     step = int(state.step)
     writer.write_images(step, {'samples': grid[None]})

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from wurst_jax import checkpoint, convert
+from wurst_jax import checkpoint, convert, sharding
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.models.clip import CLIPTextModel
@@ -153,7 +153,7 @@ def captioned_batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[t
 def evaluate_held_out(losses_fn, params: Any, model_state: Any, frozen: dict, batches, keys) -> dict[str, float]:
     """Mean over held-out batches (their entries `keys`) of `losses_fn(params, model_state, frozen, batch)`,
     the unweighted ε-MSE at each of diffusion_loss.EVAL_TIMES: a deterministic loss to compare checkpoints by."""
-    losses = np.mean([np.asarray(losses_fn(params, model_state, frozen, {k: jnp.asarray(b[k]) for k in keys}))
+    losses = np.mean([sharding.to_host(losses_fn(params, model_state, frozen, {k: jnp.asarray(b[k]) for k in keys}))
                       for b in batches], axis=0)
     result = {f'loss_t{t}': float(v) for t, v in zip(diffusion_loss.EVAL_TIMES, losses)}
     result['loss'] = float(np.mean(losses))

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from wurst_jax import checkpoint, growing, optim
+from wurst_jax import checkpoint, growing, optim, sharding
 from wurst_jax.config_lib import ConfigError, validate_optimizer
 from wurst_jax.data import shapes
 from wurst_jax.diffusion import loss as diffusion_loss
@@ -183,8 +183,8 @@ class PixelTask:
         for start in range(0, len(captions), batch_size):
             encoded = self.tokenizer(captions[start:start + batch_size])
             rng = jax.random.fold_in(jax.random.key(seed), start)
-            images.append(to_uint8(self._sample_images(params, frozen, encoded['input_ids'],
-                                                       encoded['attention_mask'], rng)))
+            images.append(to_uint8(sharding.to_host(self._sample_images(params, frozen, encoded['input_ids'],
+                                                                        encoded['attention_mask'], rng))))
         return shapes_alignment.evaluate(np.concatenate(images), captions)
 
     def evaluate(self, params: Any, model_state: Any, frozen: dict,

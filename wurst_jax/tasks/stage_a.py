@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from wurst_jax import optim, perceptual
+from wurst_jax import optim, perceptual, sharding
 from wurst_jax.config_lib import ConfigError, validate_optimizer
 from wurst_jax.models.stage_a import VQGAN, Discriminator
 from wurst_jax.models.vgg import VGG16Features, perceptual_distance
@@ -197,8 +197,8 @@ class StageATask:
         del frozen
         cont, quant = [], []
         for batch in batches:
-            a, b = self._eval_psnr(params, model_state, jnp.asarray(batch['image']))
-            cont.append(np.asarray(a))
-            quant.append(np.asarray(b))
+            a, b = sharding.to_host(self._eval_psnr(params, model_state, jnp.asarray(batch['image'])))
+            cont.append(a)
+            quant.append(b)
         cont, quant = np.concatenate(cont), np.concatenate(quant)
         return dict(psnr=float(cont.mean()), psnr_quantized=float(quant.mean()), num_images=len(cont))
