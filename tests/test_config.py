@@ -76,6 +76,12 @@ def test_two_minus_one_mesh_axes_rejected():
         config_lib.validate(config)
 
 
+def test_every_family_has_its_known_fields():
+    """A family without its entry in config_lib.FAMILY_FIELDS would skip the unknown-field check."""
+    from wurst_jax import tasks
+    assert set(config_lib.FAMILY_FIELDS) == set(tasks.FAMILIES)
+
+
 def test_unknown_config_argument_rejected():
     with pytest.raises(config_lib.ConfigError, match='stagee'):
         load_config('shapes', 'stagee=a')

@@ -24,18 +24,24 @@ def runlocal(arm: str, tmp_path, **grow) -> ml_collections.ConfigDict:
 
 @pytest.fixture(scope='module')
 def core_run(tmp_path_factory):
-    """(workdir, config) of a Shallow-UViT core at 16 px, initialised and saved the way a run saves
-    its checkpoints: growing reads nothing else from it (training it would only cost test time)."""
+    """(workdir, config, init params) of a Shallow-UViT core at 16 px, saved the way a run saves its
+    checkpoints (growing reads nothing else). The saved params stand for trained ones: each leaf is
+    its init plus its own noise, so a carry-over that copied nothing (the grown model's init, from
+    the same key and paths) or swapped same-shaped leaves cannot match them."""
     root = tmp_path_factory.mktemp('growing')
     config = runlocal('core', root)
     task = tasks.create(config)
     state = nn.meta.unbox(train.create_train_state(task, task.optimizer(), jax.random.PRNGKey(0), None))
+    fresh = state.params
+    rng = np.random.default_rng(1)
+    trained = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype), fresh)
+    state = state.replace(params=trained, ema_params=trained)
     data = input_pipeline.create_train_iterator(config.input, seed=0, process_index=0, process_count=1,
                                                 tokenizer=task.tokenizer)
     manager = checkpoint.create_manager(str(root / 'core' / 'checkpoints'), max_to_keep=1)
     checkpoint.save(manager, 1, state=state, data_iterator=data, config=config)
     checkpoint.wait(manager)
-    return str(root / 'core'), config
+    return str(root / 'core'), config, jax.device_get(fresh)
 
 
 @pytest.fixture(scope='module')
@@ -66,6 +72,11 @@ def test_phase1_training_leaves_core_and_text_encoder_bit_identical(core_run, gr
     for params in (grown, grown_ema):
         jax.tree.map(np.testing.assert_array_equal, params['core'], core_params['core'])
         jax.tree.map(np.testing.assert_array_equal, params['text'], core_params['text'])
+    # ... and they are the core run's "trained" values, off the init that same key gives everywhere.
+    for name in ('core', 'text'):
+        assert jax.tree.structure(core_run[2][name]) == jax.tree.structure(grown[name])
+        for init, carried in zip(jax.tree.leaves(core_run[2][name]), jax.tree.leaves(grown[name])):
+            assert np.all(np.asarray(init) != carried)
     # The shallow layers are gone; the new levels and the zero-initialised exit have trained.
     assert {'entry', 'encoder', 'decoder', 'exit', 'core'} == set(core_params) - {'text'}
     assert {'entry', 'exit', 'core', 'encoder_0', 'down_0', 'up_0', 'decoder_0', 'encoder_1', 'down_1',

@@ -4,9 +4,13 @@ A config file under configs/ is the whole experiment; these helpers keep the sha
 place. `validate` runs before anything is built or compiled, so a bad value fails in seconds with
 the field, the value and what is allowed.
 """
+import difflib
+import importlib.util
+import re
 from typing import Any
 
 import ml_collections
+from absl import flags
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -108,6 +112,168 @@ def input_config(dataset: str, *, image_size: int, batch_size: int, crop: str = 
 
 
 # ----------------------------------------------------------------------------------------------
+# Known fields. The code reads fields by name (many with a default), so a misspelt one in a config
+# file would silently be ignored: `validate` rejects any field outside the shared ones built above
+# and its family's own, naming the nearest known one. text.encoder_config is open: it holds
+# transformers CLIPTextConfig keyword arguments.
+
+_TEXT = ('tokenizer', 'vocabulary', 'max_length', 'encoder', 'hidden_state', 'dropout', 'dropout_mode',
+         'encoder_config')
+_DIFFUSION = ('t_sampling', 'loss_weight', 'p2_k', 'prediction', 'sampler')
+_EVAL = ('data', 'num_examples', 'batch_size', 'use_ema', 'num_grid_images', 'grid_columns')
+OPEN_SECTIONS = ('text.encoder_config',)
+FAMILY_FIELDS = {
+    'stage_a': {
+        '': ('disc', 'loss', 'disc_optimizer'),
+        'model': ('levels', 'embed_dim', 'bottleneck_blocks', 'latent_channels', 'num_codes', 'scale_factor'),
+        'disc': ('c_hidden', 'depth'),
+        'loss': ('mse_weight', 'vq_weight', 'commit_weight', 'adv_weight', 'adv_start', 'perceptual_weight',
+                 'perceptual_weights'),
+        'disc_optimizer': None},  # None: the fields of optimizer_config
+    'stage_b': {
+        '': ('stage_a', 'effnet', 'text', 'diffusion', 'sample'),
+        'model': ('c_r', 'patch_size', 'c_cond', 'c_hidden', 'nhead', 'blocks', 'level_config', 'inject_effnet',
+                  'kernel_size', 'dropout', 'remat_policy'),
+        'stage_a': ('source',),
+        'effnet': ('source', 'stages', 'last_channels', 'c_latent', 'stochastic_depth', 'image_size', 'dropout',
+                   'resize_jitter'),
+        'text': _TEXT, 'diffusion': _DIFFUSION, 'sample': ('decoder_steps', 'decoder_guidance')},
+    'stage_c': {
+        '': ('latents', 'latent_scaling', 'stage_a', 'effnet', 'init', 'text', 'diffusion', 'sample'),
+        'model': ('backbone', 'c', 'depth', 'num_heads', 'c_r', 'dropout', 'scan_blocks', 'remat_policy',
+                  'pos_embed', 'linear_output', 'patch_size', 'micro_conditions'),
+        'stage_a': ('source',), 'effnet': ('source', 'image_size'), 'init': ('prior',),
+        'text': _TEXT, 'diffusion': _DIFFUSION, 'sample': ('prior_steps', 'prior_timesteps', 'prior_guidance')},
+    'pixel': {
+        '': ('text', 'diffusion', 'sample', 'grow'),
+        'model': ('c', 'c_r', 'depth', 'num_heads', 'level_channels', 'patch_size'),
+        'eval': _EVAL + ('alignment_prompts',),
+        'text': _TEXT, 'diffusion': ('sampler', 'schedule_base'), 'sample': ('steps', 'guidance'),
+        'grow': ('from_workdir', 'phase')},
+}
+
+
+def known_fields(family: str) -> dict[str, tuple[str, ...]]:
+    """Section path ('' for the top level) -> the field names a `family` config may set there."""
+    optimizer = tuple(optimizer_config(1.0))
+    known = {'': (*base_config(), 'model_family', 'model', 'input', 'optimizer', 'eval'),
+             'mesh': MESH_AXES, 'profile': tuple(base_config().profile),
+             'input': tuple(input_config('', image_size=1, batch_size=1)),
+             'input.shapes': tuple(input_config('', image_size=1, batch_size=1).shapes),
+             'optimizer': optimizer, 'eval': _EVAL}
+    for section, names in FAMILY_FIELDS[family].items():
+        known[section] = known.get(section, ()) + (optimizer if names is None else names)
+    return known
+
+
+def unknown_field_error(path: str, value: Any, known: tuple[str, ...]) -> ConfigError:
+    """The ConfigError for `path`, which is none of the `known` fields of its section: it names the nearest."""
+    *section, name = path.split('.')
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = (f'did you mean config.{".".join([*section, close[0]])}?' if close
+            else f'the fields there are {sorted(known)}')
+    return ConfigError(path, value, f'no such field: {hint}')
+
+
+def check_known_fields(config: ml_collections.ConfigDict) -> None:
+    """ConfigError for the first field that is not one of the shared ones or its family's."""
+    family = config.get('model_family')
+    if family not in FAMILY_FIELDS:
+        return  # tasks.validate names the family
+    known = known_fields(family)
+
+    def walk(node, prefix: str) -> None:
+        for name, value in node.items():
+            path = f'{prefix}{name}'
+            if name not in known.get(prefix.rstrip('.'), ()):
+                raise unknown_field_error(path, '{...}' if isinstance(value, ml_collections.ConfigDict) else value,
+                                          known.get(prefix.rstrip('.'), ()))
+            if isinstance(value, ml_collections.ConfigDict) and path not in OPEN_SECTIONS:
+                walk(value, f'{path}.')
+    walk(config, '')
+
+
+# ----------------------------------------------------------------------------------------------
+# The --config flag of the entry points: overrides of missing fields or with values of the wrong type.
+
+_OVERRIDE = re.compile(r'^--?(?:no)?(\w+)\.([\w.]+)(?:=(.*))?$', re.DOTALL)
+_BOOL_WORDS = frozenset({'true', 't', '1', 'false', 'f', '0'})  # absl's, any case
+
+
+def load_config_file(spec: str) -> Any:
+    """The config of 'PATH[:ARG]' as --config=PATH[:ARG] loads it (get_config(ARG))."""
+    path, *arg = spec.split(':', 1)
+    module_spec = importlib.util.spec_from_file_location('config_file', path)
+    if module_spec is None or not path.endswith('.py'):
+        raise FileNotFoundError(f'--config={spec}: {path} is not a Python config file')
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(*arg)
+
+
+def check_override(config, path: str, value: str | None) -> None:
+    """ConfigError unless --config.PATH=VALUE names a field of `config` and VALUE parses as its type."""
+    node, parts = config, path.split('.')
+    for i, part in enumerate(parts):
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+            keys = tuple(node) if isinstance(node, (ml_collections.ConfigDict, dict)) else ()
+            raise unknown_field_error('.'.join(parts[:i + 1]), value, keys)
+        node = node[part]
+    kind = type(node)
+    if kind is bool:
+        ok = value is None or value.lower() in _BOOL_WORDS
+    elif kind in (int, float):
+        try:
+            int(value, 0) if kind is int else float(value)
+            ok = True
+        except (TypeError, ValueError):
+            ok = False
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(path, value, f'a value of type {kind.__name__}, as its {node!r} in the config file')
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """absl `flags_parser` of the entry points with a --config flag (app.run(main, flags_parser=...)):
+    a --config.F=V override that names no field of the config, or whose value does not parse as the
+    field's type, exits with the ConfigError that names it (and the nearest field) instead of a traceback."""
+    try:
+        args = flag_values(argv)
+        flag_values['config'].value.get  # noqa: B018  (ml_collections reports a file it cannot load only when used)
+        return args
+    except OSError as e:
+        raise SystemExit(f'--config={_flag_value(argv, "config")}: the config file cannot be loaded ({e})') from None
+    except (AttributeError, KeyError, flags.Error) as error:
+        spec = _flag_value(argv, 'config') or flag_values['config'].default  # a path, or the parsed default
+        try:
+            config = load_config_file(spec) if isinstance(spec, str) else spec
+            for i, arg in enumerate(argv[1:], start=1):
+                match = _OVERRIDE.match(arg)
+                if match and match.group(1) == 'config':
+                    value = match.group(3)
+                    if value is None and i + 1 < len(argv) and not argv[i + 1].startswith('-'):
+                        value = argv[i + 1]  # --config.F V
+                    check_override(config, match.group(2), value)
+        except ConfigError as e:
+            raise SystemExit(f'Invalid config: {e}') from None
+        if isinstance(error, flags.Error):
+            raise SystemExit(f'FATAL Flags parsing error: {error}') from None
+        raise
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of --NAME=V or --NAME V in argv, the last one given."""
+    value = None
+    for i, arg in enumerate(argv):
+        if re.match(rf'^--?{name}=', arg):
+            value = arg.split('=', 1)[1]
+        elif re.match(rf'^--?{name}$', arg) and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
 # Validation.
 
 def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -189,6 +355,7 @@ def _validate_eval(config) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for the first invalid field; call before building anything."""
+    check_known_fields(config)
     for field in ('total_steps', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                   'image_every_steps'):
         _positive_int(config, field)

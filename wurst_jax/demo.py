@@ -39,6 +39,32 @@ def stage_config(stage: str, root: str):
     return config
 
 
+def _flat(tree: dict, prefix: str = '') -> dict:
+    """Dotted field -> value of a config's JSON form (tuples as lists, as a checkpoint saves it)."""
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f'{prefix}{key}.') if isinstance(value, dict) else {f'{prefix}{key}': value})
+    return out
+
+
+def check_resumable(config, workdir: str) -> None:
+    """SystemExit unless `workdir` holds no checkpoint or one of this same stage config (paths aside:
+    the data folder and the earlier stages' workdirs may move), which then resumes: another config's
+    (a run started with or without --runlocal, say) would not restore into this one's state."""
+    from wurst_jax import checkpoint
+    saved = checkpoint.saved_config(workdir)
+    if saved is None:
+        return
+    ours, theirs = _flat(json.loads(config.to_json())), _flat(json.loads(saved.to_json()))
+    changed = sorted(k for k in ours.keys() | theirs.keys()
+                     if k != 'input.data_dir' and not k.endswith('.source') and ours.get(k) != theirs.get(k))
+    if changed:
+        shown = ', '.join(f'{k} {theirs.get(k)!r} there, {ours.get(k)!r} now' for k in changed[:3])
+        raise SystemExit(f'{workdir} holds a run of another config ({shown}{", ..." if len(changed) > 3 else ""}): '
+                         'rerun with the flags that started it (--runlocal, --config_file) to resume it, '
+                         'or give a new --workdir')
+
+
 def main(argv):
     del argv
     from wurst_jax import checkpoint, config_lib, train, visualize
@@ -51,6 +77,7 @@ def main(argv):
         config = stage_config(stage, root)
         config_lib.validate(config)
         workdir = os.path.join(root, f'stage_{stage}')
+        check_resumable(config, workdir)
         if max(checkpoint.all_steps(workdir), default=0) >= config.total_steps:
             logging.info('stage %s already trained in %s', stage, workdir)
             continue

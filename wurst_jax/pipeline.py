@@ -24,6 +24,18 @@ def needs_stage_b(root: str) -> bool:
     return config is None or config.get('latents', 'effnet') != 'stage_a'
 
 
+def check_root(root: str) -> None:
+    """FileNotFoundError unless run root `root` holds what sampling reads: a trained DIR/stage_c and,
+    unless that Stage C run is single-stage, a trained DIR/stage_b (which names its Stage A)."""
+    for stage in ('stage_c', 'stage_b'):
+        if stage == 'stage_b' and not needs_stage_b(root):
+            continue
+        if not checkpoint.all_steps(f'{root}/{stage}'):
+            raise FileNotFoundError(
+                f'{root}/{stage}/checkpoints has no checkpoint: the run root must hold trained stage_b/ and stage_c/ '
+                '(stage_c/ alone if single-stage; python -m wurst_jax.demo --workdir=DIR trains them)')
+
+
 class Pipeline:
     """The three trained stages of a run root (DIR/stage_c and DIR/stage_b, which names its Stage A;
     DIR/stage_b is not read when the Stage C run is single-stage).

@@ -25,18 +25,6 @@ _DECODER_GUIDANCE = flags.DEFINE_float('decoder_guidance', None, 'Stage B CFG sc
 flags.mark_flags_as_required(['workdir', 'prompts', 'out'])
 
 
-def check_workdir(root: str) -> None:
-    for stage in ('stage_c', 'stage_b'):
-        checkpoints = os.path.join(root, stage, 'checkpoints')
-        if stage == 'stage_b':
-            from wurst_jax.pipeline import needs_stage_b  # reads stage_c's saved config: orbax
-            if not needs_stage_b(root):
-                continue
-        if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
-            raise SystemExit(f'{checkpoints} has no checkpoint: --workdir must hold trained stage_b/ and stage_c/ '
-                             '(stage_c/ alone if single-stage; python -m wurst_jax.demo --workdir=DIR trains them)')
-
-
 def write_images(images, prompts: list[str], out: str) -> None:
     os.makedirs(out, exist_ok=True)
     for i, image in enumerate(images):
@@ -50,8 +38,11 @@ def write_images(images, prompts: list[str], out: str) -> None:
 def main(argv):
     del argv
     prompts = read_prompts(_PROMPTS.value)
-    check_workdir(_WORKDIR.value)
-    from wurst_jax.pipeline import Pipeline  # after the input checks: loading JAX and the stages is slow
+    from wurst_jax.pipeline import Pipeline, check_root  # after the prompts: JAX and orbax load slowly
+    try:
+        check_root(_WORKDIR.value)
+    except FileNotFoundError as e:
+        raise SystemExit(f'--workdir={_WORKDIR.value}: {e}') from None
     pipeline = Pipeline.from_root(_WORKDIR.value)
     images = pipeline(prompts, seed=_SEED.value, batch_size=_BATCH.value, prior_steps=_PRIOR_STEPS.value,
                       decoder_steps=_DECODER_STEPS.value, prior_guidance=_PRIOR_GUIDANCE.value,

@@ -68,8 +68,12 @@ def _read_jsonl_captions(folder: pathlib.Path) -> dict[pathlib.Path, str]:
     jsonl = folder / CAPTIONS_JSONL
     if not jsonl.exists():
         return {}
+    try:
+        text = jsonl.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e:
+        raise ValueError(f'{jsonl} is not UTF-8 text ({e}): save it as UTF-8, one JSON object a line') from None
     captions = {}
-    for line_no, line in enumerate(jsonl.read_text(encoding='utf-8').splitlines(), start=1):
+    for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
