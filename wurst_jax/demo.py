@@ -39,23 +39,17 @@ def stage_config(stage: str, root: str):
     return config
 
 
-def _flat(tree: dict, prefix: str = '') -> dict:
-    """Dotted field -> value of a config's JSON form (tuples as lists, as a checkpoint saves it)."""
-    out = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f'{prefix}{key}.') if isinstance(value, dict) else {f'{prefix}{key}': value})
-    return out
-
-
 def check_resumable(config, workdir: str) -> None:
     """SystemExit unless `workdir` holds no checkpoint or one of this same stage config (paths aside:
     the data folder and the earlier stages' workdirs may move), which then resumes: another config's
     (a run started with or without --runlocal, say) would not restore into this one's state."""
+    from flax import traverse_util
     from wurst_jax import checkpoint
     saved = checkpoint.saved_config(workdir)
     if saved is None:
         return
-    ours, theirs = _flat(json.loads(config.to_json())), _flat(json.loads(saved.to_json()))
+    # Dotted field -> value of each config's JSON form (tuples as lists, as a checkpoint saves them).
+    ours, theirs = (traverse_util.flatten_dict(json.loads(c.to_json()), sep='.') for c in (config, saved))
     changed = sorted(k for k in ours.keys() | theirs.keys()
                      if k != 'input.data_dir' and not k.endswith('.source') and ours.get(k) != theirs.get(k))
     if changed:

@@ -15,16 +15,14 @@ unconditional network whatever the text; the caption projection and cross-attent
 from PixArt's init. PixArt's layer norms use eps 1e-6, as the original DiT; a diffusers DiT folder
 with norm_eps 1e-5 differs from it by that eps in each MLP's norm.
 """
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file
 
-from wurst_jax.convert.core import (CONFIG_NAME, DIFFUSERS_WEIGHTS, state_dict_from_variables,
-                                    variables_from_state_dict)
+from wurst_jax.convert.core import (CONFIG_NAME, DIFFUSERS_WEIGHTS, read_json, read_safetensors,
+                                    state_dict_from_variables, variables_from_state_dict)
 from wurst_jax.models.pixart import PixArtTransformer, sinusoid_frequencies
 
 _SHARED = ('attn1.', 'ff.')  # per-block layers DiT and PixArt share
@@ -48,11 +46,10 @@ def _sinusoid(t: float, shift: int) -> np.ndarray:
 def pixart_from_dit(path: str, *, caption_channels: int | None, t: float = 500.0, seed: int = 0,
                     **overrides) -> tuple[PixArtTransformer, dict]:
     """(module, variables) of a PixArt transformer started from the DiT folder at `path`."""
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        cfg = json.load(f)
+    cfg = read_json(os.path.join(path, CONFIG_NAME))
     if cfg.get('_class_name') != 'DiTTransformer2DModel':
         raise ValueError(f'{path} holds a {cfg.get("_class_name")}, not a diffusers DiTTransformer2DModel folder')
-    dit = load_file(os.path.join(path, DIFFUSERS_WEIGHTS))
+    dit = read_safetensors(os.path.join(path, DIFFUSERS_WEIGHTS))
     in_channels = cfg.get('in_channels', 4)
     module = PixArtTransformer(
         in_channels=in_channels, out_channels=cfg.get('out_channels') or in_channels,

@@ -8,9 +8,8 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file
 
-from wurst_jax.convert.core import Component, register, variables_from_state_dict
+from wurst_jax.convert.core import Component, read_safetensors, register, variables_from_state_dict
 from wurst_jax.models.inception import InceptionV3FID
 
 _LEAVES = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean', 'var': 'running_var'}
@@ -33,7 +32,7 @@ register('inception_fid', Component(
 
 def _read_state(path: str) -> dict[str, np.ndarray]:
     if path.endswith('.safetensors'):
-        return load_file(path)
+        return read_safetensors(path)
     try:
         import torch
     except ImportError as e:

@@ -12,7 +12,6 @@ Preprocessing (`preprocess`), PIL bicubic, then [0, 1] and CLIP's mean and std, 
 * 'cmmd': centre-cropped to a square, then resized, as CMMD's reference code does (google-research
   `cmmd/io_util.py`). The two agree exactly on square images.
 """
-import json
 import os
 from typing import Sequence
 
@@ -20,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
-from safetensors.numpy import load_file
 
 from wurst_jax import sharding
-from wurst_jax.convert.core import CONFIG_NAME, TRANSFORMERS_WEIGHTS, variables_from_state_dict
+from wurst_jax.convert.core import (CONFIG_NAME, TRANSFORMERS_WEIGHTS, read_json, read_safetensors,
+                                    variables_from_state_dict)
 from wurst_jax.models.clip import CLIPTextModel, CLIPVisionModel
 from wurst_jax.tokenizer import create_tokenizer
 
@@ -101,11 +100,10 @@ class CLIPEmbedder:
             if not os.path.isfile(needed):
                 raise FileNotFoundError(f'{needed} not found: clip_weights must be a local Hugging Face CLIPModel '
                                         'folder (e.g. openai/clip-vit-large-patch14-336 saved with save_pretrained)')
-        with open(config_path) as f:
-            cfg = json.load(f)
+        cfg = read_json(config_path)
         if 'text_config' not in cfg or 'vision_config' not in cfg:
             raise ValueError(f'{config_path} is not a CLIPModel config (it needs text_config and vision_config)')
-        state = load_file(weights)
+        state = read_safetensors(weights)
         projection = {'projection_dim': cfg.get('projection_dim', 512)}
         self.text = CLIPTextModel.from_hf_config({**cfg['text_config'], **projection, 'architectures': None})
         self.vision = CLIPVisionModel.from_hf_config({**cfg['vision_config'], **projection})
