@@ -67,6 +67,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(group))
 
 
+def pytest_collection_finish(session):
+    """pytest-xdist sends a group to one worker by suffixing each test's node id with it; a pytest it
+    does not support (9.x keeps node ids elsewhere) drops the suffix without a word, and every module
+    fixture, the demo run included, would then be built on both workers."""
+    if session.config.getvalue('loadgroup') and any('@' not in item.nodeid for item in session.items):
+        raise pytest.UsageError('pytest-xdist did not group the tests (--dist loadgroup): install the pytest '
+                                'and pytest-xdist versions pinned in requirements-test.txt')
+
+
 def load_config(name: str, arg: str | None = None):
     """Loads configs/<name>.py the way --config=configs/<name>.py:<arg> does."""
     spec = importlib.util.spec_from_file_location(f'config_{name}', REPO / 'configs' / f'{name}.py')
