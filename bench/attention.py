@@ -1,23 +1,22 @@
-"""The attention kernels of `layers.Attention` (`layers.ATTENTION_KERNELS`; `layers.attention_kernel`
-picks one per backend), measured side by side: the gradient of a Würstchen prior (the issue's Stage C
-`small` model: c 256, depth 4, 8 heads, batch 8, 24x24 latents, 77 text tokens) with each kernel,
+"""The attention kernels of `layers.Attention` (`kernels.ATTENTION_KERNELS`; `kernels.attention_kernel`
+picks one per backend), measured side by side: the gradient of a Würstchen prior (the Stage C
+`small` calibration model: c 256, depth 4, 8 heads, batch 8, 24x24 latents, 77 text tokens) with each kernel,
 timed in turns. One JSON object, last line.
 
   python bench/attention.py [--steps=5]
 """
 import json
 
-import common
-
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from wurst_jax.models import layers
+import common
+from wurst_jax.models import kernels
 from wurst_jax.models.stage_c import WuerstchenPrior
 
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed rounds (each runs every kernel once).')
-KERNELS = layers.ATTENTION_KERNELS
+KERNELS = kernels.ATTENTION_KERNELS
 
 
 def prior_grad(kernel: str):
@@ -28,7 +27,7 @@ def prior_grad(kernel: str):
     t, cond = jnp.full((p['batch'],), 0.5), jnp.ones((p['batch'], 77, 256))
     params = model.init(jax.random.key(0), x, t, cond)['params']
     grad = jax.jit(jax.grad(lambda q: jnp.mean(model.apply({'params': q}, x, t, cond) ** 2)))
-    with layers.forced_attention_kernel(kernel):  # the kernel is chosen while tracing, at the first call
+    with kernels.forced_attention_kernel(kernel):  # the kernel is chosen while tracing, at the first call
         jax.block_until_ready(grad(params))
     return grad, params
 
@@ -40,7 +39,7 @@ def main(_):
     result = {f'{kernel}_s': round(s, 4) for kernel, s in zip(KERNELS, times)}
     result.update({f'{kernel}_speedup': round(result['dot_product_attention_s'] / result[f'{kernel}_s'], 3)
                    for kernel in KERNELS if kernel != 'dot_product_attention'})
-    result['chosen'] = layers.attention_kernel()
+    result['chosen'] = kernels.attention_kernel()
     result.update(common.machine())
     print(json.dumps(result))
 

@@ -29,19 +29,21 @@ def import_torch_before_tensorflow() -> None:
     """PyTorch's references must load before anything imports TensorFlow (clu does): in the other
     order, triton's import segfaults on the project host (TF 2.21, torch 2.14)."""
     if importlib.util.find_spec('torch') and importlib.util.find_spec('diffusers'):
-        import torch  # noqa: F401
         import diffusers.pipelines.deprecated.wuerstchen  # noqa: F401
+        import torch  # noqa: F401
 
 
 def allow_train_import_without_tensorflow() -> None:
     """`wurst_jax.train` imports clu's metric writers, which import TensorFlow at module level.
-    The benchmarks never write summaries; where TensorFlow is missing (the GPU image), stand in
-    for the one clu module that needs it, as machine.md §1 describes. Harmless where TF exists."""
+    The benchmarks never write summaries, and TensorFlow is not installed on some hosts (the GPU image),
+    so there a stub stands in for the one clu module that needs it, `clu.metric_writers.summary_writer`
+    (clu has no fallback of its own; with the stub, `create_default_writer(None)` logs through absl).
+    Harmless where TF exists."""
     if importlib.util.find_spec('tensorflow'):
         return
     stub = types.ModuleType('clu.metric_writers.summary_writer')
 
-    class SummaryWriter:  # noqa: D401 - raises if anything tries to write TensorBoard events
+    class SummaryWriter:
         def __init__(self, *args, **kwargs):
             raise ImportError('SummaryWriter needs tensorflow')
 
@@ -57,8 +59,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
 from wurst_jax.convert import core  # noqa: E402
+from wurst_jax.models import kernels  # noqa: E402
 from wurst_jax.models.clip import CLIPTextModel  # noqa: E402
-from wurst_jax.models import layers  # noqa: E402
 from wurst_jax.models.effnet import EfficientNetEncoder  # noqa: E402
 from wurst_jax.models.stage_a import VQGAN  # noqa: E402
 
@@ -107,7 +109,7 @@ def _stage_c_folders(root: str, size: str) -> tuple[str, str]:
 
 STAGE_C_MODELS = {  # (c, depth, heads, batch, latent side); 'full' is configs/stage_c.py's model
     'tiny': dict(c=64, depth=2, num_heads=4, batch=4, side=12),
-    'small': dict(c=256, depth=4, num_heads=8, batch=8, side=24),  # the issue's calibration model
+    'small': dict(c=256, depth=4, num_heads=8, batch=8, side=24),  # the calibration model (3.7 M params)
     'full': dict(c=1536, depth=32, num_heads=24, batch=64, side=24),
 }
 
@@ -257,6 +259,6 @@ def print_result(result: dict[str, Any]) -> None:
 
 
 def attention_kernel(kernel: str):
-    """Context for a bench's `--attention_kernel`: `layers.forced_attention_kernel`, or for 'auto' the
-    backend's own choice (`layers.attention_kernel`)."""
-    return contextlib.nullcontext() if kernel == 'auto' else layers.forced_attention_kernel(kernel)
+    """Context for a bench's `--attention_kernel`: `kernels.forced_attention_kernel`, or for 'auto' the
+    backend's own choice (`kernels.attention_kernel`)."""
+    return contextlib.nullcontext() if kernel == 'auto' else kernels.forced_attention_kernel(kernel)

@@ -11,11 +11,10 @@ is timed over `--batches` batches after the first two (worker start-up and the f
 """
 import time
 
-import common  # noqa: F401 - import stand-ins before wurst_jax.train loads
-
 from absl import app, flags
 from ml_collections import config_flags
 
+import common
 from wurst_jax.data import input_pipeline
 from wurst_jax.tokenizer import create_tokenizer
 

@@ -8,15 +8,14 @@ object, last line.
 """
 import json
 
-import common  # noqa: F401 - allocator settings and torch-before-tensorflow import order
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import torch
 from absl import app, flags
 
-from wurst_jax.models import layers
+import common
+from wurst_jax.models import kernels, layers
 
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed rounds (each runs every kernel once).')
 SHAPES = {'stage_c_small': (8, 24, 24, 256), 'stage_a_64px': (8, 64, 64, 32), 'stage_a_32px': (8, 32, 32, 64)}
@@ -36,14 +35,14 @@ def jax_step(kind: str, shape):
     module = layers.DepthwiseConv(shape[-1], 3, ((1, 1), (1, 1)))
     variables = nn.meta.unbox(module.init(jax.random.key(2), x))
     if kind == 'shifted_autodiff':
-        forward = lambda v, x: shifted_autodiff(x, v['params']['kernel']) + v['params']['bias']  # noqa: E731
+        forward = lambda v, x: shifted_autodiff(x, v['params']['kernel']) + v['params']['bias']
     else:
         def forward(v, x):
-            chosen, layers.depthwise_kernel = layers.depthwise_kernel, lambda: kind
+            chosen, kernels.depthwise_kernel = kernels.depthwise_kernel, lambda: kind
             try:
                 return module.apply(v, x)
             finally:
-                layers.depthwise_kernel = chosen
+                kernels.depthwise_kernel = chosen
     step = jax.jit(lambda v, x: jax.vjp(forward, v, x)[1](d_out))
     jax.block_until_ready(step(variables, x))
     return lambda: step(variables, x)
@@ -74,7 +73,7 @@ def main(_):
         result[name] = {kind: round(s * 1e3, 2) for kind, s in zip([*steps, 'torch'], [*times, torch_s])}
         result[name]['shape'] = list(shape)
     result['unit'] = 'ms per fwd + bwd'
-    result['chosen'] = layers.depthwise_kernel()
+    result['chosen'] = kernels.depthwise_kernel()
     result.update(common.machine())
     print(json.dumps(result))
 

@@ -9,7 +9,7 @@ import json
 import jax
 from absl import app, flags
 
-from wurst_jax import sharding, train
+from wurst_jax import lowering, sharding
 
 _ROOT = flags.DEFINE_string('root', 'workdirs/growing', 'Where the core run is (ROOT/core).')
 
@@ -27,8 +27,8 @@ def main(argv):
     for arm in ('core', 'grow', 'scratch'):
         config = arm_config(arm, _ROOT.value)
         config.mesh.update(data=1, fsdp=1, tensor=1)
-        lowered, _ = train.lower_from_shapes(config, sharding.create_mesh(config.mesh, jax.devices('cpu')[:1]))
-        flops[arm], steps[arm] = train.step_flops(config, lowered), config.total_steps
+        lowered, _ = lowering.lower_from_shapes(config, sharding.create_mesh(config.mesh, jax.devices('cpu')[:1]))
+        flops[arm], steps[arm] = lowering.step_flops(config, lowered), config.total_steps
     grown_total = flops['core'] * steps['core'] + flops['grow'] * steps['grow']
     print(json.dumps(dict(flops_per_step=flops, steps=steps, grown_total=grown_total,
                           scratch_total=flops['scratch'] * steps['scratch'],

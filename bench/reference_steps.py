@@ -90,7 +90,8 @@ def prior_step(config: ml_collections.ConfigDict, text_width: int, latent_shape:
     return _trainer(model, config.optimizer, config.ema_decay, loss_fn, config.dtype == 'bfloat16'), model
 
 
-def vqgan_step(config: ml_collections.ConfigDict, batch_size: int) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
+def vqgan_step(config: ml_collections.ConfigDict,
+               batch_size: int) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
     """diffusers PaellaVQModel: encode, quantise (straight-through, β = 0.25), decode; MSE + VQ loss."""
     from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
     m, dev = config.model, device()
@@ -109,7 +110,8 @@ def vqgan_step(config: ml_collections.ConfigDict, batch_size: int) -> tuple[Call
 
 
 def decoder_step(config: ml_collections.ConfigDict, text_width: int, latent_shape: tuple[int, int, int],
-                 effnet_shape: tuple[int, int, int], batch_size: int) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
+                 effnet_shape: tuple[int, int, int],
+                 batch_size: int) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
     """diffusers WuerstchenDiffNeXt on given Stage A latents, effnet maps and text states."""
     from diffusers.pipelines.deprecated.wuerstchen import WuerstchenDiffNeXt
     m, dev = config.model, device()

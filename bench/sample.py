@@ -19,8 +19,6 @@ import math
 import tempfile
 import time
 
-import common  # noqa: F401 - allocator settings and torch-before-tensorflow import order
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,11 +26,11 @@ import torch
 from absl import app, flags
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 
+import common
 from wurst_jax import convert
 from wurst_jax.diffusion import samplers, schedule
-from wurst_jax.models import layers
+from wurst_jax.models import kernels
 from wurst_jax.models.stage_a import VQGAN
-from wurst_jax.tasks.stage_c import sample_guided
 
 _BATCH = flags.DEFINE_integer('batch', 4, 'Images per call.')
 _PRIOR_STEPS = flags.DEFINE_integer('prior_steps', 20, 'Stage C steps.')
@@ -40,7 +38,7 @@ _DECODER_STEPS = flags.DEFINE_integer('decoder_steps', 12, 'Stage B steps.')
 _GUIDANCE = flags.DEFINE_float('prior_guidance', 4.0, 'Stage C CFG scale (Stage B runs without).')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls per side after one warm-up, alternating.')
 _IMAGE = flags.DEFINE_integer('image_size', 128, 'Output side in pixels (Stage A latents are 1/4).')
-_KERNEL = flags.DEFINE_enum('attention_kernel', 'auto', ('auto',) + layers.ATTENTION_KERNELS,
+_KERNEL = flags.DEFINE_enum('attention_kernel', 'auto', ('auto',) + kernels.ATTENTION_KERNELS,
                             'layers.Attention kernel (auto: blocked on XLA:CPU, else dot_product_attention).')
 
 PRIOR = dict(c_in=16, c=256, c_cond=256, c_r=64, depth=4, nhead=8, dropout=0.0)
@@ -113,7 +111,7 @@ def jax_sampler(root: str, prior_ts, decoder_ts, guidance: float, size: int):
             return prior.apply(prior_vars, x, t, c)
 
         x = jax.random.normal(k_x1, (b, PRIOR_SIDE, PRIOR_SIDE, 16))
-        effnet = sample_guided(prior_eps, x, k_prior, prior_ts, guidance, 'ddpm')
+        effnet = samplers.sample_guided(prior_eps, x, k_prior, prior_ts, guidance, 'ddpm')
         x = jax.random.normal(k_x2, (b, size // 4, size // 4, 4))
         latents = samplers.sample(lambda x, t: decoder.apply(decoder_vars, x, t, effnet, clip), x, decoder_ts,
                                   k_decoder, 'ddpm')
@@ -152,8 +150,8 @@ def run():
 
     torch_fn = torch_sampler(models, *(torch.from_numpy(a) for a in (cond, uncond, clip)), prior_ts, decoder_ts,
                              _GUIDANCE.value, size)
-    jax_fn = lambda: ours(cond, uncond, clip)  # noqa: E731
-    torch_sync = lambda y: float(y.sum())  # noqa: E731
+    jax_fn = lambda: ours(cond, uncond, clip)
+    torch_sync = lambda y: float(y.sum())
     t = time.perf_counter()
     jax.block_until_ready(jax_fn())
     jax_first = time.perf_counter() - t
@@ -165,7 +163,7 @@ def run():
                   jax_images_per_s=round(b / jax_s, 2), torch_s=round(torch_s, 4),
                   torch_images_per_s=round(b / torch_s, 2), speedup=round(torch_s / jax_s, 3),
                   prior_rel_err=rel_err, torch_threads=torch.get_num_threads(),
-                  attention_kernel=layers.attention_kernel())
+                  attention_kernel=kernels.attention_kernel())
     result.update(common.machine())
     common.print_result(result)
 

@@ -1,7 +1,7 @@
 """Times one training step, ours beside the diffusers PyTorch reference, and prints the figures as
 one JSON object on the last line.
 
-  python bench/train_step.py --stage=c --size=small              # the issue's calibration model, float32
+  python bench/train_step.py --stage=c --size=small              # the calibration model, float32
   python bench/train_step.py --stage={a,b,c} --size={tiny,small} [--steps=20] [--torch=false]
                              [--attention_kernel=auto|blocked|einsum|dot_product_attention]
   python bench/train_step.py --stage=c --size=full --dtype=bfloat16 --batch=32 --attention=cudnn   # a GPU
@@ -12,12 +12,12 @@ latents and text states (tiny: c 64, small: c 256 depth 4 8 heads batch 8 at 24x
 conditioning, full: the config's 1B prior), Stage A and B are configs/shapes.py (`runlocal` for
 tiny). `--set=FIELD=VALUE` changes a preset's field (`--set=model.remat_policy=none`).
 
-Ours: `wurst_jax.train.lower_train_step` of the config, compiled once, median of `--steps` after
+Ours: `wurst_jax.lowering.lower_train_step` of the config, compiled once, median of `--steps` after
 warm-up. The reference: the same network in diffusers (WuerstchenPrior, WuerstchenDiffNeXt,
 PaellaVQModel) with the same config, batch, AdamW, clipping, EMA and dtype (reference_steps.py),
 timed in the same process just before ours (its memory freed first), or alternating with ours step
 by step with `--interleave` (see the flag for the OpenMP caveat). `speedup` = torch
-step / our step; `flop_utilisation` = XLA's model FLOPs per step (`train.step_flops`) / our step /
+step / our step; `flop_utilisation` = XLA's model FLOPs per step (`lowering.step_flops`) / our step /
 the matmul peak measured in this process for the compute dtype. On a GPU `mfu` is against the
 H100's dense bf16 peak, 989 TFLOP/s.
 
@@ -31,8 +31,6 @@ import gc
 import sys
 import time
 
-import common  # noqa: F401 - sets the allocator environment and import stand-ins before jax loads
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,8 +38,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from wurst_jax import config_lib, convert, sharding, tasks, train
-from wurst_jax.models import layers
+import common
+from wurst_jax import convert, lowering, sharding, tasks, train_state
+from wurst_jax.models import kernels
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config to time (ours only); else --stage/--size.')
 _STAGE = flags.DEFINE_enum('stage', 'c', common.STAGES, 'Preset stage.')
@@ -62,7 +61,7 @@ _PROFILE = flags.DEFINE_string('profile_dir', '', 'If set, trace 3 more steps of
 _ATTENTION = flags.DEFINE_enum('attention', 'default', ['default', 'xla', 'cudnn'],
                                'jax.nn.dot_product_attention implementation (cudnn: flash attention on a GPU); '
                                'not default: the attention kernel is dot_product_attention.')
-_KERNEL = flags.DEFINE_enum('attention_kernel', 'auto', ('auto',) + layers.ATTENTION_KERNELS,
+_KERNEL = flags.DEFINE_enum('attention_kernel', 'auto', ('auto',) + kernels.ATTENTION_KERNELS,
                             'layers.Attention kernel (auto: blocked on XLA:CPU, else dot_product_attention).')
 
 H100_DENSE_BF16_TFLOPS = 989.0
@@ -89,7 +88,7 @@ def build_config():
     set after validation, which would otherwise look for the record files."""
     if _CONFIG.value is not None:
         config = _CONFIG.value
-        config_lib.validate(config)
+        tasks.validate(config)
         return config, False
     config = common.preset_config(_STAGE.value, _SIZE.value)
     if _BATCH.value:
@@ -97,7 +96,7 @@ def build_config():
     if _DTYPE.value:
         config.dtype = _DTYPE.value
     common.apply_overrides(config, _SET.value)
-    config_lib.validate(config)
+    tasks.validate(config)
     if config.model_family == 'stage_c':
         config.input.precomputed = 'bench: precomputed latents and text states'
     return config, True
@@ -185,7 +184,7 @@ def main(_):
 def run():
     default_attention = jax.nn.dot_product_attention
     if _DEPTHWISE.value != 'auto':
-        layers.depthwise_kernel = lambda: _DEPTHWISE.value
+        kernels.depthwise_kernel = lambda: _DEPTHWISE.value
     if _ATTENTION.value != 'default':
         jax.nn.dot_product_attention = functools.partial(padded_attention, default_attention, _ATTENTION.value)
     config, preset = build_config()
@@ -200,8 +199,8 @@ def run():
     progress(f'task built on {jax.devices()[0]}')
 
     result = dict(stage=config.model_family, size=_SIZE.value if preset else 'config', batch_size=bs,
-                  dtype=config.dtype, attention=_ATTENTION.value, attention_kernel=layers.attention_kernel(),
-                  depthwise=layers.depthwise_kernel())
+                  dtype=config.dtype, attention=_ATTENTION.value, attention_kernel=kernels.attention_kernel(),
+                  depthwise=kernels.depthwise_kernel())
     interleave = preset and _TORCH.value and _INTERLEAVE.value
     result['interleaved'] = bool(interleave)
     if preset and _TORCH.value and not interleave:
@@ -213,19 +212,19 @@ def run():
 
     # -- ours ----------------------------------------------------------------------------------
     tx = task.optimizer()
-    init_fn, abstract, state_sharding = train.abstract_train_state(config, task, tx, mesh, rules)
+    init_fn, abstract, state_sharding = lowering.abstract_train_state(config, task, tx, mesh, rules)
     result['params'] = sum(x.size for x in jax.tree.leaves(abstract.params))
     result['params_by_network'] = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in abstract.params.items()}
     batch_sharding = sharding.batch_sharding(mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=state_sharding)(
-            jax.random.PRNGKey(0), train.example_batch(task, 1))
+            jax.random.PRNGKey(0), train_state.example_batch(task, 1))
         batch = sharding.make_global_batch(random_batch(task, bs), batch_sharding)
         frozen = jax.device_put(frozen, sharding.replicated(mesh))
     # As in train_and_evaluate, outside the mesh context: step_flops may load the config's networks
     # again from shapes, whose logical boxes must not be constrained to this mesh.
     progress('state initialised; lowering')
-    lowered = train.lower_train_step(config, task, tx, mesh, abstract, state_sharding, frozen)
+    lowered = lowering.lower_train_step(config, task, tx, mesh, abstract, state_sharding, frozen)
     t = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
@@ -233,7 +232,7 @@ def run():
     # The FLOP count's twin (scanned / remat configs) is lowered for a CPU from the model as written;
     # a plain config is counted as lowered (the shifted and grouped depthwise convs differ by < 0.1 %).
     jax.nn.dot_product_attention = default_attention
-    flops = train.step_flops(config, lowered) / mesh.size
+    flops = lowering.step_flops(config, lowered) / mesh.size
     progress(f'{flops:.4g} FLOP per step')
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         def step():
@@ -250,7 +249,8 @@ def run():
             step_s = common.median_time(step, jax.block_until_ready, _STEPS.value, _WARMUP.value)
         progress(f'our step: {step_s:.4f} s')
         if _PROFILE.value:
-            result['profile_top_ms_per_step'] = common.profile_top_ops(step, _PROFILE.value, compiled.as_text(), steps=3)
+            result['profile_top_ms_per_step'] = common.profile_top_ops(step, _PROFILE.value, compiled.as_text(),
+                                                                       steps=3)
         skipped = int(jax.device_get(step())['skipped'])
     peak_dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
     peak = common.gemm_peak_gflops(peak_dtype)

@@ -1,5 +1,6 @@
 """Greedy growing on the built-in `shapes` dataset: a core trained at 16 px, grown to 64 px, against
-the same 64 px UNet trained from scratch with the same training FLOPs (issue 9).
+the same 64 px UNet trained from scratch with the same training FLOPs (Vasconcelos et al., "Greedy
+Growing Enables High-Resolution Pixel-Based Diffusion Models", arXiv:2405.16759).
 
   python -m wurst_jax.main --config=configs/growing.py:arm=core --workdir=workdirs/growing/core
   python -m wurst_jax.main --config=configs/growing.py:arm=grow --workdir=workdirs/growing/grow  # reads core
@@ -12,7 +13,7 @@ and the shapes alignment of EVAL_PROMPTS fresh captions (`alignment_*`).
 The core is a Shallow-UViT at 16 px (2x2 patches: an 8x8 core grid); the grown and scratch models are
 UNets at 64 px with three 2x levels down to the same 8x8 grid around a core of the same shape.
 Step counts: `python bench/growing_flops.py` lowers each arm's train step and prints XLA's FLOPs per
-step (`train.step_flops`); STEPS holds the core and grow budgets chosen to fit the 2-core machine and
+step (`lowering.step_flops`); STEPS holds the core and grow budgets chosen to fit the 2-core machine and
 the scratch budget that gives it the same total. `runlocal` shrinks everything for tests.
 
 Result (2 shared CPU cores, batch 16, EMA params, 200 fresh captions, DDIM 20 steps, guidance 4):
@@ -43,14 +44,9 @@ EVAL_PROMPTS = 200
 
 
 def text_config(runlocal: bool) -> ml_collections.ConfigDict:
-    """A small CLIP-architecture encoder over the grammar's words, trained with the core."""
-    width = 32 if runlocal else 64
-    return ml_collections.ConfigDict(dict(
-        tokenizer='words', vocabulary=shapes.caption_vocabulary(), max_length=16, encoder='train',
-        hidden_state='last', dropout=0.1, dropout_mode='sample',
-        encoder_config=ml_collections.ConfigDict(dict(
-            hidden_size=width, intermediate_size=4 * width, num_hidden_layers=1 if runlocal else 2,
-            num_attention_heads=4, hidden_act='gelu'))))
+    """The text encoder over the grammar's words, trained with the stage."""
+    return config_lib.word_text_config(shapes.caption_vocabulary(), width=32 if runlocal else 64,
+                                       layers=1 if runlocal else 2)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

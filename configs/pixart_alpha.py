@@ -1,9 +1,9 @@
-"""PixArt-α's three-stage training plan (pixart_greedy_eval.md §A.6) as three Stage C runs, each
-starting from the one before (`init=` its workdir):
+"""PixArt-α's three-stage training plan (Chen et al., arXiv:2310.00426, App. A.5 and Table 4) as
+three Stage C runs, each starting from the one before (`init=` its workdir):
 
   stage=1  pixel dependency: PixArt-α re-parameterised from a class-conditional DiT folder (`dit=`,
-           e.g. DiT-XL-2-256 in diffusers form; §A.3), on class-labelled images captioned with their
-           class names, 256 px, batch 1024, 300k steps.
+           e.g. DiT-XL-2-256 in diffusers form; the paper's §2.3), on class-labelled images captioned
+           with their class names, 256 px, batch 1024, 300k steps.
   stage=2  text-image alignment: dense captions (SAM with LLaVA captions), 256 px, batch 11392, 150k steps.
   stage=3  high aesthetics: 512 px, multi-aspect buckets (a batch per bucket of PixArt's 40-ratio
            table) and PixArtMS's size and aspect micro-conditions (their embedders start fresh),
@@ -20,7 +20,8 @@ The denoiser diffuses Stage A latents directly (`latents='stage_a'`, one diffusi
 on its VAE; 4 channels, so the DiT's patch embedding fits). `latents=effnet,effnet=...` trains it on
 Würstchen's 16-channel map instead (no DiT start then: stage 1 starts from scratch).
 
-What is PixArt's (§A.6): DiT-XL/2 (1152 wide, 28 blocks, 16 heads, patch 2), AdamW at a constant 2e-5
+What is PixArt's (paper §3.1 and App. A.5; the `configs/pixart_config/` files of
+PixArt-alpha/PixArt-alpha): DiT-XL/2 (1152 wide, 28 blocks, 16 heads, patch 2), AdamW at a constant 2e-5
 after 1000 warm-up steps, weight decay 0.03, gradient clipping at 0.01, EMA 0.9999, caption dropout
 10 %, the batch sizes and step counts above, the bucket table. What is ours: a local CLIP text encoder
 (`clip=`, 77 tokens) instead of T5-XXL with 120; the cosine schedule with ε-prediction instead of

@@ -11,8 +11,8 @@ workdirs/shapes); `python -m wurst_jax.demo` runs all three with `demo`, the ste
 the demo's 30 minutes on 2 CPU cores. Stage B trains the semantic
 compressor jointly (no ImageNet weights ship offline) and Stage C diffuses its 8x8x16 map of the
 64 px image, predicting v with a linear output head (`latents=stage_a`: a single diffusion stage on
-Stage A's 16x16x4 latents, no Stage B). Both train their own small CLIP-architecture text encoder over the grammar's words,
-so no vocabulary file is needed. Images are never flipped for B and C: the captions say left and right.
+Stage A's 16x16x4 latents, no Stage B). Both train their own small CLIP-architecture text encoder over
+the grammar's words, so no vocabulary file is needed. Images are never flipped for B and C: the captions say left and right.
 `runlocal` shrinks everything for tests.
 """
 import ml_collections
@@ -28,13 +28,9 @@ SHAPES_EFFNET = [('fused', 1, 3, 1, 16, 16, 1), ('fused', 4, 3, 2, 16, 32, 1), (
 
 
 def text_config(runlocal: bool) -> ml_collections.ConfigDict:
-    width = 32 if runlocal else 64
-    return ml_collections.ConfigDict(dict(
-        tokenizer='words', vocabulary=shapes.caption_vocabulary(), max_length=16, encoder='train',
-        hidden_state='last', dropout=0.1, dropout_mode='sample',
-        encoder_config=ml_collections.ConfigDict(dict(
-            hidden_size=width, intermediate_size=4 * width, num_hidden_layers=1 if runlocal else 2,
-            num_attention_heads=4, hidden_act='gelu'))))
+    """The text encoder over the grammar's words, trained with the stage."""
+    return config_lib.word_text_config(shapes.caption_vocabulary(), width=32 if runlocal else 64,
+                                       layers=1 if runlocal else 2)
 
 
 def diffusion_config() -> ml_collections.ConfigDict:
@@ -112,7 +108,7 @@ def _stage_c(config: ml_collections.ConfigDict, root: str, runlocal: bool, backb
     config.text = text_config(runlocal)
     # v-prediction, unweighted: at high noise v ≈ −x0, so the layout the caption sets is what those steps
     # are scored on. With ε-prediction (P2) the same 2000-step demo placed shapes at chance (position
-    # 0.16 on 200 fresh prompts); with v, 0.63 (issue 4 notes).
+    # 0.16 on 200 fresh prompts); with v, 0.63.
     config.diffusion = diffusion_config()
     config.diffusion.update(prediction='v', loss_weight='none')
     config.sample = ml_collections.ConfigDict(dict(prior_steps=20, prior_timesteps='linspace', prior_guidance=4.0))

@@ -4,8 +4,9 @@
       --config.input.dataset=my_captions --config.input.data_dir=/data/tfds
 
 No Stage A training script was published; the losses follow Würstchen's VQModel (MSE + VQ +
-0.25 commitment) with the adversarial term of Paella's VQ recipe, and AdamW 3e-4 with 10 % warm-up
-(see wuerstchen.md §2). By default it reads the bundled `photos` so the config runs anywhere.
+0.25 commitment; dome272/Wuerstchen `vqgan.py`) with the adversarial term of Paella's VQ recipe, and
+AdamW 3e-4 with 10 % warm-up (dome272/Paella `ongoing_research/text-to-video/train_vivq.py` and
+`loss/loss.py`). By default it reads the bundled `photos` so the config runs anywhere.
 """
 import ml_collections
 

@@ -1,5 +1,6 @@
 """Stage B at Würstchen v2's size: the 1.06B WuerstchenDiffNeXt decoder on Stage A latents,
-conditioned on frozen EfficientNetV2-S maps and CLIP ViT-H tokens (wuerstchen.md §5.2, §8).
+conditioned on frozen EfficientNetV2-S maps and CLIP ViT-H tokens (dome272/Wuerstchen `modules.py`
+`DiffNeXt`; Pernias et al., arXiv:2306.00637).
 
   python -m wurst_jax.main --config=configs/stage_b.py:vqgan=/models/wuerstchen/vqgan,effnet=/models/model_v2_stage_b.pt,clip=/models/wuerstchen/text_encoder,tokenizer=/models/wuerstchen/tokenizer \
       --workdir=/ckpt/stage_b --config.input.dataset=my_captions --config.input.data_dir=/data/tfds

@@ -1,4 +1,5 @@
-"""Stage C with the Würstchen v2 recipe (wuerstchen.md §4.1, §8.2): the 1B prior on CLIP bigG tokens.
+"""Stage C with the Würstchen v2 recipe (Pernias et al., arXiv:2306.00637; dome272/Wuerstchen `modules.py`
+`Prior` and `train_stage_C.py`): the 1B prior on CLIP bigG tokens.
 
   python -m wurst_jax.main --config=configs/stage_c.py:clip=/models/clip-bigG,effnet=/models/effnet \
       --workdir=/ckpt/stage_c --config.input.dataset=my_captions --config.input.data_dir=/data/tfds

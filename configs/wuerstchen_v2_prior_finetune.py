@@ -1,5 +1,6 @@
 """Fine-tune the released Würstchen v2 prior on your captioned images (diffusers' research
-fine-tuning recipe, wuerstchen.md §8.2): uniform t, plain ε-MSE, AdamW 1e-5.
+fine-tuning recipe, `examples/research_projects/wuerstchen/text_to_image/train_text_to_image_prior.py`
+and its README): uniform t, plain ε-MSE, AdamW 1e-5.
 
   python -m wurst_jax.convert --component=prior --src=/models/wuerstchen-prior/prior --dst=/tmp/x  # (optional check)
   python -m wurst_jax.main --config=configs/wuerstchen_v2_prior_finetune.py:prior=/models/wuerstchen-prior/prior,clip=/models/wuerstchen-prior/text_encoder,tokenizer=/models/wuerstchen-prior/tokenizer,effnet=/models/model_v2_stage_b.pt,images=/data/my_images \

@@ -67,6 +67,9 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker('xdist_group') is None:
             group = 'demo_root' if 'demo_root' in item.fixturenames else item.module.__name__
             item.add_marker(pytest.mark.xdist_group(group))
+    # The groups that run for minutes (the demo run's, the two-process runs) go out first, so the
+    # short ones fill in after them and both workers finish together.
+    items.sort(key=lambda item: not ('demo_root' in item.fixturenames or item.get_closest_marker('slow')))
 
 
 def pytest_collection_finish(session):
@@ -252,8 +255,8 @@ def main_args(config: str, workdir, data_dir, total: int, *overrides: str) -> li
 def tiny_stage_folders(tmp_path_factory):
     """Folders of a random effnet (Stage C's effnet.source) and a random VQGAN (Stage B's
     stage_a.source), sized for configs/shapes.py's runlocal variants."""
-    import jax
     import numpy as np
+
     from wurst_jax import convert
     from wurst_jax.models.effnet import EfficientNetEncoder
     from wurst_jax.models.stage_a import VQGAN
@@ -312,6 +315,7 @@ def tiny_clip_tokenizer_folder(path, pad_token: str) -> None:
 def tiny_clip_folder(path, hidden_size: int = 32) -> None:
     """A random one-layer transformers CLIP text model with the tokenizer above, as a hub folder."""
     import transformers
+
     from torch_reference import randomise
     tiny_clip_tokenizer_folder(path, '!')
     tokenizer = transformers.CLIPTokenizer.from_pretrained(path)

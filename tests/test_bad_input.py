@@ -12,11 +12,11 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from conftest import REPO, load_config, run_module, tiny_clip_folder
-from wurst_jax import config_lib, demo, pipeline, tasks
-from wurst_jax.convert import __main__ as convert_cli, core
+from wurst_jax import config_lib, convert, demo, pipeline, tasks
+from wurst_jax.convert import __main__ as convert_cli
+from wurst_jax.convert import core
 from wurst_jax.data import image_folder
 from wurst_jax.evaluate import job
-
 
 # -- Config fields: unknown, mistyped, in the file or on the command line --------------------------
 
@@ -32,14 +32,14 @@ def test_unknown_field_in_a_config_names_the_nearest_known_one(arg, field, value
     (config[field] if field else config)[value] = 3
     path = f'{field}.{value}' if field else value
     with pytest.raises(config_lib.ConfigError, match=rf'config\.{path}=3 .*did you mean config\.{nearest}\?'):
-        config_lib.validate(config)
+        tasks.validate(config)
 
 
 def test_a_field_of_another_family_is_unknown_too():
     config = load_config('shapes', 'stage=c,runlocal')
     config.model.embed_dim = 16  # a Stage A field
     with pytest.raises(config_lib.ConfigError, match=r'config\.model\.embed_dim=16 .*no such field'):
-        config_lib.validate(config)
+        tasks.validate(config)
     config = load_config('shapes', 'stage=c,runlocal')
     config.text.encoder_config.layer_norm_eps = 1e-6  # open: any CLIPTextConfig argument
     config_lib.check_known_fields(config)
@@ -140,13 +140,13 @@ def truncated_safetensors(path) -> bytes:
 def test_model_folder_without_config_json_or_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match=r'config\.json not found: effnet expects a diffusers model '
                                                 r'folder with config\.json and diffusion_pytorch_model\.safetensors'):
-        core.load_diffusers(str(tmp_path), 'effnet')
+        convert.load_diffusers(str(tmp_path), 'effnet')
     with pytest.raises(FileNotFoundError, match=r'diffusion_pytorch_model\.safetensors not found'):
-        core.load_diffusers(str(effnet_folder(tmp_path / 'no_weights', None)), 'effnet')
+        convert.load_diffusers(str(effnet_folder(tmp_path / 'no_weights', None)), 'effnet')
     broken = effnet_folder(tmp_path / 'broken', b'')
     (broken / core.CONFIG_NAME).write_text('{"_class_name": "EfficientNetEncoder",')  # cut short
     with pytest.raises(ValueError, match=r'broken/config\.json is not valid JSON.*restore'):
-        core.load_diffusers(str(tmp_path / 'broken'), 'effnet')
+        convert.load_diffusers(str(tmp_path / 'broken'), 'effnet')
 
 
 @pytest.mark.parametrize('content', ['truncated', 'garbage'])
@@ -159,16 +159,16 @@ def test_corrupt_weights_name_the_file_for_convert_and_config_fields(tmp_path, c
     # effnet.source of a Stage C config reads the same folder when the task is built.
     config = load_config('shapes', 'stage=c,runlocal')
     config.effnet.source = str(folder)
-    config_lib.validate(config)
+    tasks.validate(config)
     with pytest.raises(ValueError, match=message):
         tasks.create(config)
     # An original checkpoint file (Stable Cascade's effnet_encoder.safetensors, a Würstchen .pt).
     (tmp_path / 'effnet_encoder.safetensors').write_bytes(weights)
     with pytest.raises(ValueError, match=r'effnet_encoder\.safetensors is not a readable safetensors file'):
-        core.load_diffusers(str(tmp_path / 'effnet_encoder.safetensors'), 'effnet')
+        convert.load_diffusers(str(tmp_path / 'effnet_encoder.safetensors'), 'effnet')
     (tmp_path / 'model_v2_stage_b.pt').write_bytes(weights)
     with pytest.raises(ValueError, match=r'model_v2_stage_b\.pt cannot be read by torch\.load .*truncated or corrupt'):
-        core.load_diffusers(str(tmp_path / 'model_v2_stage_b.pt'), 'effnet')
+        convert.load_diffusers(str(tmp_path / 'model_v2_stage_b.pt'), 'effnet')
 
 
 def test_truncated_transformers_model_safetensors(tmp_path):
@@ -176,7 +176,7 @@ def test_truncated_transformers_model_safetensors(tmp_path):
     weights = tmp_path / core.TRANSFORMERS_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r'model\.safetensors is not a readable safetensors file .*download or '):
-        core.load_diffusers(str(tmp_path), 'clip_text')
+        convert.load_diffusers(str(tmp_path), 'clip_text')
 
 
 def test_convert_to_diffusers_needs_a_flax_folder(tmp_path):

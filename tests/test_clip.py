@@ -6,17 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from wurst_jax import convert  # noqa: E402
-from wurst_jax.models.clip import CLIPTextModel, CLIPVisionModel  # noqa: E402
-from wurst_jax.tokenizer import PaddedTokenizer  # noqa: E402
-from conftest import tiny_clip_tokenizer_folder  # noqa: E402
-from torch_reference import TOL, randomise, rel_err  # noqa: E402
+from conftest import tiny_clip_tokenizer_folder
+from torch_reference import TOL, randomise, rel_err
+from wurst_jax import convert
+from wurst_jax.models.clip import CLIPTextModel, CLIPVisionModel
+from wurst_jax.tokenizer import PaddedTokenizer
 
 # eos_token_id 2 is the legacy rule (pool at argmax of the ids); any other id pools at its first
 # occurrence, which the batches below make differ from the argmax (larger ids and EOS padding).

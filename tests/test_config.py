@@ -6,8 +6,7 @@ import sys
 import pytest
 
 from conftest import CONFIGS, REPO, load_config
-from wurst_jax import config_lib
-
+from wurst_jax import config_lib, tasks
 
 # Recipes for real data need local weights (CLIP, effnet) that the user passes as config arguments.
 NEEDS_LOCAL_FILES = {'stage_b': 'stage_a.source', 'stage_c': 'effnet.source', 'pixart_alpha': 'stage_a.source',
@@ -18,7 +17,7 @@ NEEDS_LOCAL_FILES = {'stage_b': 'stage_a.source', 'stage_c': 'effnet.source', 'p
 @pytest.mark.parametrize('arg', [None, 'runlocal'])
 def test_every_config_loads_and_validates(path, arg):
     config = load_config(path.stem, arg)
-    config_lib.validate(config)
+    tasks.validate(config)
     assert config.total_steps > 0
 
 
@@ -27,7 +26,7 @@ def test_recipes_name_the_missing_local_files(name):
     config = load_config(name, None)
     assert config.total_steps > 0
     with pytest.raises(config_lib.ConfigError, match=NEEDS_LOCAL_FILES[name].replace('.', r'\.')):
-        config_lib.validate(config)
+        tasks.validate(config)
 
 
 @pytest.mark.parametrize('field, value', [
@@ -53,7 +52,7 @@ def test_bad_value_is_rejected_with_its_name(field, value):
     with node.ignore_type():
         node[leaf] = value
     with pytest.raises(config_lib.ConfigError) as err:
-        config_lib.validate(config)
+        tasks.validate(config)
     assert f'config.{field}=' in str(err.value)
 
 
@@ -66,19 +65,18 @@ def test_stage_c_backbone_fields_are_checked(field, value, backbone):
     config = load_config('shapes', f'stage=c,runlocal,backbone={backbone}')
     config.model[field.split('.')[1]] = value
     with pytest.raises(config_lib.ConfigError, match=f'config.{field}='):
-        config_lib.validate(config)
+        tasks.validate(config)
 
 
 def test_two_minus_one_mesh_axes_rejected():
     config = load_config('shapes', 'runlocal')
     config.mesh.fsdp = -1
     with pytest.raises(config_lib.ConfigError, match='at most one axis'):
-        config_lib.validate(config)
+        tasks.validate(config)
 
 
 def test_every_family_has_its_known_fields():
     """A family without its entry in config_lib.FAMILY_FIELDS would skip the unknown-field check."""
-    from wurst_jax import tasks
     assert set(config_lib.FAMILY_FIELDS) == set(tasks.FAMILIES)
 
 
@@ -100,7 +98,7 @@ def test_main_rejects_bad_value_before_compiling(tmp_path):
 
 def test_text_and_precomputed_fields_are_checked():
     from wurst_jax.tasks import conditioning
-    from wurst_jax.tasks.stage_c import validate_diffusion
+    from wurst_jax.tasks.conditioning import validate_diffusion
     text = load_config('shapes', 'stage=c').text
     conditioning.validate_text(text)
     for field, value, message in [('vocabulary', [], 'config.text.vocabulary='),
@@ -118,4 +116,4 @@ def test_text_and_precomputed_fields_are_checked():
     config = load_config('shapes', 'runlocal')
     config.input.precomputed = '/some/records'
     with pytest.raises(config_lib.ConfigError, match='config.input.precomputed=.*only Stage C'):
-        config_lib.validate(config)
+        tasks.validate(config)

@@ -5,13 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 
-import torch  # noqa: E402
-from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior  # noqa: E402
-
-from wurst_jax import convert  # noqa: E402
-from wurst_jax.models.stage_a import VQGAN  # noqa: E402
-from torch_reference import TOL, nchw, nhwc, randomise, rel_err  # noqa: E402
+from torch_reference import TOL, nchw, nhwc, randomise, rel_err
+from wurst_jax import convert
+from wurst_jax.models.stage_a import VQGAN
 
 PRIOR_CONFIGS = [
     dict(c_in=16, c=64, c_cond=32, c_r=64, depth=2, nhead=4, dropout=0.0),  # Würstchen's c_r
@@ -295,6 +294,7 @@ def test_resize_matches_torch(src, dst, method):
 def test_cli_round_trip(tmp_path):
     import subprocess
     import sys
+
     from conftest import REPO
     ref = randomise(WuerstchenPrior(**PRIOR_CONFIGS[0]), seed=4)
     ref.save_pretrained(tmp_path / 'diffusers')
@@ -312,6 +312,7 @@ def test_cli_round_trip(tmp_path):
 @pytest.mark.parametrize('size,dim', [(8, 128), (5, 12)])
 def test_sincos_2d_matches_diffusers(size, dim):
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
     from wurst_jax.models import layers
     ref = get_2d_sincos_pos_embed(dim, size, base_size=size, output_type='np')  # [size * size, dim], row-major
     np.testing.assert_allclose(np.asarray(layers.sincos_2d(size, size, dim)).reshape(-1, dim), ref, atol=1e-6)

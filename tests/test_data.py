@@ -409,8 +409,11 @@ def test_photos_hold_out_astronaut_and_crops_tile_it(tmp_path):
 
 def test_bucket_tables_are_pixarts():
     """Ours holds PixArt-α's 40 training ratios; diffusers ships the 33 it samples at, which must agree."""
-    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (ASPECT_RATIO_256_BIN, ASPECT_RATIO_512_BIN,
-                                                                        ASPECT_RATIO_1024_BIN)
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
+        ASPECT_RATIO_256_BIN,
+        ASPECT_RATIO_512_BIN,
+        ASPECT_RATIO_1024_BIN,
+    )
     for size, reference in ((256, ASPECT_RATIO_256_BIN), (512, ASPECT_RATIO_512_BIN), (1024, ASPECT_RATIO_1024_BIN)):
         ours = {str(ratio): [float(h), float(w)] for ratio, h, w in aspect_buckets.bucket_table(size)}
         assert len(ours) == 40 and {k: ours[k] for k in reference} == reference

@@ -11,7 +11,6 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from torch_reference import step_noises
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
-from wurst_jax.tasks.stage_c import sample_guided
 
 
 def test_cosine_schedule_values_and_clamps():
@@ -185,7 +184,7 @@ def test_stable_cascade_chain_equals_gdf(shift, cfg_rho):
     every step and the whole-batch cfg_rho rescale."""
     steps, shape, rng = 6, (2, 4, 3, 3), jax.random.key(5)
     x_init = np.array(jax.random.normal(jax.random.key(6), shape))
-    ours = sample_guided(_toy_model, jnp.asarray(x_init), rng, samplers.linspace_timesteps(steps), 3.0,
+    ours = samplers.sample_guided(_toy_model, jnp.asarray(x_init), rng, samplers.linspace_timesteps(steps), 3.0,
                          'stable_cascade', shift, cfg_rho)
 
     def model(x, t):

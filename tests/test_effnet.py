@@ -7,15 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import torchvision
+from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig, MBConvConfig
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig, MBConvConfig  # noqa: E402
-
-from wurst_jax import convert  # noqa: E402
-from wurst_jax.convert import core  # noqa: E402
-from wurst_jax.models.effnet import EfficientNetEncoder  # noqa: E402
-from torch_reference import TOL, nchw, nhwc, randomise, rel_err  # noqa: E402
+from torch_reference import TOL, nchw, nhwc, randomise, rel_err
+from wurst_jax import convert
+from wurst_jax.convert import core
+from wurst_jax.models.effnet import EfficientNetEncoder
 
 # (block type, expand ratio, kernel, stride, in, out, layers). torchvision rounds MBConvConfig widths to
 # multiples of 8 (FusedMBConvConfig widths are taken as given), and every expanded width to a multiple of 8.

@@ -16,7 +16,8 @@ import transformers
 from cleanfid import resize as clean_fid_resize
 from flax import traverse_util
 from PIL import Image
-from pytorch_fid import fid_score, inception as pytorch_fid_inception
+from pytorch_fid import fid_score
+from pytorch_fid import inception as pytorch_fid_inception
 from safetensors.numpy import save_file
 
 from conftest import REPO, free_port, load_config, run_module, tiny_clip_tokenizer_folder

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import Children, main_args
-from wurst_jax import checkpoint, tasks, train
+from wurst_jax import checkpoint, tasks, train, train_state
 
 TOTAL = 12
 EVERY = 2
@@ -239,9 +239,9 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_shapes_config):
     config.loss.adv_weight = 0.0  # no discriminator: half the step to compile
     task = tasks.create(config)
     tx = task.optimizer()
-    batch = train.example_batch(task, 2)
-    state = nn.meta.unbox(train.create_train_state(task, tx, jax.random.key(0), batch))
-    step = jax.jit(lambda s, b: train.train_step(task, tx, config, s, b, {}))
+    batch = train_state.example_batch(task, 2)
+    state = nn.meta.unbox(train_state.create_train_state(task, tx, jax.random.key(0), batch))
+    step = jax.jit(lambda s, b: train_state.train_step(task, tx, config, s, b, {}))
     good = {'image': jax.random.uniform(jax.random.key(1), batch['image'].shape, minval=-1, maxval=1)}
     bad = {'image': good['image'].at[0, 0, 0, 0].set(jnp.nan)}
 

@@ -8,17 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 from PIL import Image
 
-import torch  # noqa: E402
-from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior  # noqa: E402
-
-from conftest import REPO, load_config, random_variables, tiny_clip_folder  # noqa: E402
-from torch_reference import randomise  # noqa: E402
-from wurst_jax import checkpoint, config_lib, convert, tasks, train  # noqa: E402
-from wurst_jax.convert import core  # noqa: E402
-from wurst_jax.data import input_pipeline, precomputed  # noqa: E402
-from wurst_jax.models.effnet import EfficientNetEncoder  # noqa: E402
+from conftest import REPO, load_config, random_variables, tiny_clip_folder
+from torch_reference import randomise
+from wurst_jax import checkpoint, config_lib, convert, tasks, train
+from wurst_jax.convert import core
+from wurst_jax.data import input_pipeline
+from wurst_jax.models.effnet import EfficientNetEncoder
 
 
 @pytest.fixture(scope='module')
@@ -56,7 +55,7 @@ def _small_run_config(arg, data_dir):
 def test_prior_finetune_from_diffusers_folders(finetune_arg, tmp_path):
     prior_dir = finetune_arg.split(',')[0].removeprefix('prior=')
     config = _small_run_config(finetune_arg, tmp_path / 'data')
-    config_lib.validate(config)
+    tasks.validate(config)
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
     _, state = checkpoint.load_trained(str(tmp_path / 'run'))
@@ -73,7 +72,8 @@ def test_precompute_equals_the_encoders_and_trains(finetune_arg, tmp_path):
     gradients as a step on the images, training reads them, and a config they were not made with is refused."""
     out = tmp_path / 'pre'
     result = subprocess.run(
-        [sys.executable, '-m', 'wurst_jax.precompute', f'--config=configs/wuerstchen_v2_prior_finetune.py:{finetune_arg}',
+        [sys.executable, '-m', 'wurst_jax.precompute',
+         f'--config=configs/wuerstchen_v2_prior_finetune.py:{finetune_arg}',
          f'--config.input.data_dir={tmp_path / "data"}', '--config.optimizer.warmup_steps=0', f'--out={out}',
          '--splits=train', '--batch_size=3'],
         cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -87,7 +87,7 @@ def test_precompute_equals_the_encoders_and_trains(finetune_arg, tmp_path):
                                                       tokenizer=task.tokenizer))
     pre_config = _small_run_config(finetune_arg, tmp_path / 'data')
     pre_config.input.precomputed = str(out)
-    config_lib.validate(pre_config)
+    tasks.validate(pre_config)
     pre_task = tasks.create(pre_config)
     records = next(input_pipeline.create_eval_iterator(pre_config.input, split='train', batch_size=8))
     assert set(pre_task.batch_spec()) == {'latents', 'text_states'}
@@ -112,10 +112,10 @@ def test_precompute_equals_the_encoders_and_trains(finetune_arg, tmp_path):
 
     pre_config.latent_scaling = 'none'
     with pytest.raises(config_lib.ConfigError, match='latent_scaling'):
-        config_lib.validate(pre_config)
+        tasks.validate(pre_config)
     pre_config.input.precomputed = str(tmp_path / 'nowhere')
     with pytest.raises(config_lib.ConfigError, match='input.precomputed'):
-        config_lib.validate(pre_config)
+        tasks.validate(pre_config)
     result = subprocess.run([sys.executable, '-m', 'wurst_jax.precompute', '--config=configs/shapes.py:runlocal'],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "Invalid config: config.model_family='stage_a'" in result.stderr

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from wurst_jax import checkpoint, config_lib, growing, sharding, tasks, train
+from wurst_jax import checkpoint, config_lib, growing, lowering, sharding, tasks, train, train_state
 from wurst_jax.data import input_pipeline
 from wurst_jax.diffusion import schedule
 
@@ -31,7 +31,7 @@ def core_run(tmp_path_factory):
     root = tmp_path_factory.mktemp('growing')
     config = runlocal('core', root)
     task = tasks.create(config)
-    state = nn.meta.unbox(train.create_train_state(task, task.optimizer(), jax.random.PRNGKey(0), None))
+    state = nn.meta.unbox(train_state.create_train_state(task, task.optimizer(), jax.random.PRNGKey(0), None))
     fresh = state.params
     rng = np.random.default_rng(1)
     trained = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype), fresh)
@@ -50,7 +50,7 @@ def grown_run(core_run, tmp_path_factory):
     root = tmp_path_factory.mktemp('grown')
     config = runlocal('grow', root, from_workdir=core_run[0], phase=1)
     config.mesh.data, config.mesh.fsdp = 4, 2
-    config_lib.validate(config)
+    tasks.validate(config)
     train.train_and_evaluate(config, str(root / 'grow'))
     return str(root / 'grow'), config
 
@@ -62,7 +62,8 @@ def test_shifted_schedule_moves_logsnr_by_twice_the_log_size_ratio():
     np.testing.assert_allclose(lsnr_16 - lsnr_64, 2 * np.log(4), rtol=1e-5)
     # The cosine-schedule time the network sees has exactly that noise level.
     np.testing.assert_allclose(schedule.logsnr(schedule.shifted_cosine_time(t, 16)), lsnr_16, atol=1e-3)
-    assert float(schedule.shifted_cosine_logsnr(1.0, 16)) == -15 and float(schedule.shifted_cosine_logsnr(0.0, 64)) == 15
+    assert float(schedule.shifted_cosine_logsnr(1.0, 16)) == -15
+    assert float(schedule.shifted_cosine_logsnr(0.0, 64)) == 15
 
 
 def test_phase1_training_leaves_core_and_text_encoder_bit_identical(core_run, grown_run):
@@ -110,13 +111,13 @@ def test_second_growth_to_64px_keeps_grown_levels_and_trains_sharded(grown_run, 
     config.model.level_channels = (16, 8, 8)
     config.mesh.data, config.mesh.fsdp = 4, 2
     config.optimizer.update(schedule='constant', warmup_steps=0)
-    config_lib.validate(config)
+    tasks.validate(config)
     task = tasks.create(config)
     carried = growing.carried_modules(load_config('growing', 'arm=grow,runlocal')) + ('text',)
     mesh = sharding.create_mesh(config.mesh)
     rules = config.sharding_rules
     tx = task.optimizer()
-    init_fn, _, state_sharding = train.abstract_train_state(config, task, tx, mesh, rules)
+    init_fn, _, state_sharding = lowering.abstract_train_state(config, task, tx, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     rng = np.random.default_rng(0)
     encoded = task.tokenizer(['a red circle on the left'] * 8)
@@ -124,12 +125,12 @@ def test_second_growth_to_64px_keeps_grown_levels_and_trains_sharded(grown_run, 
              'tokens': encoded['input_ids'], 'token_mask': encoded['attention_mask']}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=state_sharding)(
-            jax.random.PRNGKey(0), train.example_batch(task, 1))
-        state = train.with_pretrained(task, state, state_sharding)
+            jax.random.PRNGKey(0), train_state.example_batch(task, 1))
+        state = train_state.with_pretrained(task, state, state_sharding)
         before = jax.device_get(state.params)
         out = jax.eval_shape(task.denoiser_output, state.params, jnp.ones((2, 64, 64, 3)), jnp.full((2,), 0.5),
                              jnp.zeros((2, config.text.max_length, task.text.width)))
-        step = jax.jit(functools.partial(train.train_step, task, tx, config),
+        step = jax.jit(functools.partial(train_state.train_step, task, tx, config),
                        in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
                        out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
         state, metrics = step(state, sharding.make_global_batch(batch, batch_sharding), {})
@@ -155,13 +156,13 @@ def test_growing_from_an_incompatible_run_is_a_config_error(core_run, tmp_path):
     wider = runlocal('grow', tmp_path, from_workdir=core_run[0])
     wider.model.c = 32
     with pytest.raises(config_lib.ConfigError, match=r'grow\.from_workdir.*model\.c=32.*it has 16'):
-        config_lib.validate(wider)
+        tasks.validate(wider)
     other_family = load_config('shapes', 'stage=c,runlocal')
     with pytest.raises(config_lib.ConfigError, match=r"grow\.from_workdir.*'pixel' run.*'stage_c'"):
         growing.check_growable(runlocal('grow', tmp_path, from_workdir='elsewhere'), other_family)
     wrong_grid = runlocal('grow', tmp_path, from_workdir=core_run[0])
     wrong_grid.input.image_size = 64  # two levels down from 64 px is 16x16, not the core's 8x8
     with pytest.raises(config_lib.ConfigError, match=r'input\.image_size=64.*8x8'):
-        config_lib.validate(wrong_grid)
+        tasks.validate(wrong_grid)
     with pytest.raises(config_lib.ConfigError, match=r'grow\.from_workdir.*no checkpoint'):
-        config_lib.validate(runlocal('grow', tmp_path, from_workdir=str(tmp_path / 'missing')))
+        tasks.validate(runlocal('grow', tmp_path, from_workdir=str(tmp_path / 'missing')))

@@ -7,16 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from torch_reference import nchw, nhwc, randomise
-from wurst_jax.models import layers
+from wurst_jax.models import kernels, layers
 
 
 @pytest.mark.parametrize('padding', ['VALID', ((1, 1), (2, 0))])
 @pytest.mark.parametrize('kernel', ['shifted', 'grouped'])
 def test_depthwise_conv_equals_grouped_nn_conv(monkeypatch, padding, kernel):
-    monkeypatch.setattr(layers, 'depthwise_kernel', lambda: kernel)
+    monkeypatch.setattr(kernels, 'depthwise_kernel', lambda: kernel)
     x = jax.random.normal(jax.random.key(1), (2, 7, 9, 6))
     reference = nn.Conv(6, (3, 3), padding=padding, feature_group_count=6)
     variables = reference.init(jax.random.key(0), x)
@@ -39,14 +40,14 @@ def test_attention_kernels_agree(monkeypatch, tile_bytes):
     mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3])
     module = layers.Attention(16, 4)
     variables = module.init(jax.random.key(2), x, kv)
-    monkeypatch.setattr(layers, 'blocked_attention',
-                        lambda *a, blocked=layers.blocked_attention: blocked(*a, tile_bytes=tile_bytes))
+    monkeypatch.setattr(kernels, 'blocked_attention',
+                        lambda *a, blocked=kernels.blocked_attention: blocked(*a, tile_bytes=tile_bytes))
 
     def loss(variables, x, kv):
         return jnp.sum(jnp.sin(module.apply(variables, x, kv, mask=mask)))
     outputs, grads = {}, {}
     for kernel in ('einsum', 'blocked', 'dot_product_attention'):
-        monkeypatch.setattr(layers, 'attention_kernel', lambda kernel=kernel: kernel)
+        monkeypatch.setattr(kernels, 'attention_kernel', lambda kernel=kernel: kernel)
         outputs[kernel] = module.apply(variables, x, kv, mask=mask)
         grads[kernel] = jax.grad(loss, argnums=(0, 1, 2))(variables, x, kv)
     for kernel in ('einsum', 'blocked'):
@@ -65,7 +66,7 @@ def test_blocked_attention_with_every_key_masked_matches_the_plain_form():
     mask = jnp.zeros((1, 5), bool)
     logits = jnp.where(mask[:, None, None, :], jnp.einsum('btnh,bsnh->bnts', q, k), jnp.finfo(jnp.float32).min)
     plain = jnp.einsum('bnts,bsnh->btnh', jax.nn.softmax(logits, axis=-1), v)
-    np.testing.assert_allclose(layers.blocked_attention(q, k, v, mask, tile_bytes=4), plain, atol=1e-6)
+    np.testing.assert_allclose(kernels.blocked_attention(q, k, v, mask, tile_bytes=4), plain, atol=1e-6)
 
 
 @pytest.mark.parametrize('affine,eps', [(True, 1e-3), (False, 1e-5)])  # the effnet's backbone and SC's mapper

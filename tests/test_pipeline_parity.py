@@ -9,8 +9,13 @@ import pytest
 import torch
 import transformers
 from diffusers import DDPMWuerstchenScheduler
-from diffusers.pipelines.deprecated.wuerstchen import (PaellaVQModel, WuerstchenDecoderPipeline, WuerstchenDiffNeXt,
-                                                       WuerstchenPrior, WuerstchenPriorPipeline)
+from diffusers.pipelines.deprecated.wuerstchen import (
+    PaellaVQModel,
+    WuerstchenDecoderPipeline,
+    WuerstchenDiffNeXt,
+    WuerstchenPrior,
+    WuerstchenPriorPipeline,
+)
 
 from conftest import load_config, tiny_clip_folder
 from torch_reference import nchw, nhwc, randomise, rel_err, step_noises

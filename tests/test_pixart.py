@@ -132,7 +132,8 @@ def original_pixart_state(ref: PixArtTransformer2DModel, seed: int) -> dict:
             out[f'{o}mlp.fc1.{leaf}'] = state[f'{d}ff.net.0.proj.{leaf}']
             out[f'{o}mlp.fc2.{leaf}'] = state[f'{d}ff.net.2.{leaf}']
     out['pos_embed'] = ref.pos_embed.pos_embed.clone()  # diffusers' own positions at the base grid
-    out['y_embedder.y_embedding'] = torch.randn(7, ref.config.caption_channels, generator=torch.Generator().manual_seed(seed))
+    out['y_embedder.y_embedding'] = torch.randn(7, ref.config.caption_channels,
+                                                generator=torch.Generator().manual_seed(seed))
     return out
 
 

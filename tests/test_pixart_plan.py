@@ -6,18 +6,16 @@ import logging
 import jax
 import numpy as np
 import pytest
+from diffusers import DiTTransformer2DModel
 from PIL import Image
 
-import torch  # noqa: E402
-from diffusers import DiTTransformer2DModel  # noqa: E402
-
-from conftest import load_config, random_variables, tiny_clip_folder  # noqa: E402
-from torch_reference import randomise  # noqa: E402
-from wurst_jax import checkpoint, config_lib, convert, tasks, train  # noqa: E402
-from wurst_jax.convert.dit import pixart_from_dit  # noqa: E402
-from wurst_jax.models.stage_a import VQGAN  # noqa: E402
-from wurst_jax.evaluate import job  # noqa: E402
-from wurst_jax.pipeline import Pipeline, needs_stage_b  # noqa: E402
+from conftest import load_config, random_variables, tiny_clip_folder
+from torch_reference import randomise
+from wurst_jax import checkpoint, config_lib, convert, tasks, train
+from wurst_jax.convert.dit import pixart_from_dit
+from wurst_jax.evaluate import job
+from wurst_jax.models.stage_a import VQGAN
+from wurst_jax.pipeline import Pipeline, needs_stage_b
 
 
 @pytest.fixture(scope='module')
@@ -47,7 +45,7 @@ def plan_config(root, stage: int, init: str = ''):
                                          f'stage_a={root}/vqgan{init}')
     config.input.update(dataset='image_folder', folder=str(root / 'images'), data_dir=str(root / 'tfds'),
                         eval_split='train', bucket_multiple=8)
-    config_lib.validate(config)
+    tasks.validate(config)
     return config
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from wurst_jax import plan, sharding, train
+from wurst_jax import lowering, plan, sharding
 from wurst_jax.convert import core
 from wurst_jax.models.clip import CLIPTextModel
 from wurst_jax.models.effnet import EfficientNetEncoder
@@ -71,8 +71,8 @@ def test_flops_count_every_scanned_block_and_micro_batch(stage_c_arg):
     for name, scan, accum in (('plain', False, 1), ('scanned', True, 1), ('accumulated', False, 2)):
         config = _tiny_stage_c(stage_c_arg, depth=4, scan_blocks=scan)
         config.grad_accum_steps = accum
-        lowered, _ = train.lower_from_shapes(config, mesh)
-        counts[name] = (lowered.cost_analysis()['flops'], train.step_flops(config, lowered))
+        lowered, _ = lowering.lower_from_shapes(config, mesh)
+        counts[name] = (lowered.cost_analysis()['flops'], lowering.step_flops(config, lowered))
     assert counts['scanned'][0] < 0.8 * counts['plain'][0]  # the raw count misses three of the four blocks
     assert counts['accumulated'][0] < 0.8 * counts['plain'][0]  # ... and one of the two micro-batches
     for name in ('scanned', 'accumulated'):
@@ -111,7 +111,8 @@ def test_cli_compiles_for_a_tpu_topology(stage_c_arg, tmp_path):
            '--config.text.max_length=8', '--config.input.image_size=32', '--config.input.resize=32',
            '--config.effnet.image_size=32', '--config.model.c=32', '--config.model.depth=2',
            '--config.model.num_heads=2', '--config.model.c_r=8',
-           '--mesh=data=2,fsdp=2,tensor=1', '--batch=8', '--topology=v5e:2x2', '--device_gib=16', f'--out={tmp_path / "plan.json"}']
+           '--mesh=data=2,fsdp=2,tensor=1', '--batch=8', '--topology=v5e:2x2', '--device_gib=16',
+           f'--out={tmp_path / "plan.json"}']
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert 'on TPU v5e:2x2 (4 devices)' in out.stdout, out.stdout

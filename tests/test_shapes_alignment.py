@@ -2,8 +2,16 @@
 import numpy as np
 import pytest
 
-from wurst_jax.data.shapes import (BACKGROUND, COLOURS, POSITIONS, SHAPES, TEST_INDEX_OFFSET,
-                                   caption_for, make_example, parse_caption)
+from wurst_jax.data.shapes import (
+    BACKGROUND,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    TEST_INDEX_OFFSET,
+    caption_for,
+    make_example,
+    parse_caption,
+)
 from wurst_jax.evaluate import shapes_alignment
 from wurst_jax.evaluate.shapes_alignment import evaluate, score
 

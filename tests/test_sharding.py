@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import load_config
-from wurst_jax import config_lib, sharding, tasks, train
+from wurst_jax import config_lib, lowering, sharding, tasks, train_state
 
 
 def mesh_config(data, fsdp, tensor):
@@ -30,7 +30,7 @@ def stage_a_shardings(mesh_sizes):
     config.mesh = mesh_config(*mesh_sizes)
     mesh = sharding.create_mesh(config.mesh)
     task = tasks.create(config)
-    _, abstract, shardings = train.abstract_train_state(config, task, task.optimizer(), mesh,
+    _, abstract, shardings = lowering.abstract_train_state(config, task, task.optimizer(), mesh,
                                                         config.sharding_rules)
     return abstract, shardings
 
@@ -64,12 +64,12 @@ def test_initialised_state_is_placed_as_specified(tiny_shapes_config):
     config.mesh = mesh_config(4, 2, 1)
     mesh = sharding.create_mesh(config.mesh)
     task = tasks.create(config)
-    init_fn, _, shardings = train.abstract_train_state(config, task, task.optimizer(), mesh,
+    init_fn, _, shardings = lowering.abstract_train_state(config, task, task.optimizer(), mesh,
                                                        config.sharding_rules)
     import flax.linen as nn
     with jax.set_mesh(mesh):
         state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=shardings)(
-            jax.random.PRNGKey(0), train.example_batch(task, 1))
+            jax.random.PRNGKey(0), train_state.example_batch(task, 1))
     kernel = state.params['vqgan']['up_blocks_0']['channelwise_0']['kernel']  # (16, 64)
     assert kernel.sharding.spec == P('fsdp', 'tensor')
     assert kernel.addressable_shards[0].data.shape == (8, 64)

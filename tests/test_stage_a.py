@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from wurst_jax import tasks
 from wurst_jax.models import layers
 from wurst_jax.models.stage_a import VQGAN, Discriminator, VectorQuantizer
-from wurst_jax import tasks
 
 
 def test_wuerstchen_size_param_count():
@@ -81,6 +81,7 @@ def write_torchvision_vgg16(path, seed=0):
     classifier, 120M parameters the loss never reads, stays on the meta device and out of the file)."""
     import torch
     import torchvision
+
     from torch_reference import randomise
     with torch.device('meta'):
         ref = torchvision.models.vgg16(weights=None)
@@ -95,6 +96,7 @@ def test_vgg16_features_match_torchvision(tmp_path):
     """Our VGG16Features with a real torchvision vgg16 state dict (.pth, and the same tensors as .npz) gives
     torchvision's ReLU maps at LPIPS's five taps, after LPIPS's input scaling."""
     import torch
+
     from torch_reference import TOL, nchw, nhwc, rel_err
     from wurst_jax import perceptual
     from wurst_jax.models.vgg import VGG16Features
@@ -136,9 +138,9 @@ def test_perceptual_loss_reads_local_weights_and_trains(tiny_shapes_config, tmp_
     config.loss.perceptual_weight = 0.1
     config.loss.perceptual_weights = str(tmp_path / 'missing.npz')
     with pytest.raises(config_lib.ConfigError, match='config.loss.perceptual_weights='):
-        config_lib.validate(config)
+        tasks.validate(config)
     config.loss.perceptual_weights = str(weights)
-    config_lib.validate(config)
+    tasks.validate(config)
     task = tasks.create(config)
     variables, state = nn.meta.unbox(task.init(jax.random.key(0), {'image': jnp.zeros((1, 32, 32, 3))}))
     _, _, metrics = jax.jit(task.grads)(variables, state, task.frozen_params(), {'image': x},

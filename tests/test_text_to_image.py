@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import load_config, run_module
-from wurst_jax import sharding, tasks, train
+from wurst_jax import lowering, sharding, tasks, train_state
 from wurst_jax.data import input_pipeline
 
 
@@ -43,7 +43,8 @@ def test_sample_cli(demo_root, tmp_path):
                         '--prior_steps=2', '--decoder_steps=2')
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ['00000.png', '00001.png', 'grid.png', 'prompts.json']
-    assert json.loads((out / 'prompts.json').read_text()) == ['a red circle on the left', 'a white square in the center']
+    prompts = json.loads((out / 'prompts.json').read_text())
+    assert prompts == ['a red circle on the left', 'a white square in the center']
 
 
 def test_sample_cli_bad_inputs(tmp_path):
@@ -66,13 +67,13 @@ def _sharded_step(config):
     rules = tuple(tuple(r) for r in config.sharding_rules)
     task = tasks.create(config)
     tx = task.optimizer()
-    init_fn, _, state_sharding = train.abstract_train_state(config, task, tx, mesh, rules)
+    init_fn, _, state_sharding = lowering.abstract_train_state(config, task, tx, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     frozen = jax.device_put(task.frozen_params(), sharding.replicated(mesh))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=state_sharding)(
-            jax.random.PRNGKey(0), train.example_batch(task, 1))
-        step = jax.jit(functools.partial(train.train_step, task, tx, config),
+            jax.random.PRNGKey(0), train_state.example_batch(task, 1))
+        step = jax.jit(functools.partial(train_state.train_step, task, tx, config),
                        in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
                        out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
     it = input_pipeline.create_train_iterator(config.input, seed=0, process_index=0, process_count=1,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wurst_jax import sharding, tasks, train
+from wurst_jax import lowering, sharding, tasks, train_state
 from wurst_jax.data import input_pipeline
 
 
@@ -20,14 +20,14 @@ def test_stage_a_loss_falls_on_4x2_mesh(tiny_shapes_config):
     mesh = sharding.create_mesh(config.mesh)
     task = tasks.create(config)
     tx = task.optimizer()
-    init_fn, _, state_sharding = train.abstract_train_state(config, task, tx, mesh, config.sharding_rules)
+    init_fn, _, state_sharding = lowering.abstract_train_state(config, task, tx, mesh, config.sharding_rules)
     batch_sharding = sharding.batch_sharding(mesh, config.sharding_rules)
     it = input_pipeline.create_train_iterator(config.input, seed=0, process_index=0, process_count=1)
     losses = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.sharding_rules):
         state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=state_sharding)(
-            jax.random.PRNGKey(0), train.example_batch(task, 1))
-        step = jax.jit(functools.partial(train.train_step, task, tx, config),
+            jax.random.PRNGKey(0), train_state.example_batch(task, 1))
+        step = jax.jit(functools.partial(train_state.train_step, task, tx, config),
                        in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
                        out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
         for _ in range(25):
@@ -36,7 +36,8 @@ def test_stage_a_loss_falls_on_4x2_mesh(tiny_shapes_config):
             losses.append(float(metrics['mse']))
     assert int(state.step) == 25
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
-    assert state.params['vqgan']['up_blocks_0']['channelwise_0']['kernel'].sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
+    kernel = state.params['vqgan']['up_blocks_0']['channelwise_0']['kernel']
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
 
 
 def test_gradient_accumulation_averages_micro_batch_gradients():
@@ -48,11 +49,12 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
             return grads, {'seen': model_state['seen'] + batch['x'].shape[0]}, {'loss': loss}
 
     params = {'w': jax.random.normal(jax.random.PRNGKey(0), (3, 2))}
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, ema_params=params,
+    state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, ema_params=params,
                              model_state={'seen': jnp.zeros((), jnp.int32)}, rng=jax.random.PRNGKey(1))
-    batch = {'x': jax.random.normal(jax.random.PRNGKey(2), (8, 3)), 'y': jax.random.normal(jax.random.PRNGKey(3), (8, 2))}
-    full = train.accumulated_grads(LinearTask(), state, {}, batch, state.rng, 1)
-    micro = jax.jit(lambda s, b: train.accumulated_grads(LinearTask(), s, {}, b, s.rng, 4))(state, batch)
+    batch = {'x': jax.random.normal(jax.random.PRNGKey(2), (8, 3)),
+             'y': jax.random.normal(jax.random.PRNGKey(3), (8, 2))}
+    full = train_state.accumulated_grads(LinearTask(), state, {}, batch, state.rng, 1)
+    micro = jax.jit(lambda s, b: train_state.accumulated_grads(LinearTask(), s, {}, b, s.rng, 4))(state, batch)
     np.testing.assert_allclose(micro[0]['w'], full[0]['w'], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(micro[2]['loss'], full[2]['loss'], rtol=1e-5)
     assert int(micro[1]['seen']) == 8

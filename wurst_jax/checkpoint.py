@@ -14,7 +14,6 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-
 COMPLETE_MARKER = 'training_complete.json'
 
 
@@ -125,8 +124,10 @@ def wait(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
 
 
-def load_trained(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict]:
-    """(config, state as a dict of arrays on one device) of a run's checkpoint, the newest by default.
+def load_trained(workdir: str, step: int | None = None,
+                 parts: tuple[str, ...] | None = None) -> tuple[ml_collections.ConfigDict, dict]:
+    """(config, state as a dict of arrays on one device) of a run's checkpoint, the newest by default;
+    with `parts` (e.g. ('ema_params', 'model_state')) only those entries of the state are read.
 
     For using a trained stage frozen inside another (Stage A inside Stage B, the effnet inside
     Stage C, all of them in sampling), on any number of devices: the arrays are restored from the
@@ -134,7 +135,7 @@ def load_trained(workdir: str, step: int | None = None) -> tuple[ml_collections.
     """
     directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     manager = ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'),
-                                    item_handlers={'state': ocp.StandardCheckpointHandler(),
+                                    item_handlers={'state': ocp.PyTreeCheckpointHandler(),
                                                    'config': ocp.JsonCheckpointHandler()})
     steps = manager.all_steps()
     if not steps:
@@ -144,10 +145,13 @@ def load_trained(workdir: str, step: int | None = None) -> tuple[ml_collections.
     elif step not in steps:
         raise FileNotFoundError(f'no checkpoint of step {step} under {directory}; it has steps {sorted(steps)}')
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          manager.item_metadata(step)['state'])
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             config=ocp.args.JsonRestore()))
+    metadata = manager.item_metadata(step)['state']
+    if parts is not None:
+        metadata = {k: metadata[k] for k in parts}
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), metadata)
+    state = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                   partial_restore=parts is not None)
+    restored = manager.restore(step, args=ocp.args.Composite(state=state, config=ocp.args.JsonRestore()))
     logging.info('Loaded step %d of %s', step, workdir)
     return ml_collections.ConfigDict(restored['config']), restored['state']
 

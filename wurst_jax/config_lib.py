@@ -101,6 +101,16 @@ def optimizer_config(lr: float, *, warmup_steps: int = 0, schedule: str = 'cosin
         grad_clip=grad_clip, b1=b1, b2=b2))
 
 
+def word_text_config(vocabulary, *, width: int, layers: int) -> ml_collections.ConfigDict:
+    """A small CLIP-architecture text encoder trained with the stage over a closed vocabulary of
+    words (`tokenizer='words'`), with per-sample caption dropout for classifier-free guidance."""
+    return ml_collections.ConfigDict(dict(
+        tokenizer='words', vocabulary=vocabulary, max_length=16, encoder='train', hidden_state='last', dropout=0.1,
+        dropout_mode='sample', encoder_config=ml_collections.ConfigDict(dict(
+            hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=4,
+            hidden_act='gelu'))))
+
+
 def input_config(dataset: str, *, image_size: int, batch_size: int, crop: str = 'center',
                  flip: bool = False, resize: int = 0) -> ml_collections.ConfigDict:
     """The input pipeline fields read by wurst_jax.data.input_pipeline."""
@@ -240,7 +250,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     field's type, exits with the ConfigError that names it (and the nearest field) instead of a traceback."""
     try:
         args = flag_values(argv)
-        flag_values['config'].value.get  # noqa: B018  (ml_collections reports a file it cannot load only when used)
+        flag_values['config'].value.get
         return args
     except OSError as e:
         raise SystemExit(f'--config={_flag_value(argv, "config")}: the config file cannot be loaded ({e})') from None
@@ -354,7 +364,8 @@ def _validate_eval(config) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError for the first invalid field; call before building anything."""
+    """Raises ConfigError for the first invalid field every experiment has (`tasks.validate` adds the
+    family's own: call that before building anything)."""
     check_known_fields(config)
     for field in ('total_steps', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                   'image_every_steps'):
@@ -372,5 +383,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_input(config)
     _validate_eval(config)
     validate_optimizer(config, 'optimizer')
-    from wurst_jax import tasks  # the family's own fields
-    tasks.validate(config)

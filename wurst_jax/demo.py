@@ -44,6 +44,7 @@ def check_resumable(config, workdir: str) -> None:
     the data folder and the earlier stages' workdirs may move), which then resumes: another config's
     (a run started with or without --runlocal, say) would not restore into this one's state."""
     from flax import traverse_util
+
     from wurst_jax import checkpoint
     saved = checkpoint.saved_config(workdir)
     if saved is None:
@@ -61,7 +62,7 @@ def check_resumable(config, workdir: str) -> None:
 
 def main(argv):
     del argv
-    from wurst_jax import checkpoint, config_lib, train, visualize
+    from wurst_jax import checkpoint, tasks, train, visualize
     from wurst_jax.data import shapes
     from wurst_jax.evaluate import shapes_alignment
     from wurst_jax.pipeline import Pipeline
@@ -69,7 +70,7 @@ def main(argv):
     timings = {}
     for stage in STAGES:
         config = stage_config(stage, root)
-        config_lib.validate(config)
+        tasks.validate(config)
         workdir = os.path.join(root, f'stage_{stage}')
         check_resumable(config, workdir)
         if max(checkpoint.all_steps(workdir), default=0) >= config.total_steps:

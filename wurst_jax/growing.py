@@ -8,7 +8,7 @@ outer levels and the new entry/exit start from their init. Growing again (16 →
 levels grown before and adds the next one outward (`models/shallow_uvit.py` names levels from the core).
 
 `grow.phase` 1 trains only the new layers: `freeze` routes the carried params to `optax.set_to_zero`,
-so they are bit-identical after any number of steps (and so is their EMA, see `train.ema_update`);
+so they are bit-identical after any number of steps (and so is their EMA, see `train_state.ema_update`);
 gradients still flow through the frozen core into the new encoder levels. Phase 2 trains everything.
 """
 from typing import Any

@@ -51,8 +51,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     config = _CONFIG.value
+    from wurst_jax import tasks  # loads JAX and the families: after the flags parse
     try:
-        config_lib.validate(config)  # before jax touches a device or compiles anything
+        tasks.validate(config)  # before jax touches a device or compiles anything
     except config_lib.ConfigError as e:
         raise SystemExit(f'Invalid config: {e}') from None
     for handler in logging.getLogger().handlers:
@@ -66,9 +67,10 @@ def main(argv):
         # for the peers: do it now, while every process is at the same point, not after uneven work.
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices('wurst_jax: all processes started')
-    from wurst_jax import train
     # TF is only used by clu's TensorBoard writer; keep it off any accelerator.
     import tensorflow as tf
+
+    from wurst_jax import train
     tf.config.set_visible_devices([], 'GPU')
     logging.info('JAX process %d of %d, %d local devices', jax.process_index(), jax.process_count(),
                  jax.local_device_count())

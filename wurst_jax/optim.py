@@ -1,4 +1,6 @@
 """Optimizers from the config: AdamW, warm-up + cosine/constant schedule, global-norm clipping."""
+from typing import Any
+
 import ml_collections
 import optax
 
@@ -21,3 +23,8 @@ def adamw(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTra
     if opt.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
     return tx
+
+
+def learning_rate(config: ml_collections.ConfigDict, step: Any) -> Any:
+    """The main optimizer's learning rate at `step`, as the loop logs it."""
+    return lr_schedule(config.optimizer, config.total_steps)(step)

@@ -11,10 +11,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from wurst_jax import checkpoint, sharding
-from wurst_jax.tasks import conditioning
+from wurst_jax import checkpoint, sharding, tasks
+from wurst_jax.tasks.base import DecoderSampler, PriorSampler
 from wurst_jax.visualize import to_uint8
 
 
@@ -47,15 +48,17 @@ class Pipeline:
     def __init__(self, stage_c_workdir: str, stage_b_workdir: str | None, *, prior_step: int | None = None,
                  devices: Sequence[jax.Device] | None = None):
         self.stage_c_workdir = stage_c_workdir
-        self.prior_task, prior_params, _ = conditioning.load_stage(stage_c_workdir, 'stage_c', prior_step)
+        self.prior_task: PriorSampler
+        self.prior_task, prior_params, _ = tasks.load_trained(stage_c_workdir, 'stage_c', prior_step)
         self.single_stage = self.prior_task.space == 'stage_a'
         self.mesh = sharding.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, devices)
         replicated = sharding.replicated(self.mesh)
         self.prior_params = jax.device_put(prior_params, replicated)
         self.prior_frozen = jax.device_put(self.prior_task.frozen_params(), replicated)
-        self.decoder_task, self.decoder_params, self.decoder_frozen = None, {}, {}
+        self.decoder_task: DecoderSampler | None = None
+        self.decoder_params, self.decoder_frozen = {}, {}
         if not self.single_stage:
-            self.decoder_task, decoder_params, _ = conditioning.load_stage(stage_b_workdir, 'stage_b')
+            self.decoder_task, decoder_params, _ = tasks.load_trained(stage_b_workdir, 'stage_b')
             self.decoder_params = jax.device_put(decoder_params, replicated)
             self.decoder_frozen = jax.device_put(self.decoder_task.frozen_params(), replicated)
         self.batch_sharding = NamedSharding(self.mesh, P('data'))

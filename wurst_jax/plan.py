@@ -63,11 +63,12 @@ def plan(config, devices) -> dict[str, float]:
     returns per-device bytes of arguments, outputs, aliased outputs, temporaries and their peak,
     FLOPs per step over the whole mesh, the parameter count and the compile seconds."""
     import jax
-    from wurst_jax import sharding, train
+
+    from wurst_jax import lowering, sharding, train
 
     mesh = sharding.create_mesh(config.mesh, devices)
     train.check_batch_fits_mesh(config, mesh)
-    lowered, abstract_state = train.lower_from_shapes(config, mesh)
+    lowered, abstract_state = lowering.lower_from_shapes(config, mesh)
     t0 = time.time()
     compiled = lowered.compile()
     seconds = time.time() - t0
@@ -76,7 +77,7 @@ def plan(config, devices) -> dict[str, float]:
         devices=mesh.size, params=float(sum(x.size for x in jax.tree.leaves(abstract_state.params))),
         argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
         alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
-        flops=train.step_flops(config, lowered), compile_seconds=seconds)
+        flops=lowering.step_flops(config, lowered), compile_seconds=seconds)
     # Donated state buffers are reused for the new state (aliased), so they count once.
     figures['peak_bytes'] = (figures['argument_bytes'] + figures['output_bytes'] - figures['alias_bytes']
                              + figures['temp_bytes'])
@@ -91,7 +92,8 @@ def report(config, figures: dict[str, float], target: str, device_gib: float) ->
              f'  params            {figures["params"] / 1e6:12.1f} M']
     for name in ('argument', 'output', 'alias', 'temp', 'peak'):
         lines.append(f'  {name + " per device":17s} {figures[name + "_bytes"] / GIB:12.2f} GiB')
-    lines += [f'  FLOPs per step    {figures["flops"]:12.3g} (all devices; {figures["flops"] / figures["devices"]:.3g} each)',
+    per_device = figures['flops'] / figures['devices']
+    lines += [f'  FLOPs per step    {figures["flops"]:12.3g} (all devices; {per_device:.3g} each)',
               f'  compile time      {figures["compile_seconds"]:12.1f} s']
     if device_gib:
         fits = figures['peak_bytes'] <= device_gib * GIB
@@ -103,8 +105,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     config = plan_config(_CONFIG.value, parse_mesh(_MESH.value), _BATCH.value)
+    from wurst_jax import tasks  # loads JAX and the families: after the flags parse
     try:
-        config_lib.validate(config)
+        tasks.validate(config)
     except config_lib.ConfigError as e:
         raise SystemExit(f'Invalid config: {e}') from None
     import jax

@@ -89,7 +89,8 @@ def write_split(task, config: ml_collections.ConfigDict, split: str, out: str, b
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """ConfigError unless `config` is a Stage C config that reads images (not records already)."""
-    config_lib.validate(config)
+    from wurst_jax import tasks  # JAX and the networks load only after the flags are checked
+    tasks.validate(config)
     if config.model_family != 'stage_c':
         raise config_lib.ConfigError('model_family', config.model_family, "'stage_c': only Stage C has "
                                      'frozen encoders to precompute')
@@ -101,7 +102,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def precompute(config: ml_collections.ConfigDict, out: str, splits: list[str], batch_size: int,
                dtype: str = 'float32') -> dict:
     """Writes the records of `splits` and metadata.json into `out`; returns the metadata."""
-    from wurst_jax import tasks  # JAX and the networks load only after the flags are checked
+    from wurst_jax import tasks  # as in check_config
     check_config(config)
     task = tasks.create(config)
     os.makedirs(out, exist_ok=True)

@@ -7,7 +7,8 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from wurst_jax.config_lib import MESH_AXES, ConfigError
 

@@ -52,7 +52,8 @@ class PaddedTokenizer:
     def from_words(cls, vocabulary: Sequence[str], max_length: int) -> 'PaddedTokenizer':
         """[<bos>, lowercase words (unknown ones -> <unk>), <eos>, <pad>...], ids 0-3 for the specials."""
         words = sorted({w.lower() for w in vocabulary} - set(WORD_SPECIALS))
-        tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate((*WORD_SPECIALS, *words))}, unk_token='<unk>'))
+        vocab = {t: i for i, t in enumerate((*WORD_SPECIALS, *words))}
+        tokenizer = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
         tokenizer.normalizer = normalizers.Lowercase()
         tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
         tokenizer.post_processor = processors.TemplateProcessing(

@@ -8,12 +8,21 @@
 BatchNorm). Folders are read with safetensors; original `.pt` checkpoints (`original.py`) with
 torch.load(weights_only=True), never by unpickling arbitrary objects.
 """
-from wurst_jax.convert import clip  # noqa: F401
-from wurst_jax.convert import effnet  # noqa: F401
-from wurst_jax.convert import inception  # noqa: F401
-from wurst_jax.convert import pixart  # noqa: F401
-from wurst_jax.convert import wuerstchen  # noqa: F401  (registers its components)
-from wurst_jax.convert.core import COMPONENTS, load_diffusers, save_diffusers, shapes_only
+import os
+from typing import Any
+
+import flax.linen as nn
+
+from wurst_jax.convert import clip, effnet, inception, pixart, wuerstchen  # noqa: F401  (each registers its components)
+from wurst_jax.convert.core import COMPONENTS, load_folder, save_diffusers, shapes_only
 from wurst_jax.convert.original import load_original
+
+
+def load_diffusers(path: str, name: str, **module_overrides: Any) -> tuple[nn.Module, dict]:
+    """(module, Flax variables) of component `name` from a local diffusers or transformers model
+    folder (`core.load_folder`) or an original checkpoint file (`original.load_original`)."""
+    if os.path.isfile(path):
+        return load_original(path, name, **module_overrides)
+    return load_folder(path, name, **module_overrides)
 
 __all__ = ['COMPONENTS', 'load_diffusers', 'load_original', 'save_diffusers', 'shapes_only']

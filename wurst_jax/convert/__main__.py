@@ -10,6 +10,7 @@ import os
 from absl import app, flags
 from flax import serialization
 
+from wurst_jax import convert
 from wurst_jax.convert import core
 
 _COMPONENT = flags.DEFINE_enum('component', None, sorted(core.COMPONENTS), 'Which network.')
@@ -21,7 +22,7 @@ FLAX_VARIABLES = 'variables.msgpack'
 
 
 def to_flax(src: str, dst: str, component: str) -> None:
-    module, variables = core.load_diffusers(src, component)
+    module, variables = convert.load_diffusers(src, component)
     os.makedirs(dst, exist_ok=True)
     with open(os.path.join(dst, core.CONFIG_NAME), 'w') as f:
         json.dump(core.component(component).to_config(module), f, indent=2)

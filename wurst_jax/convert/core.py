@@ -3,8 +3,9 @@
 A `Component` says how to build the Flax module from a model folder's config.json, the config to
 write back, and the torch key of every Flax variable; the tables live in one module per family
 (`wuerstchen.py`, `effnet.py`, `clip.py`) and register themselves here. Tensor layouts follow
-wuerstchen.md §10: Linear (out, in) <-> Dense (in, out); Conv (out, in, kh, kw) <-> (kh, kw, in, out);
-GRN (1, 1, 1, C) <-> (C,). A component with other layouts passes its own `to_flax` / `to_torch`.
+the usual torch <-> Flax correspondence: Linear (out, in) <-> Dense (in, out);
+Conv (out, in, kh, kw) <-> (kh, kw, in, out); GRN (1, 1, 1, C) <-> (C,). A component with other
+layouts passes its own `to_flax` / `to_torch`.
 """
 import contextlib
 import dataclasses
@@ -75,7 +76,7 @@ _SHAPES_ONLY = False
 
 @contextlib.contextmanager
 def shapes_only():
-    """Within it, `load_diffusers` reads only a model folder's config.json and returns the variables
+    """Within it, `load_folder` reads only a model folder's config.json and returns the variables
     as ShapeDtypeStructs: what an ahead-of-time plan (`wurst_jax.plan`) of a run with big frozen
     networks needs, without their weights on disk or in memory."""
     global _SHAPES_ONLY
@@ -210,16 +211,13 @@ def read_config(path: str, name: str) -> dict:
     return config
 
 
-def load_diffusers(path: str, name: str, **module_overrides: Any) -> tuple[nn.Module, dict]:
+def load_folder(path: str, name: str, **module_overrides: Any) -> tuple[nn.Module, dict]:
     """(module configured from path/config.json, Flax variables) from a local diffusers or
-    transformers model folder, or from an original checkpoint file (see `original.py`).
+    transformers model folder.
 
     module_overrides set Flax-only options, e.g. scan_blocks=True or dtype=jnp.bfloat16. Within
     `shapes_only()` a folder needs only its config.json and the variables are ShapeDtypeStructs.
     """
-    if os.path.isfile(path):  # an original checkpoint file rather than a model folder
-        from wurst_jax.convert.original import load_original
-        return load_original(path, name, **module_overrides)
     comp = component(name)
     module = comp.from_config(read_config(path, name))
     if module_overrides:

@@ -1,4 +1,4 @@
-"""PixArt-α's re-parameterised start from a class-conditional DiT (pixart_greedy_eval.md §A.3).
+"""PixArt-α's re-parameterised start from a class-conditional DiT (Chen et al., arXiv:2310.00426, §2.3).
 
 From a diffusers `DiTTransformer2DModel` folder, a `PixArtTransformer` whose weights are DiT's where
 the two share a layer (patch embedding, timestep MLP, self-attention, MLP, output projection) and
@@ -21,8 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wurst_jax.convert.core import (CONFIG_NAME, DIFFUSERS_WEIGHTS, read_json, read_safetensors,
-                                    state_dict_from_variables, variables_from_state_dict)
+from wurst_jax.convert.core import (
+    CONFIG_NAME,
+    DIFFUSERS_WEIGHTS,
+    read_json,
+    read_safetensors,
+    state_dict_from_variables,
+    variables_from_state_dict,
+)
 from wurst_jax.models.pixart import PixArtTransformer, sinusoid_frequencies
 
 _SHARED = ('attn1.', 'ff.')  # per-block layers DiT and PixArt share

@@ -1,4 +1,5 @@
-"""Key table of the semantic compressor (`EfficientNetEncoder`, wuerstchen.md §3).
+"""Key table of the semantic compressor (`EfficientNetEncoder` of dome272/Wuerstchen `modules.py`;
+Stability-AI/StableCascade `modules/effnet.py`).
 
 Torch keys: `backbone.<torchvision efficientnet features keys>` and `mapper.0.weight`,
 `mapper.1.{weight,bias,running_mean,running_var}` (no weight/bias when the mapper BN is not affine, as in

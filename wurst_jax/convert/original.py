@@ -1,8 +1,8 @@
 """The original checkpoints: dome272/Wuerstchen `.pt` files and Stable Cascade `.safetensors` files.
 
 Their tensors carry the torch module names of the original code, which differ from diffusers' only
-in the attention (one `in_proj` for q/k/v, `out_proj`) and the VQ codebook name (wuerstchen.md
-§4.1, §10). A `.pt` is a dict of state dicts, read with `torch.load(weights_only=True)`; which
+in the attention (one `in_proj` for q/k/v, `out_proj`) and the VQ codebook name (diffusers
+`scripts/convert_wuerstchen.py`). A `.pt` is a dict of state dicts, read with `torch.load(weights_only=True)`; which
 entry holds the network depends on the file:
 
   model_v3_stage_c.pt / model_stage_c.pt   prior     'ema_state_dict' (what diffusers converted)

@@ -90,7 +90,8 @@ _ORIGINAL_PREFIXES = {
 _ORIGINAL_BLOCK = {'attn.proj.': 'attn1.to_out.0.', 'mlp.fc1.': 'ff.net.0.proj.', 'mlp.fc2.': 'ff.net.2.',
                    'cross_attn.q_linear.': 'attn2.to_q.', 'cross_attn.proj.': 'attn2.to_out.0.',
                    'scale_shift_table': 'scale_shift_table'}
-_FUSED = {'attn.qkv.': ('attn1.to_q.', 'attn1.to_k.', 'attn1.to_v.'), 'cross_attn.kv_linear.': ('attn2.to_k.', 'attn2.to_v.')}
+_FUSED = {'attn.qkv.': ('attn1.to_q.', 'attn1.to_k.', 'attn1.to_v.'),
+          'cross_attn.kv_linear.': ('attn2.to_k.', 'attn2.to_v.')}
 _NOT_WEIGHTS = ('pos_embed', 'y_embedder.y_embedding')
 
 

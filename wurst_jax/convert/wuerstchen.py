@@ -1,9 +1,9 @@
 """Key tables of the Würstchen diffusers models: prior (WuerstchenPrior), decoder
 (WuerstchenDiffNeXt), vqgan (PaellaVQModel).
 
-Flax names follow the torch modules (wuerstchen.md §10), so each table only turns a Flax path
-into the torch key: Sequential indices back in (`channelwise_0` -> `channelwise.0`) and the
-triplet blocks of the prior flattened into `blocks.{3k + j}`.
+Flax names follow the torch modules (diffusers `src/diffusers/pipelines/wuerstchen/modeling_*.py`),
+so each table only turns a Flax path into the torch key: Sequential indices back in
+(`channelwise_0` -> `channelwise.0`) and the triplet blocks of the prior flattened into `blocks.{3k + j}`.
 """
 import re
 

@@ -1,5 +1,5 @@
-"""Multi-aspect buckets (PixArt-α App. A.5, pixart_greedy_eval.md §A.4): every batch takes all its
-images from one bucket, a (height, width) of about the area of the square training size.
+"""Multi-aspect buckets (PixArt-α App. A.5; PixArt-alpha/PixArt-alpha `diffusion/data/datasets/utils.py`):
+every batch takes all its images from one bucket, a (height, width) of about the area of the square training size.
 
 The table is PixArt-α's `ASPECT_RATIO_1024` (40 ratios h/w from 0.25 to 4); for a training size S
 its sides are scaled by S/1024 and rounded to a multiple of `multiple` (default S/16, which gives

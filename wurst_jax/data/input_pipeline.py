@@ -334,3 +334,14 @@ def create_eval_iterator(input_config: ml_collections.ConfigDict, *, split: str,
     count = len(source) if num_examples is None else min(num_examples, len(source))
     ds = ds[:count][process_index::process_count].map(transform).batch(batch_size, drop_remainder=False)
     return iter(ds.to_iter_dataset(_READ_OPTIONS))
+
+
+def eval_batches(config: ml_collections.ConfigDict, tokenizer: Any = None) -> Iterator[dict] | list[dict]:
+    """The held-out batches a run evaluates and draws its image grid from, as config.eval.data names
+    them: 'astronaut_tiles' (crops of skimage's astronaut photo, the Stage A reconstruction check),
+    else the first config.eval.num_examples of config.input.eval_split."""
+    if config.eval.data == 'astronaut_tiles':
+        tiles = photos.astronaut_crops(config.input.image_size).astype(np.float32) / 127.5 - 1
+        return [dict(image=tiles[i:i + config.eval.batch_size]) for i in range(0, len(tiles), config.eval.batch_size)]
+    return create_eval_iterator(config.input, split=config.input.eval_split, batch_size=config.eval.batch_size,
+                                num_examples=config.eval.num_examples, tokenizer=tokenizer)

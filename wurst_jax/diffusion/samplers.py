@@ -102,3 +102,19 @@ def sample(denoise: Callable[[jax.Array, jax.Array], jax.Array], x_init: jax.Arr
     keys = jax.random.split(rng, len(ts) - 1)
     x, _ = jax.lax.scan(body, x_init.astype(jnp.float32), (ts[:-1], ts[1:], keys))
     return x
+
+
+def sample_guided(denoise_cond, x_init: jax.Array, rng: jax.Array, timesteps, scale: float,
+                  sampler: str, shift: float = 1.0, rescale: float = 0.0) -> jax.Array:
+    """Runs a sampler with classifier-free guidance; `denoise_cond(x, t, conditional: bool) -> ε̂`, at guidance `scale`.
+
+    The conditional and unconditional passes share one call on a doubled batch.
+    """
+    if scale <= 1.0:
+        return sample(lambda x, t: denoise_cond(x, t, True), x_init, timesteps, rng, sampler, shift)
+
+    def denoise(x, t):
+        eps_c, eps_u = jnp.split(denoise_cond(jnp.concatenate([x, x]), jnp.concatenate([t, t]), None), 2)
+        return guidance(eps_u, eps_c, scale, rescale)
+
+    return sample(denoise, x_init, timesteps, rng, sampler, shift)

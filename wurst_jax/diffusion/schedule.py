@@ -1,8 +1,9 @@
 """The cosine ᾱ(t) schedule on continuous t in [0, 1], t sampling, noising and loss weights.
 
-Identical in Würstchen's Diffuzz, diffusers' DDPMWuerstchenScheduler and Stable Cascade's GDF
-(wuerstchen.md §8.1): ᾱ(t) = cos²((t + s)/(1 + s)·π/2) / cos²(s/(1 + s)·π/2), clamped to
-[1e-4, 0.9999], s = 0.008. The networks take t itself as their time input.
+Identical in Würstchen's Diffuzz (dome272/Wuerstchen `diffuzz.py`), diffusers' DDPMWuerstchenScheduler
+(`scheduling_ddpm_wuerstchen.py`) and Stable Cascade's GDF (Stability-AI/StableCascade `gdf/schedulers.py`):
+ᾱ(t) = cos²((t + s)/(1 + s)·π/2) / cos²(s/(1 + s)·π/2), clamped to [1e-4, 0.9999], s = 0.008.
+The networks take t itself as their time input.
 """
 import math
 

@@ -1,4 +1,5 @@
-"""CLIP score and CMMD from a local Hugging Face CLIP folder (pixart_greedy_eval.md §C.3-C.4).
+"""CLIP score and CMMD from a local Hugging Face CLIP folder (CLIP score: Hessel et al. 2021; CMMD:
+Jayasumana et al., "Rethinking FID", arXiv:2401.09603).
 
 CLIP score conventions (`clip_score`), all over pairs (image i, prompt i):
 * 'torchmetrics': 100 · cos per pair, then the mean clamped at 0 (torchmetrics' CLIPScore);
@@ -21,8 +22,13 @@ import numpy as np
 from PIL import Image
 
 from wurst_jax import sharding
-from wurst_jax.convert.core import (CONFIG_NAME, TRANSFORMERS_WEIGHTS, read_json, read_safetensors,
-                                    variables_from_state_dict)
+from wurst_jax.convert.core import (
+    CONFIG_NAME,
+    TRANSFORMERS_WEIGHTS,
+    read_json,
+    read_safetensors,
+    variables_from_state_dict,
+)
 from wurst_jax.models.clip import CLIPTextModel, CLIPVisionModel
 from wurst_jax.tokenizer import create_tokenizer
 

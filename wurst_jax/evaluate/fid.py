@@ -1,4 +1,4 @@
-"""FID as the field computes it (pixart_greedy_eval.md §C.1): pool3 features of the FID Inception,
+"""FID as the field computes it (Heusel et al. 2017; mseitzer/pytorch-fid): pool3 features of the FID Inception,
 Gaussian statistics accumulated in float64 on the host, the Fréchet distance with scipy's sqrtm.
 
 Conventions, each with its test in tests/test_evaluate.py:

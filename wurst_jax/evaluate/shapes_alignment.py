@@ -68,8 +68,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from wurst_jax.data.shapes import (BACKGROUND, COLOURS, OBJECT_EXTENT, POSITION_CENTRES,
-                                   SceneObject, parse_caption)
+from wurst_jax.data.shapes import BACKGROUND, COLOURS, OBJECT_EXTENT, POSITION_CENTRES, SceneObject, parse_caption
 
 MIN_COVERAGE = 0.5
 MIN_AREA_FRACTION = 0.2

@@ -2,8 +2,9 @@
 
 Module names follow the transformers modules, so conversion (`wurst_jax/convert/clip.py`) is a
 renaming: `layers_3` <-> `layers.3`, kernel/scale/embedding <-> weight. Which hidden state a
-pipeline uses (wuerstchen.md §6): Würstchen takes `last_hidden_state` (after the final LayerNorm),
-Stable Cascade `hidden_states[-1]` (before it) and the pooled `text_embeds`.
+pipeline uses (diffusers `pipeline_wuerstchen_prior.py`, Stability-AI/StableCascade `train/train_c.py`):
+Würstchen takes `last_hidden_state` (after the final LayerNorm), Stable Cascade `hidden_states[-1]`
+(before it) and the pooled `text_embeds`.
 """
 from typing import Any
 

@@ -1,4 +1,5 @@
-"""Würstchen's semantic compressor: EfficientNetV2-S features + a 1x1 conv/BatchNorm mapper (wuerstchen.md §3).
+"""Würstchen's semantic compressor: EfficientNetV2-S features + a 1x1 conv/BatchNorm mapper
+(dome272/Wuerstchen `modules.py` `EfficientNetEncoder`; Stability-AI/StableCascade `modules/effnet.py`).
 
 `EfficientNetEncoder` maps RGB images [B, H, W, 3] to the Stage-C latents [B, H/32, W/32, c_latent]:
 

@@ -1,15 +1,16 @@
 """The FID variant of Inception-v3: the 2015 TensorFlow graph as ported by pytorch-fid.
 
 Its 2048-d pool3 output is the feature space every published FID is computed in
-(pixart_greedy_eval.md §C.1). It differs from torchvision's Inception-v3 in its weights and in
-four places: average pools in Mixed_5*/6*/7b do not count the padding, and Mixed_7c max-pools
-its pool branch. Module names follow torchvision's (`Mixed_6b/branch7x7_2/conv`), so the
+(Heusel et al. 2017; bioinf-jku/TTUR, mseitzer/pytorch-fid). It differs from torchvision's
+Inception-v3 in its weights and in four places: average pools in Mixed_5*/6*/7b do not count the
+padding, and Mixed_7c max-pools its pool branch. Module names follow torchvision's (`Mixed_6b/branch7x7_2/conv`), so the
 pytorch-fid state dict converts by name (`convert/inception.py`). Inference only: batch norm
 always uses its running statistics.
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 
 class BasicConv2d(nn.Module):
     features: int

@@ -1,4 +1,5 @@
-"""PixArt-α's transformer (diffusers `PixArtTransformer2DModel`), NHWC (pixart_greedy_eval.md §A).
+"""PixArt-α's transformer (diffusers `PixArtTransformer2DModel`), NHWC (Chen et al., arXiv:2310.00426;
+PixArt-alpha/PixArt-alpha `diffusion/model/nets/PixArt.py`, `PixArtMS.py`).
 
 Patchify with fixed 2-D sin-cos positions (rescaled to the base grid, `interpolation_scale`); one
 timestep MLP whose output `t_block` maps to six modulations shared by all blocks (adaLN-single),

@@ -1,7 +1,9 @@
 """Resizes that reproduce torch.nn.functional.interpolate exactly, as separable matrices.
 
 jax.image.resize uses half-pixel centres and, for cubic, a = -0.75 without antialiasing, so it
-differs from what the Würstchen/Stable Cascade networks were trained with (wuerstchen.md §11.1-2).
+differs from what the Würstchen/Stable Cascade networks were trained with: bicubic with antialias
+and align_corners (dome272/Wuerstchen `modules.py` `DiffNeXt`), bilinear with align_corners
+(Stability-AI/StableCascade `modules/stage_b.py`).
 Sizes are static, so the matrices are built with NumPy at trace time and applied as two einsums.
 """
 import functools

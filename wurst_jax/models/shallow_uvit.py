@@ -1,4 +1,5 @@
-"""Pixel-space denoisers of greedy growing (Vasconcelos et al., 2024, pixart_greedy_eval.md §B), NHWC.
+"""Pixel-space denoisers of greedy growing (Vasconcelos et al., "Greedy Growing Enables High-Resolution
+Pixel-Based Diffusion Models", arXiv:2405.16759), NHWC.
 
 `ShallowUViT` is the model the core is trained in: an entry convolution that patchifies the image
 (stride `patch_size`) to the core grid, one residual block as the encoder, the deep text-conditional
@@ -13,7 +14,7 @@ Param names are what growing copies (`wurst_jax.growing`): `core`, and per level
 `down_k`, `up_k`, `decoder_k` with k counted from the core outward, so a model grown again keeps its levels' names and
 the new outermost level gets the next index; `entry` and `exit` always belong to one resolution.
 
-Choices the paper leaves open (its body could not be read; §B.3, §E):
+Choices made here that the paper's abstract and Figure 1 caption do not settle:
 * The core's block is Würstchen's prior block (`stage_c.PriorBlock`: ConvNeXt residual block, FiLM by
   the time, then self- and cross-attention in one softmax over [image tokens, text tokens]), with
   fixed 2-D sin-cos positions added at the core's input. It is the block this repository already

@@ -1,10 +1,10 @@
 """Stage A: the Paella f4 VQGAN of Würstchen (diffusers `PaellaVQModel`) and its discriminator.
 
-Layout follows wuerstchen.md §2: pixel unshuffle, mixing residual blocks, one stride-2 conv, a
+Layout follows dome272/Wuerstchen `vqgan.py` (`VQModel`): pixel unshuffle, mixing residual blocks, one stride-2 conv, a
 BatchNorm'd 4-channel latent and a codebook with a straight-through estimator. Würstchen v2 and
 Stable Cascade decode continuous latents; the codebook is used while training Stage A.
 """
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -1,6 +1,6 @@
 """Stage B: Würstchen v2's decoder (diffusers `WuerstchenDiffNeXt`), NHWC.
 
-A U-Net over Stage A latents (wuerstchen.md §5.2): pixel-unshuffle embedding, levels of
+A U-Net over Stage A latents (dome272/Wuerstchen `modules.py` `DiffNeXt`): pixel-unshuffle embedding, levels of
 (ResBlock, TimestepBlock[, AttnBlock]) with a k2/s2 conv down and transposed conv up, the Stage C
 map injected at every injecting level (resized exactly as torch's bicubic antialias,
 align_corners resize, mapped by a 1x1 conv and concatenated into every ResBlock as a skip), CLIP

@@ -2,7 +2,8 @@
 
 A 1x1 projection, `depth` identical (ResBlock, TimestepBlock, AttnBlock) triplets at one
 resolution, and an output that turns the predicted (a, b) into the noise estimate
-(x - a) / (|1 - b| + 1e-5) (wuerstchen.md §4.1). `pos_embed` (not in the reference) adds a fixed
+(x - a) / (|1 - b| + 1e-5) (dome272/Wuerstchen `modules.py` `Prior`; diffusers
+`src/diffusers/pipelines/wuerstchen/modeling_wuerstchen_prior.py`). `pos_embed` (not in the reference) adds a fixed
 2-D sin-cos position embedding after the projection: attention has no notion of place, and a
 shallow prior on a small map cannot infer "on the left" from its convs' borders. `linear_output` (not in the
 reference either) returns the output conv's value itself, for v-prediction: v ≈ −x0 at high noise is
@@ -73,7 +74,8 @@ class WuerstchenPrior(nn.Module):
         r_emb = layers.gen_r_embedding(r, self.c_r)
         block_args = dict(channels=self.c, num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype)
         if self.scan_blocks:
-            scan = nn.scan(layers.remat(PriorScanStep, self.remat_policy, deterministic_argnum=4), variable_axes={'params': 0},
+            scan = nn.scan(layers.remat(PriorScanStep, self.remat_policy, deterministic_argnum=4),
+                           variable_axes={'params': 0},
                            split_rngs={'params': True, 'dropout': True}, length=self.depth,
                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                            metadata_params={nn.PARTITION_NAME: 'layers'})

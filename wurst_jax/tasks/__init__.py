@@ -1,15 +1,15 @@
 """Model families the training loop can train, chosen by `config.model_family`.
 
 A task is the family-specific part of training: it builds its networks, initialises params, turns a
-batch into gradients, and renders and evaluates samples. Everything else (mesh, optimizer state,
-EMA, checkpoints, logging) is shared in wurst_jax.train.
+batch into gradients, and renders and evaluates samples (the contract: `tasks/base.py`). Everything
+else (mesh, optimizer state, EMA, checkpoints, logging) is shared in wurst_jax.train.
 """
-from typing import Any
-
 import ml_collections
 
+from wurst_jax import config_lib
 from wurst_jax.config_lib import ConfigError
-from wurst_jax.tasks import pixel, stage_a, stage_b, stage_c
+from wurst_jax.tasks import conditioning, pixel, stage_a, stage_b, stage_c
+from wurst_jax.tasks.base import Task
 
 FAMILIES = {'stage_a': stage_a.StageATask, 'stage_b': stage_b.StageBTask, 'stage_c': stage_c.StageCTask,
             'pixel': pixel.PixelTask}
@@ -22,10 +22,19 @@ def _family(config: ml_collections.ConfigDict):
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks the fields of config.model_family's own config section."""
+    """Raises config_lib.ConfigError for the first invalid field, the shared ones first, then the
+    family's own: call before building anything."""
+    config_lib.validate(config)
     _family(config).validate(config)
 
 
-def create(config: ml_collections.ConfigDict) -> Any:
+def load_trained(source: str, family: str, step: int | None = None) -> tuple[Task, dict, dict]:
+    """(task, EMA params, model_state) of a trained run of `family` in workdir `source` at `step`
+    (the newest checkpoint by default): what sampling and evaluation use."""
+    config, params, model_state = conditioning.trained_run(source, family, step)
+    return create(config), params, model_state
+
+
+def create(config: ml_collections.ConfigDict) -> Task:
     """The task object for config.model_family."""
     return _family(config)(config)

@@ -1,7 +1,7 @@
-"""What the diffusion stages condition on, shared by Stage B, Stage C and sampling: the text
-encoder (trained with the stage, or frozen from a local CLIP folder), caption dropout for
-classifier-free guidance, and frozen networks loaded from another run or a weights file (Stage A's
-VQGAN with the latent space it defines)."""
+"""What the diffusion families (Stage B, Stage C, the pixel family) share: the text encoder (trained
+with the stage, or frozen from a local CLIP folder), caption dropout for classifier-free guidance, the
+validation of their diffusion, text and optimizer fields, and frozen networks loaded from another run
+or a weights file (Stage A's VQGAN with the latent space it defines, the semantic compressor)."""
 import os
 from typing import Any
 
@@ -11,9 +11,12 @@ import ml_collections
 import numpy as np
 
 from wurst_jax import checkpoint, convert, sharding
-from wurst_jax.config_lib import ConfigError
+from wurst_jax.config_lib import ConfigError, validate_optimizer
 from wurst_jax.diffusion import loss as diffusion_loss
+from wurst_jax.diffusion import samplers, schedule
 from wurst_jax.models.clip import CLIPTextModel
+from wurst_jax.models.effnet import EfficientNetEncoder
+from wurst_jax.models.layers import DTYPES
 from wurst_jax.models.stage_a import VQGAN
 from wurst_jax.tokenizer import create_tokenizer
 
@@ -42,9 +45,9 @@ def validate_text(text: ml_collections.ConfigDict) -> None:
 class TextConditioner:
     """Tokenizer + CLIP text encoder; `trainable` when config.text.encoder == 'train'.
 
-    config.text: tokenizer ('bytes', 'words' of text.vocabulary, or a local CLIP folder), max_length, encoder ('train' or a
-    local transformers CLIP text folder, used frozen), encoder_config (the CLIP fields of a trained
-    encoder), hidden_state, dropout and dropout_mode (caption -> "" for CFG).
+    config.text: tokenizer ('bytes', 'words' of text.vocabulary, or a local CLIP folder), max_length,
+    encoder ('train' or a local transformers CLIP text folder, used frozen), encoder_config (the CLIP
+    fields of a trained encoder), hidden_state, dropout and dropout_mode (caption -> "" for CFG).
     """
 
     def __init__(self, text: ml_collections.ConfigDict, dtype: Any = jnp.float32):
@@ -108,21 +111,22 @@ class TextConditioner:
         return cond, jnp.broadcast_to(self.empty_states(text_params), cond.shape)
 
 
-def load_stage(source: str, family: str, step: int | None = None) -> tuple[Any, dict, dict]:
-    """(task, EMA params, model_state) of a trained run of `family` in workdir `source`, at `step`
-    (the newest checkpoint by default)."""
-    from wurst_jax import tasks  # the tasks import this module
-    config, state = checkpoint.load_trained(source, step)
+def trained_run(source: str, family: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, dict]:
+    """(saved config, EMA params, model_state) of a trained run of `family` in workdir `source` at
+    `step` (the newest checkpoint by default), on one device whatever topology saved it; the optimizer
+    state and the training params are not read."""
+    config, state = checkpoint.load_trained(source, step, parts=('ema_params', 'model_state'))
     if config.model_family != family:
         raise ConfigError('source', source, f'a workdir of a {family} run, not {config.model_family}')
-    return tasks.create(config), state['ema_params'], state['model_state']
+    return config, state['ema_params'], state['model_state']
 
 
 def load_stage_a(source: str) -> tuple[VQGAN, dict]:
     """(VQGAN, frozen variables) from a Stage A workdir or a converted vqgan folder/file."""
     if os.path.isdir(os.path.join(source, 'checkpoints')):
-        task, params, model_state = load_stage(source, 'stage_a')
-        return task.vqgan, network_variables(params, model_state, 'vqgan')
+        config, params, model_state = trained_run(source, 'stage_a')
+        vqgan = VQGAN(**config.model.to_dict(), dtype=DTYPES[config.dtype])
+        return vqgan, network_variables(params, model_state, 'vqgan')
     if not os.path.exists(source):
         raise ConfigError('stage_a.source', source, 'a Stage A workdir, a vqgan model folder or checkpoint file')
     return convert.load_diffusers(source, 'vqgan')
@@ -158,3 +162,45 @@ def evaluate_held_out(losses_fn, params: Any, model_state: Any, frozen: dict, ba
     result = {f'loss_t{t}': float(v) for t, v in zip(diffusion_loss.EVAL_TIMES, losses)}
     result['loss'] = float(np.mean(losses))
     return result
+
+
+def validate_diffusion(config: ml_collections.ConfigDict) -> None:
+    """The fields Stage B and Stage C share: diffusion, text and optimizer."""
+    validate_text(config.text)
+    validate_optimizer(config, 'optimizer')
+    d = config.diffusion
+    if d.t_sampling not in schedule.T_SAMPLING:
+        raise ConfigError('diffusion.t_sampling', d.t_sampling, f'one of {schedule.T_SAMPLING}')
+    if d.loss_weight not in schedule.LOSS_WEIGHTS:
+        raise ConfigError('diffusion.loss_weight', d.loss_weight, f'one of {schedule.LOSS_WEIGHTS}')
+    if not d.get('p2_k', 1.0) > 0:
+        raise ConfigError('diffusion.p2_k', d.p2_k, 'a positive number (1 is Würstchen\'s P2 weight)')
+    if d.get('prediction', 'epsilon') not in schedule.PREDICTIONS:
+        raise ConfigError('diffusion.prediction', d.prediction, f'one of {schedule.PREDICTIONS}')
+    if d.sampler not in samplers.SAMPLERS:
+        raise ConfigError('diffusion.sampler', d.sampler, f'one of {samplers.SAMPLERS}')
+
+
+def effnet_module(effnet: ml_collections.ConfigDict, dtype: Any) -> EfficientNetEncoder:
+    """The semantic compressor a Stage B config's `effnet` section describes."""
+    return EfficientNetEncoder(stages=tuple(tuple(s) for s in effnet.stages), last_channels=effnet.last_channels,
+                               c_latent=effnet.c_latent, stochastic_depth_prob=effnet.stochastic_depth, dtype=dtype)
+
+
+def load_effnet(source: str, dtype: Any = jnp.float32) -> tuple[Any, dict]:
+    """(effnet module, its frozen variables) from a Stage B workdir that trained it, or a weights
+    folder/file that `wurst_jax.convert` reads."""
+    if os.path.isdir(os.path.join(source, 'checkpoints')):
+        config, params, model_state = trained_run(source, 'stage_b')
+        return effnet_module(config.effnet, DTYPES[config.dtype]), network_variables(params, model_state, 'effnet')
+    if not os.path.exists(source):
+        raise ConfigError('effnet.source', source, 'a Stage B workdir, an effnet model folder or checkpoint file')
+    return convert.load_diffusers(source, 'effnet', dtype=dtype)
+
+
+def effnet_latents(effnet: Any, variables: dict, images: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Images in [-1, 1] -> the effnet's map of them resized to size (h, w) (effnet input in [0, 1])."""
+    x = (images.astype(jnp.float32) + 1) / 2
+    if x.shape[1:3] != tuple(size):
+        x = jax.image.resize(x, (x.shape[0], *size, 3), 'bilinear', antialias=True)
+    return effnet.apply(variables, x).astype(jnp.float32)

@@ -29,10 +29,10 @@ from wurst_jax.data import shapes
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
 from wurst_jax.evaluate import shapes_alignment
+from wurst_jax.models.layers import DTYPES
 from wurst_jax.models.shallow_uvit import GrownUNet, ShallowUViT
 from wurst_jax.tasks import conditioning
 from wurst_jax.visualize import to_uint8
-from wurst_jax.tasks.stage_c import DTYPES, sample_guided
 
 PHASES = (1, 2)  # 1: only the new layers train; 2: everything trains
 
@@ -65,7 +65,8 @@ class PixelTask:
             if not (isinstance(m[field], int) and m[field] > 0):
                 raise ConfigError(f'model.{field}', m[field], 'a positive integer')
         if m.c % m.num_heads or m.c % 4:
-            raise ConfigError('model.c', m.c, f'a multiple of model.num_heads={m.num_heads} and of 4 (sin-cos positions)')
+            raise ConfigError('model.c', m.c,
+                              f'a multiple of model.num_heads={m.num_heads} and of 4 (sin-cos positions)')
         if not all(isinstance(w, int) and w > 0 for w in m.level_channels):
             raise ConfigError('model.level_channels', m.level_channels, 'positive widths, from the core outward')
         size, levels = config.input.image_size, len(m.level_channels)
@@ -99,7 +100,7 @@ class PixelTask:
         size = self.config.input.image_size
         text = jnp.zeros((1, self.config.text.max_length, self.text.width))
         # The denoiser's modules (core, levels, entry, exit) are top-level names beside 'text', so
-        # growing hands the carried ones to train.with_pretrained whole, the new ones keep this init.
+        # growing hands the carried ones to train_state.with_pretrained whole, the new ones keep this init.
         params = dict(self.denoiser.init(denoiser_rng, jnp.zeros((1, size, size, 3)), jnp.zeros((1,)), text)['params'])
         if self.text.trainable:
             params['text'] = self.text.init(text_rng)
@@ -160,7 +161,7 @@ class PixelTask:
         size = self.config.input.image_size
         init_rng, rng = jax.random.split(rng)
         x = jax.random.normal(init_rng, (tokens.shape[0], size, size, 3), jnp.float32)
-        return sample_guided(denoise, x, rng, self._timesteps, self.config.sample.guidance,
+        return samplers.sample_guided(denoise, x, rng, self._timesteps, self.config.sample.guidance,
                              self.config.diffusion.sampler)
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:

@@ -12,10 +12,9 @@ import optax
 
 from wurst_jax import optim, perceptual, sharding
 from wurst_jax.config_lib import ConfigError, validate_optimizer
+from wurst_jax.models.layers import DTYPES
 from wurst_jax.models.stage_a import VQGAN, Discriminator
 from wurst_jax.models.vgg import VGG16Features, perceptual_distance
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def psnr(images: jax.Array, reference: jax.Array) -> jax.Array:
@@ -33,9 +32,7 @@ class StageATask:
         self.config = config
         m = config.model
         dtype = DTYPES[config.dtype]
-        self.vqgan = VQGAN(levels=m.levels, embed_dim=m.embed_dim, bottleneck_blocks=m.bottleneck_blocks,
-                           latent_channels=m.latent_channels, num_codes=m.num_codes,
-                           scale_factor=m.scale_factor, dtype=dtype)
+        self.vqgan = VQGAN(**m.to_dict(), dtype=dtype)  # config.model holds exactly the VQGAN's fields
         self.use_disc = config.loss.adv_weight > 0
         self.disc = Discriminator(c_hidden=config.disc.c_hidden, depth=config.disc.depth, dtype=dtype)
         self.use_perceptual = config.loss.perceptual_weight > 0

@@ -21,12 +21,10 @@ from wurst_jax import convert, optim
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
-from wurst_jax.models.effnet import EfficientNetEncoder
-from wurst_jax.models.layers import REMAT_POLICIES
+from wurst_jax.models.layers import DTYPES, REMAT_POLICIES
 from wurst_jax.models.resize import resize
 from wurst_jax.models.stage_b import WuerstchenDiffNeXt
 from wurst_jax.tasks import conditioning
-from wurst_jax.tasks.stage_c import DTYPES, sample_guided, validate_diffusion
 
 
 class StageBTask:
@@ -41,9 +39,7 @@ class StageBTask:
         e = config.effnet
         self.effnet_trainable = e.source == 'train'
         if self.effnet_trainable:
-            self.effnet = EfficientNetEncoder(stages=tuple(tuple(s) for s in e.stages), last_channels=e.last_channels,
-                                              c_latent=e.c_latent, stochastic_depth_prob=e.stochastic_depth,
-                                              dtype=dtype)
+            self.effnet = conditioning.effnet_module(e, dtype)
             self._effnet_variables = None
         else:
             self.effnet, self._effnet_variables = convert.load_diffusers(e.source, 'effnet', dtype=dtype)
@@ -65,7 +61,8 @@ class StageBTask:
                                                             'and inject_effnet have')
         for kinds, heads, width in zip(m.level_config, m.nhead, m.c_hidden):
             if 'A' in kinds and (heads <= 0 or width % heads):
-                raise ConfigError('model.nhead', m.nhead, 'a positive divisor of c_hidden at every level with attention')
+                raise ConfigError('model.nhead', m.nhead,
+                                  'a positive divisor of c_hidden at every level with attention')
         if m.get('remat_policy', 'none') not in REMAT_POLICIES:
             raise ConfigError('model.remat_policy', m.remat_policy, f'one of {sorted(REMAT_POLICIES)}')
         unit = 4 * m.patch_size * 2 ** (len(m.c_hidden) - 1)  # the f4 Stage A, then the decoder's levels
@@ -76,12 +73,13 @@ class StageBTask:
             raise ConfigError('stage_a.source', config.stage_a.source,
                               'a Stage A workdir, a vqgan model folder or a vqgan checkpoint file')
         if e.source != 'train' and not os.path.exists(e.source):
-            raise ConfigError('effnet.source', e.source, "'train' (joint training) or an effnet folder / checkpoint file")
+            raise ConfigError('effnet.source', e.source,
+                              "'train' (joint training) or an effnet folder / checkpoint file")
         if not 0 <= e.dropout < 1:
             raise ConfigError('effnet.dropout', e.dropout, 'a probability in [0, 1)')
         if not e.resize_jitter or any(not 0 < f <= 1 for f in e.resize_jitter):
             raise ConfigError('effnet.resize_jitter', e.resize_jitter, 'a non-empty list of factors in (0, 1]')
-        validate_diffusion(config)
+        conditioning.validate_diffusion(config)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -111,7 +109,8 @@ class StageBTask:
         return params, state
 
     def pretrained_params(self) -> dict[str, Any]:
-        """Stage B always starts from scratch here (issue 4 fine-tunes the prior)."""
+        """Stage B always starts from scratch here (only the prior is fine-tuned from released weights,
+        `configs/wuerstchen_v2_prior_finetune.py`)."""
         return {}
 
     def frozen_params(self) -> dict[str, Any]:
@@ -225,7 +224,7 @@ class StageBTask:
         f = size // jax.eval_shape(self.latents, frozen, jnp.zeros((1, size, size, 3))).shape[1]
         init_rng, rng = jax.random.split(rng)
         x = jax.random.normal(init_rng, (tokens.shape[0], size // f, size // f, self.vqgan.latent_channels))
-        return sample_guided(self.denoiser(params, frozen, effnet, tokens, mask), x, rng,
+        return samplers.sample_guided(self.denoiser(params, frozen, effnet, tokens, mask), x, rng,
                              samplers.linspace_timesteps(steps or s.decoder_steps),
                              s.decoder_guidance if guidance is None else guidance, self.config.diffusion.sampler)
 

@@ -3,7 +3,8 @@
 
 `model.backbone` picks the denoiser: 'wuerstchen' (Würstchen's prior, `models/stage_c.py`) or
 'pixart' (PixArt-α's DiT, `models/pixart.py`, patches of `model.patch_size`, time scaled to its
-0..1000 units); both train, sample and evaluate through the same methods below. PixArt's
+0..1000 units), each behind a small adapter (`BACKBONES`: build, init, apply, extra batch fields), so
+both train, sample and evaluate through the same task methods. PixArt's
 `init.prior` may be a class-conditional DiT folder (the re-parameterised start, `convert/dit.py`), a
 PixArt folder or `.pth`, or the workdir of an earlier Stage C run (the next stage of PixArt-α's
 training plan, `configs/pixart_alpha.py`); `model.micro_conditions` adds PixArtMS's size and aspect
@@ -26,21 +27,18 @@ import numpy as np
 import optax
 
 from wurst_jax import convert, optim
-from wurst_jax.config_lib import ConfigError, validate_optimizer
+from wurst_jax.config_lib import ConfigError
+from wurst_jax.convert.dit import pixart_from_dit
 from wurst_jax.data import aspect_buckets, precomputed
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
-from wurst_jax.convert.dit import pixart_from_dit
-from wurst_jax.models.layers import REMAT_POLICIES
+from wurst_jax.models.layers import DTYPES, REMAT_POLICIES
 from wurst_jax.models.pixart import PixArtTransformer
 from wurst_jax.models.stage_c import WuerstchenPrior
 from wurst_jax.tasks import conditioning
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 LATENT_SCALINGS = ('v2', 'none')
 LATENT_SPACES = ('effnet', 'stage_a')  # Würstchen's semantic map, or single-stage on Stage A latents
-BACKBONES = ('wuerstchen', 'pixart')
-PIXART_TIME_SCALE = 1000.0  # our t in [0, 1] -> PixArt's DDPM timestep units
 
 
 def scale_latents(z: jax.Array, scaling: str) -> jax.Array:
@@ -52,56 +50,129 @@ def unscale_latents(x: jax.Array, scaling: str) -> jax.Array:
     return x * 42.0 - 1.0 if scaling == 'v2' else x
 
 
-def validate_diffusion(config: ml_collections.ConfigDict) -> None:
-    """The fields Stage B and Stage C share: diffusion, text and optimizer."""
-    conditioning.validate_text(config.text)
-    validate_optimizer(config, 'optimizer')
-    d = config.diffusion
-    if d.t_sampling not in schedule.T_SAMPLING:
-        raise ConfigError('diffusion.t_sampling', d.t_sampling, f'one of {schedule.T_SAMPLING}')
-    if d.loss_weight not in schedule.LOSS_WEIGHTS:
-        raise ConfigError('diffusion.loss_weight', d.loss_weight, f'one of {schedule.LOSS_WEIGHTS}')
-    if not d.get('p2_k', 1.0) > 0:
-        raise ConfigError('diffusion.p2_k', d.p2_k, 'a positive number (1 is Würstchen\'s P2 weight)')
-    if d.get('prediction', 'epsilon') not in schedule.PREDICTIONS:
-        raise ConfigError('diffusion.prediction', d.prediction, f'one of {schedule.PREDICTIONS}')
-    if d.sampler not in samplers.SAMPLERS:
-        raise ConfigError('diffusion.sampler', d.sampler, f'one of {samplers.SAMPLERS}')
+class WuerstchenBackbone:
+    """Würstchen's prior (`models/stage_c.py`): times in [0, 1] as they are, dropout in its blocks."""
+
+    @staticmethod
+    def validate(config: ml_collections.ConfigDict) -> None:
+        del config  # its fields are the ones every backbone has
+
+    @staticmethod
+    def build(task: 'StageCTask', source: str, dtype: Any) -> tuple[WuerstchenPrior, dict[str, Any]]:
+        """(prior, pretrained params): fresh from config.model, or, fine-tuning, the checkpoint's
+        architecture and weights."""
+        m, c_in = task.config.model, task.latent_shape()[-1]
+        if not source:
+            return WuerstchenPrior(c_in=c_in, c=m.c, c_cond=task.text.width, c_r=m.c_r, depth=m.depth,
+                                   num_heads=m.num_heads, dropout=m.dropout, scan_blocks=m.scan_blocks,
+                                   remat_policy=m.remat_policy, pos_embed=m.get('pos_embed', False),
+                                   linear_output=m.get('linear_output', False), dtype=dtype), {}
+        prior, variables = convert.load_diffusers(source, 'prior', dropout=m.dropout, scan_blocks=m.scan_blocks,
+                                                  remat_policy=m.remat_policy, dtype=dtype)
+        if (prior.c_cond, prior.c_in) != (task.text.width, c_in):
+            raise ConfigError('init.prior', source,
+                              f'a prior with c_cond={task.text.width} (the text encoder width) and c_in={c_in} '
+                              f'(the latent channels); it has c_cond={prior.c_cond}, c_in={prior.c_in}')
+        return prior, {'prior': variables['params']}
+
+    @staticmethod
+    def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+        del config
+        return {}
+
+    @staticmethod
+    def init(module: WuerstchenPrior, rng: jax.Array, x: jax.Array, t: jax.Array, cond: jax.Array,
+             micro: tuple | None) -> Any:
+        del micro
+        return module.init(rng, x, t, cond)['params']
+
+    @staticmethod
+    def apply(module: WuerstchenPrior, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array,
+              dropout_rng: jax.Array | None, micro: tuple | None) -> jax.Array:
+        del micro
+        if dropout_rng is None:
+            return module.apply({'params': params}, x, t, cond)
+        return module.apply({'params': params}, x, t, cond, deterministic=False, rngs={'dropout': dropout_rng})
 
 
-def load_effnet(source: str, dtype: Any = jnp.float32) -> tuple[Any, dict]:
-    """(effnet module, its frozen variables) from a Stage B workdir that trained it, or a weights
-    folder/file that `wurst_jax.convert` reads."""
-    if os.path.isdir(os.path.join(source, 'checkpoints')):
-        task, params, model_state = conditioning.load_stage(source, 'stage_b')
-        return task.effnet, conditioning.network_variables(params, model_state, 'effnet')
-    if not os.path.exists(source):
-        raise ConfigError('effnet.source', source, 'a Stage B workdir, an effnet model folder or checkpoint file')
-    return convert.load_diffusers(source, 'effnet', dtype=dtype)
+class PixArtBackbone:
+    """PixArt-α's DiT (`models/pixart.py`): patches of model.patch_size, times in its 0..1000 DDPM
+    units, no dropout; PixArtMS's size and aspect micro-conditions with model.micro_conditions."""
+    TIME_SCALE = 1000.0  # our t in [0, 1] -> PixArt's timestep units
+
+    @staticmethod
+    def validate(config: ml_collections.ConfigDict) -> None:
+        m = config.model
+        if m.c % 4:
+            raise ConfigError('model.c', m.c, "a multiple of 4 for PixArt's 2-D sin-cos positions")
+        if not (isinstance(m.get('patch_size'), int) and m.patch_size > 0):
+            raise ConfigError('model.patch_size', m.get('patch_size'), 'a positive integer for PixArt')
+
+    @staticmethod
+    def build(task: 'StageCTask', source: str, dtype: Any) -> tuple[PixArtTransformer, dict[str, Any]]:
+        """(PixArt, pretrained params): from scratch, from an earlier Stage C run of the training plan
+        (its architecture and EMA weights, at this run's latent size), or with the architecture of a DiT
+        folder (re-parameterised, PixArt-α paper §2.3) or PixArt checkpoint (diffusers folder or
+        original .pth)."""
+        m, micro, width = task.config.model, task.micro_conditions, task.text.width
+        h, w, c = task.latent_shape()
+        options = dict(scan_blocks=m.scan_blocks, remat_policy=m.remat_policy, dtype=dtype)
+        pretrained = {}
+        if not source:
+            module = PixArtTransformer(
+                in_channels=c, out_channels=c, num_heads=m.num_heads, head_dim=m.c // m.num_heads, depth=m.depth,
+                patch_size=m.patch_size, sample_size=h, interpolation_scale=1, caption_channels=width,
+                use_additional_conditions=micro, **options)
+        elif os.path.isdir(os.path.join(source, 'checkpoints')):  # the previous stage of the plan
+            saved, params, _ = conditioning.trained_run(source, 'stage_c')
+            previous = StageCTask(saved)
+            if previous.backbone != 'pixart':
+                raise ConfigError('init.prior', source, 'the workdir of a PixArt Stage C run')
+            # Positions at this run's grid, unscaled, as PixArt-α's 512 px stage after its 256 px ones.
+            module = previous.prior.clone(sample_size=h, use_additional_conditions=micro, **options)
+            pretrained = {k: v for k, v in params.items() if k == 'prior' or task.text.trainable}
+        elif convert.core.read_class_name(source) == 'DiTTransformer2DModel':
+            module, variables = pixart_from_dit(source, caption_channels=width, **options)
+            pretrained = {'prior': variables['params']}
+        else:
+            module, variables = convert.load_diffusers(source, 'pixart', **options)
+            pretrained = {'prior': variables['params']}
+        if micro and module.width % 3:
+            raise ConfigError('model.micro_conditions', True, f'False for a PixArt of width {module.width}: '
+                              'its size and aspect embeddings take a third of the width each')
+        found = (module.in_channels, module.caption_channels, module.use_additional_conditions)
+        if found != (c, width, micro) or module.out_channels not in (c, 2 * c):
+            raise ConfigError('init.prior', source,
+                              f'a DiT/PixArt with in_channels={c} (the latent channels; out_channels {c} or '
+                              f'{2 * c} with learned variance), caption_channels={width} and '
+                              f'use_additional_conditions={micro} (model.micro_conditions); '
+                              f'it has {found} and out_channels={module.out_channels}')
+        if task.config.input.get('aspect_buckets', False):
+            task.check_bucket_latents(module.patch_size)
+        return module, pretrained
+
+    @staticmethod
+    def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """PixArtMS's micro-conditions, which the multi-aspect buckets carry."""
+        if not config.model.get('micro_conditions', False):
+            return {}
+        return {'original_size': ((2,), jnp.float32), 'aspect_ratio': ((1,), jnp.float32)}
+
+    @staticmethod
+    def init(module: PixArtTransformer, rng: jax.Array, x: jax.Array, t: jax.Array, cond: jax.Array,
+             micro: tuple | None) -> Any:
+        return module.init(rng, x, t, cond, *(() if micro is None else (None, *micro)))['params']
+
+    @staticmethod
+    def apply(module: PixArtTransformer, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array,
+              dropout_rng: jax.Array | None, micro: tuple | None) -> jax.Array:
+        del dropout_rng  # no dropout in PixArt's blocks
+        out = module.apply({'params': params}, x, PixArtBackbone.TIME_SCALE * t, cond, None, *(micro or ()))
+        return out[..., :x.shape[-1]]  # a DiT start's learned-variance half is not trained here
 
 
-def effnet_latents(effnet: Any, variables: dict, images: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Images in [-1, 1] -> the effnet's map of them resized to size (h, w) (effnet input in [0, 1])."""
-    x = (images.astype(jnp.float32) + 1) / 2
-    if x.shape[1:3] != tuple(size):
-        x = jax.image.resize(x, (x.shape[0], *size, 3), 'bilinear', antialias=True)
-    return effnet.apply(variables, x).astype(jnp.float32)
-
-
-def sample_guided(denoise_cond, x_init: jax.Array, rng: jax.Array, timesteps, guidance: float,
-                  sampler: str, shift: float = 1.0, rescale: float = 0.0) -> jax.Array:
-    """Runs a sampler with classifier-free guidance; `denoise_cond(x, t, conditional: bool) -> ε̂`.
-
-    The conditional and unconditional passes share one call on a doubled batch.
-    """
-    if guidance <= 1.0:
-        return samplers.sample(lambda x, t: denoise_cond(x, t, True), x_init, timesteps, rng, sampler, shift)
-
-    def denoise(x, t):
-        eps_c, eps_u = jnp.split(denoise_cond(jnp.concatenate([x, x]), jnp.concatenate([t, t]), None), 2)
-        return samplers.guidance(eps_u, eps_c, guidance, rescale)
-
-    return samplers.sample(denoise, x_init, timesteps, rng, sampler, shift)
+# model.backbone -> its adapter: how the denoiser is built, initialised and called.
+BACKBONES = {'wuerstchen': WuerstchenBackbone, 'pixart': PixArtBackbone}
 
 
 class StageCTask:
@@ -116,71 +187,14 @@ class StageCTask:
         if self.space == 'stage_a':
             self.vqgan, self._vqgan_variables = conditioning.load_stage_a(config.stage_a.source)
         else:
-            self.effnet, self._effnet_variables = load_effnet(config.effnet.source, dtype)
-        m = config.model
-        self.backbone = m.get('backbone', 'wuerstchen')
-        self.micro_conditions = bool(m.get('micro_conditions', False))
-        pretrained = config.get('init', {}).get('prior', '')
-        self._pretrained = {}
-        if self.backbone == 'pixart':
-            self.prior = self._pixart(m, pretrained, dtype)
-            if config.input.get('aspect_buckets', False):
-                self._check_bucket_latents(self.prior.patch_size)
-        elif pretrained:  # fine-tuning: the architecture is the checkpoint's
-            self.prior, variables = convert.load_diffusers(
-                pretrained, 'prior', dropout=m.dropout, scan_blocks=m.scan_blocks,
-                remat_policy=m.remat_policy, dtype=dtype)
-            self._pretrained = {'prior': variables['params']}
-            if (self.prior.c_cond, self.prior.c_in) != (self.text.width, self.latent_shape()[-1]):
-                raise ConfigError('init.prior', pretrained,
-                                  f'a prior with c_cond={self.text.width} (the text encoder width) and '
-                                  f'c_in={self.latent_shape()[-1]} (the latent channels); it has c_cond='
-                                  f'{self.prior.c_cond}, c_in={self.prior.c_in}')
-        else:
-            self.prior = WuerstchenPrior(c_in=self.latent_shape()[-1], c=m.c, c_cond=self.text.width, c_r=m.c_r,
-                                         depth=m.depth, num_heads=m.num_heads, dropout=m.dropout,
-                                         scan_blocks=m.scan_blocks, remat_policy=m.remat_policy,
-                                         pos_embed=m.get('pos_embed', False),
-                                         linear_output=m.get('linear_output', False), dtype=dtype)
+            self.effnet, self._effnet_variables = conditioning.load_effnet(config.effnet.source, dtype)
+        self.backbone = config.model.get('backbone', 'wuerstchen')
+        self.micro_conditions = bool(config.model.get('micro_conditions', False))
+        self._backbone = BACKBONES[self.backbone]
+        self.prior, self._pretrained = self._backbone.build(self, config.get('init', {}).get('prior', ''), dtype)
         self._eval_losses = jax.jit(self._held_out_losses)
 
-    def _pixart(self, m: ml_collections.ConfigDict, source: str, dtype: Any) -> PixArtTransformer:
-        """PixArt-α, from scratch, from an earlier Stage C run of the training plan (its architecture and EMA
-        weights, at this run's latent size), or with the architecture of a DiT folder (re-parameterised,
-        §A.3) or PixArt checkpoint (diffusers folder or original .pth); noted in self._pretrained."""
-        h, w, c = self.latent_shape()
-        options = dict(scan_blocks=m.scan_blocks, remat_policy=m.remat_policy, dtype=dtype)
-        if not source:
-            return PixArtTransformer(
-                in_channels=c, out_channels=c, num_heads=m.num_heads, head_dim=m.c // m.num_heads, depth=m.depth,
-                patch_size=m.patch_size, sample_size=h, interpolation_scale=1, caption_channels=self.text.width,
-                use_additional_conditions=self.micro_conditions, **options)
-        if os.path.isdir(os.path.join(source, 'checkpoints')):  # the previous stage of the plan
-            task, params, _ = conditioning.load_stage(source, 'stage_c')
-            if task.backbone != 'pixart':
-                raise ConfigError('init.prior', source, 'the workdir of a PixArt Stage C run')
-            # Positions at this run's grid, unscaled, as PixArt-α's 512 px stage after its 256 px ones.
-            module = task.prior.clone(sample_size=h, use_additional_conditions=self.micro_conditions, **options)
-            self._pretrained = {k: v for k, v in params.items() if k == 'prior' or self.text.trainable}
-        elif convert.core.read_class_name(source) == 'DiTTransformer2DModel':
-            module, variables = pixart_from_dit(source, caption_channels=self.text.width, **options)
-            self._pretrained = {'prior': variables['params']}
-        else:
-            module, variables = convert.load_diffusers(source, 'pixart', **options)
-            self._pretrained = {'prior': variables['params']}
-        if self.micro_conditions and module.width % 3:
-            raise ConfigError('model.micro_conditions', True, f'False for a PixArt of width {module.width}: '
-                              'its size and aspect embeddings take a third of the width each')
-        found = (module.in_channels, module.caption_channels, module.use_additional_conditions)
-        if found != (c, self.text.width, self.micro_conditions) or module.out_channels not in (c, 2 * c):
-            raise ConfigError('init.prior', source,
-                              f'a DiT/PixArt with in_channels={c} (the latent channels; out_channels {c} or '
-                              f'{2 * c} with learned variance), caption_channels={self.text.width} and '
-                              f'use_additional_conditions={self.micro_conditions} (model.micro_conditions); '
-                              f'it has {found} and out_channels={module.out_channels}')
-        return module
-
-    def _check_bucket_latents(self, patch_size: int) -> None:
+    def check_bucket_latents(self, patch_size: int) -> None:
         """Every aspect bucket's latent sides must be whole PixArt patches. Checked here, from shapes
         alone, because a bucket's step is compiled when its first batch comes, mid-run."""
         size, multiple = self.config.input.image_size, self.config.input.get('bucket_multiple', 0)
@@ -210,21 +224,8 @@ class StageCTask:
             raise ConfigError('model.remat_policy', m.remat_policy, f'one of {sorted(REMAT_POLICIES)}')
         backbone = m.get('backbone', 'wuerstchen')
         if backbone not in BACKBONES:
-            raise ConfigError('model.backbone', backbone, f'one of {BACKBONES}')
-        if backbone == 'pixart':
-            if m.c % 4:
-                raise ConfigError('model.c', m.c, "a multiple of 4 for PixArt's 2-D sin-cos positions")
-            if not (isinstance(m.get('patch_size'), int) and m.patch_size > 0):
-                raise ConfigError('model.patch_size', m.get('patch_size'), 'a positive integer for PixArt')
-        if m.get('micro_conditions', False):
-            if backbone != 'pixart':
-                raise ConfigError('model.micro_conditions', True, "False unless model.backbone='pixart' (PixArtMS)")
-            if m.c % 3 and not config.init.prior:
-                raise ConfigError('model.c', m.c, 'a multiple of 3 with model.micro_conditions (PixArtMS embeds '
-                                  'height, width and aspect ratio in a third of the width each)')
-            if not config.input.get('aspect_buckets', False):
-                raise ConfigError('model.micro_conditions', True,
-                                  'False unless input.aspect_buckets=True (the sizes come with the buckets)')
+            raise ConfigError('model.backbone', backbone, f'one of {sorted(BACKBONES)}')
+        BACKBONES[backbone].validate(config)
         space = config.get('latents', 'effnet')
         if space not in LATENT_SPACES:
             raise ConfigError('latents', space, f'one of {LATENT_SPACES}')
@@ -251,15 +252,13 @@ class StageCTask:
                 raise ConfigError('input.precomputed', config.input.precomputed, f'a precompute output folder ({e})')
         if config.latent_scaling not in LATENT_SCALINGS:
             raise ConfigError('latent_scaling', config.latent_scaling, f'one of {LATENT_SCALINGS}')
-        validate_diffusion(config)
+        conditioning.validate_diffusion(config)
 
     # -- state -----------------------------------------------------------------------------------
 
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
-        micro = {'original_size': ((2,), jnp.float32), 'aspect_ratio': ((1,), jnp.float32)}
         if not self.config.input.get('precomputed'):
-            spec = conditioning.captioned_batch_spec(self.config)
-            return {**spec, **micro} if self.micro_conditions else spec
+            return {**conditioning.captioned_batch_spec(self.config), **self._backbone.batch_fields(self.config)}
         spec = {'latents': (self.latent_shape(), jnp.float32)}
         if self.text.trainable:
             spec.update({k: v for k, v in conditioning.captioned_batch_spec(self.config).items() if k != 'image'})
@@ -282,9 +281,8 @@ class StageCTask:
         prior_rng, text_rng = jax.random.split(rng)
         h, w, c = self.latent_shape()
         cond = jnp.zeros((1, self.config.text.max_length, self.text.width))
-        micro = self.micro(None, 1)
-        params = {'prior': self.prior.init(prior_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), cond,
-                                           *(() if micro is None else (None, *micro)))['params']}
+        params = {'prior': self._backbone.init(self.prior, prior_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), cond,
+                                               self.micro(None, 1))}
         if self.text.trainable:
             params['text'] = self.text.init(text_rng)
         state = {'loss_buckets': schedule.adaptive_init()} if self.config.diffusion.loss_weight == 'adaptive' else {}
@@ -310,7 +308,7 @@ class StageCTask:
         """x0 of images [B, H, W, 3]: their Stage A latents, or their scaled effnet map."""
         if self.space == 'stage_a':
             return conditioning.stage_a_latents(self.vqgan, frozen['stage_a'], images)
-        z = effnet_latents(self.effnet, frozen['effnet'], images, self.effnet_size(images.shape[1:3]))
+        z = conditioning.effnet_latents(self.effnet, frozen['effnet'], images, self.effnet_size(images.shape[1:3]))
         return scale_latents(z, self.config.latent_scaling)
 
     def decode(self, frozen: dict, latents: jax.Array) -> jax.Array:
@@ -371,13 +369,7 @@ class StageCTask:
                      dropout_rng: jax.Array | None = None, micro: tuple | None = None) -> jax.Array:
         """The backbone's raw prediction (ε or v) for noisy maps x at times t in [0, 1]; `micro` are
         PixArtMS's size conditions (`self.micro`)."""
-        if self.backbone == 'pixart':  # no dropout in PixArt's blocks
-            out = self.prior.apply({'params': prior_params}, x, PIXART_TIME_SCALE * t, cond, None, *(micro or ()))
-            return out[..., :x.shape[-1]]  # a DiT start's learned-variance half is not trained here
-        if dropout_rng is None:
-            return self.prior.apply({'params': prior_params}, x, t, cond)
-        return self.prior.apply({'params': prior_params}, x, t, cond, deterministic=False,
-                                rngs={'dropout': dropout_rng})
+        return self._backbone.apply(self.prior, prior_params, x, t, cond, dropout_rng, micro)
 
     def epsilon(self, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array,
                 batch: dict[str, jax.Array] | None = None) -> jax.Array:
@@ -387,7 +379,7 @@ class StageCTask:
         return diffusion_loss.to_epsilon(self.config.diffusion.get('prediction', 'epsilon'), out, x, t)
 
     def denoiser(self, params: Any, cond: jax.Array, uncond: jax.Array):
-        """`denoise(x, t, conditional)` for sample_guided: None = [conditional; unconditional] halves."""
+        """`denoise(x, t, conditional)` for samplers.sample_guided: None = [conditional; unconditional] halves."""
         def denoise(x, t, conditional):
             return self.epsilon(params, x, t, cond if conditional else jnp.concatenate([cond, uncond]))
         return denoise
@@ -407,7 +399,7 @@ class StageCTask:
         x = jax.random.normal(init_rng, (cond.shape[0], h, w, c), jnp.float32)
         timesteps = (samplers.default_stage_c_timesteps() if s.prior_timesteps == 'stage_c_default'
                      else samplers.linspace_timesteps(steps or s.prior_steps))
-        x = sample_guided(self.denoiser(params, cond, uncond), x, rng, timesteps,
+        x = samplers.sample_guided(self.denoiser(params, cond, uncond), x, rng, timesteps,
                           s.prior_guidance if guidance is None else guidance, self.config.diffusion.sampler)
         return unscale_latents(x, self.config.latent_scaling)
 

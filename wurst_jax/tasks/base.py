@@ -1,0 +1,83 @@
+"""The contract between a model family and the code that drives it.
+
+`Task` is what the training loop (`wurst_jax.train`), its step (`wurst_jax.train_state`) and the
+lowering (`wurst_jax.lowering`) use; `PriorSampler` and `DecoderSampler` are what sampling
+(`wurst_jax.pipeline`, and through it the evaluation job) uses of a trained Stage C and Stage B.
+A family is a class in `wurst_jax/tasks/` built from the whole config, one line in
+`tasks.FAMILIES`, and a config. Shapes below: B batch, H x W images, L caption tokens; a batch is a
+dict of arrays named by `batch_spec`, images float32 in [-1, 1]. `params`, `model_state` and `frozen`
+are dicts of pytrees keyed by network name (e.g. 'prior', 'text', 'effnet').
+"""
+from typing import Any, Iterable, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+Batch = dict[str, jax.Array]
+
+
+class Task(Protocol):
+    config: ml_collections.ConfigDict
+    tokenizer: Any  # captions -> {'input_ids', 'attention_mask'} int32 [B, L]; None for image-only families
+
+    @staticmethod
+    def validate(config: ml_collections.ConfigDict) -> None:
+        """Raises config_lib.ConfigError for the first bad field of the family's sections."""
+
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """Name -> (per-example shape, dtype) of a training batch, e.g. 'image': ((H, W, 3), float32)."""
+
+    def init(self, rng: jax.Array, batch: Batch) -> tuple[Any, Any]:
+        """(params with logical-axis boxes, model_state) from an example batch of one."""
+
+    def pretrained_params(self) -> dict[str, Any]:
+        """Network name -> params a fresh run starts from (fine-tuning, the next stage of a plan); {} if none."""
+
+    def frozen_params(self) -> dict[str, Any]:
+        """Networks the step uses but does not train (loaded once, never checkpointed)."""
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """The optimizer over `params` (a frozen part routed to zero updates, if any)."""
+
+    def grads(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: Batch, rng: jax.Array,
+              step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+        """(gradients shaped like params, the new model_state, scalar metrics including 'loss')."""
+
+    def visualize(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: Batch) -> jax.Array:
+        """Images [N, H', W', 3] in [-1, 1] of the batch's first N examples for the run's image grid."""
+
+    def evaluate(self, params: Any, model_state: Any, frozen: dict[str, Any],
+                 batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+        """Scalar metrics over held-out batches, deterministic for given params."""
+
+
+class PriorSampler(Protocol):
+    """A trained Stage C, for sampling."""
+    config: ml_collections.ConfigDict
+    tokenizer: Any
+    space: str  # 'effnet' (the semantic map Stage B decodes) or 'stage_a' (single-stage: Stage A latents)
+
+    def frozen_params(self) -> dict[str, Any]:
+        """As Task.frozen_params."""
+
+    def sample(self, params: Any, frozen: dict[str, Any], tokens: jax.Array, mask: jax.Array, rng: jax.Array, *,
+               steps: int | None = None, guidance: float | None = None) -> jax.Array:
+        """Latents [B, h, w, c] for captions tokens/mask int32 [B, L], in the space Stage B (or Stage A) reads."""
+
+    def decode(self, frozen: dict[str, Any], latents: jax.Array) -> jax.Array:
+        """Images [B, H, W, 3] in [-1, 1] from sampled Stage A latents (space 'stage_a' only)."""
+
+
+class DecoderSampler(Protocol):
+    """A trained Stage B, for sampling."""
+    config: ml_collections.ConfigDict
+    tokenizer: Any
+
+    def frozen_params(self) -> dict[str, Any]:
+        """As Task.frozen_params."""
+
+    def sample(self, params: Any, frozen: dict[str, Any], effnet: jax.Array, tokens: jax.Array, mask: jax.Array,
+               rng: jax.Array, *, steps: int | None = None, guidance: float | None = None) -> jax.Array:
+        """Images [B, H, W, 3] in [-1, 1] decoded through Stage A from Stage C's map effnet [B, h, w, c]."""
