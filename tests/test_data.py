@@ -161,6 +161,17 @@ def test_shapes_train_and_test_are_disjoint(shapes_dir):
     np.testing.assert_array_equal(decode_png(record['image']), image)
 
 
+def test_a_builder_made_while_another_process_prepares_the_dataset_is_not_used(tmp_path, monkeypatch):
+    """Two processes on one data_dir: one's builder is made just before the other's final rename, and
+    finds the dataset prepared. Read through that builder, the split would be taken for TFRecord."""
+    config = make_input_config(tmp_path, shapes=ml_collections.ConfigDict(dict(num_train=4, num_test=2, seed=0)))
+    made = iter([input_pipeline.builtin_builder(config)])  # made before the dataset exists
+    input_pipeline.prepare_builtin(config)  # "the other process" finishes writing it
+    real = input_pipeline.builtin_builder
+    monkeypatch.setattr(input_pipeline, 'builtin_builder', lambda c: next(made, None) or real(c))
+    assert len(input_pipeline.get_source(config, 'train')) == 4
+
+
 def test_other_settings_get_their_own_directory(tmp_path):
     source = raw_source(tmp_path, 'train', shapes=ml_collections.ConfigDict(
         dict(num_train=5, num_test=2, seed=1)))

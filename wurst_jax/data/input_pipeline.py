@@ -60,7 +60,9 @@ def prepare_builtin(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
     """Writes a built-in dataset as ArrayRecord under data_dir unless it is already there."""
     builder = builtin_builder(input_config)
     if builder.is_prepared():
-        return builder
+        # This builder may have been made while another process was still writing the dataset, and
+        # then read no metadata (it would take the files for TFRecord): a new one reads them.
+        return builtin_builder(input_config)
     # Processes sharing a data_dir would race on tfds' final rename; the first one builds, the
     # others wait and then find the dataset prepared.
     lock = pathlib.Path(builder.data_dir_root) / f".{builder.info.full_name.replace('/', '-')}.lock"
