@@ -170,5 +170,6 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
 def load_params(workdir: str, step: int | None = None, ema: bool = False) -> Any:
     """The params (or EMA params) pytree of a run's checkpoint as numpy arrays on the host: for
     tests, evaluation and conversion."""
-    _, state = load_trained(workdir, step)
-    return jax.device_get(state['ema_params' if ema else 'params'])
+    name = 'ema_params' if ema else 'params'
+    _, state = load_trained(workdir, step, parts=(name,))
+    return jax.device_get(state[name])

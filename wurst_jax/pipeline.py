@@ -66,7 +66,7 @@ class Pipeline:
     def load_prior_step(self, step: int) -> None:
         """Swaps in the Stage C EMA params of checkpoint `step` of the same run; the compiled
         sampler is reused, as its params are arguments."""
-        _, state = checkpoint.load_trained(self.stage_c_workdir, step)  # params only: the task is the same
+        _, state = checkpoint.load_trained(self.stage_c_workdir, step, parts=('ema_params',))  # the task is the same
         self.prior_params = jax.device_put(state['ema_params'], sharding.replicated(self.mesh))
 
     @classmethod
