@@ -33,7 +33,7 @@ which the optimizer then zeroes).
 """
 import ml_collections
 
-from wurst_jax import config_lib
+from wurst_jax import config_lib, defaults
 from wurst_jax.data import shapes
 
 ARMS = ('core', 'grow', 'scratch')
@@ -53,25 +53,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(arg, arm='core', root='workdirs/growing', phase=1, runlocal=False)
     if arg.arm not in ARMS:
         raise config_lib.ConfigError('<arg>.arm', arg.arm, f'one of {ARMS}')
-    config = config_lib.base_config()
-    config.model_family = 'pixel'
+    config = defaults.pixel()
     config.total_steps = STEPS[arg.arm]
     size = CORE_SIZE if arg.arm == 'core' else FINAL_SIZE
     config.input = config_lib.input_config('shapes', image_size=size, batch_size=16)
-    config.model = ml_collections.ConfigDict(dict(
-        c=128, depth=4, num_heads=4, c_r=64, patch_size=2,
-        level_channels=() if arg.arm == 'core' else LEVEL_CHANNELS))
-    config.grow = ml_collections.ConfigDict(dict(
-        from_workdir=f'{arg.root}/core' if arg.arm == 'grow' else '', phase=arg.phase))
+    config.model.level_channels = () if arg.arm == 'core' else LEVEL_CHANNELS
+    config.grow.update(from_workdir=f'{arg.root}/core' if arg.arm == 'grow' else '', phase=arg.phase)
     config.text = text_config(arg.runlocal)
     # The resolution shift is relative to 64 px: the final model is noised as Simple Diffusion's base,
     # the 16 px core with logSNR + 2·log 4, since its pixels hold the same objects with 16x fewer samples.
-    config.diffusion = ml_collections.ConfigDict(dict(schedule_base=64.0, sampler='ddim'))
-    config.sample = ml_collections.ConfigDict(dict(steps=20, guidance=4.0))
-    config.optimizer = config_lib.optimizer_config(1e-3, warmup_steps=100, schedule='cosine')
-    config.eval = ml_collections.ConfigDict(dict(
-        data='split', num_examples=64, batch_size=50, use_ema=True, num_grid_images=8, grid_columns=2,
-        alignment_prompts=EVAL_PROMPTS))
+    config.diffusion.schedule_base = 64.0
+    config.optimizer.warmup_steps = 100
+    config.eval.update(num_examples=64, batch_size=50, grid_columns=2, alignment_prompts=EVAL_PROMPTS)
     config.input.shapes.num_test = 64
     config.log_every_steps = 100
     config.image_every_steps = config.checkpoint_every_steps = 1000

@@ -30,7 +30,7 @@ optax's 1e-8, not 1e-10; no √(batch/256) scaling of the learning rate (PixArt'
 """
 import ml_collections
 
-from wurst_jax import config_lib
+from wurst_jax import config_lib, defaults
 
 # stage -> (image size, global batch, steps)
 PLAN = {1: (256, 1024, 300_000), 2: (256, 11_392, 150_000), 3: (512, 2_560, 100_000)}
@@ -42,33 +42,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.stage not in PLAN:
         raise config_lib.ConfigError('<arg>.stage', arg.stage, f'one of {sorted(PLAN)}')
     size, batch, steps = PLAN[arg.stage]
-    config = config_lib.base_config()
-    config.model_family = 'stage_c'
+    config = defaults.stage_c()
     config.total_steps = steps
     config.dtype = 'bfloat16'
     config.mesh = config_lib.mesh_preset(arg.sharding, arg.tensor)
     config.input = config_lib.input_config('my_captions', image_size=size, batch_size=batch, crop='random')
     config.input.aspect_buckets = arg.stage == 3
     config.latents = arg.latents
-    config.stage_a = ml_collections.ConfigDict(dict(source=arg.stage_a))
-    config.effnet = ml_collections.ConfigDict(dict(source=arg.effnet, image_size=size * 3))  # 24x24 at 256 px
+    config.stage_a.source = arg.stage_a
+    config.effnet.update(source=arg.effnet, image_size=size * 3)  # 24x24 at 256 px
     config.latent_scaling = 'none' if arg.latents == 'stage_a' else 'v2'
     # Stage 1 starts from the DiT, later stages from the run before.
-    config.init = ml_collections.ConfigDict(dict(prior=arg.dit if arg.stage == 1 else arg.init))
-    config.model = ml_collections.ConfigDict(dict(
-        backbone='pixart', c=1152, depth=28, num_heads=16, c_r=64, dropout=0.0, patch_size=2,
-        scan_blocks=True, remat_policy='dots', micro_conditions=arg.stage == 3))
-    config.text = ml_collections.ConfigDict(dict(
-        tokenizer=arg.clip, max_length=77, encoder=arg.clip, hidden_state='last', dropout=0.1,
-        dropout_mode='sample', encoder_config=ml_collections.ConfigDict()))
-    config.diffusion = ml_collections.ConfigDict(dict(t_sampling='uniform', loss_weight='none', p2_k=1.0,
-                                                    prediction='epsilon', sampler='ddpm'))
-    config.sample = ml_collections.ConfigDict(dict(prior_steps=20, prior_timesteps='linspace', prior_guidance=4.5))
-    config.optimizer = config_lib.optimizer_config(2e-5, warmup_steps=1000, schedule='constant', weight_decay=0.03,
-                                                   grad_clip=0.01)
+    config.init.prior = arg.dit if arg.stage == 1 else arg.init
+    config.model.update(backbone='pixart', c=1152, depth=28, num_heads=16, dropout=0.0, patch_size=2,
+                        scan_blocks=True, remat_policy='dots', micro_conditions=arg.stage == 3)
+    config.text.update(tokenizer=arg.clip, encoder=arg.clip, dropout=0.1)
+    config.diffusion.update(t_sampling='uniform', loss_weight='none')
+    config.sample.update(prior_steps=20, prior_timesteps='linspace', prior_guidance=4.5)
+    config.optimizer.update(lr=2e-5, warmup_steps=1000, schedule='constant', weight_decay=0.03, grad_clip=0.01)
     config.ema_decay = 0.9999
-    config.eval = ml_collections.ConfigDict(dict(
-        data='split', num_examples=1024, batch_size=64, use_ema=True, num_grid_images=8, grid_columns=4))
+    config.eval.update(num_examples=1024, batch_size=64)
     config.log_every_steps = 100
     config.image_every_steps = 5000
     config.checkpoint_every_steps = 2000

@@ -17,7 +17,7 @@ the grammar's words, so no vocabulary file is needed. Images are never flipped f
 """
 import ml_collections
 
-from wurst_jax import config_lib
+from wurst_jax import config_lib, defaults
 from wurst_jax.data import shapes
 
 # EfficientNet stages (type, expand ratio, kernel, stride, in, out, layers): with the stride-2 stem,
@@ -33,74 +33,54 @@ def text_config(runlocal: bool) -> ml_collections.ConfigDict:
                                        layers=1 if runlocal else 2)
 
 
-def diffusion_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(t_sampling='wuerstchen', loss_weight='p2', p2_k=1.0, prediction='epsilon',
-                                             sampler='ddpm'))
-
-
-def _stage_a(config: ml_collections.ConfigDict, runlocal: bool) -> None:
-    config.model_family = 'stage_a'
+def _stage_a(runlocal: bool) -> ml_collections.ConfigDict:
+    config = defaults.stage_a()
     config.total_steps = 2500
     config.input = config_lib.input_config('shapes', image_size=64, batch_size=32, flip=True)
-    config.model = ml_collections.ConfigDict(dict(
-        levels=2, embed_dim=64, bottleneck_blocks=2, latent_channels=4, num_codes=1024, scale_factor=0.3764))
-    config.disc = ml_collections.ConfigDict(dict(c_hidden=64, depth=3))
-    config.loss = ml_collections.ConfigDict(dict(
-        mse_weight=1.0, vq_weight=1.0, commit_weight=0.25, adv_weight=0.001, adv_start=2000,
-        perceptual_weight=0.0, perceptual_weights=''))
-    config.optimizer = config_lib.optimizer_config(1e-3, warmup_steps=100, schedule='cosine')
-    config.disc_optimizer = config_lib.optimizer_config(1e-4, schedule='constant')
+    config.model.update(embed_dim=64, bottleneck_blocks=2, num_codes=1024)
+    config.disc.update(c_hidden=64, depth=3)
+    config.loss.update(adv_weight=0.001, adv_start=2000)
+    config.optimizer.update(lr=1e-3, warmup_steps=100)
+    config.disc_optimizer.lr = 1e-4
     config.eval.num_grid_images = 16
     if runlocal:
-        config.model.embed_dim = 16
-        config.model.bottleneck_blocks = 1
-        config.model.num_codes = 32
-        config.disc = ml_collections.ConfigDict(dict(c_hidden=8, depth=2))
+        config.model.update(embed_dim=16, bottleneck_blocks=1, num_codes=32)
+        config.disc.update(c_hidden=8, depth=2)
         config.loss.adv_start = 3
+    return config
 
 
-def _stage_b(config: ml_collections.ConfigDict, root: str, runlocal: bool) -> None:
-    config.model_family = 'stage_b'
+def _stage_b(root: str, runlocal: bool) -> ml_collections.ConfigDict:
+    config = defaults.stage_b()
     config.total_steps = 3000
     config.input = config_lib.input_config('shapes', image_size=64, batch_size=32)
-    config.stage_a = ml_collections.ConfigDict(dict(source=f'{root}/stage_a'))
-    config.effnet = ml_collections.ConfigDict(dict(
-        source='train', stages=SHAPES_EFFNET, last_channels=128, c_latent=16, stochastic_depth=0.0, image_size=64,
-        dropout=0.1, resize_jitter=[1.0]))
-    config.model = ml_collections.ConfigDict(dict(
-        c_r=64, patch_size=2, c_cond=64, c_hidden=[64, 128], nhead=[4, 4], blocks=[2, 2],
-        level_config=['CT', 'CTA'], inject_effnet=[True, True], kernel_size=3, dropout=0.0, remat_policy='none'))
+    config.stage_a.source = f'{root}/stage_a'
+    config.effnet.update(source='train', stages=SHAPES_EFFNET, last_channels=128, stochastic_depth=0.0, image_size=64)
+    config.model.update(c_cond=64, c_hidden=[64, 128], nhead=[4, 4], blocks=[2, 2], level_config=['CT', 'CTA'],
+                        inject_effnet=[True, True], dropout=0.0)
     config.text = text_config(runlocal)
-    config.diffusion = diffusion_config()
-    config.sample = ml_collections.ConfigDict(dict(decoder_steps=12, decoder_guidance=1.0))
-    config.optimizer = config_lib.optimizer_config(1e-3, warmup_steps=100, schedule='cosine')
-    config.eval.num_grid_images = 8
+    config.sample.decoder_guidance = 1.0
+    config.optimizer.update(lr=1e-3, warmup_steps=100)
     config.eval.grid_columns = 2
     if runlocal:
-        config.effnet.stages = [('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)]
-        config.effnet.last_channels = 32
-        config.effnet.c_latent = 4
-        config.effnet.resize_jitter = [1.0, 0.5]
-        config.model.c_cond = 16
-        config.model.c_hidden = [16, 32]
-        config.model.nhead = [2, 2]
-        config.model.blocks = [1, 1]
+        config.effnet.update(stages=[('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)], last_channels=32,
+                             c_latent=4, resize_jitter=[1.0, 0.5])
+        config.model.update(c_cond=16, c_hidden=[16, 32], nhead=[2, 2], blocks=[1, 1])
         config.sample.decoder_steps = 2
+    return config
 
 
-def _stage_c(config: ml_collections.ConfigDict, root: str, runlocal: bool, backbone: str, latents: str) -> None:
-    config.model_family = 'stage_c'
+def _stage_c(root: str, runlocal: bool, backbone: str, latents: str) -> ml_collections.ConfigDict:
+    config = defaults.stage_c()
     config.total_steps = 3000
     config.input = config_lib.input_config('shapes', image_size=64, batch_size=32)
     config.latents = latents
-    config.effnet = ml_collections.ConfigDict(dict(source=f'{root}/stage_b', image_size=64))
-    config.stage_a = ml_collections.ConfigDict(dict(source=f'{root}/stage_a'))  # read with latents='stage_a'
-    config.init = ml_collections.ConfigDict(dict(prior=''))  # a converted prior to fine-tune from
+    config.effnet.update(source=f'{root}/stage_b', image_size=64)
+    config.stage_a.source = f'{root}/stage_a'  # read with latents='stage_a'
     # Our jointly trained map is BatchNorm'd to unit variance already; 'v2' is Würstchen's (x + 1)/42.
     config.latent_scaling = 'none'
-    config.model = ml_collections.ConfigDict(dict(backbone=backbone, c=128, depth=4, num_heads=4, c_r=64,
-                                                  dropout=0.0, scan_blocks=False, remat_policy='none',
-                                                  pos_embed=True, linear_output=True, patch_size=1))
+    config.model.update(backbone=backbone, c=128, depth=4, num_heads=4, dropout=0.0, pos_embed=True,
+                        linear_output=True)
     if backbone == 'pixart':  # PixArt-α's DiT on the 8x8 map, one token per cell: 0.97 M params, as the prior's
         config.model.depth = 3
     if latents == 'stage_a':  # single-stage on the 16x16x4 Stage A latents: 2x2 patches, again 64 tokens
@@ -109,33 +89,28 @@ def _stage_c(config: ml_collections.ConfigDict, root: str, runlocal: bool, backb
     # v-prediction, unweighted: at high noise v ≈ −x0, so the layout the caption sets is what those steps
     # are scored on. With ε-prediction (P2) the same 2000-step demo placed shapes at chance (position
     # 0.16 on 200 fresh prompts); with v, 0.63.
-    config.diffusion = diffusion_config()
     config.diffusion.update(prediction='v', loss_weight='none')
-    config.sample = ml_collections.ConfigDict(dict(prior_steps=20, prior_timesteps='linspace', prior_guidance=4.0))
-    config.optimizer = config_lib.optimizer_config(1e-3, warmup_steps=100, schedule='cosine')
-    config.eval.num_grid_images = 8
+    config.sample.update(prior_steps=20, prior_timesteps='linspace')
+    config.optimizer.update(lr=1e-3, warmup_steps=100)
     config.eval.grid_columns = 2
     if runlocal:
-        config.model.c = 24 if backbone == 'pixart' else 16
-        config.model.depth = 2
-        config.model.num_heads = 2
+        config.model.update(c=24 if backbone == 'pixart' else 16, depth=2, num_heads=2)
         config.sample.prior_steps = 2
+    return config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(arg, stage='a', root='workdirs/shapes', demo=False, runlocal=False,
                                 backbone='wuerstchen', latents='effnet')
-    config = config_lib.base_config()
-    config.eval = ml_collections.ConfigDict(dict(
-        data='split', num_examples=256, batch_size=64, use_ema=True, num_grid_images=16, grid_columns=4))
     if arg.stage == 'a':
-        _stage_a(config, arg.runlocal)
+        config = _stage_a(arg.runlocal)
     elif arg.stage == 'b':
-        _stage_b(config, arg.root, arg.runlocal)
+        config = _stage_b(arg.root, arg.runlocal)
     elif arg.stage == 'c':
-        _stage_c(config, arg.root, arg.runlocal, arg.backbone, arg.latents)
+        config = _stage_c(arg.root, arg.runlocal, arg.backbone, arg.latents)
     else:
         raise config_lib.ConfigError('<arg>.stage', arg.stage, "one of 'a', 'b', 'c'")
+    config.eval.batch_size = 64
     config.log_every_steps = 100
     config.image_every_steps = 500
     config.checkpoint_every_steps = 500

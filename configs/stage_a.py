@@ -10,29 +10,16 @@ AdamW 3e-4 with 10 % warm-up (dome272/Paella `ongoing_research/text-to-video/tra
 """
 import ml_collections
 
-from wurst_jax import config_lib
+from wurst_jax import config_lib, defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(arg, res=256, batch=256, runlocal=False)
-    config = config_lib.base_config()
-    config.model_family = 'stage_a'
+    config = defaults.stage_a()
     config.total_steps = 500_000
     config.input = config_lib.input_config('photos', image_size=arg.res, batch_size=arg.batch, crop='random',
                                            flip=True, resize=arg.res)
-    config.mesh.fsdp = 1
-
-    config.model = ml_collections.ConfigDict(dict(
-        levels=2, embed_dim=384, bottleneck_blocks=12, latent_channels=4, num_codes=8192, scale_factor=0.3764))
-    config.disc = ml_collections.ConfigDict(dict(c_hidden=512, depth=6))
-    config.loss = ml_collections.ConfigDict(dict(
-        mse_weight=1.0, vq_weight=1.0, commit_weight=0.25, adv_weight=0.1, adv_start=50_000,
-        perceptual_weight=0.0, perceptual_weights=''))
-    config.optimizer = config_lib.optimizer_config(3e-4, warmup_steps=50_000, schedule='cosine',
-                                                   weight_decay=0.0)
-    config.disc_optimizer = config_lib.optimizer_config(3e-6, schedule='constant')
-    config.eval = ml_collections.ConfigDict(dict(
-        data='split', num_examples=256, batch_size=32, use_ema=True, num_grid_images=8, grid_columns=4))
+    config.optimizer.warmup_steps = 50_000  # 10 %
     config.log_every_steps = 100
     config.image_every_steps = 5000
     config.checkpoint_every_steps = 5000

@@ -16,39 +16,24 @@ chip); XLA's CPU compiler needs `--config.model.remat_policy=full --config.grad_
 """
 import ml_collections
 
-from wurst_jax import config_lib
+from wurst_jax import config_lib, defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(arg, vqgan='', effnet='', clip='', tokenizer='', batch=256, res=1024,
                                sharding='fsdp', tensor=1)
-    config = config_lib.base_config()
-    config.model_family = 'stage_b'
+    config = defaults.stage_b()
     config.total_steps = 1_000_000
     config.dtype = 'bfloat16'
     config.mesh = config_lib.mesh_preset(arg.sharding, arg.tensor)  # dp | fsdp | fsdp_tp (with tensor=N)
     config.input = config_lib.input_config('my_captions', image_size=arg.res, batch_size=arg.batch,
                                            crop='random', resize=arg.res)
-    config.stage_a = ml_collections.ConfigDict(dict(source=arg.vqgan))
-    config.effnet = ml_collections.ConfigDict(dict(
-        source=arg.effnet, image_size=arg.res * 3 // 4, dropout=0.1, resize_jitter=[1.0, 0.875, 0.75, 0.625, 0.5],
-        # Used only with source='train' (joint training from scratch).
-        stages=[], last_channels=1280, c_latent=16, stochastic_depth=0.2))
-    config.model = ml_collections.ConfigDict(dict(
-        c_r=64, patch_size=2, c_cond=1024, c_hidden=[320, 640, 1280, 1280], nhead=[-1, 10, 20, 20],
-        blocks=[4, 4, 14, 4], level_config=['CT', 'CTA', 'CTA', 'CTA'], inject_effnet=[False, True, True, True],
-        kernel_size=3, dropout=0.1, remat_policy='dots'))
-    config.text = ml_collections.ConfigDict(dict(
-        tokenizer=arg.tokenizer or arg.clip, max_length=77, encoder=arg.clip, hidden_state='last', dropout=0.05,
-        dropout_mode='sample', encoder_config=ml_collections.ConfigDict()))
-    config.diffusion = ml_collections.ConfigDict(dict(t_sampling='wuerstchen', loss_weight='p2', p2_k=1.0,
-                                                    prediction='epsilon', sampler='ddpm'))
-    config.sample = ml_collections.ConfigDict(dict(decoder_steps=12, decoder_guidance=0.0))
-    config.optimizer = config_lib.optimizer_config(1e-4, warmup_steps=10_000, schedule='constant',
-                                                   weight_decay=0.01)
-    config.ema_decay = 0.999
-    config.eval = ml_collections.ConfigDict(dict(
-        data='split', num_examples=512, batch_size=32, use_ema=True, num_grid_images=8, grid_columns=4))
+    config.stage_a.source = arg.vqgan
+    config.effnet.update(source=arg.effnet, image_size=arg.res * 3 // 4, resize_jitter=[1.0, 0.875, 0.75, 0.625, 0.5])
+    config.model.remat_policy = 'dots'
+    config.text.update(tokenizer=arg.tokenizer or arg.clip, encoder=arg.clip)
+    config.optimizer.update(warmup_steps=10_000, schedule='constant', weight_decay=0.01)
+    config.eval.update(num_examples=512, batch_size=32)
     config.log_every_steps = 100
     config.image_every_steps = 5000
     config.checkpoint_every_steps = 2000

@@ -15,39 +15,26 @@ prior for PixArt-α's DiT-XL (width 1152, 28 blocks, 16 heads, one token per map
 """
 import ml_collections
 
-from wurst_jax import config_lib
+from wurst_jax import config_lib, defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(arg, clip='', effnet='', batch=1280, sharding='fsdp', tensor=1, backbone='wuerstchen')
-    config = config_lib.base_config()
-    config.model_family = 'stage_c'
+    config = defaults.stage_c()
     config.total_steps = 1_500_000
     config.dtype = 'bfloat16'  # float32 master weights, bfloat16 compute (the original used bf16 autocast)
     config.mesh = config_lib.mesh_preset(arg.sharding, arg.tensor)  # dp | fsdp | fsdp_tp (with tensor=N)
     config.input = config_lib.input_config('my_captions', image_size=768, batch_size=arg.batch, crop='random',
                                            resize=768)
-    config.effnet = ml_collections.ConfigDict(dict(source=arg.effnet, image_size=768))
-    config.latent_scaling = 'v2'
-    config.init = ml_collections.ConfigDict(dict(prior=''))
-    config.model = ml_collections.ConfigDict(dict(backbone=arg.backbone, c=1536, depth=32, num_heads=24, c_r=64,
-                                                  dropout=0.1, patch_size=1, scan_blocks=True, remat_policy='dots',
-                                                  pos_embed=False))
+    config.effnet.source = arg.effnet
+    config.model.update(backbone=arg.backbone, scan_blocks=True, remat_policy='dots')
     if arg.backbone == 'pixart':
         config.model.update(c=1152, depth=28, num_heads=16)
-    config.text = ml_collections.ConfigDict(dict(
-        tokenizer=arg.clip, max_length=77, encoder=arg.clip, hidden_state='last', dropout=0.05,
-        dropout_mode='batch', encoder_config=ml_collections.ConfigDict()))
-    config.diffusion = ml_collections.ConfigDict(dict(t_sampling='wuerstchen', loss_weight='p2', p2_k=1.0,
-                                                    prediction='epsilon', sampler='ddpm'))
-    config.sample = ml_collections.ConfigDict(dict(prior_steps=60, prior_timesteps='stage_c_default',
-                                                  prior_guidance=4.0))
-    config.optimizer = config_lib.optimizer_config(1e-4, warmup_steps=10_000, schedule='constant',
-                                                   weight_decay=0.01)
+    config.text.update(tokenizer=arg.clip, encoder=arg.clip, dropout_mode='batch')
+    config.optimizer.update(warmup_steps=10_000, schedule='constant', weight_decay=0.01)
     # Würstchen's EMA (β 0.9 every 100 updates) is about a per-step decay of 0.9 ** (1 / 100) = 0.999.
     config.ema_decay = 0.999
-    config.eval = ml_collections.ConfigDict(dict(
-        data='split', num_examples=1024, batch_size=64, use_ema=True, num_grid_images=8, grid_columns=4))
+    config.eval.update(num_examples=1024, batch_size=64)
     config.log_every_steps = 100
     config.image_every_steps = 5000
     config.checkpoint_every_steps = 2000

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from conftest import REPO, load_config, run_module, tiny_clip_folder
-from wurst_jax import config_lib, convert, demo, pipeline, tasks
+from wurst_jax import config_lib, convert, defaults, demo, pipeline, tasks
 from wurst_jax.convert import __main__ as convert_cli
 from wurst_jax.convert import core
 from wurst_jax.data import image_folder
@@ -42,7 +42,7 @@ def test_a_field_of_another_family_is_unknown_too():
         tasks.validate(config)
     config = load_config('shapes', 'stage=c,runlocal')
     config.text.encoder_config.layer_norm_eps = 1e-6  # open: any CLIPTextConfig argument
-    config_lib.check_known_fields(config)
+    defaults.check_known_fields(config)
 
 
 def test_main_rejects_an_unknown_field_set_in_the_config_file(tmp_path):

@@ -3,10 +3,11 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from conftest import CONFIGS, REPO, load_config
-from wurst_jax import config_lib, tasks
+from wurst_jax import config_lib, defaults, tasks
 
 # Recipes for real data need local weights (CLIP, effnet) that the user passes as config arguments.
 NEEDS_LOCAL_FILES = {'stage_b': 'stage_a.source', 'stage_c': 'effnet.source', 'pixart_alpha': 'stage_a.source',
@@ -75,9 +76,33 @@ def test_two_minus_one_mesh_axes_rejected():
         tasks.validate(config)
 
 
-def test_every_family_has_its_known_fields():
-    """A family without its entry in config_lib.FAMILY_FIELDS would skip the unknown-field check."""
-    assert set(config_lib.FAMILY_FIELDS) == set(tasks.FAMILIES)
+def test_every_family_has_its_defaults():
+    """A family without defaults could not be validated, nor its old saved configs upgraded."""
+    assert set(defaults.FAMILY_DEFAULTS) == set(tasks.FAMILIES)
+    for family in tasks.FAMILIES:
+        assert defaults.for_family(family).model_family == family
+
+
+@pytest.mark.parametrize('arg', ['stage=a,runlocal', 'stage=b,runlocal', 'stage=c,runlocal',
+                                 'stage=c,backbone=pixart,latents=stage_a,runlocal'])
+def test_upgrade_leaves_a_current_config_as_it_is(arg):
+    config = load_config('shapes', arg)
+    assert defaults.upgrade(config).to_dict() == config.to_dict()
+
+
+def test_upgrade_fills_the_fields_an_older_saved_config_lacks():
+    """Older code saved Stage C configs without these fields: they take the values that code used."""
+    saved = load_config('shapes', 'stage=c,runlocal').to_dict()
+    for section, name in [('', 'latents'), ('', 'init'), ('model', 'pos_embed'), ('model', 'micro_conditions'),
+                          ('diffusion', 'prediction'), ('input', 'aspect_buckets'), ('input', 'bucket_multiple')]:
+        (saved[section] if section else saved).pop(name)
+    saved['model']['c'] = 48  # and what it did save stays
+    upgraded = defaults.upgrade(ml_collections.ConfigDict(saved))
+    assert upgraded.latents == 'effnet' and upgraded.init.prior == '' and upgraded.model.pos_embed is False
+    assert upgraded.model.micro_conditions is False and upgraded.diffusion.prediction == 'epsilon'
+    assert upgraded.input.aspect_buckets is False and upgraded.input.bucket_multiple == 0
+    assert upgraded.model.c == 48 and upgraded.model.linear_output is True
+    defaults.check_known_fields(upgraded)
 
 
 def test_unknown_config_argument_rejected():

@@ -2,8 +2,10 @@
 pytorch-fid's network, the resizes against clean-fid and torch, the Fréchet distance against
 pytorch-fid's, streaming statistics against np.cov, CLIP embeddings against transformers' CLIPModel,
 CMMD against a direct NumPy computation."""
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,7 +24,7 @@ from safetensors.numpy import save_file
 
 from conftest import REPO, free_port, load_config, run_module, tiny_clip_tokenizer_folder
 from torch_reference import nchw, nhwc, randomise, rel_err
-from wurst_jax import checkpoint
+from wurst_jax import checkpoint, demo, train
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.convert import core
 from wurst_jax.convert.inception import load_inception_fid
@@ -415,3 +417,51 @@ def test_eval_job_bad_input_names_the_field(demo_root, eval_files, tmp_path):
     fid.save_stats(str(bad_stats), np.zeros(64), np.eye(64))
     with pytest.raises(ValueError, match='bad.npz has mu \\(64,\\)'):
         job.Scorers(eval_config(demo_root, eval_files, tmp_path, reference_stats=str(bad_stats)))
+
+
+# -- A root trained by older code ---------------------------------------------------------------
+
+# Fields the configs saved by older code lack (configs/shapes.py when the sampling pipeline landed),
+# those whose value then is today's default: `defaults.upgrade` fills them in.
+OLDER_LAYOUT = {'stage_b': ('diffusion.p2_k', 'diffusion.prediction', 'model.remat_policy'),
+                'stage_c': ('diffusion.p2_k', 'init', 'latents', 'model.backbone', 'model.micro_conditions',
+                            'model.patch_size', 'stage_a')}
+
+
+@pytest.fixture(scope='module')
+def older_root(demo_root, tmp_path_factory):
+    """A copy of demo_root whose saved configs have the older layout (and name the copy's stages)."""
+    root = tmp_path_factory.mktemp('older') / 'root'
+    shutil.copytree(demo_root, root)
+    for stage, fields in OLDER_LAYOUT.items():
+        saved_configs = list((root / stage / 'checkpoints').glob('*/config/metadata'))
+        assert saved_configs
+        for path in saved_configs:
+            saved = json.loads(path.read_text().replace(str(demo_root), str(root)))
+            for field in fields:
+                *sections, name = field.split('.')
+                del functools.reduce(dict.__getitem__, sections, saved)[name]
+            path.write_text(json.dumps(saved))
+    return root
+
+
+def test_a_root_saved_by_older_code_samples_and_evaluates_as_before(demo_root, older_root, eval_files, tmp_path):
+    prompts = eval_files['prompts'].read_text().splitlines()
+    options = dict(seed=3, prior_steps=2, decoder_steps=2)
+    np.testing.assert_array_equal(Pipeline.from_root(str(older_root))(prompts, **options),
+                                  Pipeline.from_root(str(demo_root))(prompts, **options))
+    older, today = (job.run(eval_config(root, eval_files, tmp_path / name)) for root, name in
+                    [(older_root, 'older'), (demo_root, 'today')])
+    assert [r['step'] for r in older] == checkpoint.all_steps(older_root / 'stage_c')
+    assert [r['metrics'] for r in older] == [r['metrics'] for r in today]
+
+
+def test_a_run_saved_by_older_code_resumes(older_root):
+    workdir = older_root / 'stage_c'
+    config = load_config('shapes', f'stage=c,root={older_root},runlocal')
+    config.input.data_dir = str(older_root / 'data')
+    demo.check_resumable(config, str(workdir))  # the upgraded saved config is this one
+    last = max(checkpoint.all_steps(workdir))
+    config.total_steps = last + 1
+    state = train.train_and_evaluate(config, str(workdir))
+    assert int(state.step) == last + 1 and max(checkpoint.all_steps(workdir)) == last + 1

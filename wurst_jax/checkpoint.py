@@ -14,6 +14,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from wurst_jax import defaults
+
 COMPLETE_MARKER = 'training_complete.json'
 
 
@@ -126,7 +128,8 @@ def wait(manager: ocp.CheckpointManager) -> None:
 
 def load_trained(workdir: str, step: int | None = None,
                  parts: tuple[str, ...] | None = None) -> tuple[ml_collections.ConfigDict, dict]:
-    """(config, state as a dict of arrays on one device) of a run's checkpoint, the newest by default;
+    """(config brought up to date by `defaults.upgrade`, state as a dict of arrays on one device) of a run's
+    checkpoint, the newest by default;
     with `parts` (e.g. ('ema_params', 'model_state')) only those entries of the state are read.
 
     For using a trained stage frozen inside another (Stage A inside Stage B, the effnet inside
@@ -153,18 +156,19 @@ def load_trained(workdir: str, step: int | None = None,
                                    partial_restore=parts is not None)
     restored = manager.restore(step, args=ocp.args.Composite(state=state, config=ocp.args.JsonRestore()))
     logging.info('Loaded step %d of %s', step, workdir)
-    return ml_collections.ConfigDict(restored['config']), restored['state']
+    return defaults.upgrade(ml_collections.ConfigDict(restored['config'])), restored['state']
 
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
-    """The config a run saved with its newest checkpoint (None before the first): cheap, no arrays read."""
+    """The config a run saved with its newest checkpoint, brought up to date (None before the first): cheap,
+    no arrays read."""
     directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     if not all_steps(workdir):
         return None
     manager = ocp.CheckpointManager(directory, item_names=('config',),
                                     item_handlers={'config': ocp.JsonCheckpointHandler()})
     restored = manager.restore(max(manager.all_steps()), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return ml_collections.ConfigDict(restored['config'])
+    return defaults.upgrade(ml_collections.ConfigDict(restored['config']))
 
 
 def load_params(workdir: str, step: int | None = None, ema: bool = False) -> Any:

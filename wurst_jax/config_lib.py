@@ -121,61 +121,6 @@ def input_config(dataset: str, *, image_size: int, batch_size: int, crop: str = 
         num_workers=0, precomputed='', aspect_buckets=False, bucket_multiple=0))
 
 
-# ----------------------------------------------------------------------------------------------
-# Known fields. The code reads fields by name (many with a default), so a misspelt one in a config
-# file would silently be ignored: `validate` rejects any field outside the shared ones built above
-# and its family's own, naming the nearest known one. text.encoder_config is open: it holds
-# transformers CLIPTextConfig keyword arguments.
-
-_TEXT = ('tokenizer', 'vocabulary', 'max_length', 'encoder', 'hidden_state', 'dropout', 'dropout_mode',
-         'encoder_config')
-_DIFFUSION = ('t_sampling', 'loss_weight', 'p2_k', 'prediction', 'sampler')
-_EVAL = ('data', 'num_examples', 'batch_size', 'use_ema', 'num_grid_images', 'grid_columns')
-OPEN_SECTIONS = ('text.encoder_config',)
-FAMILY_FIELDS = {
-    'stage_a': {
-        '': ('disc', 'loss', 'disc_optimizer'),
-        'model': ('levels', 'embed_dim', 'bottleneck_blocks', 'latent_channels', 'num_codes', 'scale_factor'),
-        'disc': ('c_hidden', 'depth'),
-        'loss': ('mse_weight', 'vq_weight', 'commit_weight', 'adv_weight', 'adv_start', 'perceptual_weight',
-                 'perceptual_weights'),
-        'disc_optimizer': None},  # None: the fields of optimizer_config
-    'stage_b': {
-        '': ('stage_a', 'effnet', 'text', 'diffusion', 'sample'),
-        'model': ('c_r', 'patch_size', 'c_cond', 'c_hidden', 'nhead', 'blocks', 'level_config', 'inject_effnet',
-                  'kernel_size', 'dropout', 'remat_policy'),
-        'stage_a': ('source',),
-        'effnet': ('source', 'stages', 'last_channels', 'c_latent', 'stochastic_depth', 'image_size', 'dropout',
-                   'resize_jitter'),
-        'text': _TEXT, 'diffusion': _DIFFUSION, 'sample': ('decoder_steps', 'decoder_guidance')},
-    'stage_c': {
-        '': ('latents', 'latent_scaling', 'stage_a', 'effnet', 'init', 'text', 'diffusion', 'sample'),
-        'model': ('backbone', 'c', 'depth', 'num_heads', 'c_r', 'dropout', 'scan_blocks', 'remat_policy',
-                  'pos_embed', 'linear_output', 'patch_size', 'micro_conditions'),
-        'stage_a': ('source',), 'effnet': ('source', 'image_size'), 'init': ('prior',),
-        'text': _TEXT, 'diffusion': _DIFFUSION, 'sample': ('prior_steps', 'prior_timesteps', 'prior_guidance')},
-    'pixel': {
-        '': ('text', 'diffusion', 'sample', 'grow'),
-        'model': ('c', 'c_r', 'depth', 'num_heads', 'level_channels', 'patch_size'),
-        'eval': _EVAL + ('alignment_prompts',),
-        'text': _TEXT, 'diffusion': ('sampler', 'schedule_base'), 'sample': ('steps', 'guidance'),
-        'grow': ('from_workdir', 'phase')},
-}
-
-
-def known_fields(family: str) -> dict[str, tuple[str, ...]]:
-    """Section path ('' for the top level) -> the field names a `family` config may set there."""
-    optimizer = tuple(optimizer_config(1.0))
-    known = {'': (*base_config(), 'model_family', 'model', 'input', 'optimizer', 'eval'),
-             'mesh': MESH_AXES, 'profile': tuple(base_config().profile),
-             'input': tuple(input_config('', image_size=1, batch_size=1)),
-             'input.shapes': tuple(input_config('', image_size=1, batch_size=1).shapes),
-             'optimizer': optimizer, 'eval': _EVAL}
-    for section, names in FAMILY_FIELDS[family].items():
-        known[section] = known.get(section, ()) + (optimizer if names is None else names)
-    return known
-
-
 def unknown_field_error(path: str, value: Any, known: tuple[str, ...]) -> ConfigError:
     """The ConfigError for `path`, which is none of the `known` fields of its section: it names the nearest."""
     *section, name = path.split('.')
@@ -183,24 +128,6 @@ def unknown_field_error(path: str, value: Any, known: tuple[str, ...]) -> Config
     hint = (f'did you mean config.{".".join([*section, close[0]])}?' if close
             else f'the fields there are {sorted(known)}')
     return ConfigError(path, value, f'no such field: {hint}')
-
-
-def check_known_fields(config: ml_collections.ConfigDict) -> None:
-    """ConfigError for the first field that is not one of the shared ones or its family's."""
-    family = config.get('model_family')
-    if family not in FAMILY_FIELDS:
-        return  # tasks.validate names the family
-    known = known_fields(family)
-
-    def walk(node, prefix: str) -> None:
-        for name, value in node.items():
-            path = f'{prefix}{name}'
-            if name not in known.get(prefix.rstrip('.'), ()):
-                raise unknown_field_error(path, '{...}' if isinstance(value, ml_collections.ConfigDict) else value,
-                                          known.get(prefix.rstrip('.'), ()))
-            if isinstance(value, ml_collections.ConfigDict) and path not in OPEN_SECTIONS:
-                walk(value, f'{path}.')
-    walk(config, '')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,16 +269,16 @@ def _validate_input(config) -> None:
     _check(inp.resize == 0 or inp.resize >= inp.image_size, 'input.resize', inp.resize,
            f'0 or at least input.image_size={inp.image_size}, since the crop is taken after resizing')
     _check(inp.crop in ('center', 'random'), 'input.crop', inp.crop, "one of 'center', 'random'")
-    _check(isinstance(inp.get('aspect_buckets', False), bool), 'input.aspect_buckets', inp.get('aspect_buckets'),
+    _check(isinstance(inp.aspect_buckets, bool), 'input.aspect_buckets', inp.aspect_buckets,
            'True (a batch per multi-aspect bucket, PixArt-α) or False')
-    multiple = inp.get('bucket_multiple', 0)
+    multiple = inp.bucket_multiple
     _check(isinstance(multiple, int) and multiple >= 0, 'input.bucket_multiple', multiple,
            '0 (image_size / 16) or the positive multiple that bucket sides are rounded to')
-    _check(not inp.get('aspect_buckets', False) or config.model_family == 'stage_c', 'input.aspect_buckets', True,
+    _check(not inp.aspect_buckets or config.model_family == 'stage_c', 'input.aspect_buckets', True,
            'False except for Stage C (the other stages train on square crops)')
     _check(isinstance(inp.num_workers, int) and inp.num_workers >= 0, 'input.num_workers',
            inp.num_workers, 'an integer >= 0')
-    _check(not inp.get('precomputed') or config.model_family == 'stage_c', 'input.precomputed', inp.get('precomputed'),
+    _check(not inp.precomputed or config.model_family == 'stage_c', 'input.precomputed', inp.precomputed,
            "'' for this model family: only Stage C reads precomputed records")
 
 
@@ -366,7 +293,6 @@ def _validate_eval(config) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for the first invalid field every experiment has (`tasks.validate` adds the
     family's own: call that before building anything)."""
-    check_known_fields(config)
     for field in ('total_steps', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                   'image_every_steps'):
         _positive_int(config, field)

@@ -94,7 +94,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.model_family != 'stage_c':
         raise config_lib.ConfigError('model_family', config.model_family, "'stage_c': only Stage C has "
                                      'frozen encoders to precompute')
-    if config.input.get('precomputed'):
+    if config.input.precomputed:
         raise config_lib.ConfigError('input.precomputed', config.input.precomputed,
                                      "'' when precomputing: the images are read from input.dataset")
 

@@ -6,7 +6,7 @@ else (mesh, optimizer state, EMA, checkpoints, logging) is shared in wurst_jax.t
 """
 import ml_collections
 
-from wurst_jax import config_lib
+from wurst_jax import config_lib, defaults
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.tasks import conditioning, pixel, stage_a, stage_b, stage_c
 from wurst_jax.tasks.base import Task
@@ -23,7 +23,9 @@ def _family(config: ml_collections.ConfigDict):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises config_lib.ConfigError for the first invalid field, the shared ones first, then the
-    family's own: call before building anything."""
+    family's own: call before building anything. A field the family's defaults lack is refused first."""
+    _family(config)
+    defaults.check_known_fields(config)
     config_lib.validate(config)
     _family(config).validate(config)
 

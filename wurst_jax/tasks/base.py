@@ -4,9 +4,10 @@
 lowering (`wurst_jax.lowering`) use; `PriorSampler` and `DecoderSampler` are what sampling
 (`wurst_jax.pipeline`, and through it the evaluation job) uses of a trained Stage C and Stage B.
 A family is a class in `wurst_jax/tasks/` built from the whole config, one line in
-`tasks.FAMILIES`, and a config. Shapes below: B batch, H x W images, L caption tokens; a batch is a
-dict of arrays named by `batch_spec`, images float32 in [-1, 1]. `params`, `model_state` and `frozen`
-are dicts of pytrees keyed by network name (e.g. 'prior', 'text', 'effnet').
+`tasks.FAMILIES`, its default config in `wurst_jax/defaults.py`, and a config file. Shapes below:
+B batch, H x W images, L caption tokens; a batch is a dict of arrays named by `batch_spec`, images
+float32 in [-1, 1]. `params`, `model_state` and `frozen` are dicts of pytrees keyed by network name
+(e.g. 'prior', 'text', 'effnet').
 """
 from typing import Any, Iterable, Protocol
 

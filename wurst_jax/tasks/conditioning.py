@@ -33,8 +33,8 @@ def validate_text(text: ml_collections.ConfigDict) -> None:
         raise ConfigError('text.dropout', text.dropout, 'a probability in [0, 1)')
     if text.encoder == 'train' and text.tokenizer not in ('bytes', 'words'):
         raise ConfigError('text.tokenizer', text.tokenizer, "'bytes' or 'words' when text.encoder='train'")
-    if text.tokenizer == 'words' and not text.get('vocabulary'):
-        raise ConfigError('text.vocabulary', text.get('vocabulary'), "the list of words when text.tokenizer='words'")
+    if text.tokenizer == 'words' and not text.vocabulary:
+        raise ConfigError('text.vocabulary', text.vocabulary, "the list of words when text.tokenizer='words'")
     if text.encoder != 'train' and not os.path.isdir(text.encoder):
         raise ConfigError('text.encoder', text.encoder, "'train', or a local transformers CLIP text folder "
                                                         '(config.json + model.safetensors)')
@@ -52,7 +52,7 @@ class TextConditioner:
 
     def __init__(self, text: ml_collections.ConfigDict, dtype: Any = jnp.float32):
         self.config = text
-        self.tokenizer = create_tokenizer(text.tokenizer, text.max_length, text.get('vocabulary', ()))
+        self.tokenizer = create_tokenizer(text.tokenizer, text.max_length, text.vocabulary)
         self.trainable = text.encoder == 'train'
         if self.trainable:
             self.module = CLIPTextModel(vocab_size=self.tokenizer.vocab_size, max_position_embeddings=text.max_length,
@@ -173,9 +173,9 @@ def validate_diffusion(config: ml_collections.ConfigDict) -> None:
         raise ConfigError('diffusion.t_sampling', d.t_sampling, f'one of {schedule.T_SAMPLING}')
     if d.loss_weight not in schedule.LOSS_WEIGHTS:
         raise ConfigError('diffusion.loss_weight', d.loss_weight, f'one of {schedule.LOSS_WEIGHTS}')
-    if not d.get('p2_k', 1.0) > 0:
+    if not d.p2_k > 0:
         raise ConfigError('diffusion.p2_k', d.p2_k, 'a positive number (1 is Würstchen\'s P2 weight)')
-    if d.get('prediction', 'epsilon') not in schedule.PREDICTIONS:
+    if d.prediction not in schedule.PREDICTIONS:
         raise ConfigError('diffusion.prediction', d.prediction, f'one of {schedule.PREDICTIONS}')
     if d.sampler not in samplers.SAMPLERS:
         raise ConfigError('diffusion.sampler', d.sampler, f'one of {samplers.SAMPLERS}')

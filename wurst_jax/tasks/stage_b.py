@@ -49,7 +49,7 @@ class StageBTask:
             c_cond=m.c_cond, c_hidden=tuple(m.c_hidden), nhead=tuple(m.nhead), blocks=tuple(m.blocks),
             level_config=tuple(m.level_config), inject_effnet=tuple(m.inject_effnet), effnet_embd=self.effnet.c_latent,
             clip_embd=self.text.width, kernel_size=m.kernel_size, dropout=m.dropout,
-            remat_policy=m.get('remat_policy', 'none'), dtype=dtype)
+            remat_policy=m.remat_policy, dtype=dtype)
         self._eval_losses = jax.jit(self._held_out_losses)
 
     @staticmethod
@@ -63,7 +63,7 @@ class StageBTask:
             if 'A' in kinds and (heads <= 0 or width % heads):
                 raise ConfigError('model.nhead', m.nhead,
                                   'a positive divisor of c_hidden at every level with attention')
-        if m.get('remat_policy', 'none') not in REMAT_POLICIES:
+        if m.remat_policy not in REMAT_POLICIES:
             raise ConfigError('model.remat_policy', m.remat_policy, f'one of {sorted(REMAT_POLICIES)}')
         unit = 4 * m.patch_size * 2 ** (len(m.c_hidden) - 1)  # the f4 Stage A, then the decoder's levels
         if config.input.image_size % unit:
@@ -169,7 +169,7 @@ class StageBTask:
         tokens, mask = self.text.drop(drop_rng, batch['tokens'], batch['token_mask'])
         keep = (jax.random.uniform(zero_rng, (x0.shape[0], 1, 1, 1)) >= e.dropout).astype(jnp.float32)
         choice = jax.random.randint(jitter_rng, (), 0, len(e.resize_jitter))
-        target = diffusion_loss.target(d.get('prediction', 'epsilon'), x0, noise, t)
+        target = diffusion_loss.target(d.prediction, x0, noise, t)
 
         def loss_fn(p):
             variables = self.effnet_variables(p, model_state, frozen)
@@ -181,7 +181,7 @@ class StageBTask:
             out = self.decoder.apply({'params': p['decoder']}, x_t, t, effnet * keep, cond, deterministic=False,
                                      rngs={'dropout': dropout_rng})
             loss, raw = diffusion_loss.epsilon_loss(out, target, t, d.loss_weight, model_state.get('loss_buckets'),
-                                                    d.get('p2_k', 1.0))
+                                                    d.p2_k)
             return loss, (raw, bn_updates)
 
         (loss, (raw, bn_updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -197,7 +197,7 @@ class StageBTask:
     def epsilon(self, params: Any, x: jax.Array, t: jax.Array, effnet: jax.Array, cond: jax.Array) -> jax.Array:
         """The decoder's noise estimate ε̂ (converted from v̂ when diffusion.prediction='v')."""
         out = self.decoder.apply({'params': params['decoder']}, x, t, effnet, cond)
-        return diffusion_loss.to_epsilon(self.config.diffusion.get('prediction', 'epsilon'), out, x, t)
+        return diffusion_loss.to_epsilon(self.config.diffusion.prediction, out, x, t)
 
     def denoiser(self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array):
         """`denoise(x, t, conditional)` for sample_guided; unconditional = zero map and empty caption."""

@@ -65,8 +65,8 @@ class WuerstchenBackbone:
         if not source:
             return WuerstchenPrior(c_in=c_in, c=m.c, c_cond=task.text.width, c_r=m.c_r, depth=m.depth,
                                    num_heads=m.num_heads, dropout=m.dropout, scan_blocks=m.scan_blocks,
-                                   remat_policy=m.remat_policy, pos_embed=m.get('pos_embed', False),
-                                   linear_output=m.get('linear_output', False), dtype=dtype), {}
+                                   remat_policy=m.remat_policy, pos_embed=m.pos_embed,
+                                   linear_output=m.linear_output, dtype=dtype), {}
         prior, variables = convert.load_diffusers(source, 'prior', dropout=m.dropout, scan_blocks=m.scan_blocks,
                                                   remat_policy=m.remat_policy, dtype=dtype)
         if (prior.c_cond, prior.c_in) != (task.text.width, c_in):
@@ -105,8 +105,8 @@ class PixArtBackbone:
         m = config.model
         if m.c % 4:
             raise ConfigError('model.c', m.c, "a multiple of 4 for PixArt's 2-D sin-cos positions")
-        if not (isinstance(m.get('patch_size'), int) and m.patch_size > 0):
-            raise ConfigError('model.patch_size', m.get('patch_size'), 'a positive integer for PixArt')
+        if not (isinstance(m.patch_size, int) and m.patch_size > 0):
+            raise ConfigError('model.patch_size', m.patch_size, 'a positive integer for PixArt')
 
     @staticmethod
     def build(task: 'StageCTask', source: str, dtype: Any) -> tuple[PixArtTransformer, dict[str, Any]]:
@@ -147,14 +147,14 @@ class PixArtBackbone:
                               f'{2 * c} with learned variance), caption_channels={width} and '
                               f'use_additional_conditions={micro} (model.micro_conditions); '
                               f'it has {found} and out_channels={module.out_channels}')
-        if task.config.input.get('aspect_buckets', False):
+        if task.config.input.aspect_buckets:
             task.check_bucket_latents(module.patch_size)
         return module, pretrained
 
     @staticmethod
     def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
         """PixArtMS's micro-conditions, which the multi-aspect buckets carry."""
-        if not config.model.get('micro_conditions', False):
+        if not config.model.micro_conditions:
             return {}
         return {'original_size': ((2,), jnp.float32), 'aspect_ratio': ((1,), jnp.float32)}
 
@@ -183,21 +183,21 @@ class StageCTask:
         dtype = DTYPES[config.dtype]
         self.text = conditioning.TextConditioner(config.text, dtype)
         self.tokenizer = self.text.tokenizer
-        self.space = config.get('latents', 'effnet')
+        self.space = config.latents
         if self.space == 'stage_a':
             self.vqgan, self._vqgan_variables = conditioning.load_stage_a(config.stage_a.source)
         else:
             self.effnet, self._effnet_variables = conditioning.load_effnet(config.effnet.source, dtype)
-        self.backbone = config.model.get('backbone', 'wuerstchen')
-        self.micro_conditions = bool(config.model.get('micro_conditions', False))
+        self.backbone = config.model.backbone
+        self.micro_conditions = config.model.micro_conditions
         self._backbone = BACKBONES[self.backbone]
-        self.prior, self._pretrained = self._backbone.build(self, config.get('init', {}).get('prior', ''), dtype)
+        self.prior, self._pretrained = self._backbone.build(self, config.init.prior, dtype)
         self._eval_losses = jax.jit(self._held_out_losses)
 
     def check_bucket_latents(self, patch_size: int) -> None:
         """Every aspect bucket's latent sides must be whole PixArt patches. Checked here, from shapes
         alone, because a bucket's step is compiled when its first batch comes, mid-run."""
-        size, multiple = self.config.input.image_size, self.config.input.get('bucket_multiple', 0)
+        size, multiple = self.config.input.image_size, self.config.input.bucket_multiple
         frozen = self.frozen_params()
         latent_side = {}  # each latent side depends on one image side only
         for side in sorted({s for _, h, w in aspect_buckets.bucket_table(size, multiple) for s in (h, w)}):
@@ -222,11 +222,11 @@ class StageCTask:
             raise ConfigError('model.num_heads', m.num_heads, f'a divisor of model.c={m.c}')
         if m.remat_policy not in REMAT_POLICIES:
             raise ConfigError('model.remat_policy', m.remat_policy, f'one of {sorted(REMAT_POLICIES)}')
-        backbone = m.get('backbone', 'wuerstchen')
+        backbone = m.backbone
         if backbone not in BACKBONES:
             raise ConfigError('model.backbone', backbone, f'one of {sorted(BACKBONES)}')
         BACKBONES[backbone].validate(config)
-        space = config.get('latents', 'effnet')
+        space = config.latents
         if space not in LATENT_SPACES:
             raise ConfigError('latents', space, f'one of {LATENT_SPACES}')
         if space == 'stage_a':
@@ -243,8 +243,8 @@ class StageCTask:
             raise ConfigError('init.prior', config.init.prior,
                               "'' or a diffusers prior folder / checkpoint file (PixArt: a DiT or PixArt folder, "
                               'a PixArt .pth, or the workdir of an earlier Stage C run)')
-        if config.input.get('precomputed'):
-            if config.input.get('aspect_buckets', False):
+        if config.input.precomputed:
+            if config.input.aspect_buckets:
                 raise ConfigError('input.aspect_buckets', True, 'False with input.precomputed (fixed-size records)')
             try:
                 precomputed.check_matches(config)
@@ -257,7 +257,7 @@ class StageCTask:
     # -- state -----------------------------------------------------------------------------------
 
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
-        if not self.config.input.get('precomputed'):
+        if not self.config.input.precomputed:
             return {**conditioning.captioned_batch_spec(self.config), **self._backbone.batch_fields(self.config)}
         spec = {'latents': (self.latent_shape(), jnp.float32)}
         if self.text.trainable:
@@ -349,13 +349,13 @@ class StageCTask:
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
         x_t = schedule.add_noise(x0, noise, t)
 
-        target = diffusion_loss.target(d.get('prediction', 'epsilon'), x0, noise, t)
+        target = diffusion_loss.target(d.prediction, x0, noise, t)
 
         def loss_fn(p):
             cond = self.batch_text(p, frozen, batch, drop_rng)
             out = self.prior_output(p['prior'], x_t, t, cond, dropout_rng, self.micro(batch, x0.shape[0]))
             return diffusion_loss.epsilon_loss(out, target, t, d.loss_weight, model_state.get('loss_buckets'),
-                                               d.get('p2_k', 1.0))
+                                               d.p2_k)
 
         (loss, raw), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         new_state = model_state
@@ -376,7 +376,7 @@ class StageCTask:
         """The prior's noise estimate ε̂ (converted from v̂ when diffusion.prediction='v'); a batch gives
         the size micro-conditions, if any."""
         out = self.prior_output(params['prior'], x, t, cond, micro=self.micro(batch, x.shape[0]))
-        return diffusion_loss.to_epsilon(self.config.diffusion.get('prediction', 'epsilon'), out, x, t)
+        return diffusion_loss.to_epsilon(self.config.diffusion.prediction, out, x, t)
 
     def denoiser(self, params: Any, cond: jax.Array, uncond: jax.Array):
         """`denoise(x, t, conditional)` for samplers.sample_guided: None = [conditional; unconditional] halves."""
