@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 
-from torch_reference import TOL, nchw, nhwc, randomise, rel_err
+from torch_reference import TOL, Attention2D, nchw, nhwc, randomise, rel_err
 from wurst_jax import convert
 from wurst_jax.models.stage_a import VQGAN
 
@@ -152,22 +152,6 @@ def test_bad_weights_name_every_bad_key(tmp_path):
         convert.load_diffusers(str(tmp_path), 'stage_z')
     with pytest.raises(ValueError, match='PaellaVQModel'):
         convert.load_diffusers(str(tmp_path), 'prior')
-
-
-class Attention2D(torch.nn.Module):
-    """The official attention (dome272/Wuerstchen modules.py, Stability-AI/StableCascade modules/common.py):
-    one torch.nn.MultiheadAttention over the flattened map. Called as diffusers' AttnBlock calls its attention,
-    with keys/values that already hold the map's tokens (the official `self_attn=True` concatenation)."""
-
-    def __init__(self, c, nhead):
-        super().__init__()
-        self.attn = torch.nn.MultiheadAttention(c, nhead, bias=True, batch_first=True)
-
-    def forward(self, x, encoder_hidden_states):
-        b, c, h, w = x.shape
-        tokens = x.view(b, c, -1).permute(0, 2, 1)
-        out = self.attn(tokens, encoder_hidden_states, encoder_hidden_states, need_weights=False)[0]
-        return out.permute(0, 2, 1).reshape(b, c, h, w)
 
 
 class VectorQuantize(torch.nn.Module):

@@ -14,7 +14,7 @@ from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig, MBC
 from torch_reference import TOL, nchw, nhwc, randomise, rel_err
 from wurst_jax import convert
 from wurst_jax.convert import core
-from wurst_jax.models.effnet import EfficientNetEncoder
+from wurst_jax.models.effnet import EFFICIENTNET_V2_L, EfficientNetEncoder
 
 # (block type, expand ratio, kernel, stride, in, out, layers). torchvision rounds MBConvConfig widths to
 # multiples of 8 (FusedMBConvConfig widths are taken as given), and every expanded width to a multiple of 8.
@@ -161,6 +161,31 @@ def test_wuerstchen_effnet_state_dict_matches_torch(tmp_path):
     assert module.mapper_affine
     x = np.random.default_rng(11).uniform(0, 1, (2, 24, 40, 3)).astype(np.float32)
     assert rel_err(jax.jit(module.apply)(variables, x), torch_forward(ref, x)) <= TOL
+
+
+def test_wuerstchen_v1_effnet_v2_l_matches_torchvision(tmp_path):
+    """Würstchen v1's compressor (dome272/Wuerstchen train_stage_B.py: `EfficientNetEncoder(effnet=
+    "efficientnet_v2_l")`, torchvision efficientnet_v2_l features + the affine mapper), saved as the Stage B
+    checkpoint's 'effnet_state_dict' beside the Paella generator: the architecture is read off the file, and the
+    Flax encoder computes what torchvision's does (small input: the whole network, one compile). As in the V2-S
+    test above, a randomised network this deep maps every image to nearly the same output (its random BatchNorm
+    statistics wash the input out by the last stages; the small configurations above check the input path), so
+    this checks the architecture and where each weight acts; 64 px keeps a 2x2 map, so a wrong stride shows."""
+    with torch.device('meta'):  # randomise draws every tensor: torchvision's own init of 118M weights is not needed
+        ref = TorchEncoder(torchvision.models.efficientnet_v2_l(weights=None).features, 1280, affine=True)
+    ref = randomise(ref.to_empty(device='cpu'), seed=12)
+    for counter in (b for b in ref.buffers() if not b.is_floating_point()):  # num_batches_tracked
+        counter.zero_()
+    x = np.random.default_rng(13).uniform(0, 1, (1, 64, 64, 3)).astype(np.float32)
+    generator = {'in_mapper.0.weight': torch.zeros(8192, 256)}
+    torch.save({'state_dict': generator, 'effnet_state_dict': ref.state_dict()}, tmp_path / 'model_stage_b.pt')
+    module, variables = convert.load_original(str(tmp_path / 'model_stage_b.pt'), 'effnet')
+    assert module == EfficientNetEncoder(stages=EFFICIENTNET_V2_L, mapper_affine=True)
+    assert core.component('effnet').to_config(module)['effnet'] == 'efficientnet_v2_l'
+    ours = jax.jit(module.apply)(variables, x)
+    expected = torch_forward(ref, x)
+    assert ours.shape == (1, 2, 2, 16)
+    assert rel_err(ours, expected) <= TOL
 
 
 @pytest.mark.parametrize('affine', [True, False], ids=['affine', 'no_affine'])

@@ -16,9 +16,10 @@ from wurst_jax.models import kernels, layers
 
 @pytest.mark.parametrize('padding', ['VALID', ((1, 1), (2, 0))])
 @pytest.mark.parametrize('kernel', ['shifted', 'grouped'])
-def test_depthwise_conv_equals_grouped_nn_conv(monkeypatch, padding, kernel):
+@pytest.mark.parametrize('per_group', [1, 2], ids=['depthwise', 'two_inputs_per_group'])  # 2: Paella's skip block
+def test_depthwise_conv_equals_grouped_nn_conv(monkeypatch, padding, kernel, per_group):
     monkeypatch.setattr(kernels, 'depthwise_kernel', lambda: kernel)
-    x = jax.random.normal(jax.random.key(1), (2, 7, 9, 6))
+    x = jax.random.normal(jax.random.key(1), (2, 7, 9, 6 * per_group))
     reference = nn.Conv(6, (3, 3), padding=padding, feature_group_count=6)
     variables = reference.init(jax.random.key(0), x)
     variables['params']['bias'] = jnp.linspace(-1, 1, 6)

@@ -36,3 +36,19 @@ def nhwc(x: torch.Tensor) -> np.ndarray:
 def step_noises(rng, steps: int, shape) -> list[np.ndarray]:
     """The noise `samplers.sample` draws at each of `steps` steps from `rng`, for a reference sampler to add."""
     return [np.array(jax.random.normal(key, shape)) for key in jax.random.split(rng, steps)]
+
+
+class Attention2D(torch.nn.Module):
+    """The official attention (dome272/Wuerstchen modules.py, Stability-AI/StableCascade modules/common.py):
+    one torch.nn.MultiheadAttention over the flattened map. Called as diffusers' AttnBlock calls its attention,
+    with keys/values that already hold the map's tokens (the official `self_attn=True` concatenation)."""
+
+    def __init__(self, c, nhead):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(c, nhead, bias=True, batch_first=True)
+
+    def forward(self, x, encoder_hidden_states):
+        b, c, h, w = x.shape
+        tokens = x.view(b, c, -1).permute(0, 2, 1)
+        out = self.attn(tokens, encoder_hidden_states, encoder_hidden_states, need_weights=False)[0]
+        return out.permute(0, 2, 1).reshape(b, c, h, w)

@@ -15,7 +15,7 @@ import flax.linen as nn
 
 from wurst_jax.convert import clip, effnet, inception, pixart, wuerstchen  # noqa: F401  (each registers its components)
 from wurst_jax.convert.core import COMPONENTS, load_folder, save_diffusers, shapes_only
-from wurst_jax.convert.original import load_original
+from wurst_jax.convert.original import load_original, save_original
 
 
 def load_diffusers(path: str, name: str, **module_overrides: Any) -> tuple[nn.Module, dict]:
@@ -25,4 +25,4 @@ def load_diffusers(path: str, name: str, **module_overrides: Any) -> tuple[nn.Mo
         return load_original(path, name, **module_overrides)
     return load_folder(path, name, **module_overrides)
 
-__all__ = ['COMPONENTS', 'load_diffusers', 'load_original', 'save_diffusers', 'shapes_only']
+__all__ = ['COMPONENTS', 'load_diffusers', 'load_original', 'save_diffusers', 'save_original', 'shapes_only']

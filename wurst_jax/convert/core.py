@@ -64,6 +64,10 @@ class Component:
     accepts: tuple[str, ...] = ()  # further class names a folder may hold (e.g. CLIPTextModel)
     prepare_state: Callable[[dict], dict] | None = None  # renames/drops file keys before matching
     check_state: Callable[[nn.Module, dict], None] | None = None  # checks a file's non-weight tensors
+    # With scan_blocks: the unscanned module's variables -> the scanned module's, and back (default: the
+    # prior's blocks_0..blocks_{depth-1} <-> one stacked 'blocks').
+    stack: Callable[[nn.Module, dict], dict] | None = None
+    unstack: Callable[[nn.Module, dict], dict] | None = None
 
     @property
     def weights_name(self) -> str:
@@ -152,7 +156,7 @@ def variables_from_state_dict(module: nn.Module, name: str, state: dict[str, np.
                          f'unexpected {unexpected}, wrong shape {mismatched}')
     variables = traverse_util.unflatten_dict(out)
     if flat_module is not module:
-        variables = _stack_blocks(variables, module.depth)
+        variables = comp.stack(module, variables) if comp.stack else _stack_blocks(variables, module.depth)
     return variables
 
 
@@ -161,7 +165,8 @@ def state_dict_from_variables(module: nn.Module, name: str, variables: dict) -> 
     comp = component(name)
     flat_module = _unscanned(module)
     if flat_module is not module:
-        variables = _unstack_blocks(variables, module.depth)
+        variables = nn.meta.unbox(variables)
+        variables = comp.unstack(module, variables) if comp.unstack else _unstack_blocks(variables, module.depth)
     flat = traverse_util.flatten_dict(nn.meta.unbox(variables))
     return {comp.torch_key(flat_module, path): np.ascontiguousarray(comp.to_torch(np.asarray(v, np.float32), path))
             for path, v in flat.items()}

@@ -12,11 +12,11 @@ Flax names mirror them with '_' for '.': `backbone_4_2/block_1/conv` <-> `backbo
 import jax.numpy as jnp
 
 from wurst_jax.convert.core import Component, register
-from wurst_jax.models.effnet import EFFICIENTNET_V2_S, EfficientNetEncoder
+from wurst_jax.models.effnet import EFFNET_ARCHS, EfficientNetEncoder
 
 _LEAVES = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean', 'var': 'running_var'}
 _NAMES = {'conv': '0', 'norm': '1'}
-_ARCHS = {'efficientnet_v2_s': EFFICIENTNET_V2_S}
+_ARCHS = EFFNET_ARCHS  # the torchvision architectures by their `effnet` name (diffusers' EfficientNetEncoder)
 
 
 def _from_config(cfg: dict) -> EfficientNetEncoder:
@@ -36,8 +36,9 @@ def _from_config(cfg: dict) -> EfficientNetEncoder:
 def _config(m: EfficientNetEncoder) -> dict:
     stages = tuple(tuple(s) for s in m.stages)
     cfg = dict(c_latent=m.c_latent, c_cond=m.last_channels or 4 * stages[-1][5])
-    if stages == EFFICIENTNET_V2_S:
-        cfg['effnet'] = 'efficientnet_v2_s'
+    named = [name for name, arch in _ARCHS.items() if arch == stages]
+    if named:
+        cfg['effnet'] = named[0]
     else:  # not a torchvision architecture: diffusers cannot build it, our from_config can
         cfg['effnet'] = 'custom'
         cfg['stages'] = [list(s) for s in stages]

@@ -7,19 +7,22 @@ entry holds the network depends on the file:
 
   model_v3_stage_c.pt / model_stage_c.pt   prior     'ema_state_dict' (what diffusers converted)
   model_v2_stage_b.pt                      decoder   'state_dict';  effnet 'effnet_state_dict'
+  model_stage_b.pt (Würstchen v1)          paella    'state_dict';  effnet 'effnet_state_dict' (EfficientNetV2-L)
   vqgan_f4_v1_500k.pt                      vqgan     'state_dict'
   stage_a.safetensors (Stable Cascade)     vqgan     flat (decode scale 0.43 there: pass it in config)
   effnet_encoder.safetensors (SC)          effnet    flat (mapper BatchNorm without affine, read off the file)
   PixArt-XL-2-*.pth (PixArt-alpha)         pixart    'state_dict_ema' or 'state_dict' (names: convert/pixart.py)
 
 Stable Cascade's Stage B/C UNets (`stage_b*.safetensors`, `stage_c*.safetensors`) are another
-architecture (StableCascadeUNet), not converted here.
+architecture (StableCascadeUNet), not converted here. `save_original` writes Flax variables back as a flat
+`.safetensors` state dict in the original names (what the official modules' load_state_dict takes).
 """
 import os
 import pickle
 
 import flax.linen as nn
 import numpy as np
+from safetensors.numpy import save_file
 
 from wurst_jax.convert import core
 
@@ -29,6 +32,9 @@ RELEASED_CONFIGS = {
     'decoder': {},  # the WuerstchenDiffNeXt defaults are the released decoder
     'vqgan': {},
     'effnet': {},
+    # Würstchen v1's Stage B: train_stage_B.py builds `Paella(byt5_embd=1024)` (CLIP-H text states); the other
+    # fields are the official constructor's defaults, which the Flax Paella's are.
+    'paella': dict(byt5_embd=1024),
     # PixArt-XL-2-1024-MS.pth; the 512 / 256 files: {'sample_size': 64 / 32, 'use_additional_conditions': False,
     # 'interpolation_scale': 1}, and the loader names the interpolation_scale if the file's positions disagree.
     'pixart': dict(sample_size=128, interpolation_scale=2, caption_channels=4096, in_channels=4, out_channels=8),
@@ -38,9 +44,19 @@ _ENTRIES = {
     'decoder': ('state_dict',),
     'effnet': ('effnet_state_dict',),
     'vqgan': ('state_dict',),
+    'paella': ('state_dict',),
     'pixart': ('state_dict_ema', 'state_dict'),  # PixArt's training saves both; released files hold state_dict
 }
+_HINTS = {  # what a file lacking the entry was expected to be
+    'paella': "a Würstchen v1 Stage B checkpoint (dome272/Wuerstchen train_stage_B.py saves the Paella generator "
+              "as 'state_dict' and its EfficientNet as 'effnet_state_dict')",
+    'decoder': "a Würstchen v2 Stage B checkpoint (model_v2_stage_b.pt: the DiffNeXt as 'state_dict')",
+    'effnet': "a Würstchen Stage B checkpoint (train_stage_B.py saves the jointly trained EfficientNet as "
+              "'effnet_state_dict'), or a flat effnet .safetensors",
+}
 _TORCH_SUFFIXES = ('.pt', '.pth', '.ckpt', '.bin')
+# Components whose original names are the diffusers ones but for the attention and codebook (`diffusers_names`).
+_WUERSTCHEN = ('prior', 'decoder', 'vqgan', 'effnet', 'paella')
 
 
 def _read_torch(path: str) -> dict:
@@ -69,8 +85,9 @@ def read_checkpoint(path: str, component: str) -> dict[str, np.ndarray]:
                 content = content[entry]
                 break
         else:
+            expected = f': expected {_HINTS[component]}' if component in _HINTS else ''
             raise KeyError(f'{path} has no {" or ".join(_ENTRIES[component])} entry for {component}: '
-                           f'it holds {sorted(content)}')
+                           f'it holds {sorted(content)}{expected}')
     return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in content.items()}
 
 
@@ -90,6 +107,40 @@ def diffusers_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         else:
             out[key] = value
     return out
+
+
+def original_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of `diffusers_names`: q/k/v joined into `attention.attn.in_proj_*`, `out_proj`, `codebook`."""
+    out, qkv = {}, {}
+    for key, value in state.items():
+        if any(f'.attention.{n}.' in key for n in ('to_q', 'to_k', 'to_v')):
+            prefix, rest = key.split('.attention.', 1)
+            name, leaf = rest.split('.', 1)
+            qkv.setdefault((prefix, leaf), {})[name] = value
+        elif '.attention.to_out.0.' in key:
+            out[key.replace('.attention.to_out.0.', '.attention.attn.out_proj.')] = value
+        elif key == 'vquantizer.embedding.weight':
+            out['vquantizer.codebook.weight'] = value
+        else:
+            out[key] = value
+    for (prefix, leaf), parts in qkv.items():
+        out[f'{prefix}.attention.attn.in_proj_{leaf}'] = np.concatenate([parts[n] for n in ('to_q', 'to_k', 'to_v')])
+    return out
+
+
+def save_original(module: nn.Module, variables: dict, path: str, component: str) -> None:
+    """Writes `variables` of a Würstchen component as a flat `.safetensors` state dict in the original module
+    names (dome272/Wuerstchen `modules.py`, `vqgan.py`): the official module's load_state_dict(strict=True)
+    takes it (the BatchNorms' num_batches_tracked aside), and `load_original(path, component, config)` reads
+    it back bit for bit. A scan_blocks module is written unscanned, as the torch modules are."""
+    if component not in _WUERSTCHEN:
+        raise ValueError(f'save_original writes the Würstchen components {list(_WUERSTCHEN)}, not {component!r}: '
+                         'use save_diffusers for a diffusers folder')
+    if not path.endswith('.safetensors'):
+        raise ValueError(f'{path}: save_original writes a .safetensors file (torch.load-free); name it *.safetensors')
+    state = original_names(core.state_dict_from_variables(module, component, variables))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
 
 
 def load_original(path: str, component: str, config: dict | None = None,
@@ -113,5 +164,10 @@ def load_original(path: str, component: str, config: dict | None = None,
 def _fields_of_file(component: str, state: dict[str, np.ndarray]) -> dict:
     """Config fields that the released files of one component differ in, read off the tensors."""
     if component == 'effnet':  # Würstchen's mapper BatchNorm is affine, Stable Cascade's (affine=False) is not
-        return {'mapper_affine': 'mapper.1.weight' in state}
+        fields = {'mapper_affine': 'mapper.1.weight' in state}
+        # torchvision's features: stem, the stages, the head conv. V2-S has 6 stages (head backbone.7), V2-L 7
+        # (head backbone.8; Würstchen v1's train_stage_B.py). A config's 'stages' overrides this.
+        if 'backbone.8.0.weight' in state and 'backbone.9.0.weight' not in state:
+            fields['effnet'] = 'efficientnet_v2_l'
+        return fields
     return {}

@@ -1,15 +1,21 @@
 """Key tables of the Würstchen diffusers models: prior (WuerstchenPrior), decoder
-(WuerstchenDiffNeXt), vqgan (PaellaVQModel).
+(WuerstchenDiffNeXt), vqgan (PaellaVQModel); and of Würstchen v1's Stage B, paella (dome272/Wuerstchen
+`modules.py` `Paella`, which diffusers never ported: its files are the official checkpoints, read by
+`original.load_original(path, 'paella', config)` and written by `original.save_original`).
 
 Flax names follow the torch modules (diffusers `src/diffusers/pipelines/wuerstchen/modeling_*.py`),
 so each table only turns a Flax path into the torch key: Sequential indices back in
 (`channelwise_0` -> `channelwise.0`) and the triplet blocks of the prior flattened into `blocks.{3k + j}`.
 """
+import difflib
 import re
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from wurst_jax.convert.core import Component, register
+from wurst_jax.models.paella import Paella
 from wurst_jax.models.stage_a import VQGAN
 from wurst_jax.models.stage_b import WuerstchenDiffNeXt
 from wurst_jax.models.stage_c import WuerstchenPrior
@@ -82,6 +88,61 @@ def _decoder_key(m: WuerstchenDiffNeXt, path: tuple[str, ...]) -> str:
     return '.'.join([top] + [BLOCK_MODULES.get(n, n) for n in inner] + [_LEAVES.get(leaf, leaf)])
 
 
+# --- paella (Würstchen v1 Stage B) ---------------------------------------------------------------
+
+# The official constructor's keyword arguments (dome272/Wuerstchen `modules.py` `Paella.__init__`).
+PAELLA_FIELDS = ('c_in', 'c_out', 'num_labels', 'c_r', 'patch_size', 'c_cond', 'c_hidden', 'nhead', 'blocks',
+                 'level_config', 'effnet_embd', 'byt5_embd', 'kernel_size', 'dropout', 'self_attn')
+
+
+def _paella_from_config(cfg: dict) -> Paella:
+    unknown = [k for k in cfg if k not in PAELLA_FIELDS and not k.startswith('_')]  # '_class_name' etc.
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, PAELLA_FIELDS, n=1) for k in unknown}
+        named = ', '.join(f'{k!r}' + (f' (did you mean {h[0]!r}?)' if h else '') for k, h in hints.items())
+        raise ValueError(f'unknown Paella config field {named}: the fields are the official Paella '
+                         f'constructor\'s keyword arguments {list(PAELLA_FIELDS)}')
+    return Paella(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in PAELLA_FIELDS})
+
+
+def _paella_config(m: Paella) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(m, k)) for k in PAELLA_FIELDS)}
+
+
+def _paella_inputs(m: Paella) -> tuple:
+    size = m.patch_size * 2 ** (len(m.c_hidden) - 1)
+    return (jnp.zeros((1, size, size), jnp.int32), jnp.zeros((1,)), jnp.zeros((1, 2, 2, m.effnet_embd)),
+            jnp.zeros((1, 4, m.byt5_embd)))
+
+
+def _paella_key(m: Paella, path: tuple[str, ...]) -> str:
+    _, top, *inner, leaf = path
+    top = re.sub(r'_(\d+)', r'.\1', top)  # up_blocks_1_0 -> up_blocks.1.0, in_mapper_0 -> in_mapper.0
+    leaf = 'weight' if leaf == 'embedding' else _LEAVES.get(leaf, leaf)
+    return '.'.join([top] + [BLOCK_MODULES.get(n, n) for n in inner] + [leaf])
+
+
+def _paella_stack(m: Paella, variables: dict) -> dict:
+    """Unscanned Paella variables (`up_blocks_1_3`, ...) -> scan_blocks ones (`up_blocks_1_scan/block_k`)."""
+    params = dict(variables['params'])
+    for scan_name, prefix, first, repeats, per in m.scan_groups():
+        params[scan_name] = {
+            f'block_{k}': jax.tree.map(lambda *xs: np.stack(xs),
+                                       *[params.pop(f'{prefix}_{first + g * per + k}') for g in range(repeats)])
+            for k in range(per)}
+    return {**variables, 'params': params}
+
+
+def _paella_unstack(m: Paella, variables: dict) -> dict:
+    params = dict(variables['params'])
+    for scan_name, prefix, first, repeats, per in m.scan_groups():
+        stacked = params.pop(scan_name)
+        for g in range(repeats):
+            for k in range(per):
+                params[f'{prefix}_{first + g * per + k}'] = jax.tree.map(lambda x: x[g], stacked[f'block_{k}'])
+    return {**variables, 'params': params}
+
+
 # --- vqgan ------------------------------------------------------------------------------------
 
 def _vqgan_from_config(cfg: dict) -> VQGAN:
@@ -127,3 +188,5 @@ register('decoder', Component('WuerstchenDiffNeXt', 'diffusers', _decoder_from_c
                               _decoder_inputs, _decoder_key))
 register('vqgan', Component('PaellaVQModel', 'diffusers', _vqgan_from_config, _vqgan_config, _vqgan_inputs,
                             _vqgan_key))
+register('paella', Component('Paella', 'diffusers', _paella_from_config, _paella_config, _paella_inputs, _paella_key,
+                             stack=_paella_stack, unstack=_paella_unstack))

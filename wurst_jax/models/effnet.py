@@ -1,4 +1,5 @@
-"""Würstchen's semantic compressor: EfficientNetV2-S features + a 1x1 conv/BatchNorm mapper
+"""Würstchen's semantic compressor: EfficientNetV2-S (v2, Stable Cascade) or -L (v1) features + a 1x1
+conv/BatchNorm mapper
 (dome272/Wuerstchen `modules.py` `EfficientNetEncoder`; Stability-AI/StableCascade `modules/effnet.py`).
 
 `EfficientNetEncoder` maps RGB images [B, H, W, 3] to the Stage-C latents [B, H/32, W/32, c_latent]:
@@ -48,6 +49,20 @@ EFFICIENTNET_V2_S = (
     ('mb', 6, 3, 1, 128, 160, 9),
     ('mb', 6, 3, 2, 160, 256, 15),
 )
+# torchvision `_efficientnet_conf('efficientnet_v2_l')`: Würstchen v1's compressor (dome272/Wuerstchen
+# train_stage_B.py, `EfficientNetEncoder(effnet="efficientnet_v2_l")`), head 1280 as V2-S's. Its torchvision
+# ImageNet weights expect mean = std = 0.5 inputs, but Würstchen feeds it ImageNet-normalised images
+# (utils.py `effnet_preprocess`) and fine-tunes it jointly with Stage B, so `normalize_input` is the same.
+EFFICIENTNET_V2_L = (
+    ('fused', 1, 3, 1, 32, 32, 4),
+    ('fused', 4, 3, 2, 32, 64, 7),
+    ('fused', 4, 3, 2, 64, 96, 7),
+    ('mb', 4, 3, 2, 96, 192, 10),
+    ('mb', 6, 3, 1, 192, 224, 19),
+    ('mb', 6, 3, 2, 224, 384, 25),
+    ('mb', 6, 3, 1, 384, 640, 7),
+)
+EFFNET_ARCHS = {'efficientnet_v2_s': EFFICIENTNET_V2_S, 'efficientnet_v2_l': EFFICIENTNET_V2_L}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -66,9 +66,10 @@ def conv(features: int, kernel_size: Sequence[int], *, strides: int = 1, padding
 
 
 class DepthwiseConv(nn.Module):
-    """A stride-1 depthwise conv with nn.Conv(groups=features)'s params ('kernel' [k, k, 1, C], 'bias'),
-    replicated (9·C floats: activations never switch to a channel split); `padding` 'VALID' or
-    ((top, bottom), (left, right))."""
+    """A stride-1 depthwise conv with nn.Conv(groups=features)'s params ('kernel' [k, k, m, C], 'bias'),
+    replicated (9·m·C floats: activations never switch to a channel split); `padding` 'VALID' or
+    ((top, bottom), (left, right)). The input may have m·C channels (torch's Conv2d(m·C, C, groups=C), as
+    the Prior/Paella ResBlock's with a skip): output channel g then sums input channels g·m .. g·m + m - 1."""
     features: int
     kernel_size: int = 3
     padding: Any = 'VALID'
@@ -77,31 +78,47 @@ class DepthwiseConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, c = self.kernel_size, self.features
-        kernel = self.param('kernel', nn.with_logical_partitioning(default_kernel_init, (None,) * 4), (k, k, 1, c))
+        if x.shape[-1] % c:
+            raise ValueError(f'DepthwiseConv({c}) needs input channels divisible by {c}, got {x.shape[-1]}')
+        m = x.shape[-1] // c
+        kernel = self.param('kernel', nn.with_logical_partitioning(default_kernel_init, (None,) * 4), (k, k, m, c))
         bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)), (c,))
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
         padding = ((0, 0), (0, 0)) if self.padding == 'VALID' else tuple(map(tuple, self.padding))
         if kernels.depthwise_kernel() == 'grouped':
             out = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, feature_group_count=c,
                                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-        else:
-            out = kernels.shifted_depthwise(jnp.pad(x, ((0, 0), *padding, (0, 0))), kernel[:, :, 0, :])
+        else:  # group g's j-th input channel is channel g·m + j: one depthwise conv per j, summed
+            x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+            out = sum(kernels.shifted_depthwise(x[..., j::m], kernel[:, :, j, :]) for j in range(m))
         return out + bias
 
 
 def conv_transpose(features: int, kernel_size: Sequence[int], *, strides: int, torch_padding: int,
-                   dtype: Dtype = jnp.float32, name: str | None = None) -> nn.ConvTranspose:
+                   dtype: Dtype = jnp.float32, torch_default_init: bool = False,
+                   name: str | None = None) -> nn.ConvTranspose:
     """torch.nn.ConvTranspose2d(k, stride, padding=p) as a Flax ConvTranspose.
 
     torch's transposed conv is the gradient of a conv: flipped kernel and padding k - 1 - p
-    on each side, which `transpose_kernel=True` and explicit padding reproduce.
+    on each side, which `transpose_kernel=True` and explicit padding reproduce. The kernel is
+    [kh, kw, out, in]. `torch_default_init`: ConvTranspose2d's own init (kaiming_uniform(a=√5), i.e.
+    uniform ±1/√fan_in for kernel and bias, fan_in = out·kh·kw), which Paella keeps (its xavier init
+    pass touches only Conv2d/Linear); otherwise xavier_uniform and a zero bias.
     """
     pads = tuple((k - 1 - torch_padding, k - 1 - torch_padding) for k in kernel_size)
+    kernel_init, bias_init = default_kernel_init, nn.initializers.zeros_init()
+    if torch_default_init:
+        kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+        receptive = int(np.prod(kernel_size))
+
+        def bias_init(key, shape, dtype=jnp.float32):
+            bound = 1 / math.sqrt(shape[0] * receptive)
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
     return nn.ConvTranspose(
         features, tuple(kernel_size), strides=(strides, strides), padding=pads, transpose_kernel=True,
         dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(default_kernel_init, (None, None, 'conv_out', 'conv_in')),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('conv_out',)),
+        kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, 'conv_out', 'conv_in')),
+        bias_init=nn.with_logical_partitioning(bias_init, ('conv_out',)),
         name=name)
 
 
@@ -233,24 +250,35 @@ class GlobalResponseNorm(nn.Module):
 
 class ResBlock(nn.Module):
     """ConvNeXt-style block: depthwise kxk -> LN2d -> [concat skip] -> Dense(4C) -> GELU -> GRN -> Dropout
-    -> Dense(C), residual. The skip enters after the norm, as in Stage B (the prior passes none)."""
+    -> Dense(C), residual. The skip enters after the norm, as in Stage B (the prior passes none); with
+    `skip_before_depthwise` it is concatenated to the input of the depthwise conv instead (C + C_skip -> C,
+    groups C), as in the Prior/Paella `ResBlock` of dome272/Wuerstchen `modules.py`. `out_init_scale`
+    multiplies the last Dense's initial kernel (Würstchen scales it by sqrt(1 / total blocks))."""
     channels: int
     dropout: float = 0.0
     kernel_size: int = 3
     dtype: Dtype = jnp.float32
+    skip_before_depthwise: bool = False
+    out_init_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array, skip: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         c, k = self.channels, self.kernel_size
         x = shard_batch(x)
-        h = DepthwiseConv(c, k, ((k // 2, k // 2),) * 2, self.dtype, name='depthwise')(x)
+        h = x
+        if skip is not None and self.skip_before_depthwise:
+            h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
+        h = DepthwiseConv(c, k, ((k // 2, k // 2),) * 2, self.dtype, name='depthwise')(h)
         h = layer_norm_2d(self.dtype)(shard_batch(h))
-        if skip is not None:
+        if skip is not None and not self.skip_before_depthwise:
             h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
         h = dense(4 * c, ('embed', 'mlp'), dtype=self.dtype, name='channelwise_0')(h)
         h = GlobalResponseNorm(name='grn')(nn.gelu(h, approximate=False))
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        h = dense(c, ('mlp', 'embed'), dtype=self.dtype, name='channelwise_4')(h)
+        out_init = default_kernel_init
+        if self.out_init_scale != 1.0:  # xavier_uniform times s: variance s² times xavier's
+            out_init = nn.initializers.variance_scaling(self.out_init_scale ** 2, 'fan_avg', 'uniform')
+        h = dense(c, ('mlp', 'embed'), dtype=self.dtype, kernel_init=out_init, name='channelwise_4')(h)
         return x + shard_batch(h)
 
 
@@ -275,6 +303,9 @@ class Attention(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     zero_init_out: bool = False  # start as a no-op residual branch (PixArt's cross-attention)
+    # q/k/v kernels drawn as torch.nn.MultiheadAttention draws its joint in_proj (xavier_uniform over
+    # [3C, C], half the variance of xavier over each [C, C] block); False: xavier per kernel.
+    mha_init: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, kv: jax.Array, deterministic: bool = True,
@@ -282,9 +313,10 @@ class Attention(nn.Module):
         """x: [B, T, C], kv: [B, S, C'], mask: [B, S] (True/1 = attend) or None -> [B, T, C]."""
         c, heads = self.channels, self.num_heads
         split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, c // heads)
-        q = split(dense(c, ('embed', 'heads'), dtype=self.dtype, name='to_q')(x))
-        k = split(dense(c, ('embed', 'heads'), dtype=self.dtype, name='to_k')(kv))
-        v = split(dense(c, ('embed', 'heads'), dtype=self.dtype, name='to_v')(kv))
+        qkv_init = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform') if self.mha_init else default_kernel_init
+        q = split(dense(c, ('embed', 'heads'), dtype=self.dtype, kernel_init=qkv_init, name='to_q')(x))
+        k = split(dense(c, ('embed', 'heads'), dtype=self.dtype, kernel_init=qkv_init, name='to_k')(kv))
+        v = split(dense(c, ('embed', 'heads'), dtype=self.dtype, kernel_init=qkv_init, name='to_v')(kv))
         mask = None if mask is None else mask.astype(bool)
         kernel = kernels.attention_kernel() if deterministic or self.dropout == 0 else 'einsum'
         if kernel == 'blocked':
@@ -311,6 +343,7 @@ class AttnBlock(nn.Module):
     self_attn: bool = True
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    mha_init: bool = False  # Attention.mha_init
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -320,5 +353,6 @@ class AttnBlock(nn.Module):
         tokens = layer_norm_2d(self.dtype)(x).reshape(b, h * w, c)
         if self.self_attn:
             kv = jnp.concatenate([tokens, kv.astype(tokens.dtype)], axis=1)
-        out = Attention(c, self.num_heads, self.dropout, self.dtype, name='attention')(tokens, kv, deterministic)
+        out = Attention(c, self.num_heads, self.dropout, self.dtype, mha_init=self.mha_init, name='attention')(
+            tokens, kv, deterministic)
         return x + shard_batch(out.reshape(b, h, w, c))
