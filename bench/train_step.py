@@ -144,9 +144,9 @@ def build_reference(config, task):
     latents = jax.eval_shape(task.latents, {'stage_a': task.frozen_params()['stage_a']},
                              jax.ShapeDtypeStruct((1, config.input.image_size, config.input.image_size, 3),
                                                   jnp.float32))
-    size = config.effnet.image_size
-    effnet = jax.eval_shape(lambda: task.effnet.init_with_output(jax.random.key(0), jnp.zeros((1, size, size, 3)))[0])
-    return reference_steps.decoder_step(config, task.text.width, latents.shape[1:], effnet.shape[1:], bs)
+    effnet_params, effnet_state = jax.eval_shape(task.effnet.init, jax.random.key(0))
+    effnet_shape = task.effnet.map_shape(task.effnet.variables(effnet_params, effnet_state, task.frozen_params()))
+    return reference_steps.decoder_step(config, task.text.width, latents.shape[1:], effnet_shape, bs)
 
 
 def reference_info(model) -> dict:

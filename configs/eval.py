@@ -37,5 +37,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.decoder_steps = 0  # 0: the Stage B config's
     config.prior_guidance = -1.0  # negative: the Stage C config's
     config.decoder_guidance = -1.0  # negative: the Stage B config's
+    config.decoder_temperature = ''  # 'START,END' for a token Stage B (Würstchen v1); '': its config's
     config.num_grid_images = 16
     return config

@@ -2,6 +2,7 @@
 
   python -m wurst_jax.main --config=configs/shapes.py:stage=a --workdir=workdirs/shapes/stage_a
   python -m wurst_jax.main --config=configs/shapes.py:stage=b --workdir=workdirs/shapes/stage_b
+  python -m wurst_jax.main --config=configs/shapes.py:stage=b,tokens --workdir=workdirs/shapes/stage_b  # Würstchen v1's
   python -m wurst_jax.main --config=configs/shapes.py:stage=c --workdir=workdirs/shapes/stage_c
   python -m wurst_jax.main --config=configs/shapes.py:stage=c,backbone=pixart --workdir=workdirs/shapes/stage_c_pixart
   python -m wurst_jax.main --config=configs/shapes.py:stage=c,backbone=pixart,latents=stage_a --workdir=workdirs/shapes/single
@@ -70,6 +71,28 @@ def _stage_b(root: str, runlocal: bool) -> ml_collections.ConfigDict:
     return config
 
 
+def _stage_b_tokens(root: str, runlocal: bool) -> ml_collections.ConfigDict:
+    """Würstchen v1's Stage B: Paella over the 16x16 indices of Stage A's 1024 codes."""
+    config = defaults.stage_b_tokens()
+    config.total_steps = 3000
+    config.input = config_lib.input_config('shapes', image_size=64, batch_size=32)
+    config.stage_a.source = f'{root}/stage_a'
+    config.effnet.update(source='train', stages=SHAPES_EFFNET, last_channels=128, stochastic_depth=0.0, image_size=64)
+    config.model.update(c_in=64, num_labels=1024, c_cond=64, c_hidden=[64, 128], nhead=[-1, 4], blocks=[2, 2],
+                        level_config=['CT', 'CTA'], dropout=0.0)
+    config.text = text_config(runlocal)
+    config.text.dropout_mode = 'batch'
+    config.sample.update(decoder_guidance=2.0)
+    config.optimizer.update(lr=1e-3, warmup_steps=100, b2=0.95)
+    config.eval.grid_columns = 2
+    if runlocal:
+        config.effnet.update(stages=[('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)], last_channels=32,
+                             c_latent=4)
+        config.model.update(c_in=16, num_labels=32, c_cond=16, c_hidden=[16, 32], nhead=[-1, 2], blocks=[1, 1])
+        config.sample.decoder_steps = 2
+    return config
+
+
 def _stage_c(root: str, runlocal: bool, backbone: str, latents: str) -> ml_collections.ConfigDict:
     config = defaults.stage_c()
     config.total_steps = 3000
@@ -101,11 +124,11 @@ def _stage_c(root: str, runlocal: bool, backbone: str, latents: str) -> ml_colle
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(arg, stage='a', root='workdirs/shapes', demo=False, runlocal=False,
-                                backbone='wuerstchen', latents='effnet')
+                               backbone='wuerstchen', latents='effnet', tokens=False)
     if arg.stage == 'a':
         config = _stage_a(arg.runlocal)
     elif arg.stage == 'b':
-        config = _stage_b(arg.root, arg.runlocal)
+        config = _stage_b_tokens(arg.root, arg.runlocal) if arg.tokens else _stage_b(arg.root, arg.runlocal)
     elif arg.stage == 'c':
         config = _stage_c(arg.root, arg.runlocal, arg.backbone, arg.latents)
     else:

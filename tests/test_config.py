@@ -11,7 +11,7 @@ from wurst_jax import config_lib, defaults, tasks
 
 # Recipes for real data need local weights (CLIP, effnet) that the user passes as config arguments.
 NEEDS_LOCAL_FILES = {'stage_b': 'stage_a.source', 'stage_c': 'effnet.source', 'pixart_alpha': 'stage_a.source',
-                     'wuerstchen_v2_prior_finetune': 'input.folder'}
+                     'wuerstchen_v2_prior_finetune': 'input.folder', 'stage_b_v1': 'stage_a.source'}
 
 
 @pytest.mark.parametrize('path', [p for p in CONFIGS if p.stem not in NEEDS_LOCAL_FILES], ids=lambda p: p.stem)

@@ -33,6 +33,8 @@ def test_sampling_is_deterministic_and_independent_of_batching(demo_root):
     assert first.shape == (3, 32, 32, 3) and first.dtype == np.uint8
     np.testing.assert_array_equal(pipeline(prompts, seed=3, batch_size=16), first)
     assert not np.array_equal(pipeline(prompts, seed=4, batch_size=8), first)
+    with pytest.raises(ValueError, match='only a token Stage B'):  # a diffusion Stage B has no temperature
+        pipeline(prompts, decoder_temperature=(1.0, 0.5))
 
 
 def test_sample_cli(demo_root, tmp_path):

@@ -59,9 +59,9 @@ def stage_b() -> ml_collections.ConfigDict:
     config.stage_a = ml_collections.ConfigDict(dict(source=''))
     config.effnet = ml_collections.ConfigDict(dict(
         source='', image_size=768, dropout=0.1, resize_jitter=[1.0],
-        # Read only with source='train': the EfficientNetV2 stages (type, expand, kernel, stride, in, out,
-        # layers); [] is EfficientNetV2-S.
-        stages=[], last_channels=1280, c_latent=16, stochastic_depth=0.2))
+        # Read only with source='train': torchvision's architecture `arch`, or when `stages` lists them its
+        # stages' (type, expand, kernel, stride, in, out, layers).
+        arch='efficientnet_v2_s', stages=[], last_channels=1280, c_latent=16, stochastic_depth=0.2))
     config.model = ml_collections.ConfigDict(dict(
         c_r=64, patch_size=2, c_cond=1024, c_hidden=[320, 640, 1280, 1280], nhead=[-1, 10, 20, 20],
         blocks=[4, 4, 14, 4], level_config=['CT', 'CTA', 'CTA', 'CTA'], inject_effnet=[False, True, True, True],
@@ -69,6 +69,30 @@ def stage_b() -> ml_collections.ConfigDict:
     config.text = _text()
     config.diffusion = _diffusion()
     config.sample = ml_collections.ConfigDict(dict(decoder_steps=12, decoder_guidance=0.0))
+    return config
+
+
+def stage_b_tokens() -> ml_collections.ConfigDict:
+    """Würstchen v1's Stage B at its released size (dome272/Wuerstchen `modules.py` `Paella`,
+    `train_stage_B.py`): Paella over Stage A's 8192 codes, CLIP ViT-H text, the effnet trained jointly."""
+    config = _common('stage_b_tokens', lr=1e-4)
+    config.stage_a = ml_collections.ConfigDict(dict(source=''))
+    config.effnet = ml_collections.ConfigDict(dict(
+        source='train', image_size=384, arch='efficientnet_v2_l', stages=[], last_channels=1280, c_latent=16,
+        stochastic_depth=0.2,
+        # For a whole batch: the map zeroed with p `dropout`, else noised with p `noise` to t ~ U(0, noise_t_max).
+        dropout=0.05, noise=0.3, noise_t_max=0.5))
+    config.model = ml_collections.ConfigDict(dict(
+        c_in=256, num_labels=8192, c_r=64, patch_size=2, c_cond=1024, c_hidden=[640, 1280, 1280], nhead=[-1, 16, 16],
+        blocks=[4, 12, 4], level_config=['CT', 'CTA', 'CTA'], kernel_size=3, dropout=0.1, self_attn=True,
+        scan_blocks=False, remat_policy='none'))
+    config.text = _text()
+    config.text.dropout_mode = 'batch'
+    config.diffusion = ml_collections.ConfigDict(dict(t_sampling='wuerstchen'))
+    config.loss = ml_collections.ConfigDict(dict(label_smoothing=0.1, min_weight=0.3))
+    # `sample`'s defaults in dome272/Wuerstchen `modules.py`.
+    config.sample = ml_collections.ConfigDict(dict(decoder_steps=12, decoder_guidance=8.0,
+                                                   decoder_temperature=[0.7, 0.3], decoder_mode='multinomial'))
     return config
 
 
@@ -107,7 +131,8 @@ def pixel() -> ml_collections.ConfigDict:
     return config
 
 
-FAMILY_DEFAULTS = {'stage_a': stage_a, 'stage_b': stage_b, 'stage_c': stage_c, 'pixel': pixel}
+FAMILY_DEFAULTS = {'stage_a': stage_a, 'stage_b': stage_b, 'stage_b_tokens': stage_b_tokens, 'stage_c': stage_c,
+                   'pixel': pixel}
 
 
 def for_family(family: str) -> ml_collections.ConfigDict:

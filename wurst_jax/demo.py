@@ -1,7 +1,8 @@
-"""python -m wurst_jax.demo --workdir=DIR
+"""python -m wurst_jax.demo --workdir=DIR [--stage_b=tokens]
 
 The whole system on the built-in `shapes` dataset: builds it, trains Stage A, then Stage B (with
-the semantic compressor), then Stage C (configs/shapes.py with `demo`), samples a fixed prompt
+the semantic compressor; `--stage_b=tokens`: Würstchen v1's Paella over Stage A's codes instead of
+v2's diffusion decoder), then Stage C (configs/shapes.py with `demo`), samples a fixed prompt
 list into DIR/samples/grid.png and scores text alignment of fresh prompts with the shapes
 detector into DIR/alignment.json. Rerunning skips finished stages and resumes an interrupted
 one. `python -m wurst_jax.sample --workdir=DIR` then samples any prompts.
@@ -18,6 +19,8 @@ _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/shapes', 'Run root: stage_a/
 _DATA_DIR = flags.DEFINE_string('data_dir', 'data', 'Where the shapes dataset is written.')
 _NUM_EVAL = flags.DEFINE_integer('num_eval_prompts', 200, 'Fresh prompts scored for alignment.')
 _RUNLOCAL = flags.DEFINE_bool('runlocal', False, 'Tiny models and a few steps (tests).')
+_STAGE_B = flags.DEFINE_enum('stage_b', 'diffusion', ['diffusion', 'tokens'],
+                             "Stage B: Würstchen v2's diffusion decoder or v1's token predictor (Paella).")
 _CONFIG_FILE = flags.DEFINE_string('config_file', 'configs/shapes.py', 'The config file with stage=a|b|c variants.')
 
 STAGES = ('a', 'b', 'c')
@@ -34,6 +37,8 @@ def stage_config(stage: str, root: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     arg = f'stage={stage},root={root},' + ('runlocal' if _RUNLOCAL.value else 'demo')
+    if stage == 'b' and _STAGE_B.value == 'tokens':
+        arg += ',tokens'
     config = module.get_config(arg)
     config.input.data_dir = _DATA_DIR.value
     return config

@@ -22,7 +22,20 @@ from wurst_jax.visualize import to_uint8
 def needs_stage_b(root: str) -> bool:
     """Whether sampling the run root needs DIR/stage_b: not when its Stage C run is single-stage."""
     config = checkpoint.saved_config(f'{root}/stage_c')
-    return config is None or config.get('latents', 'effnet') != 'stage_a'
+    return config is None or config.latents != 'stage_a'
+
+
+def parse_temperature(value: str) -> tuple[float, float] | None:
+    """'START,END' (a token Stage B's sampling temperature) as two positive floats; '' as None."""
+    if not value:
+        return None
+    try:
+        start, end = (float(v) for v in value.split(','))
+    except ValueError:
+        raise ValueError("give two numbers, 'START,END' (e.g. '0.7,0.3')") from None
+    if min(start, end) <= 0:
+        raise ValueError('temperatures must be positive')
+    return start, end
 
 
 def check_root(root: str) -> None:
@@ -58,7 +71,8 @@ class Pipeline:
         self.decoder_task: DecoderSampler | None = None
         self.decoder_params, self.decoder_frozen = {}, {}
         if not self.single_stage:
-            self.decoder_task, decoder_params, _ = tasks.load_trained(stage_b_workdir, 'stage_b')
+            self.decoder_task, decoder_params, _ = tasks.load_trained(stage_b_workdir,
+                                                                      tasks.conditioning.STAGE_B_FAMILIES)
             self.decoder_params = jax.device_put(decoder_params, replicated)
             self.decoder_frozen = jax.device_put(self.decoder_task.frozen_params(), replicated)
         self.batch_sharding = NamedSharding(self.mesh, P('data'))
@@ -74,10 +88,10 @@ class Pipeline:
         return cls(f'{root}/stage_c', f'{root}/stage_b', **kwargs)
 
     @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
-        'prior_steps', 'decoder_steps', 'prior_guidance', 'decoder_guidance'))
+        'prior_steps', 'decoder_steps', 'prior_guidance', 'decoder_guidance', 'decoder_temperature'))
     def _generate(self, prior_params, prior_frozen, decoder_params, decoder_frozen, prior_tokens, prior_mask,
                   decoder_tokens, decoder_mask, keys, *, prior_steps, decoder_steps, prior_guidance,
-                  decoder_guidance):
+                  decoder_guidance, decoder_temperature):
         # One key per prompt, so the images do not depend on how prompts are batched.
         def one(p_tok, p_mask, d_tok, d_mask, key):
             prior_key, decoder_key = jax.random.split(key)
@@ -85,23 +99,31 @@ class Pipeline:
                                             steps=prior_steps, guidance=prior_guidance)
             if self.single_stage:  # the prior sampled Stage A latents
                 return self.prior_task.decode(prior_frozen, effnet)[0]
+            options = {} if decoder_temperature is None else {'temperature': decoder_temperature}
             return self.decoder_task.sample(decoder_params, decoder_frozen, effnet, d_tok[None], d_mask[None],
-                                            decoder_key, steps=decoder_steps, guidance=decoder_guidance)[0]
+                                            decoder_key, steps=decoder_steps, guidance=decoder_guidance,
+                                            **options)[0]
         return jax.vmap(one)(prior_tokens, prior_mask, decoder_tokens, decoder_mask, keys)
 
     def __call__(self, prompts: Sequence[str], *, seed: int = 0, batch_size: int = 8,
                  prior_steps: int | None = None, decoder_steps: int | None = None,
                  prior_guidance: float | None = None, decoder_guidance: float | None = None,
-                 first_index: int = 0) -> np.ndarray:
+                 decoder_temperature: tuple[float, float] | None = None, first_index: int = 0) -> np.ndarray:
         """uint8 images [N, H, W, 3] for the prompts, in order. `first_index` is the position of
-        prompts[0] in a longer list that is split across callers: it keeps each image the same."""
+        prompts[0] in a longer list that is split across callers: it keeps each image the same.
+        `decoder_temperature` (start, end) is a token Stage B's (Würstchen v1) sampling temperature."""
+        if decoder_temperature is not None and 'decoder_temperature' not in (
+                self.decoder_task.config.sample if self.decoder_task else {}):
+            raise ValueError(f'decoder_temperature={decoder_temperature}: only a token Stage B (model_family '
+                             "'stage_b_tokens') samples with a temperature; leave it unset for this run")
         c_sample = self.prior_task.config.sample
         b_sample = self.decoder_task.config.sample if self.decoder_task else {}
         options = dict(prior_steps=prior_steps or c_sample.prior_steps,
                        decoder_steps=decoder_steps or b_sample.get('decoder_steps'),
                        prior_guidance=c_sample.prior_guidance if prior_guidance is None else prior_guidance,
                        decoder_guidance=b_sample.get('decoder_guidance') if decoder_guidance is None
-                       else decoder_guidance)
+                       else decoder_guidance,
+                       decoder_temperature=None if decoder_temperature is None else tuple(decoder_temperature))
         devices = self.mesh.size
         batch_size = -(-batch_size // devices) * devices  # a multiple of the device count
         base = jax.random.key(seed)

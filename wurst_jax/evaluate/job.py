@@ -21,7 +21,7 @@ from wurst_jax import checkpoint, visualize
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.data.prompts import read_prompts
 from wurst_jax.evaluate import clip_metrics, fid, gather, shapes_alignment
-from wurst_jax.pipeline import Pipeline, needs_stage_b
+from wurst_jax.pipeline import Pipeline, needs_stage_b, parse_temperature
 
 _WAIT, _DONE = -1, -2
 
@@ -110,7 +110,15 @@ def _sampling_options(config: ml_collections.ConfigDict) -> dict:
     return dict(seed=config.seed, batch_size=config.batch_size, prior_steps=config.prior_steps or None,
                 decoder_steps=config.decoder_steps or None,
                 prior_guidance=None if config.prior_guidance < 0 else config.prior_guidance,
-                decoder_guidance=None if config.decoder_guidance < 0 else config.decoder_guidance)
+                decoder_guidance=None if config.decoder_guidance < 0 else config.decoder_guidance,
+                decoder_temperature=decoder_temperature(config.decoder_temperature))
+
+
+def decoder_temperature(value: str) -> tuple[float, float] | None:
+    try:
+        return parse_temperature(value)
+    except ValueError as e:
+        raise ConfigError('decoder_temperature', value, f"{e}, or '' for the Stage B config's") from None
 
 
 def evaluate_step(config: ml_collections.ConfigDict, step: int, prompts: list[str], scorers: Scorers,

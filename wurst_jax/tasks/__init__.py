@@ -8,11 +8,11 @@ import ml_collections
 
 from wurst_jax import config_lib, defaults
 from wurst_jax.config_lib import ConfigError
-from wurst_jax.tasks import conditioning, pixel, stage_a, stage_b, stage_c
+from wurst_jax.tasks import conditioning, pixel, stage_a, stage_b, stage_b_tokens, stage_c
 from wurst_jax.tasks.base import Task
 
-FAMILIES = {'stage_a': stage_a.StageATask, 'stage_b': stage_b.StageBTask, 'stage_c': stage_c.StageCTask,
-            'pixel': pixel.PixelTask}
+FAMILIES = {'stage_a': stage_a.StageATask, 'stage_b': stage_b.StageBTask,
+            'stage_b_tokens': stage_b_tokens.TokenStageBTask, 'stage_c': stage_c.StageCTask, 'pixel': pixel.PixelTask}
 
 
 def _family(config: ml_collections.ConfigDict):
@@ -30,7 +30,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _family(config).validate(config)
 
 
-def load_trained(source: str, family: str, step: int | None = None) -> tuple[Task, dict, dict]:
+def load_trained(source: str, family: str | tuple[str, ...], step: int | None = None) -> tuple[Task, dict, dict]:
     """(task, EMA params, model_state) of a trained run of `family` in workdir `source` at `step`
     (the newest checkpoint by default): what sampling and evaluation use."""
     config, params, model_state = conditioning.trained_run(source, family, step)

@@ -81,4 +81,5 @@ class DecoderSampler(Protocol):
 
     def sample(self, params: Any, frozen: dict[str, Any], effnet: jax.Array, tokens: jax.Array, mask: jax.Array,
                rng: jax.Array, *, steps: int | None = None, guidance: float | None = None) -> jax.Array:
-        """Images [B, H, W, 3] in [-1, 1] decoded through Stage A from Stage C's map effnet [B, h, w, c]."""
+        """Images [B, H, W, 3] in [-1, 1] decoded through Stage A from Stage C's map effnet [B, h, w, c]
+        (the effnet's raw space). A token Stage B (Würstchen v1) also takes `temperature=(start, end)`."""

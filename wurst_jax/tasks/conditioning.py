@@ -15,8 +15,9 @@ from wurst_jax.config_lib import ConfigError, validate_optimizer
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
 from wurst_jax.models.clip import CLIPTextModel
-from wurst_jax.models.effnet import EfficientNetEncoder
+from wurst_jax.models.effnet import EFFNET_ARCHS, EfficientNetEncoder
 from wurst_jax.models.layers import DTYPES
+from wurst_jax.models.resize import resize
 from wurst_jax.models.stage_a import VQGAN
 from wurst_jax.tokenizer import create_tokenizer
 
@@ -111,13 +112,19 @@ class TextConditioner:
         return cond, jnp.broadcast_to(self.empty_states(text_params), cond.shape)
 
 
-def trained_run(source: str, family: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, dict]:
+# The families whose runs hold a Stage B (and the effnet it trained): Würstchen v2's and v1's.
+STAGE_B_FAMILIES = ('stage_b', 'stage_b_tokens')
+
+
+def trained_run(source: str, family: str | tuple[str, ...],
+                step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, dict]:
     """(saved config, EMA params, model_state) of a trained run of `family` in workdir `source` at
     `step` (the newest checkpoint by default), on one device whatever topology saved it; the optimizer
     state and the training params are not read."""
     config, state = checkpoint.load_trained(source, step, parts=('ema_params', 'model_state'))
-    if config.model_family != family:
-        raise ConfigError('source', source, f'a workdir of a {family} run, not {config.model_family}')
+    families = (family,) if isinstance(family, str) else family
+    if config.model_family not in families:
+        raise ConfigError('source', source, f'a workdir of a {" or ".join(families)} run, not {config.model_family}')
     return config, state['ema_params'], state['model_state']
 
 
@@ -140,6 +147,31 @@ def stage_a_latents(vqgan: VQGAN, variables: dict, images: jax.Array) -> jax.Arr
 def stage_a_decode(vqgan: VQGAN, variables: dict, latents: jax.Array) -> jax.Array:
     """Images in [-1, 1] from latents of that space."""
     return vqgan.apply(variables, latents * vqgan.scale_factor, method=VQGAN.decode)
+
+
+def stage_a_tokens(vqgan: VQGAN, variables: dict, images: jax.Array) -> jax.Array:
+    """Stage A's codebook indices [B, H/f, W/f] of images: what Würstchen v1's Stage B predicts."""
+    return vqgan.apply(variables, vqgan.apply(variables, images, method=VQGAN.encode), method=VQGAN.quantize)[1]
+
+
+def stage_a_decode_tokens(vqgan: VQGAN, variables: dict, tokens: jax.Array) -> jax.Array:
+    """Images in [-1, 1] from codebook indices [B, h, w]: their codes, decoded."""
+    codes = jnp.take(variables['params']['quantizer']['codebook'], tokens, axis=0)
+    return vqgan.apply(variables, codes, method=VQGAN.decode)
+
+
+LATENT_SCALINGS = ('v2', 'none')
+
+
+def scale_latents(z: jax.Array, scaling: str) -> jax.Array:
+    """The effnet's raw map -> the space a prior diffuses (Würstchen's (x + 1)/42 for 'v2'), and
+    Würstchen v1's Stage B reads."""
+    return (z + 1.0) / 42.0 if scaling == 'v2' else z
+
+
+def unscale_latents(x: jax.Array, scaling: str) -> jax.Array:
+    """Stage C output -> the effnet's raw space that Stage B conditions on (·42 − 1 for v2)."""
+    return x * 42.0 - 1.0 if scaling == 'v2' else x
 
 
 def network_variables(params: Any, model_state: Any, name: str) -> dict:
@@ -181,17 +213,83 @@ def validate_diffusion(config: ml_collections.ConfigDict) -> None:
         raise ConfigError('diffusion.sampler', d.sampler, f'one of {samplers.SAMPLERS}')
 
 
+def validate_effnet(effnet: ml_collections.ConfigDict) -> None:
+    """A Stage B's `effnet` section: where it comes from, and what it is when trained here."""
+    if effnet.source != 'train' and not os.path.exists(effnet.source):
+        raise ConfigError('effnet.source', effnet.source,
+                          "'train' (joint training), an effnet folder / checkpoint file, or a Stage B workdir")
+    if effnet.source == 'train' and not effnet.stages and effnet.arch not in EFFNET_ARCHS:
+        raise ConfigError('effnet.arch', effnet.arch, f'one of {sorted(EFFNET_ARCHS)}, or list effnet.stages')
+
+
 def effnet_module(effnet: ml_collections.ConfigDict, dtype: Any) -> EfficientNetEncoder:
-    """The semantic compressor a Stage B config's `effnet` section describes."""
-    return EfficientNetEncoder(stages=tuple(tuple(s) for s in effnet.stages), last_channels=effnet.last_channels,
-                               c_latent=effnet.c_latent, stochastic_depth_prob=effnet.stochastic_depth, dtype=dtype)
+    """The semantic compressor a Stage B config's `effnet` section describes: torchvision's `arch`, or
+    the `stages` it lists."""
+    stages = tuple(tuple(s) for s in effnet.stages) if effnet.stages else EFFNET_ARCHS[effnet.arch]
+    return EfficientNetEncoder(stages=stages, last_channels=effnet.last_channels, c_latent=effnet.c_latent,
+                               stochastic_depth_prob=effnet.stochastic_depth, dtype=dtype)
+
+
+class SemanticCompressor:
+    """A Stage B's EfficientNet encoder, trained jointly (`effnet.source='train'`, Würstchen v1's
+    recipe) or frozen from a folder, a file, or another Stage B run that trained one. Under `jit` its
+    BatchNorm statistics are taken over the whole (sharded) batch, as torch's SyncBatchNorm does across
+    processes."""
+
+    def __init__(self, effnet: ml_collections.ConfigDict, dtype: Any):
+        self.config = effnet
+        self.trainable = effnet.source == 'train'
+        if self.trainable:
+            self.module, self._frozen = effnet_module(effnet, dtype), None
+        else:
+            self.module, self._frozen = load_effnet(effnet.source, dtype)
+
+    @property
+    def channels(self) -> int:
+        return self.module.c_latent
+
+    def init(self, rng: jax.Array) -> tuple[dict, dict]:
+        """({'effnet': params}, {'effnet': batch_stats}) when trained jointly, else ({}, {})."""
+        if not self.trainable:
+            return {}, {}
+        size = self.config.image_size
+        variables = self.module.init(rng, jnp.zeros((1, size, size, 3)))
+        return {'effnet': variables['params']}, {'effnet': {'batch_stats': variables['batch_stats']}}
+
+    def frozen_params(self) -> dict:
+        return {} if self.trainable else {'effnet': self._frozen}
+
+    def variables(self, params: Any, model_state: Any, frozen: dict) -> dict:
+        return network_variables(params, model_state, 'effnet') if self.trainable else frozen['effnet']
+
+    def map_shape(self, variables: dict) -> tuple[int, ...]:
+        """[h, w, c] of the map of an image at effnet.image_size."""
+        size = self.config.image_size
+        return jax.eval_shape(lambda v: self.module.apply(v, jnp.zeros((1, size, size, 3))), variables).shape[1:]
+
+    def map(self, variables: dict, images: jax.Array, factor: float = 1.0, train: bool = False,
+            rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        """(raw map [B, h, w, c] of images in [-1, 1] seen at `factor` x effnet.image_size, resized back to
+        the map size of factor 1; the updated BatchNorm statistics when training it, else None)."""
+        size = self.config.image_size
+        seen = max(32, int(size * factor) // 32 * 32) if factor < 1 else size  # SC: multiples of 32
+        x = (images.astype(jnp.float32) + 1) / 2
+        if x.shape[1:3] != (seen, seen):
+            x = jax.image.resize(x, (x.shape[0], seen, seen, 3), 'bilinear', antialias=True)
+        if train and self.trainable:
+            out, updates = self.module.apply(variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+        else:
+            out, updates = self.module.apply(variables, x), None
+        if seen != size:
+            out = resize(out, self.map_shape(variables)[:2], 'bicubic_antialias')
+        return out.astype(jnp.float32), updates
 
 
 def load_effnet(source: str, dtype: Any = jnp.float32) -> tuple[Any, dict]:
     """(effnet module, its frozen variables) from a Stage B workdir that trained it, or a weights
     folder/file that `wurst_jax.convert` reads."""
     if os.path.isdir(os.path.join(source, 'checkpoints')):
-        config, params, model_state = trained_run(source, 'stage_b')
+        config, params, model_state = trained_run(source, STAGE_B_FAMILIES)
         return effnet_module(config.effnet, DTYPES[config.dtype]), network_variables(params, model_state, 'effnet')
     if not os.path.exists(source):
         raise ConfigError('effnet.source', source, 'a Stage B workdir, an effnet model folder or checkpoint file')

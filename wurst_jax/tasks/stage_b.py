@@ -17,12 +17,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from wurst_jax import convert, optim
+from wurst_jax import optim
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
 from wurst_jax.models.layers import DTYPES, REMAT_POLICIES
-from wurst_jax.models.resize import resize
 from wurst_jax.models.stage_b import WuerstchenDiffNeXt
 from wurst_jax.tasks import conditioning
 
@@ -36,18 +35,12 @@ class StageBTask:
         self.text = conditioning.TextConditioner(config.text, dtype)
         self.tokenizer = self.text.tokenizer
         self.vqgan, self._vqgan_variables = conditioning.load_stage_a(config.stage_a.source)
-        e = config.effnet
-        self.effnet_trainable = e.source == 'train'
-        if self.effnet_trainable:
-            self.effnet = conditioning.effnet_module(e, dtype)
-            self._effnet_variables = None
-        else:
-            self.effnet, self._effnet_variables = convert.load_diffusers(e.source, 'effnet', dtype=dtype)
+        self.effnet = conditioning.SemanticCompressor(config.effnet, dtype)
         m = config.model
         self.decoder = WuerstchenDiffNeXt(
             c_in=self.vqgan.latent_channels, c_out=self.vqgan.latent_channels, c_r=m.c_r, patch_size=m.patch_size,
             c_cond=m.c_cond, c_hidden=tuple(m.c_hidden), nhead=tuple(m.nhead), blocks=tuple(m.blocks),
-            level_config=tuple(m.level_config), inject_effnet=tuple(m.inject_effnet), effnet_embd=self.effnet.c_latent,
+            level_config=tuple(m.level_config), inject_effnet=tuple(m.inject_effnet), effnet_embd=self.effnet.channels,
             clip_embd=self.text.width, kernel_size=m.kernel_size, dropout=m.dropout,
             remat_policy=m.remat_policy, dtype=dtype)
         self._eval_losses = jax.jit(self._held_out_losses)
@@ -72,9 +65,7 @@ class StageBTask:
         if not os.path.exists(config.stage_a.source):
             raise ConfigError('stage_a.source', config.stage_a.source,
                               'a Stage A workdir, a vqgan model folder or a vqgan checkpoint file')
-        if e.source != 'train' and not os.path.exists(e.source):
-            raise ConfigError('effnet.source', e.source,
-                              "'train' (joint training) or an effnet folder / checkpoint file")
+        conditioning.validate_effnet(e)
         if not 0 <= e.dropout < 1:
             raise ConfigError('effnet.dropout', e.dropout, 'a probability in [0, 1)')
         if not e.resize_jitter or any(not 0 < f <= 1 for f in e.resize_jitter):
@@ -90,17 +81,10 @@ class StageBTask:
         dec_rng, eff_rng, text_rng = jax.random.split(rng, 3)
         images = batch['image']
         latents = jax.eval_shape(self.latents, {'stage_a': self._vqgan_variables}, images)
-        e_size = self.config.effnet.image_size
-        params, state = {}, {}
-        if self.effnet_trainable:
-            variables = self.effnet.init(eff_rng, jnp.zeros((1, e_size, e_size, 3)))
-            params['effnet'], state['effnet'] = variables['params'], {'batch_stats': variables['batch_stats']}
-            effnet_variables = variables
-        else:
-            effnet_variables = self._effnet_variables
-        effnet = jax.eval_shape(lambda v: self.effnet.apply(v, jnp.zeros((1, e_size, e_size, 3))), effnet_variables)
+        params, state = self.effnet.init(eff_rng)
+        effnet_shape = self.effnet.map_shape(self.effnet.variables(params, state, self.effnet.frozen_params()))
         params['decoder'] = self.decoder.init(
-            dec_rng, jnp.zeros((1, *latents.shape[1:])), jnp.zeros((1,)), jnp.zeros((1, *effnet.shape[1:])),
+            dec_rng, jnp.zeros((1, *latents.shape[1:])), jnp.zeros((1,)), jnp.zeros((1, *effnet_shape)),
             jnp.zeros((1, self.config.text.max_length, self.text.width)))['params']
         if self.text.trainable:
             params['text'] = self.text.init(text_rng)
@@ -114,9 +98,7 @@ class StageBTask:
         return {}
 
     def frozen_params(self) -> dict[str, Any]:
-        frozen = {'stage_a': self._vqgan_variables}
-        if not self.effnet_trainable:
-            frozen['effnet'] = self._effnet_variables
+        frozen = {'stage_a': self._vqgan_variables, **self.effnet.frozen_params()}
         if not self.text.trainable:
             frozen['text'] = self.text.frozen_variables()['params']
         return frozen
@@ -131,28 +113,6 @@ class StageBTask:
 
     def decode_latents(self, frozen: dict, latents: jax.Array) -> jax.Array:
         return conditioning.stage_a_decode(self.vqgan, frozen['stage_a'], latents)
-
-    def effnet_variables(self, params: Any, model_state: Any, frozen: dict) -> dict:
-        if self.effnet_trainable:
-            return conditioning.network_variables(params, model_state, 'effnet')
-        return frozen['effnet']
-
-    def effnet_map(self, variables: dict, images: jax.Array, factor: float = 1.0, train: bool = False,
-                   rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
-        """(map of the images seen at `factor` x effnet.image_size, updated BN statistics or None)."""
-        size = self.config.effnet.image_size
-        seen = max(32, int(size * factor) // 32 * 32) if factor < 1 else size  # SC: multiples of 32
-        x = (images.astype(jnp.float32) + 1) / 2
-        if x.shape[1:3] != (seen, seen):
-            x = jax.image.resize(x, (x.shape[0], seen, seen, 3), 'bilinear', antialias=True)
-        if train and self.effnet_trainable:
-            out, updates = self.effnet.apply(variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
-        else:
-            out, updates = self.effnet.apply(variables, x), None
-        if seen != size:
-            full = jax.eval_shape(lambda v: self.effnet.apply(v, jnp.zeros((1, size, size, 3))), variables)
-            out = resize(out, full.shape[1:3], 'bicubic_antialias')
-        return out.astype(jnp.float32), updates
 
     # -- training --------------------------------------------------------------------------------
 
@@ -172,8 +132,8 @@ class StageBTask:
         target = diffusion_loss.target(d.prediction, x0, noise, t)
 
         def loss_fn(p):
-            variables = self.effnet_variables(p, model_state, frozen)
-            branches = [lambda v, f=f: self.effnet_map(v, images, f, train=True, rng=sd_rng)
+            variables = self.effnet.variables(p, model_state, frozen)
+            branches = [lambda v, f=f: self.effnet.map(v, images, f, train=True, rng=sd_rng)
                         for f in e.resize_jitter]
             effnet, bn_updates = (branches[0](variables) if len(branches) == 1
                                   else jax.lax.switch(choice, branches, variables))
@@ -230,13 +190,13 @@ class StageBTask:
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
         """Each image beside Stage B's sample from its effnet map and caption, decoded by Stage A."""
-        effnet, _ = self.effnet_map(self.effnet_variables(params, model_state, frozen), batch['image'])
+        effnet, _ = self.effnet.map(self.effnet.variables(params, model_state, frozen), batch['image'])
         fake = self.sample(params, frozen, effnet, batch['tokens'], batch['token_mask'], jax.random.key(0))
         return jnp.concatenate([batch['image'], fake], axis=2)
 
     def _held_out_losses(self, params: Any, model_state: Any, frozen: dict, batch: dict) -> jax.Array:
         x0 = self.latents(frozen, batch['image'])
-        effnet, _ = self.effnet_map(self.effnet_variables(params, model_state, frozen), batch['image'])
+        effnet, _ = self.effnet.map(self.effnet.variables(params, model_state, frozen), batch['image'])
         cond = self.text.encode(self.text.params(params, frozen), batch['tokens'], batch['token_mask'])
         return diffusion_loss.fixed_time_losses(lambda x, t: self.epsilon(params, x, t, effnet, cond), x0)
 

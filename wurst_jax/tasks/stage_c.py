@@ -37,17 +37,7 @@ from wurst_jax.models.pixart import PixArtTransformer
 from wurst_jax.models.stage_c import WuerstchenPrior
 from wurst_jax.tasks import conditioning
 
-LATENT_SCALINGS = ('v2', 'none')
 LATENT_SPACES = ('effnet', 'stage_a')  # Würstchen's semantic map, or single-stage on Stage A latents
-
-
-def scale_latents(z: jax.Array, scaling: str) -> jax.Array:
-    return (z + 1.0) / 42.0 if scaling == 'v2' else z
-
-
-def unscale_latents(x: jax.Array, scaling: str) -> jax.Array:
-    """Stage C output -> the effnet's raw space that Stage B conditions on (·42 − 1 for v2)."""
-    return x * 42.0 - 1.0 if scaling == 'v2' else x
 
 
 class WuerstchenBackbone:
@@ -250,8 +240,8 @@ class StageCTask:
                 precomputed.check_matches(config)
             except FileNotFoundError as e:
                 raise ConfigError('input.precomputed', config.input.precomputed, f'a precompute output folder ({e})')
-        if config.latent_scaling not in LATENT_SCALINGS:
-            raise ConfigError('latent_scaling', config.latent_scaling, f'one of {LATENT_SCALINGS}')
+        if config.latent_scaling not in conditioning.LATENT_SCALINGS:
+            raise ConfigError('latent_scaling', config.latent_scaling, f'one of {conditioning.LATENT_SCALINGS}')
         conditioning.validate_diffusion(config)
 
     # -- state -----------------------------------------------------------------------------------
@@ -309,7 +299,7 @@ class StageCTask:
         if self.space == 'stage_a':
             return conditioning.stage_a_latents(self.vqgan, frozen['stage_a'], images)
         z = conditioning.effnet_latents(self.effnet, frozen['effnet'], images, self.effnet_size(images.shape[1:3]))
-        return scale_latents(z, self.config.latent_scaling)
+        return conditioning.scale_latents(z, self.config.latent_scaling)
 
     def decode(self, frozen: dict, latents: jax.Array) -> jax.Array:
         """Images in [-1, 1] from sampled Stage A latents (latents='stage_a': no Stage B)."""
@@ -401,13 +391,13 @@ class StageCTask:
                      else samplers.linspace_timesteps(steps or s.prior_steps))
         x = samplers.sample_guided(self.denoiser(params, cond, uncond), x, rng, timesteps,
                           s.prior_guidance if guidance is None else guidance, self.config.diffusion.sampler)
-        return unscale_latents(x, self.config.latent_scaling)
+        return conditioning.unscale_latents(x, self.config.latent_scaling)
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
         """The effnet map of each image beside the map sampled from its caption (first 3 channels);
         single-stage, the image beside the decoded sample."""
         del model_state
-        real = unscale_latents(self.batch_latents(frozen, batch), self.config.latent_scaling)
+        real = conditioning.unscale_latents(self.batch_latents(frozen, batch), self.config.latent_scaling)
         if 'text_states' in batch:
             cond = batch['text_states']
             uncond = jnp.broadcast_to(self.text.empty_states(frozen['text']), cond.shape)
