@@ -66,8 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 100
     config.eval.update(num_examples=64, batch_size=50, grid_columns=2, alignment_prompts=EVAL_PROMPTS)
     config.input.shapes.num_test = 64
-    config.log_every_steps = 100
     config.image_every_steps = config.checkpoint_every_steps = 1000
+    config.eval_every_steps = 0  # at the end only
 
     if arg.runlocal:
         config.total_steps = 4

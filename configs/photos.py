@@ -24,9 +24,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.update(lr=1e-3, warmup_steps=100)
     config.disc_optimizer.lr = 1e-4
     config.eval.update(data='astronaut_tiles', num_examples=64, batch_size=64, num_grid_images=16)
-    config.log_every_steps = 100
-    config.image_every_steps = 500
-    config.checkpoint_every_steps = 500
+    config.image_every_steps = config.checkpoint_every_steps = 500
+    config.eval_every_steps = 0  # at the end only
 
     if arg.runlocal:
         config.total_steps = 4

@@ -62,10 +62,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.update(lr=2e-5, warmup_steps=1000, schedule='constant', weight_decay=0.03, grad_clip=0.01)
     config.ema_decay = 0.9999
     config.eval.update(num_examples=1024, batch_size=64)
-    config.log_every_steps = 100
-    config.image_every_steps = 5000
-    config.checkpoint_every_steps = 2000
-    config.eval_every_steps = 10_000
     if arg.runlocal:  # the plan's shape at toy size, for tests: the DiT's width comes from its folder
         config.total_steps = 2
         config.dtype = 'float32'

@@ -134,9 +134,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     else:
         raise config_lib.ConfigError('<arg>.stage', arg.stage, "one of 'a', 'b', 'c'")
     config.eval.batch_size = 64
-    config.log_every_steps = 100
-    config.image_every_steps = 500
-    config.checkpoint_every_steps = 500
+    config.image_every_steps = config.checkpoint_every_steps = 500
+    config.eval_every_steps = 0  # at the end only
 
     if arg.demo:
         config.total_steps = DEMO_STEPS[arg.stage]

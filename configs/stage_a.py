@@ -20,10 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.input = config_lib.input_config('photos', image_size=arg.res, batch_size=arg.batch, crop='random',
                                            flip=True, resize=arg.res)
     config.optimizer.warmup_steps = 50_000  # 10 %
-    config.log_every_steps = 100
-    config.image_every_steps = 5000
     config.checkpoint_every_steps = 5000
-    config.eval_every_steps = 10_000
 
     if arg.runlocal:
         config.total_steps = 2

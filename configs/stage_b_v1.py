@@ -33,8 +33,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.update(warmup_steps=10_000, schedule='constant', weight_decay=0.01, b2=0.95)
     config.ema_decay = 0.999
     config.eval.update(num_examples=512, batch_size=32)
-    config.log_every_steps = 100
-    config.image_every_steps = 5000
-    config.checkpoint_every_steps = 2000
-    config.eval_every_steps = 10_000
     return config

@@ -35,8 +35,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Würstchen's EMA (β 0.9 every 100 updates) is about a per-step decay of 0.9 ** (1 / 100) = 0.999.
     config.ema_decay = 0.999
     config.eval.update(num_examples=1024, batch_size=64)
-    config.log_every_steps = 100
-    config.image_every_steps = 5000
-    config.checkpoint_every_steps = 2000
-    config.eval_every_steps = 10_000
     return config

@@ -35,4 +35,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.image_every_steps = 1000
     config.checkpoint_every_steps = 1000
+    config.eval_every_steps = 0  # at the end only
     return config

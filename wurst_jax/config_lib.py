@@ -65,11 +65,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.ema_decay = 0.999
     # Micro-batches per step: gradients are averaged over them, activations are those of one.
     config.grad_accum_steps = 1
-    config.log_every_steps = 50
-    config.checkpoint_every_steps = 500
+    # A long run's intervals (the full-size recipes'); short experiments set their own.
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 2000
     config.keep_checkpoints = 3
-    config.image_every_steps = 500
-    config.eval_every_steps = 0  # 0: evaluate only at the end of training
+    config.image_every_steps = 5000
+    config.eval_every_steps = 10_000  # 0: evaluate only at the end of training
     config.max_nonfinite_steps = 20  # stop after this many skipped (non-finite) steps in a row
     config.record_batch_ids = False  # write each step's example ids to workdir/batch_ids.txt
     config.profile = ml_collections.ConfigDict(dict(first_step=10, num_steps=0))  # 0 steps: off

@@ -1,7 +1,8 @@
-"""What the diffusion families (Stage B, Stage C, the pixel family) share: the text encoder (trained
-with the stage, or frozen from a local CLIP folder), caption dropout for classifier-free guidance, the
-validation of their diffusion, text and optimizer fields, and frozen networks loaded from another run
-or a weights file (Stage A's VQGAN with the latent space it defines, the semantic compressor)."""
+"""What the text-conditional families (both Stage Bs, Stage C, the pixel family) share: the text encoder
+(trained with the stage, or frozen from a local CLIP folder), caption dropout for classifier-free
+guidance, the validation of their diffusion, text and optimizer fields, the semantic compressor (trained
+with a Stage B, or frozen), and frozen networks loaded from another run or a weights file (Stage A's
+VQGAN with the latent and token spaces it defines)."""
 import os
 from typing import Any
 
@@ -16,7 +17,7 @@ from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
 from wurst_jax.models.clip import CLIPTextModel
 from wurst_jax.models.effnet import EFFNET_ARCHS, EfficientNetEncoder
-from wurst_jax.models.layers import DTYPES
+from wurst_jax.models.layers import DTYPES, REMAT_POLICIES
 from wurst_jax.models.resize import resize
 from wurst_jax.models.stage_a import VQGAN
 from wurst_jax.tokenizer import create_tokenizer
@@ -72,8 +73,9 @@ class TextConditioner:
     def init(self, rng: jax.Array) -> Any:
         return self.module.init(rng, jnp.zeros((1, self.config.max_length), jnp.int32))['params']
 
-    def frozen_variables(self) -> Any:
-        return self._frozen
+    def frozen_params(self) -> dict:
+        """{'text': params} of a frozen encoder, {} of one trained with the stage."""
+        return {} if self.trainable else {'text': self._frozen['params']}
 
     def params(self, params: Any, frozen: dict) -> Any:
         """The encoder's params: trained ones from the stage's params, else the frozen ones."""
@@ -211,6 +213,34 @@ def validate_diffusion(config: ml_collections.ConfigDict) -> None:
         raise ConfigError('diffusion.prediction', d.prediction, f'one of {schedule.PREDICTIONS}')
     if d.sampler not in samplers.SAMPLERS:
         raise ConfigError('diffusion.sampler', d.sampler, f'one of {samplers.SAMPLERS}')
+
+
+def validate_stage_b(config: ml_collections.ConfigDict, per_level: tuple[str, ...]) -> None:
+    """What both Stage B families' configs share: UNet levels (`per_level` fields have an entry each),
+    heads, remat, an image size the levels divide, Stage A's source and the effnet."""
+    m = config.model
+    if len({len(m[f]) for f in per_level}) != 1:
+        raise ConfigError('model.c_hidden', m.c_hidden, f'one entry per level, as {", ".join(per_level[1:])} have')
+    for kinds, heads, width in zip(m.level_config, m.nhead, m.c_hidden):
+        if 'A' in kinds and (heads <= 0 or width % heads):
+            raise ConfigError('model.nhead', m.nhead, 'a positive divisor of c_hidden at every level with attention')
+    if m.remat_policy not in REMAT_POLICIES:
+        raise ConfigError('model.remat_policy', m.remat_policy, f'one of {sorted(REMAT_POLICIES)}')
+    unit = 4 * m.patch_size * 2 ** (len(m.c_hidden) - 1)  # the f4 Stage A, then the decoder's levels
+    if config.input.image_size % unit:
+        raise ConfigError('input.image_size', config.input.image_size,
+                          f'a multiple of {unit} (Stage A f4 x patch size x 2**(levels - 1))')
+    if not os.path.exists(config.stage_a.source):
+        raise ConfigError('stage_a.source', config.stage_a.source,
+                          'a Stage A workdir, a vqgan model folder or a vqgan checkpoint file')
+    validate_effnet(config.effnet)
+
+
+def visualize_decoder(task, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
+    """A Stage B's image grid: each image beside the sample from its effnet map and caption."""
+    effnet, _ = task.effnet.map(task.effnet.variables(params, model_state, frozen), batch['image'])
+    fake = task.sample(params, frozen, effnet, batch['tokens'], batch['token_mask'], jax.random.key(0))
+    return jnp.concatenate([batch['image'], fake], axis=2)
 
 
 def validate_effnet(effnet: ml_collections.ConfigDict) -> None:

@@ -111,7 +111,7 @@ class PixelTask:
         return growing.carried_params(self.config) if self.config.grow.from_workdir else {}
 
     def frozen_params(self) -> dict[str, Any]:
-        return {} if self.text.trainable else {'text': self.text.frozen_variables()['params']}
+        return self.text.frozen_params()
 
     def optimizer(self) -> optax.GradientTransformation:
         tx = optim.adamw(self.config.optimizer, self.config.total_steps)

@@ -8,7 +8,6 @@ Stable Cascade's recipe: the image resized by a factor drawn per batch from
 map is the unconditional input of guidance). The jittered map is resized back to the unjittered
 map size, so every branch feeds the decoder the same shape.
 """
-import os
 from typing import Any, Iterable
 
 import jax
@@ -21,7 +20,7 @@ from wurst_jax import optim
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
-from wurst_jax.models.layers import DTYPES, REMAT_POLICIES
+from wurst_jax.models.layers import DTYPES
 from wurst_jax.models.stage_b import WuerstchenDiffNeXt
 from wurst_jax.tasks import conditioning
 
@@ -47,25 +46,8 @@ class StageBTask:
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
-        m, e = config.model, config.effnet
-        lengths = {len(m[f]) for f in ('c_hidden', 'nhead', 'blocks', 'level_config', 'inject_effnet')}
-        if len(lengths) != 1:
-            raise ConfigError('model.c_hidden', m.c_hidden, 'one entry per level, as nhead, blocks, level_config '
-                                                            'and inject_effnet have')
-        for kinds, heads, width in zip(m.level_config, m.nhead, m.c_hidden):
-            if 'A' in kinds and (heads <= 0 or width % heads):
-                raise ConfigError('model.nhead', m.nhead,
-                                  'a positive divisor of c_hidden at every level with attention')
-        if m.remat_policy not in REMAT_POLICIES:
-            raise ConfigError('model.remat_policy', m.remat_policy, f'one of {sorted(REMAT_POLICIES)}')
-        unit = 4 * m.patch_size * 2 ** (len(m.c_hidden) - 1)  # the f4 Stage A, then the decoder's levels
-        if config.input.image_size % unit:
-            raise ConfigError('input.image_size', config.input.image_size, f'a multiple of {unit} (Stage A f4 x '
-                                                                           'patch size x 2**(levels - 1))')
-        if not os.path.exists(config.stage_a.source):
-            raise ConfigError('stage_a.source', config.stage_a.source,
-                              'a Stage A workdir, a vqgan model folder or a vqgan checkpoint file')
-        conditioning.validate_effnet(e)
+        e = config.effnet
+        conditioning.validate_stage_b(config, ('c_hidden', 'nhead', 'blocks', 'level_config', 'inject_effnet'))
         if not 0 <= e.dropout < 1:
             raise ConfigError('effnet.dropout', e.dropout, 'a probability in [0, 1)')
         if not e.resize_jitter or any(not 0 < f <= 1 for f in e.resize_jitter):
@@ -98,10 +80,7 @@ class StageBTask:
         return {}
 
     def frozen_params(self) -> dict[str, Any]:
-        frozen = {'stage_a': self._vqgan_variables, **self.effnet.frozen_params()}
-        if not self.text.trainable:
-            frozen['text'] = self.text.frozen_variables()['params']
-        return frozen
+        return {'stage_a': self._vqgan_variables, **self.effnet.frozen_params(), **self.text.frozen_params()}
 
     def optimizer(self) -> optax.GradientTransformation:
         return optim.adamw(self.config.optimizer, self.config.total_steps)
@@ -190,9 +169,7 @@ class StageBTask:
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
         """Each image beside Stage B's sample from its effnet map and caption, decoded by Stage A."""
-        effnet, _ = self.effnet.map(self.effnet.variables(params, model_state, frozen), batch['image'])
-        fake = self.sample(params, frozen, effnet, batch['tokens'], batch['token_mask'], jax.random.key(0))
-        return jnp.concatenate([batch['image'], fake], axis=2)
+        return conditioning.visualize_decoder(self, params, model_state, frozen, batch)
 
     def _held_out_losses(self, params: Any, model_state: Any, frozen: dict, batch: dict) -> jax.Array:
         x0 = self.latents(frozen, batch['image'])

@@ -12,7 +12,6 @@ The recipe of dome272/Wuerstchen `train_stage_B.py` and `modules.py` (`Paella.ad
 - sampling starts from uniformly random indices and walks t from 1 to 0, re-noising each step's draw
   to the next t with the starting indices, under logit guidance and a falling temperature.
 """
-import os
 from typing import Any, Iterable
 
 import jax
@@ -25,7 +24,7 @@ from wurst_jax import optim, sharding
 from wurst_jax.config_lib import ConfigError, validate_optimizer
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import schedule
-from wurst_jax.models.layers import DTYPES, REMAT_POLICIES
+from wurst_jax.models.layers import DTYPES
 from wurst_jax.models.paella import Paella
 from wurst_jax.tasks import conditioning
 
@@ -109,24 +108,8 @@ class TokenStageBTask:
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
-        m, e, s = config.model, config.effnet, config.sample
-        if len({len(m[f]) for f in ('c_hidden', 'nhead', 'blocks', 'level_config')}) != 1:
-            raise ConfigError('model.c_hidden', m.c_hidden, 'one entry per level, as nhead, blocks and level_config '
-                                                            'have')
-        for kinds, heads, width in zip(m.level_config, m.nhead, m.c_hidden):
-            if 'A' in kinds and (heads <= 0 or width % heads):
-                raise ConfigError('model.nhead', m.nhead,
-                                  'a positive divisor of c_hidden at every level with attention')
-        if m.remat_policy not in REMAT_POLICIES:
-            raise ConfigError('model.remat_policy', m.remat_policy, f'one of {sorted(REMAT_POLICIES)}')
-        unit = 4 * m.patch_size * 2 ** (len(m.c_hidden) - 1)
-        if config.input.image_size % unit:
-            raise ConfigError('input.image_size', config.input.image_size,
-                              f'a multiple of {unit} (Stage A f4 x patch size x 2**(levels - 1))')
-        if not os.path.exists(config.stage_a.source):
-            raise ConfigError('stage_a.source', config.stage_a.source,
-                              'a Stage A workdir, a vqgan model folder or a vqgan checkpoint file')
-        conditioning.validate_effnet(e)
+        e, s = config.effnet, config.sample
+        conditioning.validate_stage_b(config, ('c_hidden', 'nhead', 'blocks', 'level_config'))
         for field in ('dropout', 'noise'):
             if not 0 <= e[field] < 1:
                 raise ConfigError(f'effnet.{field}', e[field], 'a probability in [0, 1)')
@@ -174,10 +157,7 @@ class TokenStageBTask:
         return {}
 
     def frozen_params(self) -> dict[str, Any]:
-        frozen = {'stage_a': self._vqgan_variables, **self.effnet.frozen_params()}
-        if not self.text.trainable:
-            frozen['text'] = self.text.frozen_variables()['params']
-        return frozen
+        return {'stage_a': self._vqgan_variables, **self.effnet.frozen_params(), **self.text.frozen_params()}
 
     def optimizer(self) -> optax.GradientTransformation:
         return optim.adamw(self.config.optimizer, self.config.total_steps)
@@ -266,9 +246,7 @@ class TokenStageBTask:
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
         """Each image beside Stage B's sample from its effnet map and caption, decoded by Stage A."""
-        effnet, _ = self.effnet.map(self.effnet.variables(params, model_state, frozen), batch['image'])
-        fake = self.sample(params, frozen, effnet, batch['tokens'], batch['token_mask'], jax.random.key(0))
-        return jnp.concatenate([batch['image'], fake], axis=2)
+        return conditioning.visualize_decoder(self, params, model_state, frozen, batch)
 
     def _held_out_metrics(self, params: Any, model_state: Any, frozen: dict, batch: dict) -> jax.Array:
         """[2, len(EVAL_TIMES)]: the unweighted cross-entropy and the token accuracy at fixed t, fixed noise."""

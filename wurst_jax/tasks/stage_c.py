@@ -285,9 +285,7 @@ class StageCTask:
 
     def frozen_params(self) -> dict[str, Any]:
         frozen = {'stage_a': self._vqgan_variables} if self.space == 'stage_a' else {'effnet': self._effnet_variables}
-        if not self.text.trainable:
-            frozen['text'] = self.text.frozen_variables()['params']
-        return frozen
+        return {**frozen, **self.text.frozen_params()}
 
     def optimizer(self) -> optax.GradientTransformation:
         return optim.adamw(self.config.optimizer, self.config.total_steps)
