@@ -1,4 +1,4 @@
-"""Tokenizers: the CLIP tokenizer of a local Hugging Face model folder (through the `tokenizers`
+"""Tokenizers: the CLIP or T5 tokenizer of a local Hugging Face model folder (through the `tokenizers`
 library), and two that need no vocabulary file, for small encoders trained from scratch: whole
 words of a vocabulary given in the config (a closed caption language such as the built-in
 dataset's grammar), and UTF-8 bytes (any text).
@@ -8,7 +8,11 @@ dataset's grammar), and UTF-8 bytes (any text).
 
 A CLIP folder gives what transformers' `tokenizer(texts, padding='max_length', max_length=77,
 truncation=True)` gives: BOS, the BPE tokens, EOS, then the folder's pad token (CLIP-ViT-H and bigG
-folders differ: `!` or `<|endoftext|>`, so it is read from the folder, never assumed).
+folders differ: `!` or `<|endoftext|>`, so it is read from the folder, never assumed). A T5 folder
+(PixArt-α: max_length 120) gives what T5TokenizerFast gives: the SentencePiece pieces, `</s>` (its
+tokenizer.json's post-processor appends it), then `<pad>` (id 0), which a folder holding only
+tokenizer.json, without tokenizer_config.json, is taken to pad with. A folder with only the
+SentencePiece model (`spiece.model`) must be saved once by transformers to get its tokenizer.json.
 """
 import dataclasses
 import json
@@ -20,6 +24,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 
 TOKENIZER_FILE = 'tokenizer.json'
 WORD_SPECIALS = ('<pad>', '<bos>', '<eos>', '<unk>')
+T5_PAD = '<pad>'  # T5's pad token (id 0), also the decoder's start token
+_SENTENCEPIECE_FILE = 'spiece.model'
 _CONFIG_FILES = ('tokenizer_config.json', 'special_tokens_map.json')
 
 
@@ -38,6 +44,8 @@ def _pad_token(path: str, tokenizer: Tokenizer) -> str:
                 return pad
     if tokenizer.padding is not None:
         return tokenizer.padding['pad_token']
+    if tokenizer.token_to_id(T5_PAD) is not None:  # a bare T5 tokenizer.json (CLIP's vocabulary has no <pad>)
+        return T5_PAD
     raise ValueError(f'no pad_token in {path}: looked in {", ".join(_CONFIG_FILES)} and {TOKENIZER_FILE}')
 
 
@@ -72,8 +80,12 @@ class PaddedTokenizer:
         """Reads path/tokenizer.json and the pad token of path/tokenizer_config.json (or special_tokens_map.json)."""
         tokenizer_path = os.path.join(path, TOKENIZER_FILE)
         if not os.path.isfile(tokenizer_path):
+            hint = ''
+            if os.path.isfile(os.path.join(path, _SENTENCEPIECE_FILE)):
+                hint = (f'; the folder holds only {_SENTENCEPIECE_FILE}: write its {TOKENIZER_FILE} once with '
+                        f'transformers.T5TokenizerFast.from_pretrained(folder).save_pretrained(folder)')
             raise FileNotFoundError(f'{TOKENIZER_FILE} not found in tokenizer folder {path}: expected a '
-                                    f'Hugging Face tokenizer saved by save_pretrained ({tokenizer_path})')
+                                    f'Hugging Face tokenizer saved by save_pretrained ({tokenizer_path}){hint}')
         tokenizer = Tokenizer.from_file(tokenizer_path)
         pad_token = _pad_token(path, tokenizer)
         if tokenizer.token_to_id(pad_token) is None:
@@ -128,7 +140,7 @@ class ByteTokenizer:
 
 def create_tokenizer(name: str, max_length: int = 77,
                      vocabulary: Sequence[str] = ()) -> 'ByteTokenizer | PaddedTokenizer':
-    """'bytes', 'words' (of `vocabulary`), else a local Hugging Face CLIP folder."""
+    """'bytes', 'words' (of `vocabulary`), else a local Hugging Face CLIP or T5 tokenizer folder."""
     if name == 'bytes':
         return ByteTokenizer(max_length)
     if name == 'words':

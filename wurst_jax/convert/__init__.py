@@ -13,7 +13,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from wurst_jax.convert import clip, effnet, inception, pixart, wuerstchen  # noqa: F401  (each registers its components)
+from wurst_jax.convert import clip, effnet, inception, pixart, t5, wuerstchen  # noqa: F401  (they register components)
 from wurst_jax.convert.core import COMPONENTS, load_folder, save_diffusers, shapes_only
 from wurst_jax.convert.original import load_original, save_original
 

@@ -2,7 +2,7 @@
 
 A `Component` says how to build the Flax module from a model folder's config.json, the config to
 write back, and the torch key of every Flax variable; the tables live in one module per family
-(`wuerstchen.py`, `effnet.py`, `clip.py`) and register themselves here. Tensor layouts follow
+(`wuerstchen.py`, `effnet.py`, `clip.py`, `t5.py`, ...) and register themselves here. Tensor layouts follow
 the usual torch <-> Flax correspondence: Linear (out, in) <-> Dense (in, out);
 Conv (out, in, kh, kw) <-> (kh, kw, in, out); GRN (1, 1, 1, C) <-> (C,). A component with other
 layouts passes its own `to_flax` / `to_torch`.
@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 CONFIG_NAME = 'config.json'
@@ -25,6 +25,7 @@ DIFFUSERS_WEIGHTS = 'diffusion_pytorch_model.safetensors'
 TRANSFORMERS_WEIGHTS = 'model.safetensors'
 DIFFUSERS_VERSION = '0.42.1'
 TRANSFORMERS_VERSION = '5.23.0'
+INDEX_SUFFIX = '.index.json'
 _IGNORED_TORCH_SUFFIXES = ('num_batches_tracked',)
 
 
@@ -63,6 +64,7 @@ class Component:
     init_method: str | None = None  # module method that `example_inputs` feed, if not __call__
     accepts: tuple[str, ...] = ()  # further class names a folder may hold (e.g. CLIPTextModel)
     prepare_state: Callable[[dict], dict] | None = None  # renames/drops file keys before matching
+    keep_key: Callable[[str], bool] | None = None  # file keys to read (None: all); others are never loaded
     check_state: Callable[[nn.Module, dict], None] | None = None  # checks a file's non-weight tensors
     # With scan_blocks: the unscanned module's variables -> the scanned module's, and back (default: the
     # prior's blocks_0..blocks_{depth-1} <-> one stacked 'blocks').
@@ -72,6 +74,11 @@ class Component:
     @property
     def weights_name(self) -> str:
         return TRANSFORMERS_WEIGHTS if self.library == 'transformers' else DIFFUSERS_WEIGHTS
+
+    @property
+    def index_name(self) -> str:
+        """The index of a sharded save (save_pretrained with max_shard_size): which shard holds each key."""
+        return self.weights_name + INDEX_SUFFIX
 
 
 COMPONENTS: dict[str, Component] = {}
@@ -172,13 +179,39 @@ def state_dict_from_variables(module: nn.Module, name: str, variables: dict) -> 
             for path, v in flat.items()}
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """The tensors of a .safetensors file; a truncated or corrupt one is an error naming it."""
+def read_safetensors(path: str, keep: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
+    """The tensors of a .safetensors file (those whose key `keep` accepts; None: all); a truncated or
+    corrupt file is an error naming it."""
     try:
-        return load_file(path)
+        if keep is None:
+            return load_file(path)
+        with safe_open(path, framework='np') as f:
+            return {key: f.get_tensor(key) for key in f.keys() if keep(key)}
     except SafetensorError as e:
         raise ValueError(f'{path} is not a readable safetensors file ({e}): it is truncated or corrupt, '
                          'download or convert it again') from None
+
+
+def read_weights(path: str, name: str) -> dict[str, np.ndarray]:
+    """The state dict of a model folder: its one weights file, else the shards its index names (only
+    the shards that hold keys the component keeps are opened)."""
+    comp = component(name)
+    single = os.path.join(path, comp.weights_name)
+    if os.path.isfile(single):
+        return read_safetensors(single, comp.keep_key)
+    index_path = os.path.join(path, comp.index_name)
+    weight_map = read_json(index_path).get('weight_map')
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f'{index_path} has no weight_map (key -> shard file): save the model again')
+    keep = comp.keep_key or (lambda key: True)
+    shards = sorted({shard for key, shard in weight_map.items() if keep(key)})
+    missing = [shard for shard in shards if not os.path.isfile(os.path.join(path, shard))]
+    if missing:
+        raise FileNotFoundError(f'{index_path} names shards that are not in {path}: {missing}')
+    state = {}
+    for shard in shards:
+        state.update(read_safetensors(os.path.join(path, shard), keep))
+    return state
 
 
 def read_json(path: str) -> dict:
@@ -187,7 +220,8 @@ def read_json(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f'{path} is not valid JSON ({e}): restore the model folder\'s {CONFIG_NAME}') from None
+        raise ValueError(f'{path} is not valid JSON ({e}): restore the model folder\'s '
+                         f'{os.path.basename(path)}') from None
 
 
 def read_class_name(path: str) -> str | None:
@@ -204,10 +238,12 @@ def read_config(path: str, name: str) -> dict:
     """config.json of a model folder, checked to hold the class that `name` converts."""
     comp = component(name)
     config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, comp.weights_name)
-    for needed in (config_path,) if _SHAPES_ONLY else (config_path, weights_path):
+    sharded = os.path.isfile(os.path.join(path, comp.index_name))
+    for needed in (config_path,) if _SHAPES_ONLY or sharded else (config_path, weights_path):
         if not os.path.isfile(needed):
             raise FileNotFoundError(f'{needed} not found: {name} expects a {comp.library} model folder '
-                                    f'with {CONFIG_NAME} and {comp.weights_name}')
+                                    f'with {CONFIG_NAME} and {comp.weights_name} (or sharded weights '
+                                    f'with {comp.index_name})')
     config = read_json(config_path)
     found = read_class_name(path)
     if found is not None and found not in (comp.class_name, *comp.accepts):
@@ -229,7 +265,7 @@ def load_folder(path: str, name: str, **module_overrides: Any) -> tuple[nn.Modul
         module = module.clone(**module_overrides)
     if _SHAPES_ONLY:
         return module, abstract_variables(module, comp)
-    return module, variables_from_state_dict(module, name, read_safetensors(os.path.join(path, comp.weights_name)))
+    return module, variables_from_state_dict(module, name, read_weights(path, name))
 
 
 def write_config(module: nn.Module, path: str, name: str) -> None:
