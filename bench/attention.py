@@ -5,6 +5,7 @@ timed in turns. One JSON object, last line.
 
   python bench/attention.py [--steps=5]
 """
+
 import json
 
 import jax
@@ -35,10 +36,16 @@ def prior_grad(kernel: str):
 def main(_):
     grads = {kernel: prior_grad(kernel) for kernel in KERNELS}
     times = common.median_times_interleaved(
-        [(lambda g=g, p=p: g(p), jax.block_until_ready) for g, p in grads.values()], _STEPS.value)
+        [(lambda g=g, p=p: g(p), jax.block_until_ready) for g, p in grads.values()], _STEPS.value
+    )
     result = {f'{kernel}_s': round(s, 4) for kernel, s in zip(KERNELS, times)}
-    result.update({f'{kernel}_speedup': round(result['dot_product_attention_s'] / result[f'{kernel}_s'], 3)
-                   for kernel in KERNELS if kernel != 'dot_product_attention'})
+    result.update(
+        {
+            f'{kernel}_speedup': round(result['dot_product_attention_s'] / result[f'{kernel}_s'], 3)
+            for kernel in KERNELS
+            if kernel != 'dot_product_attention'
+        }
+    )
     result['chosen'] = kernels.attention_kernel()
     result.update(common.machine())
     print(json.dumps(result))

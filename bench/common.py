@@ -5,6 +5,7 @@ The presets describe what `--stage` / `--size` mean; every one is an ordinary co
 (configs/shapes.py or configs/stage_{b,c}.py) with a few fields changed, so the step timed is the
 step `python -m wurst_jax.main` runs.
 """
+
 import ast
 import contextlib
 import importlib.util
@@ -90,17 +91,26 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
 
 # -- presets -----------------------------------------------------------------------------------
 
+
 def _stage_c_folders(root: str, size: str) -> tuple[str, str]:
     """Config-only folders of the frozen text encoder and effnet a Stage C preset names."""
     if size == 'full':
         sys.path.insert(0, os.path.dirname(__file__))
         import full_size_models
+
         text_module = full_size_models.MODELS['clip_bigg'][0]
     else:
         width = {'tiny': 64, 'small': 256}[size]
-        text_module = CLIPTextModel(vocab_size=512, hidden_size=width, intermediate_size=4 * width,
-                                    num_hidden_layers=1, num_attention_heads=4, hidden_act='gelu',
-                                    max_position_embeddings=77, projection_dim=None)
+        text_module = CLIPTextModel(
+            vocab_size=512,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            hidden_act='gelu',
+            max_position_embeddings=77,
+            projection_dim=None,
+        )
     clip, effnet = os.path.join(root, f'clip_{size}'), os.path.join(root, 'effnet')
     core.write_config(text_module, clip, 'clip_text')
     core.write_config(EfficientNetEncoder(c_latent=16), effnet, 'effnet')
@@ -120,6 +130,7 @@ def stage_c_config(size: str, root: str) -> ml_collections.ConfigDict:
     'small' are float32, unrolled and not rematerialised (the CPU targets); 'full' is the config as is."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
     from configs import stage_c
+
     clip, effnet = _stage_c_folders(root, size)
     p = STAGE_C_MODELS[size]
     config = stage_c.get_config(f'clip={clip},effnet={effnet},batch={p["batch"]},sharding=dp')
@@ -139,6 +150,7 @@ def shapes_config(stage: str, size: str, root: str) -> ml_collections.ConfigDict
     a config-only folder of the shapes Stage A VQGAN instead of a trained Stage A run."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
     from configs import shapes
+
     config = shapes.get_config(f'stage={stage}' + (',runlocal' if size == 'tiny' else ''))
     if stage == 'a':
         config.loss.adv_weight = 0.0
@@ -146,10 +158,18 @@ def shapes_config(stage: str, size: str, root: str) -> ml_collections.ConfigDict
     if stage == 'b':
         vqgan_config = shapes.get_config('stage=a' + (',runlocal' if size == 'tiny' else '')).model
         folder = os.path.join(root, f'vqgan_{size}')
-        core.write_config(VQGAN(levels=vqgan_config.levels, embed_dim=vqgan_config.embed_dim,
-                                bottleneck_blocks=vqgan_config.bottleneck_blocks,
-                                latent_channels=vqgan_config.latent_channels, num_codes=vqgan_config.num_codes,
-                                scale_factor=vqgan_config.scale_factor), folder, 'vqgan')
+        core.write_config(
+            VQGAN(
+                levels=vqgan_config.levels,
+                embed_dim=vqgan_config.embed_dim,
+                bottleneck_blocks=vqgan_config.bottleneck_blocks,
+                latent_channels=vqgan_config.latent_channels,
+                num_codes=vqgan_config.num_codes,
+                scale_factor=vqgan_config.scale_factor,
+            ),
+            folder,
+            'vqgan',
+        )
         config.stage_a.source = folder
     return config
 
@@ -166,6 +186,7 @@ def preset_config(stage: str, size: str, root: str | None = None) -> ml_collecti
 
 # -- measuring ---------------------------------------------------------------------------------
 
+
 def gemm_peak_gflops(dtype: Any = jnp.float32, n: int | None = None, repeats: int = 10) -> float:
     """Median matmul throughput of this process's default device, GFLOP/s (2048^3 on a CPU,
     8192^3 on an accelerator), on random data."""
@@ -180,7 +201,7 @@ def gemm_peak_gflops(dtype: Any = jnp.float32, n: int | None = None, repeats: in
         t = time.perf_counter()
         matmul(a, b).block_until_ready()
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def median_time(step: Callable[[], Any], sync: Callable[[Any], Any], steps: int, warmup: int = 2) -> float:
@@ -195,8 +216,9 @@ def median_time(step: Callable[[], Any], sync: Callable[[Any], Any], steps: int,
     return statistics.median(times)
 
 
-def median_times_interleaved(steps_and_syncs: list[tuple[Callable[[], Any], Callable[[Any], Any]]], steps: int,
-                             warmup: int = 2) -> list[float]:
+def median_times_interleaved(
+    steps_and_syncs: list[tuple[Callable[[], Any], Callable[[Any], Any]]], steps: int, warmup: int = 2
+) -> list[float]:
     """Median wall time of each `step()`, the steps called in turn within every round, so that load
     that comes and goes on a shared host falls on all of them alike."""
     for _ in range(warmup):
@@ -211,14 +233,16 @@ def median_times_interleaved(steps_and_syncs: list[tuple[Callable[[], Any], Call
     return [statistics.median(t) for t in times]
 
 
-def profile_top_ops(step: Callable[[], Any], logdir: str, hlo_text: str = '', steps: int = 3,
-                    top: int = 15) -> dict[str, Any]:
+def profile_top_ops(
+    step: Callable[[], Any], logdir: str, hlo_text: str = '', steps: int = 3, top: int = 15
+) -> dict[str, Any]:
     """Traces `steps` calls of `step` into logdir (jax.profiler, with a Perfetto JSON file) and returns
     the `top` XLA ops (thunks / fusions) by total duration, in ms per step, each with the start of
     its instruction in `hlo_text` (the compiled step's HLO) to say what it computes."""
     import collections
     import glob
     import gzip
+
     with jax.profiler.trace(logdir, create_perfetto_trace=True):
         for _ in range(steps):
             jax.block_until_ready(step())
@@ -229,8 +253,13 @@ def profile_top_ops(step: Callable[[], Any], logdir: str, hlo_text: str = '', st
     total = collections.Counter()
     for e in events:
         name = e.get('name', '?')
-        if e.get('ph') == 'X' and 'dur' in e and not name.startswith('$') and '::' not in name \
-                and not name.startswith('Pjit'):
+        if (
+            e.get('ph') == 'X'
+            and 'dur' in e
+            and not name.startswith('$')
+            and '::' not in name
+            and not name.startswith('Pjit')
+        ):
             total[name] += e['dur']
     instructions = {}
     for line in hlo_text.splitlines():
@@ -247,9 +276,14 @@ def peak_rss_mb() -> float:
 def machine() -> dict[str, Any]:
     """Where the figures were taken: device, CPU count and load (the 2-core host is shared)."""
     device = jax.devices()[0]
-    return dict(device=getattr(device, 'device_kind', device.platform), backend=jax.default_backend(),
-                cpu_count=os.cpu_count(), load_avg_1m=round(os.getloadavg()[0], 2), jax=jax.__version__,
-                date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
+    return dict(
+        device=getattr(device, 'device_kind', device.platform),
+        backend=jax.default_backend(),
+        cpu_count=os.cpu_count(),
+        load_avg_1m=round(os.getloadavg()[0], 2),
+        jax=jax.__version__,
+        date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+    )
 
 
 def print_result(result: dict[str, Any]) -> None:

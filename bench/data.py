@@ -9,6 +9,7 @@ resize, crop, flip, tokenize, batch) over the config's prepared dataset. `--step
 `headroom_*` = pipeline / step must stay above 1, or the input is the bottleneck. Each worker count
 is timed over `--batches` batches after the first two (worker start-up and the first decode).
 """
+
 import time
 
 from absl import app, flags
@@ -28,8 +29,9 @@ def images_per_second(config, tokenizer, workers: int, batches: int) -> float:
     """Training batches per second of the config's pipeline with `workers` grain processes, in images."""
     input_config = config.input.copy_and_resolve_references()
     input_config.num_workers = workers
-    iterator = input_pipeline.create_train_iterator(input_config, seed=config.seed, process_index=0,
-                                                    process_count=1, tokenizer=tokenizer)
+    iterator = input_pipeline.create_train_iterator(
+        input_config, seed=config.seed, process_index=0, process_count=1, tokenizer=tokenizer
+    )
     for _ in range(2):
         next(iterator)
     start = time.perf_counter()
@@ -44,8 +46,12 @@ def main(_):
     config = _CONFIG.value
     text = config.get('text')
     tokenizer = create_tokenizer(text.tokenizer, text.max_length, text.get('vocabulary', ())) if text else None
-    result = dict(dataset=config.input.dataset, image_size=config.input.image_size,
-                  batch_size=config.input.batch_size, batches=_BATCHES.value)
+    result = dict(
+        dataset=config.input.dataset,
+        image_size=config.input.image_size,
+        batch_size=config.input.batch_size,
+        batches=_BATCHES.value,
+    )
     for workers in _WORKERS.value:
         rate = images_per_second(config, tokenizer, workers, _BATCHES.value)
         result[f'images_per_s_{workers}_workers'] = round(rate, 1)

@@ -6,6 +6,7 @@ object, last line.
 
   python bench/depthwise.py [--steps=20]
 """
+
 import json
 
 import flax.linen as nn
@@ -25,7 +26,7 @@ def shifted_autodiff(x, kernel):
     """The sum of shifted, channel-scaled copies, left to JAX's autodiff."""
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     h, w = x.shape[1] - 2, x.shape[2] - 2
-    return sum(x[:, i:i + h, j:j + w, :] * kernel[i, j, 0] for i in range(3) for j in range(3))
+    return sum(x[:, i : i + h, j : j + w, :] * kernel[i, j, 0] for i in range(3) for j in range(3))
 
 
 def jax_step(kind: str, shape):
@@ -37,12 +38,14 @@ def jax_step(kind: str, shape):
     if kind == 'shifted_autodiff':
         forward = lambda v, x: shifted_autodiff(x, v['params']['kernel']) + v['params']['bias']
     else:
+
         def forward(v, x):
             chosen, kernels.depthwise_kernel = kernels.depthwise_kernel, lambda: kind
             try:
                 return module.apply(v, x)
             finally:
                 kernels.depthwise_kernel = chosen
+
     step = jax.jit(lambda v, x: jax.vjp(forward, v, x)[1](d_out))
     jax.block_until_ready(step(variables, x))
     return lambda: step(variables, x)
@@ -59,6 +62,7 @@ def torch_step(shape):
         x.grad = None
         conv(x).backward(d_out)
         return x.grad
+
     return step
 
 

@@ -6,6 +6,7 @@ makes clip_bigg (CLIP ViT-bigG/14 text, Würstchen v2 Stage C), clip_h (CLIP ViT
 Stage B), effnet (EfficientNetV2-S encoder) and vqgan (the f4 Paella VQGAN), each holding only
 config.json, and prints the config arguments that name them. No weights are written or needed.
 """
+
 import os
 import sys
 
@@ -15,10 +16,30 @@ from wurst_jax.models.effnet import EfficientNetEncoder
 from wurst_jax.models.stage_a import VQGAN
 
 MODELS = {
-    'clip_bigg': (CLIPTextModel(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                num_attention_heads=20, hidden_act='gelu', projection_dim=None), 'clip_text'),
-    'clip_h': (CLIPTextModel(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                             num_attention_heads=16, hidden_act='gelu', projection_dim=None), 'clip_text'),
+    'clip_bigg': (
+        CLIPTextModel(
+            vocab_size=49408,
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            hidden_act='gelu',
+            projection_dim=None,
+        ),
+        'clip_text',
+    ),
+    'clip_h': (
+        CLIPTextModel(
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            hidden_act='gelu',
+            projection_dim=None,
+        ),
+        'clip_text',
+    ),
     'effnet': (EfficientNetEncoder(c_latent=16), 'effnet'),
     'vqgan': (VQGAN(), 'vqgan'),
 }

@@ -3,6 +3,7 @@ the grown arm's total (core + grow); the grow arm's optimizer reads the core run
 
   python bench/growing_flops.py [--root=workdirs/growing]
 """
+
 import importlib.util
 import json
 
@@ -30,9 +31,17 @@ def main(argv):
         lowered, _ = lowering.lower_from_shapes(config, sharding.create_mesh(config.mesh, jax.devices('cpu')[:1]))
         flops[arm], steps[arm] = lowering.step_flops(config, lowered), config.total_steps
     grown_total = flops['core'] * steps['core'] + flops['grow'] * steps['grow']
-    print(json.dumps(dict(flops_per_step=flops, steps=steps, grown_total=grown_total,
-                          scratch_total=flops['scratch'] * steps['scratch'],
-                          scratch_steps_for_equal_flops=grown_total / flops['scratch'])))
+    print(
+        json.dumps(
+            dict(
+                flops_per_step=flops,
+                steps=steps,
+                grown_total=grown_total,
+                scratch_total=flops['scratch'] * steps['scratch'],
+                scratch_steps_for_equal_flops=grown_total / flops['scratch'],
+            )
+        )
+    )
 
 
 if __name__ == '__main__':

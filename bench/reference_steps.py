@@ -7,6 +7,7 @@ an EMA update of the weights. Compute is float32, or bfloat16 autocast over floa
 our `dtype=bfloat16` is). Rematerialisation in our config turns on diffusers' gradient
 checkpointing (per block), the nearest thing it has.
 """
+
 import math
 from typing import Any, Callable
 
@@ -41,11 +42,17 @@ def _noised(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise, (1 - a).view(b)
 
 
-def _trainer(model: torch.nn.Module, opt_cfg: ml_collections.ConfigDict, ema_decay: float,
-             loss_fn: Callable[[], torch.Tensor], bf16: bool) -> Callable[[], torch.Tensor]:
+def _trainer(
+    model: torch.nn.Module,
+    opt_cfg: ml_collections.ConfigDict,
+    ema_decay: float,
+    loss_fn: Callable[[], torch.Tensor],
+    bf16: bool,
+) -> Callable[[], torch.Tensor]:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=opt_cfg.lr, betas=(opt_cfg.b1, opt_cfg.b2), eps=1e-8,
-                            weight_decay=opt_cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=opt_cfg.lr, betas=(opt_cfg.b1, opt_cfg.b2), eps=1e-8, weight_decay=opt_cfg.weight_decay
+    )
     ema = [p.detach().clone() for p in params]
     dev = params[0].device.type
 
@@ -68,14 +75,21 @@ def param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def prior_step(config: ml_collections.ConfigDict, text_width: int, latent_shape: tuple[int, int, int],
-               batch_size: int) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
+def prior_step(
+    config: ml_collections.ConfigDict, text_width: int, latent_shape: tuple[int, int, int], batch_size: int
+) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
     """diffusers WuerstchenPrior on precomputed latents [B, c_in, h, w] and text states [B, L, D]."""
     from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
+
     m, dev = config.model, device()
     h, w, c_in = latent_shape
-    model = WuerstchenPrior(c_in=c_in, c=m.c, c_cond=text_width, c_r=m.c_r, depth=m.depth, nhead=m.num_heads,
-                            dropout=m.dropout).to(dev).train()
+    model = (
+        WuerstchenPrior(
+            c_in=c_in, c=m.c, c_cond=text_width, c_r=m.c_r, depth=m.depth, nhead=m.num_heads, dropout=m.dropout
+        )
+        .to(dev)
+        .train()
+    )
     if m.remat_policy != 'none':
         model.enable_gradient_checkpointing()
     gen = torch.Generator(dev).manual_seed(0)
@@ -90,13 +104,24 @@ def prior_step(config: ml_collections.ConfigDict, text_width: int, latent_shape:
     return _trainer(model, config.optimizer, config.ema_decay, loss_fn, config.dtype == 'bfloat16'), model
 
 
-def vqgan_step(config: ml_collections.ConfigDict,
-               batch_size: int) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
+def vqgan_step(
+    config: ml_collections.ConfigDict, batch_size: int
+) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
     """diffusers PaellaVQModel: encode, quantise (straight-through, β = 0.25), decode; MSE + VQ loss."""
     from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+
     m, dev = config.model, device()
-    model = PaellaVQModel(levels=m.levels, embed_dim=m.embed_dim, bottleneck_blocks=m.bottleneck_blocks,
-                          latent_channels=m.latent_channels, num_vq_embeddings=m.num_codes).to(dev).train()
+    model = (
+        PaellaVQModel(
+            levels=m.levels,
+            embed_dim=m.embed_dim,
+            bottleneck_blocks=m.bottleneck_blocks,
+            latent_channels=m.latent_channels,
+            num_vq_embeddings=m.num_codes,
+        )
+        .to(dev)
+        .train()
+    )
     size = config.input.image_size
     x = torch.rand(batch_size, 3, size, size, device=dev, generator=torch.Generator(dev).manual_seed(0)) * 2 - 1
 
@@ -109,18 +134,38 @@ def vqgan_step(config: ml_collections.ConfigDict,
     return _trainer(model, config.optimizer, config.ema_decay, loss_fn, config.dtype == 'bfloat16'), model
 
 
-def decoder_step(config: ml_collections.ConfigDict, text_width: int, latent_shape: tuple[int, int, int],
-                 effnet_shape: tuple[int, int, int],
-                 batch_size: int) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
+def decoder_step(
+    config: ml_collections.ConfigDict,
+    text_width: int,
+    latent_shape: tuple[int, int, int],
+    effnet_shape: tuple[int, int, int],
+    batch_size: int,
+) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
     """diffusers WuerstchenDiffNeXt on given Stage A latents, effnet maps and text states."""
     from diffusers.pipelines.deprecated.wuerstchen import WuerstchenDiffNeXt
+
     m, dev = config.model, device()
     h, w, c_in = latent_shape
-    model = WuerstchenDiffNeXt(
-        c_in=c_in, c_out=c_in, c_r=m.c_r, patch_size=m.patch_size, c_cond=m.c_cond, c_hidden=list(m.c_hidden),
-        nhead=list(m.nhead), blocks=list(m.blocks), level_config=list(m.level_config),
-        inject_effnet=list(m.inject_effnet), effnet_embd=effnet_shape[2], clip_embd=text_width,
-        kernel_size=m.kernel_size, dropout=m.dropout).to(dev).train()
+    model = (
+        WuerstchenDiffNeXt(
+            c_in=c_in,
+            c_out=c_in,
+            c_r=m.c_r,
+            patch_size=m.patch_size,
+            c_cond=m.c_cond,
+            c_hidden=list(m.c_hidden),
+            nhead=list(m.nhead),
+            blocks=list(m.blocks),
+            level_config=list(m.level_config),
+            inject_effnet=list(m.inject_effnet),
+            effnet_embd=effnet_shape[2],
+            clip_embd=text_width,
+            kernel_size=m.kernel_size,
+            dropout=m.dropout,
+        )
+        .to(dev)
+        .train()
+    )
     if m.remat_policy != 'none':
         model.enable_gradient_checkpointing()
     gen = torch.Generator(dev).manual_seed(0)

@@ -15,6 +15,7 @@ given (random), so no text encoder runs on either side. Ours is one jitted funct
 called in turn, `--repeats` times each after a warm-up; `speedup` = torch time / ours (medians).
 `prior_rel_err` compares one prior call of the two sides: the weights are the same.
 """
+
 import math
 import tempfile
 import time
@@ -38,12 +39,29 @@ _DECODER_STEPS = flags.DEFINE_integer('decoder_steps', 12, 'Stage B steps.')
 _GUIDANCE = flags.DEFINE_float('prior_guidance', 4.0, 'Stage C CFG scale (Stage B runs without).')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls per side after one warm-up, alternating.')
 _IMAGE = flags.DEFINE_integer('image_size', 128, 'Output side in pixels (Stage A latents are 1/4).')
-_KERNEL = flags.DEFINE_enum('attention_kernel', 'auto', ('auto',) + kernels.ATTENTION_KERNELS,
-                            'layers.Attention kernel (auto: blocked on XLA:CPU, else dot_product_attention).')
+_KERNEL = flags.DEFINE_enum(
+    'attention_kernel',
+    'auto',
+    ('auto',) + kernels.ATTENTION_KERNELS,
+    'layers.Attention kernel (auto: blocked on XLA:CPU, else dot_product_attention).',
+)
 
 PRIOR = dict(c_in=16, c=256, c_cond=256, c_r=64, depth=4, nhead=8, dropout=0.0)
-DECODER = dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=64, c_hidden=[64, 128], nhead=[4, 4], blocks=[2, 2],
-               level_config=['CT', 'CTA'], inject_effnet=[True, True], effnet_embd=16, clip_embd=64, dropout=0.0)
+DECODER = dict(
+    c_in=4,
+    c_out=4,
+    c_r=64,
+    patch_size=2,
+    c_cond=64,
+    c_hidden=[64, 128],
+    nhead=[4, 4],
+    blocks=[2, 2],
+    level_config=['CT', 'CTA'],
+    inject_effnet=[True, True],
+    effnet_embd=16,
+    clip_embd=64,
+    dropout=0.0,
+)
 VQ = dict(levels=2, embed_dim=64, bottleneck_blocks=2, latent_channels=4, num_vq_embeddings=1024)
 PRIOR_SIDE, TEXT_LEN = 24, 77
 
@@ -89,8 +107,12 @@ def torch_sampler(models, cond, uncond, clip, prior_ts, decoder_ts, guidance: fl
     def generate():
         gen = torch.Generator().manual_seed(0)
         effnet = torch_chain(prior_eps, torch.randn(b, 16, PRIOR_SIDE, PRIOR_SIDE, generator=gen), prior_ts, gen)
-        latents = torch_chain(lambda x, t: decoder(x, t, effnet, clip),
-                              torch.randn(b, 4, size // 4, size // 4, generator=gen), decoder_ts, gen)
+        latents = torch_chain(
+            lambda x, t: decoder(x, t, effnet, clip),
+            torch.randn(b, 4, size // 4, size // 4, generator=gen),
+            decoder_ts,
+            gen,
+        )
         return vqgan.decode(latents, force_not_quantize=True).sample
 
     return generate
@@ -113,8 +135,9 @@ def jax_sampler(root: str, prior_ts, decoder_ts, guidance: float, size: int):
         x = jax.random.normal(k_x1, (b, PRIOR_SIDE, PRIOR_SIDE, 16))
         effnet = samplers.sample_guided(prior_eps, x, k_prior, prior_ts, guidance, 'ddpm')
         x = jax.random.normal(k_x2, (b, size // 4, size // 4, 4))
-        latents = samplers.sample(lambda x, t: decoder.apply(decoder_vars, x, t, effnet, clip), x, decoder_ts,
-                                  k_decoder, 'ddpm')
+        latents = samplers.sample(
+            lambda x, t: decoder.apply(decoder_vars, x, t, effnet, clip), x, decoder_ts, k_decoder, 'ddpm'
+        )
         return vqgan.apply(vqgan_vars, latents, method=VQGAN.decode)
 
     def run(cond, uncond, clip):
@@ -143,27 +166,42 @@ def run():
     x = rng.standard_normal((b, PRIOR_SIDE, PRIOR_SIDE, 16)).astype(np.float32)
     r = np.full((b,), 0.5, np.float32)
     with torch.inference_mode():
-        ref = models[0](torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(r),
-                        torch.from_numpy(cond)).numpy().transpose(0, 2, 3, 1)
+        ref = (
+            models[0](torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(r), torch.from_numpy(cond))
+            .numpy()
+            .transpose(0, 2, 3, 1)
+        )
     mine = np.asarray(jax.jit(prior.apply)(prior_vars, x, r, cond))
     rel_err = float(np.abs(mine - ref).max() / np.abs(ref).max())
 
-    torch_fn = torch_sampler(models, *(torch.from_numpy(a) for a in (cond, uncond, clip)), prior_ts, decoder_ts,
-                             _GUIDANCE.value, size)
+    torch_fn = torch_sampler(
+        models, *(torch.from_numpy(a) for a in (cond, uncond, clip)), prior_ts, decoder_ts, _GUIDANCE.value, size
+    )
     jax_fn = lambda: ours(cond, uncond, clip)
     torch_sync = lambda y: float(y.sum())
     t = time.perf_counter()
     jax.block_until_ready(jax_fn())
     jax_first = time.perf_counter() - t
     # Alternating calls, so load that comes and goes on a shared host falls on both sides alike.
-    jax_s, torch_s = common.median_times_interleaved([(jax_fn, jax.block_until_ready), (torch_fn, torch_sync)],
-                                                     _REPEATS.value, warmup=1)
-    result = dict(batch=b, image_size=size, prior_steps=_PRIOR_STEPS.value, decoder_steps=_DECODER_STEPS.value,
-                  prior_guidance=_GUIDANCE.value, jax_s=round(jax_s, 4), jax_first_call_s=round(jax_first, 2),
-                  jax_images_per_s=round(b / jax_s, 2), torch_s=round(torch_s, 4),
-                  torch_images_per_s=round(b / torch_s, 2), speedup=round(torch_s / jax_s, 3),
-                  prior_rel_err=rel_err, torch_threads=torch.get_num_threads(),
-                  attention_kernel=kernels.attention_kernel())
+    jax_s, torch_s = common.median_times_interleaved(
+        [(jax_fn, jax.block_until_ready), (torch_fn, torch_sync)], _REPEATS.value, warmup=1
+    )
+    result = dict(
+        batch=b,
+        image_size=size,
+        prior_steps=_PRIOR_STEPS.value,
+        decoder_steps=_DECODER_STEPS.value,
+        prior_guidance=_GUIDANCE.value,
+        jax_s=round(jax_s, 4),
+        jax_first_call_s=round(jax_first, 2),
+        jax_images_per_s=round(b / jax_s, 2),
+        torch_s=round(torch_s, 4),
+        torch_images_per_s=round(b / torch_s, 2),
+        speedup=round(torch_s / jax_s, 3),
+        prior_rel_err=rel_err,
+        torch_threads=torch.get_num_threads(),
+        attention_kernel=kernels.attention_kernel(),
+    )
     result.update(common.machine())
     common.print_result(result)
 

@@ -25,6 +25,7 @@ Stage B is not like for like: our step also encodes the batch with the frozen VQ
 effnet and text encoder with the decoder (configs/shapes.py), the reference trains the decoder on
 given latents, maps and text states; its `speedup` is a lower bound for ours.
 """
+
 import contextlib
 import functools
 import gc
@@ -45,24 +46,44 @@ from wurst_jax.models import kernels
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config to time (ours only); else --stage/--size.')
 _STAGE = flags.DEFINE_enum('stage', 'c', common.STAGES, 'Preset stage.')
 _SIZE = flags.DEFINE_enum('size', 'small', common.SIZES, 'Preset size (full: Stage C only).')
-_BATCH = flags.DEFINE_integer('batch', 0, 'Global batch size (0: the preset\'s).')
-_DTYPE = flags.DEFINE_enum('dtype', '', ['', 'float32', 'bfloat16'], 'Compute dtype (empty: the preset\'s).')
+_BATCH = flags.DEFINE_integer('batch', 0, "Global batch size (0: the preset's).")
+_DTYPE = flags.DEFINE_enum('dtype', '', ['', 'float32', 'bfloat16'], "Compute dtype (empty: the preset's).")
 _SET = flags.DEFINE_multi_string('set', [], 'FIELD=VALUE changes to the preset config.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps after warm-up, each side.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps first, each side.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Also time the diffusers reference (presets only).')
-_DEPTHWISE = flags.DEFINE_enum('depthwise', 'auto', ['auto', 'shifted', 'grouped'],
-                                'layers.DepthwiseConv kernel (auto: a sum of shifted copies on XLA:CPU, else grouped).')
-_INTERLEAVE = flags.DEFINE_bool('interleave', False, 'Alternate our step and the reference step in one timing '
-                                 'loop. On a CPU, run with OMP_WAIT_POLICY=PASSIVE: torch\'s spinning OpenMP '
-                                 'threads otherwise make each torch step after a JAX step seconds slower.')
-_PROFILE = flags.DEFINE_string('profile_dir', '', 'If set, trace 3 more steps of ours there (jax.profiler, '
-                                'with a Perfetto file) and report the ops that took longest.')
-_ATTENTION = flags.DEFINE_enum('attention', 'default', ['default', 'xla', 'cudnn'],
-                               'jax.nn.dot_product_attention implementation (cudnn: flash attention on a GPU); '
-                               'not default: the attention kernel is dot_product_attention.')
-_KERNEL = flags.DEFINE_enum('attention_kernel', 'auto', ('auto',) + kernels.ATTENTION_KERNELS,
-                            'layers.Attention kernel (auto: blocked on XLA:CPU, else dot_product_attention).')
+_DEPTHWISE = flags.DEFINE_enum(
+    'depthwise',
+    'auto',
+    ['auto', 'shifted', 'grouped'],
+    'layers.DepthwiseConv kernel (auto: a sum of shifted copies on XLA:CPU, else grouped).',
+)
+_INTERLEAVE = flags.DEFINE_bool(
+    'interleave',
+    False,
+    'Alternate our step and the reference step in one timing '
+    "loop. On a CPU, run with OMP_WAIT_POLICY=PASSIVE: torch's spinning OpenMP "
+    'threads otherwise make each torch step after a JAX step seconds slower.',
+)
+_PROFILE = flags.DEFINE_string(
+    'profile_dir',
+    '',
+    'If set, trace 3 more steps of ours there (jax.profiler, '
+    'with a Perfetto file) and report the ops that took longest.',
+)
+_ATTENTION = flags.DEFINE_enum(
+    'attention',
+    'default',
+    ['default', 'xla', 'cudnn'],
+    'jax.nn.dot_product_attention implementation (cudnn: flash attention on a GPU); '
+    'not default: the attention kernel is dot_product_attention.',
+)
+_KERNEL = flags.DEFINE_enum(
+    'attention_kernel',
+    'auto',
+    ('auto',) + kernels.ATTENTION_KERNELS,
+    'layers.Attention kernel (auto: blocked on XLA:CPU, else dot_product_attention).',
+)
 
 H100_DENSE_BF16_TFLOPS = 989.0
 
@@ -136,14 +157,17 @@ def random_batch(task, batch_size: int) -> dict[str, np.ndarray]:
 def build_reference(config, task):
     """(step, model): the diffusers step of the config's network (reference_steps.py)."""
     import reference_steps
+
     bs = config.input.batch_size
     if config.model_family == 'stage_c':
         return reference_steps.prior_step(config, task.text.width, task.latent_shape(), bs)
     if config.model_family == 'stage_a':
         return reference_steps.vqgan_step(config, bs)
-    latents = jax.eval_shape(task.latents, {'stage_a': task.frozen_params()['stage_a']},
-                             jax.ShapeDtypeStruct((1, config.input.image_size, config.input.image_size, 3),
-                                                  jnp.float32))
+    latents = jax.eval_shape(
+        task.latents,
+        {'stage_a': task.frozen_params()['stage_a']},
+        jax.ShapeDtypeStruct((1, config.input.image_size, config.input.image_size, 3), jnp.float32),
+    )
     effnet_params, effnet_state = jax.eval_shape(task.effnet.init, jax.random.key(0))
     effnet_shape = task.effnet.map_shape(task.effnet.variables(effnet_params, effnet_state, task.frozen_params()))
     return reference_steps.decoder_step(config, task.text.width, latents.shape[1:], effnet_shape, bs)
@@ -152,10 +176,12 @@ def build_reference(config, task):
 def reference_info(model) -> dict:
     import reference_steps
     import torch
-    info = dict(torch_params=reference_steps.param_count(model), torch_threads=torch.get_num_threads(),
-                torch=torch.__version__)
+
+    info = dict(
+        torch_params=reference_steps.param_count(model), torch_threads=torch.get_num_threads(), torch=torch.__version__
+    )
     if torch.cuda.is_available():
-        info['torch_peak_gib'] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        info['torch_peak_gib'] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return info
 
 
@@ -163,6 +189,7 @@ def time_reference(config, task) -> dict:
     """The diffusers step of the config's network, timed alone; its memory is freed before ours runs."""
     import reference_steps
     import torch
+
     step, model = build_reference(config, task)
     try:
         step_s = common.median_time(step, reference_steps.sync, _STEPS.value, _WARMUP.value)
@@ -198,9 +225,15 @@ def run():
     bs = config.input.batch_size
     progress(f'task built on {jax.devices()[0]}')
 
-    result = dict(stage=config.model_family, size=_SIZE.value if preset else 'config', batch_size=bs,
-                  dtype=config.dtype, attention=_ATTENTION.value, attention_kernel=kernels.attention_kernel(),
-                  depthwise=kernels.depthwise_kernel())
+    result = dict(
+        stage=config.model_family,
+        size=_SIZE.value if preset else 'config',
+        batch_size=bs,
+        dtype=config.dtype,
+        attention=_ATTENTION.value,
+        attention_kernel=kernels.attention_kernel(),
+        depthwise=kernels.depthwise_kernel(),
+    )
     interleave = preset and _TORCH.value and _INTERLEAVE.value
     result['interleaved'] = bool(interleave)
     if preset and _TORCH.value and not interleave:
@@ -218,7 +251,8 @@ def run():
     batch_sharding = sharding.batch_sharding(mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=state_sharding)(
-            jax.random.PRNGKey(0), train_state.example_batch(task, 1))
+            jax.random.PRNGKey(0), train_state.example_batch(task, 1)
+        )
         batch = sharding.make_global_batch(random_batch(task, bs), batch_sharding)
         frozen = jax.device_put(frozen, sharding.replicated(mesh))
     # As in train_and_evaluate, outside the mesh context: step_flops may load the config's networks
@@ -235,6 +269,7 @@ def run():
     flops = lowering.step_flops(config, lowered) / mesh.size
     progress(f'{flops:.4g} FLOP per step')
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+
         def step():
             nonlocal state
             state, metrics = compiled(state, batch, frozen)
@@ -242,29 +277,39 @@ def run():
 
         if interleave:
             import reference_steps
+
             step_s, torch_s = common.median_times_interleaved(
-                [(step, jax.block_until_ready), (reference_step, reference_steps.sync)], _STEPS.value, _WARMUP.value)
+                [(step, jax.block_until_ready), (reference_step, reference_steps.sync)], _STEPS.value, _WARMUP.value
+            )
             result.update(torch_step_s=round(torch_s, 4), **reference_info(reference_model))
         else:
             step_s = common.median_time(step, jax.block_until_ready, _STEPS.value, _WARMUP.value)
         progress(f'our step: {step_s:.4f} s')
         if _PROFILE.value:
-            result['profile_top_ms_per_step'] = common.profile_top_ops(step, _PROFILE.value, compiled.as_text(),
-                                                                       steps=3)
+            result['profile_top_ms_per_step'] = common.profile_top_ops(
+                step, _PROFILE.value, compiled.as_text(), steps=3
+            )
         skipped = int(jax.device_get(step())['skipped'])
     peak_dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
     peak = common.gemm_peak_gflops(peak_dtype)
     achieved = flops / step_s / 1e9
     result.update(
-        jax_step_s=round(step_s, 4), images_per_s=round(bs / step_s, 2), compile_s=round(compile_s, 2),
-        flops_per_step=flops, achieved_gflops=round(achieved, 1), gemm_peak_gflops=round(peak, 1),
-        gemm_peak_dtype=jnp.dtype(peak_dtype).name, flop_utilisation=round(achieved / peak, 3),
-        last_step_skipped=skipped, peak_rss_mb=common.peak_rss_mb())
+        jax_step_s=round(step_s, 4),
+        images_per_s=round(bs / step_s, 2),
+        compile_s=round(compile_s, 2),
+        flops_per_step=flops,
+        achieved_gflops=round(achieved, 1),
+        gemm_peak_gflops=round(peak, 1),
+        gemm_peak_dtype=jnp.dtype(peak_dtype).name,
+        flop_utilisation=round(achieved / peak, 3),
+        last_step_skipped=skipped,
+        peak_rss_mb=common.peak_rss_mb(),
+    )
     if result.get('torch_step_s'):
         result['speedup'] = round(result['torch_step_s'] / step_s, 3)
     stats = jax.devices()[0].memory_stats() or {}
     if 'peak_bytes_in_use' in stats:
-        result['jax_peak_gib'] = round(stats['peak_bytes_in_use'] / 2 ** 30, 2)
+        result['jax_peak_gib'] = round(stats['peak_bytes_in_use'] / 2**30, 2)
     if jax.default_backend() == 'gpu':
         result['mfu'] = round(achieved / (H100_DENSE_BF16_TFLOPS * 1e3), 3)
     result.update(common.machine())

@@ -10,6 +10,7 @@ reason in metrics.json, when they are not given: FID needs inception_weights and
 (made by `python -m wurst_jax.evaluate.reference_stats`), CLIP score needs clip_weights (a local
 Hugging Face CLIPModel folder), CMMD needs clip_weights and a reference file made with them.
 """
+
 import ml_collections
 
 

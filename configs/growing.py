@@ -31,6 +31,7 @@ steps leave the new full-resolution layers rendering speckled blobs (samples_000
 grown phase-1 step costs as much as a scratch step (XLA still computes the core's weight gradients,
 which the optimizer then zeroes).
 """
+
 import ml_collections
 
 from wurst_jax import config_lib, defaults
@@ -45,8 +46,9 @@ EVAL_PROMPTS = 200
 
 def text_config(runlocal: bool) -> ml_collections.ConfigDict:
     """The text encoder over the grammar's words, trained with the stage."""
-    return config_lib.word_text_config(shapes.caption_vocabulary(), width=32 if runlocal else 64,
-                                       layers=1 if runlocal else 2)
+    return config_lib.word_text_config(
+        shapes.caption_vocabulary(), width=32 if runlocal else 64, layers=1 if runlocal else 2
+    )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -74,8 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.input.image_size = 16 if arg.arm == 'core' else 32
         config.input.batch_size = 8
         config.input.shapes = ml_collections.ConfigDict(dict(num_train=32, num_test=8, seed=0))
-        config.model.update(c=16, depth=1, num_heads=2, c_r=16, patch_size=2,
-                            level_channels=() if arg.arm == 'core' else (16, 8))
+        config.model.update(
+            c=16, depth=1, num_heads=2, c_r=16, patch_size=2, level_channels=() if arg.arm == 'core' else (16, 8)
+        )
         config.sample.steps = 2
         config.optimizer.warmup_steps = 1
         config.eval.update(num_examples=8, batch_size=8, num_grid_images=2, alignment_prompts=8)

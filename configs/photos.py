@@ -5,6 +5,7 @@
 Training crops are 64x64 from the photos resized to a 320 px shorter side; the astronaut photo is
 held out and evaluated as its 64 non-overlapping 64x64 tiles (target: PSNR >= 24 dB).
 """
+
 import ml_collections
 
 from wurst_jax import config_lib, defaults
@@ -16,8 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise config_lib.ConfigError('<arg>.stage', arg.stage, "'a' (Stages B and C come with their issues)")
     config = defaults.stage_a()
     config.total_steps = 2000
-    config.input = config_lib.input_config('photos', image_size=64, batch_size=32, crop='random', flip=True,
-                                           resize=320)
+    config.input = config_lib.input_config('photos', image_size=64, batch_size=32, crop='random', flip=True, resize=320)
     config.model.update(embed_dim=64, bottleneck_blocks=3, num_codes=2048)
     config.disc.update(c_hidden=64, depth=3)
     config.loss.update(adv_weight=0.0, adv_start=0)

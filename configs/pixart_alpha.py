@@ -28,6 +28,7 @@ after 1000 warm-up steps, weight decay 0.03, gradient clipping at 0.01, EMA 0.99
 iDDPM's linear β with learned variance (a DiT start's variance half is ignored); AdamW's eps at
 optax's 1e-8, not 1e-10; no √(batch/256) scaling of the learning rate (PixArt's code applies one).
 """
+
 import ml_collections
 
 from wurst_jax import config_lib, defaults
@@ -37,8 +38,19 @@ PLAN = {1: (256, 1024, 300_000), 2: (256, 11_392, 150_000), 3: (512, 2_560, 100_
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, stage=1, dit='', init='', clip='', stage_a='', latents='stage_a', effnet='',
-                               sharding='fsdp', tensor=1, runlocal=False)
+    arg = config_lib.parse_arg(
+        arg,
+        stage=1,
+        dit='',
+        init='',
+        clip='',
+        stage_a='',
+        latents='stage_a',
+        effnet='',
+        sharding='fsdp',
+        tensor=1,
+        runlocal=False,
+    )
     if arg.stage not in PLAN:
         raise config_lib.ConfigError('<arg>.stage', arg.stage, f'one of {sorted(PLAN)}')
     size, batch, steps = PLAN[arg.stage]
@@ -54,8 +66,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.latent_scaling = 'none' if arg.latents == 'stage_a' else 'v2'
     # Stage 1 starts from the DiT, later stages from the run before.
     config.init.prior = arg.dit if arg.stage == 1 else arg.init
-    config.model.update(backbone='pixart', c=1152, depth=28, num_heads=16, dropout=0.0, patch_size=2,
-                        scan_blocks=True, remat_policy='dots', micro_conditions=arg.stage == 3)
+    config.model.update(
+        backbone='pixart',
+        c=1152,
+        depth=28,
+        num_heads=16,
+        dropout=0.0,
+        patch_size=2,
+        scan_blocks=True,
+        remat_policy='dots',
+        micro_conditions=arg.stage == 3,
+    )
     config.text.update(tokenizer=arg.clip, encoder=arg.clip, dropout=0.1)
     config.diffusion.update(t_sampling='uniform', loss_weight='none')
     config.sample.update(prior_steps=20, prior_timesteps='linspace', prior_guidance=4.5)

@@ -16,6 +16,7 @@ Stage A's 16x16x4 latents, no Stage B). Both train their own small CLIP-architec
 the grammar's words, so no vocabulary file is needed. Images are never flipped for B and C: the captions say left and right.
 `runlocal` shrinks everything for tests.
 """
+
 import ml_collections
 
 from wurst_jax import config_lib, defaults
@@ -30,8 +31,9 @@ SHAPES_EFFNET = [('fused', 1, 3, 1, 16, 16, 1), ('fused', 4, 3, 2, 16, 32, 1), (
 
 def text_config(runlocal: bool) -> ml_collections.ConfigDict:
     """The text encoder over the grammar's words, trained with the stage."""
-    return config_lib.word_text_config(shapes.caption_vocabulary(), width=32 if runlocal else 64,
-                                       layers=1 if runlocal else 2)
+    return config_lib.word_text_config(
+        shapes.caption_vocabulary(), width=32 if runlocal else 64, layers=1 if runlocal else 2
+    )
 
 
 def _stage_a(runlocal: bool) -> ml_collections.ConfigDict:
@@ -57,15 +59,26 @@ def _stage_b(root: str, runlocal: bool) -> ml_collections.ConfigDict:
     config.input = config_lib.input_config('shapes', image_size=64, batch_size=32)
     config.stage_a.source = f'{root}/stage_a'
     config.effnet.update(source='train', stages=SHAPES_EFFNET, last_channels=128, stochastic_depth=0.0, image_size=64)
-    config.model.update(c_cond=64, c_hidden=[64, 128], nhead=[4, 4], blocks=[2, 2], level_config=['CT', 'CTA'],
-                        inject_effnet=[True, True], dropout=0.0)
+    config.model.update(
+        c_cond=64,
+        c_hidden=[64, 128],
+        nhead=[4, 4],
+        blocks=[2, 2],
+        level_config=['CT', 'CTA'],
+        inject_effnet=[True, True],
+        dropout=0.0,
+    )
     config.text = text_config(runlocal)
     config.sample.decoder_guidance = 1.0
     config.optimizer.update(lr=1e-3, warmup_steps=100)
     config.eval.grid_columns = 2
     if runlocal:
-        config.effnet.update(stages=[('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)], last_channels=32,
-                             c_latent=4, resize_jitter=[1.0, 0.5])
+        config.effnet.update(
+            stages=[('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)],
+            last_channels=32,
+            c_latent=4,
+            resize_jitter=[1.0, 0.5],
+        )
         config.model.update(c_cond=16, c_hidden=[16, 32], nhead=[2, 2], blocks=[1, 1])
         config.sample.decoder_steps = 2
     return config
@@ -78,16 +91,25 @@ def _stage_b_tokens(root: str, runlocal: bool) -> ml_collections.ConfigDict:
     config.input = config_lib.input_config('shapes', image_size=64, batch_size=32)
     config.stage_a.source = f'{root}/stage_a'
     config.effnet.update(source='train', stages=SHAPES_EFFNET, last_channels=128, stochastic_depth=0.0, image_size=64)
-    config.model.update(c_in=64, num_labels=1024, c_cond=64, c_hidden=[64, 128], nhead=[-1, 4], blocks=[2, 2],
-                        level_config=['CT', 'CTA'], dropout=0.0)
+    config.model.update(
+        c_in=64,
+        num_labels=1024,
+        c_cond=64,
+        c_hidden=[64, 128],
+        nhead=[-1, 4],
+        blocks=[2, 2],
+        level_config=['CT', 'CTA'],
+        dropout=0.0,
+    )
     config.text = text_config(runlocal)
     config.text.dropout_mode = 'batch'
     config.sample.update(decoder_guidance=2.0)
     config.optimizer.update(lr=1e-3, warmup_steps=100, b2=0.95)
     config.eval.grid_columns = 2
     if runlocal:
-        config.effnet.update(stages=[('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)], last_channels=32,
-                             c_latent=4)
+        config.effnet.update(
+            stages=[('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)], last_channels=32, c_latent=4
+        )
         config.model.update(c_in=16, num_labels=32, c_cond=16, c_hidden=[16, 32], nhead=[-1, 2], blocks=[1, 1])
         config.sample.decoder_steps = 2
     return config
@@ -102,8 +124,7 @@ def _stage_c(root: str, runlocal: bool, backbone: str, latents: str) -> ml_colle
     config.stage_a.source = f'{root}/stage_a'  # read with latents='stage_a'
     # Our jointly trained map is BatchNorm'd to unit variance already; 'v2' is Würstchen's (x + 1)/42.
     config.latent_scaling = 'none'
-    config.model.update(backbone=backbone, c=128, depth=4, num_heads=4, dropout=0.0, pos_embed=True,
-                        linear_output=True)
+    config.model.update(backbone=backbone, c=128, depth=4, num_heads=4, dropout=0.0, pos_embed=True, linear_output=True)
     if backbone == 'pixart':  # PixArt-α's DiT on the 8x8 map, one token per cell: 0.97 M params, as the prior's
         config.model.depth = 3
     if latents == 'stage_a':  # single-stage on the 16x16x4 Stage A latents: 2x2 patches, again 64 tokens
@@ -123,8 +144,16 @@ def _stage_c(root: str, runlocal: bool, backbone: str, latents: str) -> ml_colle
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, stage='a', root='workdirs/shapes', demo=False, runlocal=False,
-                               backbone='wuerstchen', latents='effnet', tokens=False)
+    arg = config_lib.parse_arg(
+        arg,
+        stage='a',
+        root='workdirs/shapes',
+        demo=False,
+        runlocal=False,
+        backbone='wuerstchen',
+        latents='effnet',
+        tokens=False,
+    )
     if arg.stage == 'a':
         config = _stage_a(arg.runlocal)
     elif arg.stage == 'b':

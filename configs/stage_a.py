@@ -8,6 +8,7 @@ No Stage A training script was published; the losses follow Würstchen's VQModel
 AdamW 3e-4 with 10 % warm-up (dome272/Paella `ongoing_research/text-to-video/train_vivq.py` and
 `loss/loss.py`). By default it reads the bundled `photos` so the config runs anywhere.
 """
+
 import ml_collections
 
 from wurst_jax import config_lib, defaults
@@ -17,8 +18,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(arg, res=256, batch=256, runlocal=False)
     config = defaults.stage_a()
     config.total_steps = 500_000
-    config.input = config_lib.input_config('photos', image_size=arg.res, batch_size=arg.batch, crop='random',
-                                           flip=True, resize=arg.res)
+    config.input = config_lib.input_config(
+        'photos', image_size=arg.res, batch_size=arg.batch, crop='random', flip=True, resize=arg.res
+    )
     config.optimizer.warmup_steps = 50_000  # 10 %
     config.checkpoint_every_steps = 5000
 

@@ -14,20 +14,23 @@ parallelism preset (default fsdp); `--config.grad_accum_steps=K` splits each bat
 chip); XLA's CPU compiler needs `--config.model.remat_policy=full --config.grad_accum_steps=4` to fit
 64 x 80 GB, so start there on GPUs until a GPU plan says otherwise.
 """
+
 import ml_collections
 
 from wurst_jax import config_lib, defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, vqgan='', effnet='', clip='', tokenizer='', batch=256, res=1024,
-                               sharding='fsdp', tensor=1)
+    arg = config_lib.parse_arg(
+        arg, vqgan='', effnet='', clip='', tokenizer='', batch=256, res=1024, sharding='fsdp', tensor=1
+    )
     config = defaults.stage_b()
     config.total_steps = 1_000_000
     config.dtype = 'bfloat16'
     config.mesh = config_lib.mesh_preset(arg.sharding, arg.tensor)  # dp | fsdp | fsdp_tp (with tensor=N)
-    config.input = config_lib.input_config('my_captions', image_size=arg.res, batch_size=arg.batch,
-                                           crop='random', resize=arg.res)
+    config.input = config_lib.input_config(
+        'my_captions', image_size=arg.res, batch_size=arg.batch, crop='random', resize=arg.res
+    )
     config.stage_a.source = arg.vqgan
     config.effnet.update(source=arg.effnet, image_size=arg.res * 3 // 4, resize_jitter=[1.0, 0.875, 0.75, 0.625, 0.5])
     config.model.remat_policy = 'dots'

@@ -13,6 +13,7 @@ warm-up then constant, clip 1.0, EMA 0.999 per step (0.9 every 100 updates), cap
 batch dropped 5 % of the time. `effnet=PATH` freezes a trained effnet instead. `sharding=dp|fsdp|fsdp_tp`
 (with `tensor=N`) picks the parallelism preset (default fsdp).
 """
+
 import ml_collections
 
 from wurst_jax import config_lib, defaults
@@ -24,8 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.total_steps = 1_500_000
     config.dtype = 'bfloat16'  # float32 master weights, bfloat16 compute (the original used bf16 autocast)
     config.mesh = config_lib.mesh_preset(arg.sharding, arg.tensor)
-    config.input = config_lib.input_config('my_captions', image_size=arg.res, batch_size=arg.batch, crop='random',
-                                           resize=arg.res)
+    config.input = config_lib.input_config(
+        'my_captions', image_size=arg.res, batch_size=arg.batch, crop='random', resize=arg.res
+    )
     config.stage_a.source = arg.vqgan
     config.effnet.update(source=arg.effnet, image_size=arg.res * 3 // 4)
     config.model.remat_policy = 'dots'

@@ -13,6 +13,7 @@ decay 0.01), 10k warm-up, clip 1.0, p2 loss, Würstchen t sampling, whole-batch 
 `--config.grad_accum_steps=K` splits each batch into K micro-batches. `backbone=pixart` swaps the
 prior for PixArt-α's DiT-XL (width 1152, 28 blocks, 16 heads, one token per map cell: 576 tokens).
 """
+
 import ml_collections
 
 from wurst_jax import config_lib, defaults
@@ -24,8 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.total_steps = 1_500_000
     config.dtype = 'bfloat16'  # float32 master weights, bfloat16 compute (the original used bf16 autocast)
     config.mesh = config_lib.mesh_preset(arg.sharding, arg.tensor)  # dp | fsdp | fsdp_tp (with tensor=N)
-    config.input = config_lib.input_config('my_captions', image_size=768, batch_size=arg.batch, crop='random',
-                                           resize=768)
+    config.input = config_lib.input_config(
+        'my_captions', image_size=768, batch_size=arg.batch, crop='random', resize=768
+    )
     config.effnet.source = arg.effnet
     config.model.update(backbone=arg.backbone, scan_blocks=True, remat_policy='dots')
     if arg.backbone == 'pixart':

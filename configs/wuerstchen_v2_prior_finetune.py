@@ -10,18 +10,21 @@ and its README): uniform t, plain ε-MSE, AdamW 1e-5.
 CLIP bigG text encoder and tokenizer folders of the same pipeline, `effnet` the semantic compressor,
 `images` a folder of images with captions (see README, Data). All are local: nothing downloads.
 """
+
 import ml_collections
 
 from wurst_jax import config_lib, defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, prior='', clip='', tokenizer='', effnet='', images='', batch=16, res=768,
-                               steps=10_000)
+    arg = config_lib.parse_arg(
+        arg, prior='', clip='', tokenizer='', effnet='', images='', batch=16, res=768, steps=10_000
+    )
     config = defaults.stage_c()
     config.total_steps = arg.steps
-    config.input = config_lib.input_config('image_folder', image_size=arg.res, batch_size=arg.batch,
-                                           crop='random', resize=arg.res)
+    config.input = config_lib.input_config(
+        'image_folder', image_size=arg.res, batch_size=arg.batch, crop='random', resize=arg.res
+    )
     config.input.folder = arg.images
     config.input.eval_split = 'train'  # a folder has one split; the held-out loss reads its first images
     config.effnet.update(source=arg.effnet, image_size=arg.res)

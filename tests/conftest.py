@@ -1,13 +1,14 @@
 """Test setup: 8 fake CPU devices, set before anything imports jax."""
+
 import os
 
 # Unoptimised LLVM code generation: a third less CPU time for a suite that mostly compiles small
 # programs once (the launches of `Children` below run the same way).
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0'
 ).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 # torch's triton segfaults when it is first imported after TensorFlow (which clu's writers load),
 # so a run that collects a training test before a parity test would crash; load it first.
@@ -77,8 +78,10 @@ def pytest_collection_finish(session):
     does not support (9.x keeps node ids elsewhere) drops the suffix without a word, and every module
     fixture, the demo run included, would then be built on both workers."""
     if getattr(session.config.option, 'loadgroup', False) and any('@' not in item.nodeid for item in session.items):
-        raise pytest.UsageError('pytest-xdist did not group the tests (--dist loadgroup): install the pytest '
-                                'and pytest-xdist versions pinned in requirements-test.txt')
+        raise pytest.UsageError(
+            'pytest-xdist did not group the tests (--dist loadgroup): install the pytest '
+            'and pytest-xdist versions pinned in requirements-test.txt'
+        )
 
 
 def load_config(name: str, arg: str | None = None):
@@ -139,12 +142,24 @@ class Children:
         # Unoptimised LLVM code generation: a third less CPU time per launch. Every launch of a test
         # compiles alike, so the runs it compares still match bit for bit.
         xla_flags = f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0'
-        env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu',
-                   JAX_COMPILATION_CACHE_DIR=str(self.compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+        env = dict(
+            os.environ,
+            XLA_FLAGS=xla_flags,
+            JAX_PLATFORMS='cpu',
+            JAX_COMPILATION_CACHE_DIR=str(self.compile_cache),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+        )
         log = self.log_dir / f'process_{len(self.procs)}.log'
         with open(log, 'w') as out:
-            proc = subprocess.Popen([sys.executable, '-m', *args], cwd=REPO, env=env, stdout=out,
-                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, '-m', *args],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
         proc.log = log
         self.procs.append(proc)
         return proc
@@ -233,8 +248,14 @@ def module_children(tmp_path_factory, compile_cache):
 
 def run_module(*args, timeout=900):
     """`python -m ARGS` to the end, its process group killed when it returns or fails."""
-    proc = subprocess.Popen([sys.executable, '-m', *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, '-m', *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
@@ -246,9 +267,18 @@ def main_args(config: str, workdir, data_dir, total: int, *overrides: str) -> li
     """`wurst_jax.main` arguments of a tiny run of `config` (e.g. configs/shapes.py:runlocal) on a
     data=4 x fsdp=2 mesh at a constant learning rate: its step then does not depend on total_steps,
     so runs of any length take the same steps and share one compiled step through the cache."""
-    return ['wurst_jax.main', f'--config={config}', f'--workdir={workdir}', f'--config.input.data_dir={data_dir}',
-            f'--config.total_steps={total}', '--config.mesh.data=4', '--config.mesh.fsdp=2',
-            '--config.optimizer.schedule=constant', '--config.optimizer.warmup_steps=0', *overrides]
+    return [
+        'wurst_jax.main',
+        f'--config={config}',
+        f'--workdir={workdir}',
+        f'--config.input.data_dir={data_dir}',
+        f'--config.total_steps={total}',
+        '--config.mesh.data=4',
+        '--config.mesh.fsdp=2',
+        '--config.optimizer.schedule=constant',
+        '--config.optimizer.warmup_steps=0',
+        *overrides,
+    ]
 
 
 @pytest.fixture(scope='session')
@@ -260,14 +290,18 @@ def tiny_stage_folders(tmp_path_factory):
     from wurst_jax import convert
     from wurst_jax.models.effnet import EfficientNetEncoder
     from wurst_jax.models.stage_a import VQGAN
+
     root = tmp_path_factory.mktemp('stages')
-    effnet = EfficientNetEncoder(stages=(('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)), last_channels=32,
-                                 c_latent=4)
-    convert.save_diffusers(effnet, random_variables(effnet, np.zeros((1, 32, 32, 3), np.float32)), str(root / 'effnet'),
-                           'effnet')
+    effnet = EfficientNetEncoder(
+        stages=(('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)), last_channels=32, c_latent=4
+    )
+    convert.save_diffusers(
+        effnet, random_variables(effnet, np.zeros((1, 32, 32, 3), np.float32)), str(root / 'effnet'), 'effnet'
+    )
     vqgan = VQGAN(levels=2, embed_dim=8, bottleneck_blocks=1, latent_channels=4, num_codes=16)
-    convert.save_diffusers(vqgan, random_variables(vqgan, np.zeros((1, 16, 16, 3), np.float32)), str(root / 'vqgan'),
-                           'vqgan')
+    convert.save_diffusers(
+        vqgan, random_variables(vqgan, np.zeros((1, 16, 16, 3), np.float32)), str(root / 'vqgan'), 'vqgan'
+    )
     return {'effnet': root / 'effnet', 'vqgan': root / 'vqgan'}
 
 
@@ -275,8 +309,9 @@ def tiny_stage_folders(tmp_path_factory):
 def demo_root(tmp_path_factory):
     """A root with all three stages trained by `wurst_jax.demo --runlocal` (a few steps each)."""
     root = tmp_path_factory.mktemp('demo')
-    result = run_module('wurst_jax.demo', f'--workdir={root}', f'--data_dir={root / "data"}', '--runlocal',
-                        '--num_eval_prompts=8')
+    result = run_module(
+        'wurst_jax.demo', f'--workdir={root}', f'--data_dir={root / "data"}', '--runlocal', '--num_eval_prompts=8'
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root
 
@@ -295,6 +330,7 @@ CLIP_TEST_WORDS = ['the', 'cat', 'photo', 'of', 'a', 'dog']
 def tiny_clip_tokenizer_folder(path, pad_token: str) -> None:
     """A CLIP BPE over a few letters (whole words merged), saved the way the hub folders are."""
     import transformers
+
     chars = sorted(set(''.join(CLIP_TEST_WORDS)) | set('!.,xyz'))
     vocab = {}
     for token in chars + [c + '</w>' for c in chars]:
@@ -317,11 +353,17 @@ def tiny_clip_folder(path, hidden_size: int = 32) -> None:
     import transformers
 
     from torch_reference import randomise
+
     tiny_clip_tokenizer_folder(path, '!')
     tokenizer = transformers.CLIPTokenizer.from_pretrained(path)
-    config = transformers.CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
-                                         intermediate_size=2 * hidden_size, num_hidden_layers=1,
-                                         num_attention_heads=2, eos_token_id=tokenizer.eos_token_id)
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     randomise(transformers.CLIPTextModel(config), seed=0).save_pretrained(path)
 
 
@@ -331,8 +373,14 @@ def random_variables(module, *inputs):
     import flax.linen as nn
     import jax
     import numpy as np
+
     shapes = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs)))
     rng = np.random.default_rng(0)
     return jax.tree_util.tree_map_with_path(
-        lambda path, s: (np.ones(s.shape, np.float32) if path[-1].key == 'var'
-                         else 0.1 * rng.standard_normal(s.shape).astype(np.float32)), shapes)
+        lambda path, s: (
+            np.ones(s.shape, np.float32)
+            if path[-1].key == 'var'
+            else 0.1 * rng.standard_normal(s.shape).astype(np.float32)
+        ),
+        shapes,
+    )

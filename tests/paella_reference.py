@@ -4,6 +4,7 @@ builds it, with the official module names, composed of diffusers' ports of the o
 WuerstchenLayerNorm are the official ResBlock, TimestepBlock, AttnBlock, LayerNorm2d line for line, names
 included) and the official attention (`torch_reference.Attention2D`, one nn.MultiheadAttention). No package
 ships Paella itself."""
+
 import math
 
 import numpy as np
@@ -32,9 +33,24 @@ def official_attn_block(c, c_cond, nhead, self_attn, dropout):
 class TorchPaella(nn.Module):
     """The official Paella's modules, forward and init (keyword arguments and defaults as the official ones)."""
 
-    def __init__(self, c_in=256, c_out=256, num_labels=8192, c_r=64, patch_size=2, c_cond=1024,
-                 c_hidden=(640, 1280, 1280), nhead=(-1, 16, 16), blocks=(4, 12, 4), level_config=('CT', 'CTA', 'CTA'),
-                 effnet_embd=16, byt5_embd=1536, kernel_size=3, dropout=0.1, self_attn=True):
+    def __init__(
+        self,
+        c_in=256,
+        c_out=256,
+        num_labels=8192,
+        c_r=64,
+        patch_size=2,
+        c_cond=1024,
+        c_hidden=(640, 1280, 1280),
+        nhead=(-1, 16, 16),
+        blocks=(4, 12, 4),
+        level_config=('CT', 'CTA', 'CTA'),
+        effnet_embd=16,
+        byt5_embd=1536,
+        kernel_size=3,
+        dropout=0.1,
+        self_attn=True,
+    ):
         super().__init__()
         self.c_r, self.num_labels = c_r, num_labels
         levels = len(c_hidden)
@@ -42,11 +58,14 @@ class TorchPaella(nn.Module):
         self.byt5_mapper = nn.Linear(byt5_embd, c_cond)
         self.effnet_mapper = nn.Linear(effnet_embd, c_cond)
         self.seq_norm = nn.LayerNorm(c_cond, elementwise_affine=False, eps=1e-6)
-        self.in_mapper = nn.Sequential(nn.Embedding(num_labels, c_in),
-                                       nn.LayerNorm(c_in, elementwise_affine=False, eps=1e-6))
-        self.embedding = nn.Sequential(nn.PixelUnshuffle(patch_size),
-                                       nn.Conv2d(c_in * patch_size ** 2, c_hidden[0], kernel_size=1),
-                                       layer_norm_2d(c_hidden[0]))
+        self.in_mapper = nn.Sequential(
+            nn.Embedding(num_labels, c_in), nn.LayerNorm(c_in, elementwise_affine=False, eps=1e-6)
+        )
+        self.embedding = nn.Sequential(
+            nn.PixelUnshuffle(patch_size),
+            nn.Conv2d(c_in * patch_size**2, c_hidden[0], kernel_size=1),
+            layer_norm_2d(c_hidden[0]),
+        )
 
         def make(kind, i, c_skip=0):
             c = c_hidden[i]
@@ -62,8 +81,11 @@ class TorchPaella(nn.Module):
         for i in range(levels):
             level = nn.ModuleList()
             if i > 0:
-                level.append(nn.Sequential(layer_norm_2d(c_hidden[i - 1]),
-                                           nn.Conv2d(c_hidden[i - 1], c_hidden[i], kernel_size=2, stride=2)))
+                level.append(
+                    nn.Sequential(
+                        layer_norm_2d(c_hidden[i - 1]), nn.Conv2d(c_hidden[i - 1], c_hidden[i], kernel_size=2, stride=2)
+                    )
+                )
             level.extend(make(kind, i) for _ in range(blocks[i]) for kind in level_config[i])
             self.down_blocks.append(level)
         self.up_blocks = nn.ModuleList()
@@ -74,12 +96,18 @@ class TorchPaella(nn.Module):
                     first_with_skip = i < levels - 1 and j == 0 and k == 0
                     level.append(make(kind, i, c_hidden[i] if first_with_skip else 0))
             if i > 0:
-                level.append(nn.Sequential(layer_norm_2d(c_hidden[i]),
-                                           nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2)))
+                level.append(
+                    nn.Sequential(
+                        layer_norm_2d(c_hidden[i]),
+                        nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2),
+                    )
+                )
             self.up_blocks.append(level)
-        self.clf = nn.Sequential(layer_norm_2d(c_hidden[0]),
-                                 nn.Conv2d(c_hidden[0], c_out * patch_size ** 2, kernel_size=1),
-                                 nn.PixelShuffle(patch_size))
+        self.clf = nn.Sequential(
+            layer_norm_2d(c_hidden[0]),
+            nn.Conv2d(c_hidden[0], c_out * patch_size**2, kernel_size=1),
+            nn.PixelShuffle(patch_size),
+        )
         self.out_mapper = nn.Sequential(layer_norm_2d(c_out), nn.Conv2d(c_out, num_labels, kernel_size=1, bias=False))
         self._official_init(blocks)
 

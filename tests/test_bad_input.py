@@ -2,6 +2,7 @@
 image-folder dataset) is one clear error naming the field or file and the fix, never a traceback
 from deep inside. Most checks call the function the entry point uses, in process; the few
 subprocesses show that an entry point is wired to those checks."""
+
 import os
 
 import numpy as np
@@ -20,13 +21,17 @@ from wurst_jax.evaluate import job
 
 # -- Config fields: unknown, mistyped, in the file or on the command line --------------------------
 
-@pytest.mark.parametrize('arg, field, value, nearest', [
-    ('runlocal', 'optimizer', 'lrr', 'optimizer.lr'),
-    ('runlocal', '', 'total_step', 'total_steps'),
-    ('stage=c,runlocal', 'model', 'num_head', 'model.num_heads'),
-    ('stage=b,runlocal', 'effnet', 'dropuot', 'effnet.dropout'),
-    ('runlocal', 'input', 'image_sise', 'input.image_size'),
-])
+
+@pytest.mark.parametrize(
+    'arg, field, value, nearest',
+    [
+        ('runlocal', 'optimizer', 'lrr', 'optimizer.lr'),
+        ('runlocal', '', 'total_step', 'total_steps'),
+        ('stage=c,runlocal', 'model', 'num_head', 'model.num_heads'),
+        ('stage=b,runlocal', 'effnet', 'dropuot', 'effnet.dropout'),
+        ('runlocal', 'input', 'image_sise', 'input.image_size'),
+    ],
+)
 def test_unknown_field_in_a_config_names_the_nearest_known_one(arg, field, value, nearest):
     config = load_config('shapes', arg)
     (config[field] if field else config)[value] = 3
@@ -47,18 +52,22 @@ def test_a_field_of_another_family_is_unknown_too():
 
 def test_main_rejects_an_unknown_field_set_in_the_config_file(tmp_path):
     typo = tmp_path / 'typo.py'
-    typo.write_text(f'import importlib.util\n'
-                    f'spec = importlib.util.spec_from_file_location("shapes", {str(REPO / "configs/shapes.py")!r})\n'
-                    'shapes = importlib.util.module_from_spec(spec)\n'
-                    'spec.loader.exec_module(shapes)\n\n\n'
-                    'def get_config():\n'
-                    '    config = shapes.get_config("runlocal")\n'
-                    '    config.optimizer.warmup_step = 10\n'
-                    '    return config\n')
+    typo.write_text(
+        f'import importlib.util\n'
+        f'spec = importlib.util.spec_from_file_location("shapes", {str(REPO / "configs/shapes.py")!r})\n'
+        'shapes = importlib.util.module_from_spec(spec)\n'
+        'spec.loader.exec_module(shapes)\n\n\n'
+        'def get_config():\n'
+        '    config = shapes.get_config("runlocal")\n'
+        '    config.optimizer.warmup_step = 10\n'
+        '    return config\n'
+    )
     result = run_module('wurst_jax.main', f'--config={typo}', f'--workdir={tmp_path / "run"}', timeout=120)
     assert result.returncode != 0 and 'Traceback' not in result.stderr
-    assert ('Invalid config: config.optimizer.warmup_step=10 is not valid: no such field: did you mean '
-            'config.optimizer.warmup_steps?') in result.stderr
+    assert (
+        'Invalid config: config.optimizer.warmup_step=10 is not valid: no such field: did you mean '
+        'config.optimizer.warmup_steps?'
+    ) in result.stderr
     assert not (tmp_path / 'run').exists()
 
 
@@ -70,22 +79,40 @@ def parse(argv: list[str]):
     return holder.value
 
 
-@pytest.mark.parametrize('override, message', [
-    ('--config.optimizer.lrr=0.1', "config.optimizer.lrr='0.1' is not valid: no such field: did you mean "
-                                   'config.optimizer.lr?'),
-    ('--config.optimiser.lr=0.1', "config.optimiser='0.1' is not valid: no such field: did you mean config.optimizer?"),
-    ('--config.total_steps=abc', "config.total_steps='abc' is not valid: a value of type int, as its 6 in the "
-                                 'config file'),
-    ('--config.input.flip=maybe', "config.input.flip='maybe' is not valid: a value of type bool"),
-    ('--config.optimizer.lr=1e-3x', "config.optimizer.lr='1e-3x' is not valid: a value of type float"),
-])
+@pytest.mark.parametrize(
+    'override, message',
+    [
+        (
+            '--config.optimizer.lrr=0.1',
+            "config.optimizer.lrr='0.1' is not valid: no such field: did you mean config.optimizer.lr?",
+        ),
+        (
+            '--config.optimiser.lr=0.1',
+            "config.optimiser='0.1' is not valid: no such field: did you mean config.optimizer?",
+        ),
+        (
+            '--config.total_steps=abc',
+            "config.total_steps='abc' is not valid: a value of type int, as its 6 in the config file",
+        ),
+        ('--config.input.flip=maybe', "config.input.flip='maybe' is not valid: a value of type bool"),
+        ('--config.optimizer.lr=1e-3x', "config.optimizer.lr='1e-3x' is not valid: a value of type float"),
+    ],
+)
 def test_command_line_override_of_a_missing_or_mistyped_field(override, message):
     argv = ['main', f'--config={REPO / "configs/shapes.py"}:runlocal', override]
     with pytest.raises(SystemExit) as info:
         parse(argv)
     assert str(info.value).startswith(f'Invalid config: {message}')
-    config = parse(['main', f'--config={REPO / "configs/shapes.py"}:runlocal', '--config.total_steps=0x10',
-                    '--config.optimizer.lr', '0.5', '--noconfig.input.flip'])
+    config = parse(
+        [
+            'main',
+            f'--config={REPO / "configs/shapes.py"}:runlocal',
+            '--config.total_steps=0x10',
+            '--config.optimizer.lr',
+            '0.5',
+            '--noconfig.input.flip',
+        ]
+    )
     assert (config.total_steps, config.optimizer.lr, config.input.flip) == (16, 0.5, False)  # absl's own syntax
 
 
@@ -101,11 +128,14 @@ def test_the_eval_config_and_other_flag_errors_on_the_command_line():
             parse(['main', '--config=missing.py', *overrides])
 
 
-@pytest.mark.parametrize('module, args, message', [
-    ('wurst_jax.main', ['--config.optimizer.lrr=0.1', '--workdir=unused'], 'did you mean config.optimizer.lr?'),
-    ('wurst_jax.plan', ['--config.input.crop=middle'], "Invalid config: config.input.crop='middle' is not valid"),
-    ('wurst_jax.precompute', [], "Invalid config: config.model_family='stage_a' is not valid: 'stage_c'"),
-])
+@pytest.mark.parametrize(
+    'module, args, message',
+    [
+        ('wurst_jax.main', ['--config.optimizer.lrr=0.1', '--workdir=unused'], 'did you mean config.optimizer.lr?'),
+        ('wurst_jax.plan', ['--config.input.crop=middle'], "Invalid config: config.input.crop='middle' is not valid"),
+        ('wurst_jax.precompute', [], "Invalid config: config.model_family='stage_a' is not valid: 'stage_c'"),
+    ],
+)
 def test_entry_points_exit_with_the_config_error(module, args, message):
     result = run_module(module, '--config=configs/shapes.py:runlocal', *args, timeout=120)
     assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr
@@ -113,18 +143,26 @@ def test_entry_points_exit_with_the_config_error(module, args, message):
 
 def test_plan_mesh_flag_names_the_axes():
     from wurst_jax import plan
+
     with pytest.raises(app.UsageError, match=r"--mesh='data=1,fsdp=x'.*AXIS=SIZE"):
         plan.parse_mesh('data=1,fsdp=x')
 
 
 # -- Model folders and weight files ------------------------------------------------------------------
 
+
 def effnet_folder(path, weights: bytes | None):
     """A diffusers effnet folder: the runlocal Stage B effnet's config.json and `weights` (None: no file)."""
     config = load_config('shapes', 'stage=b,runlocal').effnet
     comp = core.component('effnet')
-    module = comp.from_config({'effnet': 'custom', 'stages': [list(s) for s in config.stages],
-                               'c_cond': config.last_channels, 'c_latent': config.c_latent})
+    module = comp.from_config(
+        {
+            'effnet': 'custom',
+            'stages': [list(s) for s in config.stages],
+            'c_cond': config.last_channels,
+            'c_latent': config.c_latent,
+        }
+    )
     core.write_config(module, str(path), 'effnet')
     if weights is not None:
         (path / comp.weights_name).write_bytes(weights)
@@ -134,12 +172,15 @@ def effnet_folder(path, weights: bytes | None):
 def truncated_safetensors(path) -> bytes:
     save_file({'weight': np.ones((64, 64), np.float32)}, str(path))
     data = path.read_bytes()
-    return data[:len(data) // 2]
+    return data[: len(data) // 2]
 
 
 def test_model_folder_without_config_json_or_weights(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r'config\.json not found: effnet expects a diffusers model '
-                                                r'folder with config\.json and diffusion_pytorch_model\.safetensors'):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r'config\.json not found: effnet expects a diffusers model '
+        r'folder with config\.json and diffusion_pytorch_model\.safetensors',
+    ):
         convert.load_diffusers(str(tmp_path), 'effnet')
     with pytest.raises(FileNotFoundError, match=r'diffusion_pytorch_model\.safetensors not found'):
         convert.load_diffusers(str(effnet_folder(tmp_path / 'no_weights', None)), 'effnet')
@@ -190,16 +231,21 @@ def test_convert_to_diffusers_needs_a_flax_folder(tmp_path):
 
 # -- Data ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('line', ['{"file": "b.png", "caption": "a red circle"', '{"file": "b.png"}',
-                                  '["b.png", "a red circle"]'], ids=['cut', 'no_caption', 'list'])
+
+@pytest.mark.parametrize(
+    'line',
+    ['{"file": "b.png", "caption": "a red circle"', '{"file": "b.png"}', '["b.png", "a red circle"]'],
+    ids=['cut', 'no_caption', 'list'],
+)
 def test_malformed_captions_jsonl_names_file_and_line(tmp_path, line):
     for name in ('a.png', 'b.png'):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
     (tmp_path / 'captions.jsonl').write_text('{"file": "a.png", "caption": "a blue square"}\n' + line + '\n')
     with pytest.raises(ValueError) as info:
         image_folder.scan_folder(tmp_path)  # what the image_folder dataset builds from
-    assert str(info.value).startswith(f'{tmp_path}/captions.jsonl:2: expected {{"file": ..., "caption": ...}}, '
-                                      f'got {line!r}')
+    assert str(info.value).startswith(
+        f'{tmp_path}/captions.jsonl:2: expected {{"file": ..., "caption": ...}}, got {line!r}'
+    )
     (tmp_path / 'captions.jsonl').write_bytes(b'{"file": "a.png", "caption": "caf\xe9"}\n')  # Latin-1
     with pytest.raises(ValueError, match=r'captions\.jsonl is not UTF-8 text .*save it as UTF-8'):
         image_folder.scan_folder(tmp_path)
@@ -207,20 +253,27 @@ def test_malformed_captions_jsonl_names_file_and_line(tmp_path, line):
 
 # -- Run roots: the demo's rerun, sampling, evaluation ----------------------------------------------
 
+
 def test_demo_rerun_resumes_its_own_config_and_names_the_flags_for_another(demo_root):
     """The demo trained demo_root with --runlocal; a rerun with it resumes (or skips) each stage, one
     without it would restore the runlocal checkpoints into the demo-sized models: it says what to do."""
     workdir = str(demo_root / 'stage_a')
     demo.check_resumable(load_config('shapes', f'stage=a,root={demo_root},runlocal'), workdir)
-    with pytest.raises(SystemExit, match=r'stage_a holds a run of another config \(.* there, .* now.*\): rerun '
-                                         r'with the flags that started it \(--runlocal'):
+    with pytest.raises(
+        SystemExit,
+        match=r'stage_a holds a run of another config \(.* there, .* now.*\): rerun '
+        r'with the flags that started it \(--runlocal',
+    ):
         demo.check_resumable(load_config('shapes', f'stage=a,root={demo_root},demo'), workdir)
 
 
 def test_sampling_a_three_stage_root_without_stage_b(demo_root, tmp_path):
     os.symlink(demo_root / 'stage_c', tmp_path / 'stage_c')  # a Würstchen (three-stage) Stage C run
-    with pytest.raises(FileNotFoundError, match=r'stage_b/checkpoints has no checkpoint: the run root must hold '
-                                                r'trained stage_b/ and stage_c/'):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r'stage_b/checkpoints has no checkpoint: the run root must hold '
+        r'trained stage_b/ and stage_c/',
+    ):
         pipeline.check_root(str(tmp_path))  # what python -m wurst_jax.sample checks first
     pipeline.check_root(str(demo_root))
 
@@ -231,6 +284,9 @@ def test_evaluate_with_a_missing_workdir_or_prompts_file(demo_root, tmp_path):
     with pytest.raises(config_lib.ConfigError, match=r'config\.workdir=.*nowhere.* a run root with stage_c/'):
         job.run(config)
     config.workdir = str(demo_root)
-    with pytest.raises(config_lib.ConfigError, match=r"config\.prompts=.*prompts\.txt' is not valid: an existing "
-                                                     'text file'):
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"config\.prompts=.*prompts\.txt' is not valid: an existing "
+        'text file',
+    ):
         job.run(config)

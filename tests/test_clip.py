@@ -1,4 +1,5 @@
 """Parity of the Flax CLIP towers and tokenizer with transformers, and conversion both ways."""
+
 import json
 
 import flax.linen as nn
@@ -20,17 +21,43 @@ from wurst_jax.tokenizer import PaddedTokenizer
 # eos_token_id 2 is the legacy rule (pool at argmax of the ids); any other id pools at its first
 # occurrence, which the batches below make differ from the argmax (larger ids and EOS padding).
 TEXT_CONFIGS = {
-    'proj_quick_gelu_eos_id': dict(arch='CLIPTextModelWithProjection', vocab_size=64, hidden_size=32,
-                                   intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   max_position_embeddings=12, hidden_act='quick_gelu', projection_dim=16,
-                                   eos_token_id=5),
-    'noproj_gelu_legacy_eos': dict(arch='CLIPTextModel', vocab_size=50, hidden_size=48, intermediate_size=80,
-                                   num_hidden_layers=3, num_attention_heads=3, max_position_embeddings=10,
-                                   hidden_act='gelu', projection_dim=7, eos_token_id=2),
-    'proj_gelu_one_layer': dict(arch='CLIPTextModelWithProjection', vocab_size=40, hidden_size=40,
-                                intermediate_size=24, num_hidden_layers=1, num_attention_heads=5,
-                                max_position_embeddings=9, hidden_act='gelu', projection_dim=24,
-                                eos_token_id=17, layer_norm_eps=1e-6),
+    'proj_quick_gelu_eos_id': dict(
+        arch='CLIPTextModelWithProjection',
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=12,
+        hidden_act='quick_gelu',
+        projection_dim=16,
+        eos_token_id=5,
+    ),
+    'noproj_gelu_legacy_eos': dict(
+        arch='CLIPTextModel',
+        vocab_size=50,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        max_position_embeddings=10,
+        hidden_act='gelu',
+        projection_dim=7,
+        eos_token_id=2,
+    ),
+    'proj_gelu_one_layer': dict(
+        arch='CLIPTextModelWithProjection',
+        vocab_size=40,
+        hidden_size=40,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=5,
+        max_position_embeddings=9,
+        hidden_act='gelu',
+        projection_dim=24,
+        eos_token_id=17,
+        layer_norm_eps=1e-6,
+    ),
 }
 
 
@@ -62,12 +89,17 @@ def _check_text(module, variables, ref, ids, mask, errors=None):
         expected = ref(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), output_hidden_states=True)
     ours = jax.jit(module.apply)(variables, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
     assert len(ours['hidden_states']) == len(expected.hidden_states) == module.num_hidden_layers + 1
-    pooled_ref = (expected.pooler_output if 'pooler_output' in expected
-                  else ref.text_model(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).pooler_output)
-    pairs = {'last_hidden_state': (ours['last_hidden_state'], expected.last_hidden_state),
-             'hidden_states[-1]': (ours['hidden_states'][-1], expected.hidden_states[-1]),
-             'hidden_states[0]': (ours['hidden_states'][0], expected.hidden_states[0]),
-             'pooler_output': (ours['pooler_output'], pooled_ref)}
+    pooled_ref = (
+        expected.pooler_output
+        if 'pooler_output' in expected
+        else ref.text_model(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).pooler_output
+    )
+    pairs = {
+        'last_hidden_state': (ours['last_hidden_state'], expected.last_hidden_state),
+        'hidden_states[-1]': (ours['hidden_states'][-1], expected.hidden_states[-1]),
+        'hidden_states[0]': (ours['hidden_states'][0], expected.hidden_states[0]),
+        'pooler_output': (ours['pooler_output'], pooled_ref),
+    }
     if module.projection_dim is not None:
         pairs['text_embeds'] = (ours['text_embeds'], expected.text_embeds)
     else:
@@ -101,8 +133,16 @@ def test_text_matches_transformers(tmp_path, name):
 
 def test_text_pools_first_eos_not_argmax(tmp_path):
     """With a real eos_token_id the pooled state is at the first EOS, not at the largest id."""
-    module = CLIPTextModel(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, max_position_embeddings=8, projection_dim=None, eos_token_id=4)
+    module = CLIPTextModel(
+        vocab_size=20,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        projection_dim=None,
+        eos_token_id=4,
+    )
     ids = jnp.array([[1, 9, 4, 4, 4, 4], [1, 19, 7, 4, 18, 4]], jnp.int32)
     variables = _random_variables(module, ids)
     out = jax.jit(module.apply)(variables, ids)
@@ -112,12 +152,27 @@ def test_text_pools_first_eos_not_argmax(tmp_path):
 
 
 VISION_CONFIGS = {
-    'image30_patch6_quick_gelu': dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, image_size=30, patch_size=6,
-                                      hidden_act='quick_gelu', projection_dim=16),
-    'image32_patch6_gelu': dict(hidden_size=48, intermediate_size=40, num_hidden_layers=3, num_attention_heads=6,
-                                image_size=32, patch_size=6, hidden_act='gelu', projection_dim=20,
-                                layer_norm_eps=1e-6),  # 32 = 5 * 6 + 2: the conv drops the last 2 pixels
+    'image30_patch6_quick_gelu': dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=30,
+        patch_size=6,
+        hidden_act='quick_gelu',
+        projection_dim=16,
+    ),
+    'image32_patch6_gelu': dict(
+        hidden_size=48,
+        intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        image_size=32,
+        patch_size=6,
+        hidden_act='gelu',
+        projection_dim=20,
+        layer_norm_eps=1e-6,
+    ),  # 32 = 5 * 6 + 2: the conv drops the last 2 pixels
 }
 
 
@@ -138,10 +193,12 @@ def test_vision_matches_transformers(tmp_path, name):
         pooled_ref = ref.vision_model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).pooler_output
     ours = jax.jit(module.apply)(variables, images)
     assert len(ours['hidden_states']) == len(expected.hidden_states)
-    errors = {'last_hidden_state': rel_err(ours['last_hidden_state'], expected.last_hidden_state.numpy()),
-              'hidden_states[-1]': rel_err(ours['hidden_states'][-1], expected.hidden_states[-1].numpy()),
-              'pooler_output': rel_err(ours['pooler_output'], pooled_ref.numpy()),
-              'image_embeds': rel_err(ours['image_embeds'], expected.image_embeds.numpy())}
+    errors = {
+        'last_hidden_state': rel_err(ours['last_hidden_state'], expected.last_hidden_state.numpy()),
+        'hidden_states[-1]': rel_err(ours['hidden_states'][-1], expected.hidden_states[-1].numpy()),
+        'pooler_output': rel_err(ours['pooler_output'], pooled_ref.numpy()),
+        'image_embeds': rel_err(ours['image_embeds'], expected.image_embeds.numpy()),
+    }
     print(f'\n{name}: ' + ', '.join(f'{k} {v:.2e}' for k, v in errors.items()))
     assert max(errors.values()) <= TOL, errors
 
@@ -152,16 +209,27 @@ def _random_variables(module, *inputs) -> dict:
     shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *inputs))
     rng = np.random.default_rng(1)
     flat = traverse_util.flatten_dict(shapes)
-    return traverse_util.unflatten_dict({
-        path: (path[-1] == 'scale') + np.float32(0.2) * rng.standard_normal(x.shape, np.float32)
-        for path, x in flat.items()})
+    return traverse_util.unflatten_dict(
+        {
+            path: (path[-1] == 'scale') + np.float32(0.2) * rng.standard_normal(x.shape, np.float32)
+            for path, x in flat.items()
+        }
+    )
 
 
 @pytest.mark.parametrize('projection_dim', [12, None], ids=['with_projection', 'no_projection'])
 def test_text_flax_to_transformers_round_trip(tmp_path, projection_dim):
-    module = CLIPTextModel(vocab_size=30, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
-                           num_attention_heads=3, max_position_embeddings=8, hidden_act='gelu',
-                           projection_dim=projection_dim, eos_token_id=3)
+    module = CLIPTextModel(
+        vocab_size=30,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        max_position_embeddings=8,
+        hidden_act='gelu',
+        projection_dim=projection_dim,
+        eos_token_id=3,
+    )
     ids = jnp.zeros((1, 8), jnp.int32)
     variables = _random_variables(module, ids)
     convert.save_diffusers(module, variables, str(tmp_path), 'clip_text')
@@ -181,8 +249,16 @@ def test_text_flax_to_transformers_round_trip(tmp_path, projection_dim):
 
 
 def test_vision_flax_to_transformers_round_trip(tmp_path):
-    module = CLIPVisionModel(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                             image_size=20, patch_size=5, hidden_act='gelu', projection_dim=8)
+    module = CLIPVisionModel(
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=20,
+        patch_size=5,
+        hidden_act='gelu',
+        projection_dim=8,
+    )
     images = np.random.default_rng(5).standard_normal((2, 20, 20, 3)).astype(np.float32)
     variables = _random_variables(module, images)
     convert.save_diffusers(module, variables, str(tmp_path), 'clip_vision')
@@ -201,8 +277,15 @@ def test_vision_flax_to_transformers_round_trip(tmp_path):
 
 
 def test_text_rejects_other_folders(tmp_path):
-    config = transformers.CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=4, patch_size=2, projection_dim=4)
+    config = transformers.CLIPVisionConfig(
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=4,
+        patch_size=2,
+        projection_dim=4,
+    )
     randomise(transformers.CLIPVisionModelWithProjection(config), seed=3).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match='is a CLIPVisionModelWithProjection'):
         convert.load_diffusers(str(tmp_path), 'clip_text')
@@ -210,16 +293,43 @@ def test_text_rejects_other_folders(tmp_path):
 
 # ViT-H text (Würstchen), bigG text (Stable Cascade) and ViT-L/14 vision.
 FULL_SIZE = {
-    'vit_h_text': ('CLIPTextModel', dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                         num_attention_heads=16, vocab_size=49408, max_position_embeddings=77,
-                                         hidden_act='gelu')),
-    'bigg_text': ('CLIPTextModelWithProjection', dict(hidden_size=1280, intermediate_size=5120,
-                                                      num_hidden_layers=32, num_attention_heads=20,
-                                                      vocab_size=49408, max_position_embeddings=77,
-                                                      hidden_act='gelu', projection_dim=1280)),
-    'vit_l14_vision': ('CLIPVisionModelWithProjection', dict(hidden_size=1024, intermediate_size=4096,
-                                                             num_hidden_layers=24, num_attention_heads=16,
-                                                             image_size=224, patch_size=14, projection_dim=768)),
+    'vit_h_text': (
+        'CLIPTextModel',
+        dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act='gelu',
+        ),
+    ),
+    'bigg_text': (
+        'CLIPTextModelWithProjection',
+        dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act='gelu',
+            projection_dim=1280,
+        ),
+    ),
+    'vit_l14_vision': (
+        'CLIPVisionModelWithProjection',
+        dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            projection_dim=768,
+        ),
+    ),
 }
 
 
@@ -238,8 +348,13 @@ def test_full_size_parameter_counts(name):
 
 # --- tokenizer ---------------------------------------------------------------------------------
 
-TEXTS = ['the cat', 'A photo of THE   dog!!', 'a photo of a cat, a dog, the cat. xyz the dog of a cat',
-         '', 'zebra 42 ok']
+TEXTS = [
+    'the cat',
+    'A photo of THE   dog!!',
+    'a photo of a cat, a dog, the cat. xyz the dog of a cat',
+    '',
+    'zebra 42 ok',
+]
 
 
 @pytest.mark.parametrize('pad_token', ['!', '<|endoftext|>'], ids=['pad_bang', 'pad_eos'])
@@ -266,12 +381,14 @@ def test_tokenizer_missing_file_names_folder(tmp_path):
 def test_word_tokenizer_and_byte_tokenizer():
     from wurst_jax.data import shapes
     from wurst_jax.tokenizer import ByteTokenizer, create_tokenizer
+
     words = create_tokenizer('words', 8, shapes.caption_vocabulary())
     out = words(['a red circle on the left', 'A RED zebra', 'a red circle on the left and a blue square'])
     vocab = words.tokenizer.get_vocab()
     red, left, unk = vocab['red'], vocab['left'], vocab['<unk>']
-    np.testing.assert_array_equal(out['input_ids'][0], [1, vocab['a'], red, vocab['circle'], vocab['on'],
-                                                        vocab['the'], left, 2])
+    np.testing.assert_array_equal(
+        out['input_ids'][0], [1, vocab['a'], red, vocab['circle'], vocab['on'], vocab['the'], left, 2]
+    )
     np.testing.assert_array_equal(out['input_ids'][1], [1, vocab['a'], red, unk, 2, 0, 0, 0])  # case-folded
     np.testing.assert_array_equal(out['attention_mask'][1], [1, 1, 1, 1, 1, 0, 0, 0])
     assert out['input_ids'][2, -1] == words.eos_token_id == 2  # truncation keeps the EOS

@@ -1,4 +1,5 @@
 """Data package: shapes generator, TFDS builders and the grain pipeline, on tiny sizes."""
+
 import io
 import json
 import pathlib
@@ -13,22 +14,41 @@ from wurst_jax.data import aspect_buckets, image_folder, input_pipeline, photos,
 SIZE = 32
 NUM_TRAIN, NUM_TEST = 24, 8
 # The spec, restated here so the tests check it rather than the implementation's own table.
-SPEC_CENTRES = {'on the left': (1 / 6, 1 / 2), 'on the right': (5 / 6, 1 / 2),
-                'at the top': (1 / 2, 1 / 6), 'at the bottom': (1 / 2, 5 / 6),
-                'in the center': (1 / 2, 1 / 2)}
-SPEC_COLOURS = {'red': (255, 0, 0), 'green': (0, 255, 0), 'blue': (0, 0, 255),
-                'yellow': (255, 255, 0), 'magenta': (255, 0, 255), 'cyan': (0, 255, 255),
-                'white': (255, 255, 255)}
+SPEC_CENTRES = {
+    'on the left': (1 / 6, 1 / 2),
+    'on the right': (5 / 6, 1 / 2),
+    'at the top': (1 / 2, 1 / 6),
+    'at the bottom': (1 / 2, 5 / 6),
+    'in the center': (1 / 2, 1 / 2),
+}
+SPEC_COLOURS = {
+    'red': (255, 0, 0),
+    'green': (0, 255, 0),
+    'blue': (0, 0, 255),
+    'yellow': (255, 255, 0),
+    'magenta': (255, 0, 255),
+    'cyan': (0, 255, 255),
+    'white': (255, 255, 255),
+}
 BACKGROUND = (32, 32, 32)
 
 
 def make_input_config(data_dir, **overrides) -> ml_collections.ConfigDict:
     """The input fields the pipeline reads, with tiny shapes settings."""
     fields = dict(
-        dataset='shapes', data_dir=str(data_dir), folder='', train_split='train',
+        dataset='shapes',
+        data_dir=str(data_dir),
+        folder='',
+        train_split='train',
         eval_split='test',
         shapes=ml_collections.ConfigDict(dict(num_train=NUM_TRAIN, num_test=NUM_TEST, seed=0)),
-        image_size=SIZE, resize=0, crop='center', flip=False, batch_size=8, num_workers=0)
+        image_size=SIZE,
+        resize=0,
+        crop='center',
+        flip=False,
+        batch_size=8,
+        num_workers=0,
+    )
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
 
@@ -64,6 +84,7 @@ def raw_source(data_dir, split: str, **overrides):
 
 # --- shapes generator --------------------------------------------------------------------------
 
+
 def test_captions_follow_grammar_and_parse_round_trips():
     counts = set()
     for index in range(300):
@@ -71,17 +92,25 @@ def test_captions_follow_grammar_and_parse_round_trips():
         objects = shapes.parse_caption(caption)
         rebuilt = ' and '.join(f'a {c} {s} {p}' for c, s, p in objects)
         assert rebuilt == caption
-        assert all(c in SPEC_COLOURS and s in ('circle', 'square', 'triangle')
-                   and p in SPEC_CENTRES for c, s, p in objects)
+        assert all(
+            c in SPEC_COLOURS and s in ('circle', 'square', 'triangle') and p in SPEC_CENTRES for c, s, p in objects
+        )
         assert len({p for _, _, p in objects}) == len(objects)
         counts.add(len(objects))
     assert counts == {1, 2}
 
 
-@pytest.mark.parametrize('caption', [
-    'a red circle', 'a purple circle on the left', 'A red circle on the left',
-    'a red circle on the left and', 'a red circle on the left and a blue square on the left',
-    'a red circle on the left and a blue square on the right and a red square at the top'])
+@pytest.mark.parametrize(
+    'caption',
+    [
+        'a red circle',
+        'a purple circle on the left',
+        'A red circle on the left',
+        'a red circle on the left and',
+        'a red circle on the left and a blue square on the left',
+        'a red circle on the left and a blue square on the right and a red square at the top',
+    ],
+)
 def test_parse_caption_rejects_off_grammar(caption):
     with pytest.raises(ValueError, match='caption'):
         shapes.parse_caption(caption)
@@ -129,6 +158,7 @@ def test_make_example_is_deterministic_per_seed_and_index():
 
 # --- shapes builder ------------------------------------------------------------------------------
 
+
 def test_shapes_builder_writes_array_record_and_is_not_rebuilt(shapes_dir, monkeypatch):
     version_dir = shapes_dir / 'shapes' / f's{SIZE}_n{NUM_TRAIN}_t{NUM_TEST}_seed0' / '1.0.0'
     files = sorted(version_dir.glob('shapes-*.array_record-*'))
@@ -173,8 +203,7 @@ def test_a_builder_made_while_another_process_prepares_the_dataset_is_not_used(t
 
 
 def test_other_settings_get_their_own_directory(tmp_path):
-    source = raw_source(tmp_path, 'train', shapes=ml_collections.ConfigDict(
-        dict(num_train=5, num_test=2, seed=1)))
+    source = raw_source(tmp_path, 'train', shapes=ml_collections.ConfigDict(dict(num_train=5, num_test=2, seed=1)))
     assert len(source) == 5
     assert (tmp_path / 'shapes' / f's{SIZE}_n5_t2_seed1').is_dir()
 
@@ -190,10 +219,12 @@ def test_unknown_tfds_dataset_error_names_dataset_dir_and_fix(tmp_path):
 
 # --- training iterator ---------------------------------------------------------------------------
 
+
 def train_iterator(shapes_dir, *, seed=0, process_index=0, process_count=1, **overrides):
     config = make_input_config(shapes_dir, **overrides)
     return input_pipeline.create_train_iterator(
-        config, seed=seed, process_index=process_index, process_count=process_count)
+        config, seed=seed, process_index=process_index, process_count=process_count
+    )
 
 
 def test_train_batches_are_well_formed_and_deterministic(shapes_dir):
@@ -208,7 +239,7 @@ def test_train_batches_are_well_formed_and_deterministic(shapes_dir):
     other = take(train_iterator(shapes_dir, seed=4), 3)
     assert [list(b['id']) for b in other] != [list(b['id']) for b in batches[:3]]
     # 24 examples, 8 per batch: each epoch is 3 batches holding every id once, in a new order.
-    epochs = [np.concatenate([b['id'] for b in batches[i:i + 3]]) for i in (0, 3)]
+    epochs = [np.concatenate([b['id'] for b in batches[i : i + 3]]) for i in (0, 3)]
     all_ids = {int(r['id']) for r in raw_source(shapes_dir, 'train')}
     assert set(epochs[0]) == set(epochs[1]) == all_ids and len(epochs[0]) == NUM_TRAIN
     assert list(epochs[0]) != list(epochs[1])
@@ -216,12 +247,10 @@ def test_train_batches_are_well_formed_and_deterministic(shapes_dir):
 
 def test_process_shards_are_disjoint_and_cover_each_epoch(shapes_dir):
     all_ids = {int(r['id']) for r in raw_source(shapes_dir, 'train')}
-    shards = [take(train_iterator(shapes_dir, process_index=p, process_count=2), 6)
-              for p in (0, 1)]
+    shards = [take(train_iterator(shapes_dir, process_index=p, process_count=2), 6) for p in (0, 1)]
     assert shards[0][0]['image'].shape[0] == 4
     for epoch in (0, 1):
-        ids = [np.concatenate([b['id'] for b in shard[3 * epoch:3 * epoch + 3]])
-               for shard in shards]
+        ids = [np.concatenate([b['id'] for b in shard[3 * epoch : 3 * epoch + 3]]) for shard in shards]
         assert not set(ids[0]) & set(ids[1])
         assert set(ids[0]) | set(ids[1]) == all_ids
 
@@ -233,8 +262,7 @@ def test_global_batch_rows_do_not_depend_on_the_process_count(shapes_dir):
         shards = [take(train_iterator(shapes_dir, process_index=p, process_count=count), 4) for p in range(count)]
         for step in range(4):
             for key in ('id', 'image'):
-                np.testing.assert_array_equal(np.concatenate([shard[step][key] for shard in shards]),
-                                              single[step][key])
+                np.testing.assert_array_equal(np.concatenate([shard[step][key] for shard in shards]), single[step][key])
 
 
 def test_global_batch_must_divide_among_processes(shapes_dir):
@@ -255,8 +283,7 @@ def test_restored_iterator_reproduces_remaining_batches(shapes_dir):
     again.set_state(restored.get_state())
     assert_batches_equal(take(again, 3), reference[5:8])
     # Augmentation is live: an example looks different in its two epochs.
-    by_epoch = [{int(i): img for b in reference[e:e + 3] for i, img in zip(b['id'], b['image'])}
-                for e in (0, 3)]
+    by_epoch = [{int(i): img for b in reference[e : e + 3] for i, img in zip(b['id'], b['image'])} for e in (0, 3)]
     assert any(not np.array_equal(by_epoch[0][i], by_epoch[1][i]) for i in by_epoch[0])
 
 
@@ -271,8 +298,7 @@ def test_iterator_state_round_trips_through_orbax(shapes_dir, tmp_path):
         manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
         manager.wait_until_finished()
         restored = train_iterator(shapes_dir, seed=2)
-        manager.restore(2, args=ocp.args.Composite(
-            data=grain.checkpoint.CheckpointRestore(restored)))
+        manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
     assert_batches_equal(take(restored, 3), reference[2:5])
 
 
@@ -285,26 +311,25 @@ def test_worker_processes_give_the_same_batches(shapes_dir):
 
 # --- evaluation iterator -------------------------------------------------------------------------
 
+
 def test_eval_iterator_keeps_last_partial_batch_and_is_unaugmented(shapes_dir):
     config = make_input_config(shapes_dir, crop='random', flip=True, resize=40)
-    batches = list(input_pipeline.create_eval_iterator(
-        config, split='test', batch_size=3, num_examples=7))
+    batches = list(input_pipeline.create_eval_iterator(config, split='test', batch_size=3, num_examples=7))
     assert [b['image'].shape[0] for b in batches] == [3, 3, 1]
-    again = list(input_pipeline.create_eval_iterator(
-        config, split='test', batch_size=3, num_examples=7))
+    again = list(input_pipeline.create_eval_iterator(config, split='test', batch_size=3, num_examples=7))
     assert_batches_equal(batches, again)
     source = raw_source(shapes_dir, 'test')
     ids = np.concatenate([b['id'] for b in batches])
     assert list(ids) == [int(source[i]['id']) for i in range(7)]
     # Without resizing the centre crop is the whole image, so pixels map exactly to [-1, 1].
-    plain = next(input_pipeline.create_eval_iterator(
-        make_input_config(shapes_dir), split='test', batch_size=2))
+    plain = next(input_pipeline.create_eval_iterator(make_input_config(shapes_dir), split='test', batch_size=2))
     expected = decode_png(source[0]['image']).astype(np.float32) / 127.5 - 1
     np.testing.assert_allclose(plain['image'][0], expected, atol=1e-6)
     assert plain['caption'][0] == source[0]['caption'].decode()
 
 
 # --- image_folder --------------------------------------------------------------------------------
+
 
 def save(image: Image.Image, path: pathlib.Path, caption: str | None = None, **kwargs) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -332,14 +357,17 @@ def photo_folder(tmp_path) -> pathlib.Path:
     save(Image.fromarray(deep), folder / 'deep.png', 'sixteen bits')
     save(rgb, folder / 'sub' / 'listed.png')
     (folder / 'captions.jsonl').write_text(
-        json.dumps({'file': 'sub/listed.png', 'caption': 'from the jsonl'}) + '\n'
-        + json.dumps({'file': 'gone.png', 'caption': 'listed but absent'}) + '\n')
+        json.dumps({'file': 'sub/listed.png', 'caption': 'from the jsonl'})
+        + '\n'
+        + json.dumps({'file': 'gone.png', 'caption': 'listed but absent'})
+        + '\n'
+    )
     save(rgb, folder / 'uncaptioned.png')
     (folder / 'corrupt.png').write_bytes(b'not an image at all' * 10)
     (folder / 'corrupt.txt').write_text('caption of a corrupt file')
     jpeg = io.BytesIO()
     rgb.save(jpeg, format='JPEG')
-    (folder / 'truncated.jpg').write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) // 2])
+    (folder / 'truncated.jpg').write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
     (folder / 'truncated.txt').write_text('caption of a truncated file')
     (folder / 'empty.jpg').write_bytes(b'')
     (folder / 'empty.txt').write_text('caption of an empty file')
@@ -351,8 +379,7 @@ def test_scan_counts_skipped_files_by_reason(photo_folder):
     kept = sorted(e.path.name for e in scan.entries)
     assert kept == ['deep.png', 'gray.png', 'listed.png', 'palette.png', 'rgb.jpg', 'rgba.png']
     reasons = {s.path.name: s.reason for s in scan.skipped}
-    assert set(reasons) == {'uncaptioned.png', 'corrupt.png', 'truncated.jpg', 'empty.jpg',
-                            'gone.png'}
+    assert set(reasons) == {'uncaptioned.png', 'corrupt.png', 'truncated.jpg', 'empty.jpg', 'gone.png'}
     assert reasons['uncaptioned.png'] == 'missing caption'
     assert 'captions.jsonl' in reasons['gone.png']
     assert reasons['empty.jpg'] == 'empty file'
@@ -376,14 +403,18 @@ def test_image_folder_build_converts_to_rgb_and_writes_report(photo_folder, tmp_
     np.testing.assert_array_equal(images['a grey square'], np.full((8, 8, 3), 77))
     assert (images['half transparent'][:, :4] == (200, 10, 20)).all()
     assert (images['half transparent'][:, 4:] == 255).all()  # Transparent onto white.
-    np.testing.assert_array_equal(images['a palette checkerboard'][0],
-                                  [[10, 20, 30], [250, 240, 230]])
+    np.testing.assert_array_equal(images['a palette checkerboard'][0], [[10, 20, 30], [250, 240, 230]])
     # An upright 8-bit RGB JPEG is stored as the original file bytes.
     assert records['an rgb jpeg']['image'] == (photo_folder / 'rgb.jpg').read_bytes()
     builder = input_pipeline.builtin_builder(config)
     report = json.loads((pathlib.Path(builder.data_dir) / image_folder.REPORT_NAME).read_text())
     assert {pathlib.Path(s['path']).name for s in report['skipped']} == {
-        'uncaptioned.png', 'corrupt.png', 'truncated.jpg', 'empty.jpg', 'gone.png'}
+        'uncaptioned.png',
+        'corrupt.png',
+        'truncated.jpg',
+        'empty.jpg',
+        'gone.png',
+    }
 
 
 def test_empty_image_folder_is_an_error_naming_it(tmp_path):
@@ -395,6 +426,7 @@ def test_empty_image_folder_is_an_error_naming_it(tmp_path):
 
 
 # --- photos --------------------------------------------------------------------------------------
+
 
 def test_photos_hold_out_astronaut_and_crops_tile_it(tmp_path):
     from skimage import data as skdata
@@ -418,6 +450,7 @@ def test_photos_hold_out_astronaut_and_crops_tile_it(tmp_path):
 
 # --- multi-aspect buckets -------------------------------------------------------------------------
 
+
 def test_bucket_tables_are_pixarts():
     """Ours holds PixArt-α's 40 training ratios; diffusers ships the 33 it samples at, which must agree."""
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
@@ -425,6 +458,7 @@ def test_bucket_tables_are_pixarts():
         ASPECT_RATIO_512_BIN,
         ASPECT_RATIO_1024_BIN,
     )
+
     for size, reference in ((256, ASPECT_RATIO_256_BIN), (512, ASPECT_RATIO_512_BIN), (1024, ASPECT_RATIO_1024_BIN)):
         ours = {str(ratio): [float(h), float(w)] for ratio, h, w in aspect_buckets.bucket_table(size)}
         assert len(ours) == 40 and {k: ours[k] for k in reference} == reference
@@ -444,11 +478,19 @@ def aspect_folder(tmp_path_factory) -> pathlib.Path:
 
 
 def bucket_iterator(folder, *, process_index=0, process_count=1, **overrides):
-    fields = dict(dataset='image_folder', folder=str(folder), image_size=32, batch_size=4, aspect_buckets=True,
-                  bucket_multiple=8, crop='random')
+    fields = dict(
+        dataset='image_folder',
+        folder=str(folder),
+        image_size=32,
+        batch_size=4,
+        aspect_buckets=True,
+        bucket_multiple=8,
+        crop='random',
+    )
     config = make_input_config(folder.parent / 'tfds', **{**fields, **overrides})
-    return input_pipeline.create_train_iterator(config, seed=1, process_index=process_index,
-                                                process_count=process_count)
+    return input_pipeline.create_train_iterator(
+        config, seed=1, process_index=process_index, process_count=process_count
+    )
 
 
 def test_bucketed_batches_share_one_bucket_and_shard_like_square_ones(aspect_folder):
@@ -459,7 +501,7 @@ def test_bucketed_batches_share_one_bucket_and_shard_like_square_ones(aspect_fol
     for batch in batches:
         originals = {sizes[str(c)] for c in batch['caption']}
         assert len(originals) == 1  # one bucket per batch
-        (hw, ratio), = [expected[o] for o in originals]
+        ((hw, ratio),) = [expected[o] for o in originals]
         assert batch['image'].shape == (4, *hw, 3)
         np.testing.assert_array_equal(batch['original_size'], np.tile(originals.pop(), (4, 1)))
         np.testing.assert_allclose(batch['aspect_ratio'], np.full((4, 1), ratio), rtol=1e-6)

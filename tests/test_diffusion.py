@@ -1,5 +1,6 @@
 """The schedule, loss weights and samplers: DDPM and DDIM against diffusers' schedulers, the Stable
 Cascade sampler and CFG rescale against Stable Cascade's GDF (gdf/) and diffusers' rescale_noise_cfg."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,6 +66,7 @@ def _toy_eps(x, t):
 @pytest.mark.parametrize('timesteps', ['linspace', 'stage_c'])
 def test_ddpm_chain_equals_diffusers(monkeypatch, timesteps):
     import diffusers.schedulers.scheduling_ddpm_wuerstchen as ref_module
+
     ts = samplers.linspace_timesteps(12) if timesteps == 'linspace' else samplers.default_stage_c_timesteps()
     shape, rng = (2, 6, 5, 3), jax.random.key(3)
     x_init = np.array(jax.random.normal(jax.random.key(4), shape))
@@ -103,8 +105,14 @@ def test_ddim_chain_equals_diffusers(spacing, steps, offset):
     grid = torch.linspace(0, 1, 1000)
     alpha_bar = DDPMWuerstchenScheduler()._alpha_cumprod(grid, 'cpu').double()
     betas = 1 - alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-    scheduler = DDIMScheduler(num_train_timesteps=1000, trained_betas=betas.numpy(), clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=offset, timestep_spacing=spacing)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        trained_betas=betas.numpy(),
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=offset,
+        timestep_spacing=spacing,
+    )
     scheduler.set_timesteps(steps)
     ts = np.append(scheduler.timesteps.numpy() / 999, 0.0).astype(np.float32)
     shape = (2, 6, 5, 3)
@@ -172,8 +180,8 @@ def _gdf_sample(model, x_init, noises, steps, cfg, cfg_rho, shift):
         a, b = input_scaler(log_snr_range[i])
         x0, epsilon = (x - pred * b) / a, pred  # GDF.undiffuse, EpsilonTarget
         a_prev, b_prev = input_scaler(log_snr_range[i + 1])  # DDIMSampler.step with DDPMSampler's eta = 1
-        sigma_tau = 1 * (b_prev ** 2 / b ** 2).sqrt() * (1 - a ** 2 / a_prev ** 2).sqrt()
-        x = a_prev * x0 + (b_prev ** 2 - sigma_tau ** 2).sqrt() * epsilon + sigma_tau * next(noises)
+        sigma_tau = 1 * (b_prev**2 / b**2).sqrt() * (1 - a**2 / a_prev**2).sqrt()
+        x = a_prev * x0 + (b_prev**2 - sigma_tau**2).sqrt() * epsilon + sigma_tau * next(noises)
     return x
 
 
@@ -184,8 +192,9 @@ def test_stable_cascade_chain_equals_gdf(shift, cfg_rho):
     every step and the whole-batch cfg_rho rescale."""
     steps, shape, rng = 6, (2, 4, 3, 3), jax.random.key(5)
     x_init = np.array(jax.random.normal(jax.random.key(6), shape))
-    ours = samplers.sample_guided(_toy_model, jnp.asarray(x_init), rng, samplers.linspace_timesteps(steps), 3.0,
-                         'stable_cascade', shift, cfg_rho)
+    ours = samplers.sample_guided(
+        _toy_model, jnp.asarray(x_init), rng, samplers.linspace_timesteps(steps), 3.0, 'stable_cascade', shift, cfg_rho
+    )
 
     def model(x, t):
         return torch.from_numpy(np.array(_toy_model(jnp.asarray(x.numpy()), jnp.asarray(t.numpy()), None)))

@@ -1,4 +1,5 @@
 """Parity of the Flax semantic compressor (EfficientNetV2 features + mapper) with torchvision, and conversion."""
+
 import json
 from functools import partial
 
@@ -48,16 +49,22 @@ class TorchEncoder(torch.nn.Module):
     def __init__(self, backbone, last, affine, c_latent=16):
         super().__init__()
         self.backbone = backbone
-        self.mapper = torch.nn.Sequential(torch.nn.Conv2d(last, c_latent, 1, bias=False),
-                                          torch.nn.BatchNorm2d(c_latent, affine=affine))
+        self.mapper = torch.nn.Sequential(
+            torch.nn.Conv2d(last, c_latent, 1, bias=False), torch.nn.BatchNorm2d(c_latent, affine=affine)
+        )
 
     def forward(self, x):
         return self.mapper(self.backbone(x))
 
 
 def torch_encoder(stages, last, affine, sd_prob=0.2):
-    net = EfficientNet(torch_settings(stages), dropout=0.0, stochastic_depth_prob=sd_prob, last_channel=last,
-                       norm_layer=partial(torch.nn.BatchNorm2d, eps=1e-3))
+    net = EfficientNet(
+        torch_settings(stages),
+        dropout=0.0,
+        stochastic_depth_prob=sd_prob,
+        last_channel=last,
+        norm_layer=partial(torch.nn.BatchNorm2d, eps=1e-3),
+    )
     return TorchEncoder(net.features, last or 4 * stages[-1][5], affine)
 
 
@@ -88,8 +95,9 @@ def torch_forward(ref, x01, normalize=True, scaling='none'):
 
 
 @pytest.mark.parametrize('affine', [True, False], ids=['affine', 'no_affine'])
-@pytest.mark.parametrize('stages,last,size', [(SMALL_A, None, (64, 96)), (SMALL_B, 72, (70, 90))],
-                         ids=['small_a', 'small_b_odd_size'])
+@pytest.mark.parametrize(
+    'stages,last,size', [(SMALL_A, None, (64, 96)), (SMALL_B, 72, (70, 90))], ids=['small_a', 'small_b_odd_size']
+)
 def test_matches_torchvision(stages, last, size, affine):
     ref = randomise(torch_encoder(stages, last, affine), seed=0)
     x = np.random.default_rng(1).uniform(0, 1, (2, *size, 3)).astype(np.float32)
@@ -129,8 +137,11 @@ def test_stochastic_depth_only_in_train():
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(a, train(jax.random.key(1)))
     # Without stochastic depth the same batch statistics give the same output for any key.
-    no_sd = jax.jit(lambda k: module.clone(stochastic_depth_prob=0.0).apply(
-        variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': k})[0])
+    no_sd = jax.jit(
+        lambda k: module.clone(stochastic_depth_prob=0.0).apply(
+            variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': k}
+        )[0]
+    )
     np.testing.assert_array_equal(no_sd(jax.random.key(1)), no_sd(jax.random.key(2)))
 
 
@@ -138,6 +149,7 @@ def test_stable_cascade_effnet_file_matches_torch(tmp_path):
     """Stable Cascade's effnet_encoder.safetensors as released (torchvision efficientnet_v2_s features, the
     mapper BatchNorm without affine) loads from the file alone and computes what the torch module does."""
     from safetensors.torch import save_file
+
     backbone = torchvision.models.efficientnet_v2_s(weights=None).features
     ref = randomise(TorchEncoder(backbone, 1280, affine=False), seed=6)
     save_file(ref.state_dict(), tmp_path / 'effnet_encoder.safetensors')
@@ -156,8 +168,9 @@ def test_wuerstchen_effnet_state_dict_matches_torch(tmp_path):
     ref = randomise(torch_encoder(SMALL_A, None, affine=True), seed=10)
     decoder = {'clf.1.weight': torch.zeros(8, 4, 1, 1)}  # the generator's entry beside it
     torch.save({'state_dict': decoder, 'effnet_state_dict': ref.state_dict()}, tmp_path / 'model_v2_stage_b.pt')
-    module, variables = convert.load_original(str(tmp_path / 'model_v2_stage_b.pt'), 'effnet',
-                                              {'stages': SMALL_A, 'c_cond': 128})
+    module, variables = convert.load_original(
+        str(tmp_path / 'model_v2_stage_b.pt'), 'effnet', {'stages': SMALL_A, 'c_cond': 128}
+    )
     assert module.mapper_affine
     x = np.random.default_rng(11).uniform(0, 1, (2, 24, 40, 3)).astype(np.float32)
     assert rel_err(jax.jit(module.apply)(variables, x), torch_forward(ref, x)) <= TOL
@@ -215,6 +228,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert 'backbone.3.0.block.1.fc1.weight' in state
     # torch loads the folder strictly and computes what the Flax module computes.
     from safetensors.torch import load_file
+
     ref = torch_encoder(SMALL_A, 128, affine=False).eval()
     ref.load_state_dict(load_file(tmp_path / 'effnet' / core.DIFFUSERS_WEIGHTS), strict=True)
     assert rel_err(jax.jit(module.apply)(variables, x), torch_forward(ref, x, scaling='v2')) <= TOL
@@ -223,8 +237,10 @@ def test_round_trip_is_bit_exact(tmp_path):
 def test_default_config_names_efficientnet_v2_s():
     config = core.component('effnet').to_config(EfficientNetEncoder())
     assert config['effnet'] == 'efficientnet_v2_s' and config['c_cond'] == 1280 and 'stages' not in config
-    assert core.component('effnet').from_config(
-        {'c_latent': 16, 'c_cond': 1280, 'effnet': 'efficientnet_v2_s'}) == EfficientNetEncoder()
+    assert (
+        core.component('effnet').from_config({'c_latent': 16, 'c_cond': 1280, 'effnet': 'efficientnet_v2_s'})
+        == EfficientNetEncoder()
+    )
 
 
 def test_wrong_shape_names_the_key():

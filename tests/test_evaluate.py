@@ -2,6 +2,7 @@
 pytorch-fid's network, the resizes against clean-fid and torch, the Fréchet distance against
 pytorch-fid's, streaming statistics against np.cov, CLIP embeddings against transformers' CLIPModel,
 CMMD against a direct NumPy computation."""
+
 import functools
 import json
 import os
@@ -39,8 +40,11 @@ def random_inception_variables(seed: int = 0) -> dict:
     shapes = traverse_util.flatten_dict(core.abstract_variables(InceptionV3FID(), core.component('inception_fid')))
     draws = {
         'kernel': lambda s: rng.standard_normal(s) * np.sqrt(2.0 / np.prod(s[:-1])),
-        'scale': lambda s: rng.uniform(0.5, 1.5, s), 'bias': lambda s: rng.normal(0, 0.1, s),
-        'mean': lambda s: rng.normal(0, 0.1, s), 'var': lambda s: rng.uniform(0.5, 1.5, s)}
+        'scale': lambda s: rng.uniform(0.5, 1.5, s),
+        'bias': lambda s: rng.normal(0, 0.1, s),
+        'mean': lambda s: rng.normal(0, 0.1, s),
+        'var': lambda s: rng.uniform(0.5, 1.5, s),
+    }
     return traverse_util.unflatten_dict({p: draws[p[-1]](x.shape).astype(np.float32) for p, x in shapes.items()})
 
 
@@ -59,8 +63,11 @@ def test_inception_matches_pytorch_fid(inception_weights, monkeypatch):
     """pytorch-fid's own InceptionV3 (its FID blocks, built by its code) with our weights file in
     place of its download gives the same pool3 features, and our reader returns the same variables."""
     variables, path = inception_weights
-    monkeypatch.setattr(pytorch_fid_inception, 'load_state_dict_from_url',
-                        lambda url, progress=True: torch.load(path, weights_only=True))
+    monkeypatch.setattr(
+        pytorch_fid_inception,
+        'load_state_dict_from_url',
+        lambda url, progress=True: torch.load(path, weights_only=True),
+    )
     ref = pytorch_fid_inception.InceptionV3([3], resize_input=False, normalize_input=True).eval()
     module, loaded = load_inception_fid(str(path))
     jax.tree.map(np.testing.assert_array_equal, loaded, variables)
@@ -93,8 +100,12 @@ def test_legacy_resize_matches_pytorch_fid_bilinear():
     for size in (64, 512):  # up- and downsampling
         images = np.random.default_rng(size).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
         with torch.no_grad():
-            expected = nhwc(F.interpolate(nchw(images / np.float32(255)), size=(299, 299), mode='bilinear',
-                                          align_corners=False)) * 255
+            expected = (
+                nhwc(
+                    F.interpolate(nchw(images / np.float32(255)), size=(299, 299), mode='bilinear', align_corners=False)
+                )
+                * 255
+            )
         np.testing.assert_allclose(fid.resize_for_inception(images, 'legacy'), expected, atol=2e-3)
 
 
@@ -160,9 +171,16 @@ np.savez(sys.argv[3], mu=mu, sigma=sigma, rows=rows)
 
 def test_statistics_and_rows_combine_across_two_processes(tmp_path):
     port, env = free_port(), dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-    procs = [subprocess.Popen([sys.executable, '-c', _TWO_PROCESS_SCRIPT, f'127.0.0.1:{port}', str(i),
-                               str(tmp_path / f'{i}.npz')], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, '-c', _TWO_PROCESS_SCRIPT, f'127.0.0.1:{port}', str(i), str(tmp_path / f'{i}.npz')],
+            cwd=REPO,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for proc in procs:
         assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     x = np.random.default_rng(0).standard_normal((101, 6)) * 3 + 1
@@ -189,11 +207,19 @@ def test_statistics_files_round_trip_and_check_the_dimension(tmp_path):
 
 
 TINY_CLIP = dict(
-    text_config=dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     max_position_embeddings=77),
-    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       image_size=30, patch_size=6),
-    projection_dim=16)
+    text_config=dict(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+    ),
+    vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=30, patch_size=6
+    ),
+    projection_dim=16,
+)
 
 
 @pytest.fixture(scope='module')
@@ -202,9 +228,18 @@ def clip_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp('clip')
     tiny_clip_tokenizer_folder(path, '!')
     tokenizer = transformers.CLIPTokenizer.from_pretrained(path)
-    config = transformers.CLIPConfig(**{**TINY_CLIP, 'text_config': {
-        **TINY_CLIP['text_config'], 'vocab_size': len(tokenizer), 'eos_token_id': tokenizer.eos_token_id,
-        'pad_token_id': tokenizer.pad_token_id, 'bos_token_id': tokenizer.bos_token_id}})
+    config = transformers.CLIPConfig(
+        **{
+            **TINY_CLIP,
+            'text_config': {
+                **TINY_CLIP['text_config'],
+                'vocab_size': len(tokenizer),
+                'eos_token_id': tokenizer.eos_token_id,
+                'pad_token_id': tokenizer.pad_token_id,
+                'bos_token_id': tokenizer.bos_token_id,
+            },
+        }
+    )
     randomise(transformers.CLIPModel(config), seed=0).save_pretrained(path)
     return path
 
@@ -222,7 +257,8 @@ def test_clip_embeddings_and_scores_match_transformers(clip_folder):
 
     ref = transformers.CLIPModel.from_pretrained(clip_folder).eval()
     tokens = transformers.CLIPTokenizer.from_pretrained(clip_folder)(
-        prompts, padding='max_length', max_length=77, return_tensors='pt')
+        prompts, padding='max_length', max_length=77, return_tensors='pt'
+    )
     pixels = clip_image_processor(30)(list(images), return_tensors='pt')['pixel_values']
     with torch.no_grad():
         out = ref(input_ids=tokens['input_ids'], attention_mask=tokens['attention_mask'], pixel_values=pixels)
@@ -267,8 +303,9 @@ def test_cmmd_preprocessing_matches_cmmd_reference(shape):
     expected = (np.asarray(im).astype(np.float32) / 255.0 - mean) / std
     np.testing.assert_allclose(clip_metrics.preprocess(image[None], 336, 'cmmd')[0], expected, rtol=0, atol=1e-6)
     if shape[0] == shape[1]:  # on squares both orders are the same pixels
-        np.testing.assert_array_equal(clip_metrics.preprocess(image[None], 336, 'cmmd'),
-                                      clip_metrics.preprocess(image[None], 336))
+        np.testing.assert_array_equal(
+            clip_metrics.preprocess(image[None], 336, 'cmmd'), clip_metrics.preprocess(image[None], 336)
+        )
     with pytest.raises(ValueError, match='unknown CLIP preprocessing'):
         clip_metrics.preprocess(image[None], 336, 'openai')
 
@@ -279,7 +316,7 @@ def test_cmmd_equals_direct_numpy():
 
     def mean_kernel(a, b, sigma=10.0):
         d2 = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
-        return np.exp(-d2 / (2 * sigma ** 2)).mean()
+        return np.exp(-d2 / (2 * sigma**2)).mean()
 
     expected = 1000 * (mean_kernel(x, x) + mean_kernel(y, y) - 2 * mean_kernel(x, y))
     assert expected > 1
@@ -296,6 +333,7 @@ def test_clip_folder_errors_name_the_file(tmp_path):
 
 # -- The job on the demo run ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope='module')
 def eval_files(tmp_path_factory, inception_weights, clip_folder):
     """Prompts, Inception weights as .safetensors, and reference statistics with CLIP embeddings made by
@@ -309,8 +347,14 @@ def eval_files(tmp_path_factory, inception_weights, clip_folder):
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / f'{i}.png')
     (images / 'broken.png').write_bytes(b'\x89PNG not really')
-    result = run_module('wurst_jax.evaluate.reference_stats', f'--images={images}', f'--out={root / "ref.npz"}',
-                        f'--inception_weights={weights}', f'--clip_weights={clip_folder}', '--image_size=32')
+    result = run_module(
+        'wurst_jax.evaluate.reference_stats',
+        f'--images={images}',
+        f'--out={root / "ref.npz"}',
+        f'--inception_weights={weights}',
+        f'--clip_weights={clip_folder}',
+        '--image_size=32',
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary['num_images'] == 6 and summary['num_skipped'] == 1 and 'broken.png' in summary['skipped'][0]
@@ -323,33 +367,48 @@ def grid_images(path, count: int) -> np.ndarray:
     """The `count` images of a one-row grid.png (visualize.image_grid: 2 px padding around each)."""
     grid = np.asarray(Image.open(path))
     h, w = grid.shape[0] - 4, (grid.shape[1] - 2) // count - 2
-    return np.stack([grid[2:2 + h, 2 + i * (w + 2):2 + i * (w + 2) + w] for i in range(count)])
+    return np.stack([grid[2 : 2 + h, 2 + i * (w + 2) : 2 + i * (w + 2) + w] for i in range(count)])
 
 
 def eval_config(demo_root, files, out_dir, **fields):
     config = load_config('eval')
-    config.update({'workdir': str(demo_root), 'prompts': str(files['prompts']), 'out_dir': str(out_dir),
-                   'prior_steps': 2, 'decoder_steps': 2, 'batch_size': 4, **fields})
+    config.update(
+        {
+            'workdir': str(demo_root),
+            'prompts': str(files['prompts']),
+            'out_dir': str(out_dir),
+            'prior_steps': 2,
+            'decoder_steps': 2,
+            'batch_size': 4,
+            **fields,
+        }
+    )
     return config
 
 
 def test_eval_job_scores_the_demo_run(demo_root, eval_files, tmp_path):
     steps = checkpoint.all_steps(demo_root / 'stage_c')
     out = tmp_path / 'eval'
-    result = run_module('wurst_jax.evaluate', '--config=configs/eval.py', f'--config.workdir={demo_root}',
-                        f'--config.prompts={eval_files["prompts"]}', f'--config.out_dir={out}',
-                        f'--config.reference_stats={eval_files["reference"]}',
-                        f'--config.inception_weights={eval_files["inception"]}',
-                        f'--config.clip_weights={eval_files["clip"]}',
-                        '--config.prior_steps=2', '--config.decoder_steps=2', '--config.batch_size=4')
+    result = run_module(
+        'wurst_jax.evaluate',
+        '--config=configs/eval.py',
+        f'--config.workdir={demo_root}',
+        f'--config.prompts={eval_files["prompts"]}',
+        f'--config.out_dir={out}',
+        f'--config.reference_stats={eval_files["reference"]}',
+        f'--config.inception_weights={eval_files["inception"]}',
+        f'--config.clip_weights={eval_files["clip"]}',
+        '--config.prior_steps=2',
+        '--config.decoder_steps=2',
+        '--config.batch_size=4',
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     printed = [json.loads(line) for line in result.stdout.strip().splitlines() if line.startswith('{')]
     assert len(steps) >= 2 and [p['step'] for p in printed] == steps  # every checkpoint, oldest first
     # The scores are recomputed from the images in grid.png (all three, lossless): FID by pytorch-fid
     # from np.mean / np.cov of their features, CMMD and the shapes alignment from the same images.
     reference = fid.load_stats(str(eval_files['reference']))
-    inception = fid.InceptionFeatures(*load_inception_fid(str(eval_files['inception'])), resize='clean',
-                                      batch_size=4)
+    inception = fid.InceptionFeatures(*load_inception_fid(str(eval_files['inception'])), resize='clean', batch_size=4)
     embedder = clip_metrics.CLIPEmbedder(str(eval_files['clip']), batch_size=4)
     prompts = eval_files['prompts'].read_text().splitlines()
     for step in steps:
@@ -358,10 +417,15 @@ def test_eval_job_scores_the_demo_run(demo_root, eval_files, tmp_path):
         scores = metrics['metrics']
         images = grid_images(out / str(step) / 'grid.png', count=3)
         features = inception(images)
-        assert scores['fid'] == pytest.approx(fid_score.calculate_frechet_distance(
-            features.mean(0), np.cov(features, rowvar=False), reference['mu'], reference['sigma']), rel=1e-4)
+        assert scores['fid'] == pytest.approx(
+            fid_score.calculate_frechet_distance(
+                features.mean(0), np.cov(features, rowvar=False), reference['mu'], reference['sigma']
+            ),
+            rel=1e-4,
+        )
         assert scores['cmmd'] == pytest.approx(
-            clip_metrics.cmmd(embedder.image_embeds(images), reference['clip_embeds']), rel=1e-4)
+            clip_metrics.cmmd(embedder.image_embeds(images), reference['clip_embeds']), rel=1e-4
+        )
         alignment = shapes_alignment.evaluate(images, prompts)
         assert {k: scores[k] for k in alignment} == alignment and 'clip_score_torchmetrics' in scores
         assert metrics['skipped'] == {} and metrics['conventions']['fid_resize'] == 'clean'
@@ -392,10 +456,18 @@ def test_eval_job_without_weights_skips_metrics_and_says_why(demo_root, eval_fil
     config = eval_config(demo_root, eval_files, tmp_path / 'eval')
     scorers = job.Scorers(config)
     assert set(scorers.skipped) == {'fid', 'clip_score', 'cmmd'} and 'inception_weights' in scorers.skipped['fid']
-    assert job.Scorers(eval_config(demo_root, eval_files, tmp_path, inception_weights=str(eval_files['inception']),
-                                   clip_weights=str(eval_files['clip']))).skipped == {
+    assert job.Scorers(
+        eval_config(
+            demo_root,
+            eval_files,
+            tmp_path,
+            inception_weights=str(eval_files['inception']),
+            clip_weights=str(eval_files['clip']),
+        )
+    ).skipped == {
         'fid': 'no reference_stats given (the generated statistics are saved)',
-        'cmmd': 'reference_stats hold no clip_embeds (make them with --clip_weights)'}
+        'cmmd': 'reference_stats hold no clip_embeds (make them with --clip_weights)',
+    }
 
 
 def test_eval_job_bad_input_names_the_field(demo_root, eval_files, tmp_path):
@@ -423,9 +495,18 @@ def test_eval_job_bad_input_names_the_field(demo_root, eval_files, tmp_path):
 
 # Fields the configs saved by older code lack (configs/shapes.py when the sampling pipeline landed),
 # those whose value then is today's default: `defaults.upgrade` fills them in.
-OLDER_LAYOUT = {'stage_b': ('diffusion.p2_k', 'diffusion.prediction', 'model.remat_policy'),
-                'stage_c': ('diffusion.p2_k', 'init', 'latents', 'model.backbone', 'model.micro_conditions',
-                            'model.patch_size', 'stage_a')}
+OLDER_LAYOUT = {
+    'stage_b': ('diffusion.p2_k', 'diffusion.prediction', 'model.remat_policy'),
+    'stage_c': (
+        'diffusion.p2_k',
+        'init',
+        'latents',
+        'model.backbone',
+        'model.micro_conditions',
+        'model.patch_size',
+        'stage_a',
+    ),
+}
 
 
 @pytest.fixture(scope='module')
@@ -448,10 +529,13 @@ def older_root(demo_root, tmp_path_factory):
 def test_a_root_saved_by_older_code_samples_and_evaluates_as_before(demo_root, older_root, eval_files, tmp_path):
     prompts = eval_files['prompts'].read_text().splitlines()
     options = dict(seed=3, prior_steps=2, decoder_steps=2)
-    np.testing.assert_array_equal(Pipeline.from_root(str(older_root))(prompts, **options),
-                                  Pipeline.from_root(str(demo_root))(prompts, **options))
-    older, today = (job.run(eval_config(root, eval_files, tmp_path / name)) for root, name in
-                    [(older_root, 'older'), (demo_root, 'today')])
+    np.testing.assert_array_equal(
+        Pipeline.from_root(str(older_root))(prompts, **options), Pipeline.from_root(str(demo_root))(prompts, **options)
+    )
+    older, today = (
+        job.run(eval_config(root, eval_files, tmp_path / name))
+        for root, name in [(older_root, 'older'), (demo_root, 'today')]
+    )
     assert [r['step'] for r in older] == checkpoint.all_steps(older_root / 'stage_c')
     assert [r['metrics'] for r in older] == [r['metrics'] for r in today]
 

@@ -8,6 +8,7 @@ run's end must equal one uninterrupted run with the same seed bit for bit: the w
 (params, EMA, optimizer state, model state, step, rng) and the batch each step read. The moments
 come from a seeded random source: FAULT_SEED=<the seed a test printed> replays them.
 """
+
 import os
 import random
 import re
@@ -34,18 +35,33 @@ STATE = {'step', 'params', 'ema_params', 'opt_state', 'model_state', 'rng'}
 def run_args(config, workdir, data_dir, total, *extra):
     """The command of every launch of a run: a log line and a line of batch ids per step, a checkpoint
     every EVERY steps (all kept), images at the end."""
-    return main_args(config, workdir, data_dir, total, f'--config.checkpoint_every_steps={EVERY}',
-                     '--config.log_every_steps=1', f'--config.image_every_steps={total}',
-                     '--config.keep_checkpoints=100', '--config.record_batch_ids=True', *extra)
+    return main_args(
+        config,
+        workdir,
+        data_dir,
+        total,
+        f'--config.checkpoint_every_steps={EVERY}',
+        '--config.log_every_steps=1',
+        f'--config.image_every_steps={total}',
+        '--config.keep_checkpoints=100',
+        '--config.record_batch_ids=True',
+        *extra,
+    )
 
 
 def stage_c_args(workdir, data_dir, folders):
-    return run_args(STAGE_C, workdir, data_dir, TOTAL_C, f'--config.effnet.source={folders["effnet"]}',
-                    '--config.input.num_workers=1')
+    return run_args(
+        STAGE_C,
+        workdir,
+        data_dir,
+        TOTAL_C,
+        f'--config.effnet.source={folders["effnet"]}',
+        '--config.input.num_workers=1',
+    )
 
 
 def fault_rng(test: str) -> random.Random:
-    seed = int(os.environ.get('FAULT_SEED', random.randrange(2 ** 32)))
+    seed = int(os.environ.get('FAULT_SEED', random.randrange(2**32)))
     print(f'{test}: FAULT_SEED={seed}')
     return random.Random(seed)
 
@@ -101,8 +117,9 @@ class Launch:
 
     def wait_for_save(self, step: int) -> None:
         """Until this launch has begun the async save of `step`."""
-        began = lambda: step in {s for name, s in saves_in_progress(self.workdir).items()
-                                 if name not in self.stale_saves}
+        began = lambda: (
+            step in {s for name, s in saves_in_progress(self.workdir).items() if name not in self.stale_saves}
+        )
         self.children.wait_until(began, [self.proc], poll=0.001)
 
     def kill(self, delay: float) -> None:
@@ -118,7 +135,7 @@ class Launch:
         newest = max(set(self.committed) - {skip}, default=None)
         restored = [int(s) for s in re.findall(r'Restored checkpoint at step (\d+)', self.output())]
         assert restored == ([] if newest is None else [newest]), (restored, self.committed)
-        ids = batch_ids((self.workdir / 'batch_ids.txt').read_bytes()[self.ids_from:].decode())
+        ids = batch_ids((self.workdir / 'batch_ids.txt').read_bytes()[self.ids_from :].decode())
         reference_ids = batch_ids((reference / 'batch_ids.txt').read_text())
         first = (newest or 0) + 1
         assert sorted(ids) == list(range(first, first + len(ids)))
@@ -163,8 +180,9 @@ def test_sigkill_mid_save_sigterm_and_a_torn_checkpoint_then_resume_equals_strai
     run.wait_for_save(save)
     run.kill(delay)
     print(f'SIGKILL {delay * 1e3:.0f} ms into the save of step {save}; committed: {committed_steps(workdir)}')
-    assert save not in committed_steps(workdir) and save in saves_in_progress(workdir).values(), \
+    assert save not in committed_steps(workdir) and save in saves_in_progress(workdir).values(), (
         'the save committed before the kill: the kill did not land mid-save'
+    )
     run.check(reference)
 
     run = Launch(children, args, workdir)
@@ -181,7 +199,7 @@ def test_sigkill_mid_save_sigterm_and_a_torn_checkpoint_then_resume_equals_strai
     data_files = list(state.glob('**/d/*'))
     assert data_files and (state / '_METADATA').is_file() and (state / 'manifest.ocdbt').is_file()
     for path in data_files:  # torn writes: each array data file cut to half, orbax's metadata left whole
-        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     run = Launch(children, args, workdir)
     output = children.finish(run.proc)
     assert f'checkpoints/{preempted} cannot be restored' in output, output[-3000:]
@@ -190,8 +208,9 @@ def test_sigkill_mid_save_sigterm_and_a_torn_checkpoint_then_resume_equals_strai
     assert_same_state(reference, workdir)
 
 
-def test_stage_c_with_an_input_worker_process_resumes_bit_for_bit(stage_c_straight, tiny_stage_folders, children,
-                                                                  tmp_path):
+def test_stage_c_with_an_input_worker_process_resumes_bit_for_bit(
+    stage_c_straight, tiny_stage_folders, children, tmp_path
+):
     """Stage C reading through a grain worker process: SIGKILL a random moment after a random step,
     relaunch to the end."""
     rng = fault_rng('stage C')
@@ -251,8 +270,7 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_shapes_config):
         jax.tree.map(np.testing.assert_array_equal, getattr(skipped, name), getattr(state, name))
     updated, metrics = step(skipped, good)
     assert int(metrics['skipped']) == 0 and int(updated.step) == 2
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(updated.params),
-                                                          jax.tree.leaves(state.params)))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(updated.params), jax.tree.leaves(state.params)))
 
 
 def test_summarize_counts_skipped_steps_and_stops_after_a_streak():

@@ -1,6 +1,7 @@
 """configs/wuerstchen_v2_prior_finetune.py end to end on tiny random checkpoints made here (a
 diffusers prior, a transformers CLIP text encoder with its tokenizer, an effnet folder, and a
 folder of captioned images), and `wurst_jax.precompute` of its frozen encoders."""
+
 import subprocess
 import sys
 
@@ -30,10 +31,12 @@ def finetune_arg(tmp_path_factory):
     with torch.no_grad():
         prior.out[1].weight.mul_(0.05)
     prior.save_pretrained(prior_dir)
-    effnet = EfficientNetEncoder(stages=(('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)),
-                                 last_channels=16, c_latent=4)
-    core.save_diffusers(effnet, random_variables(effnet, np.zeros((1, 32, 32, 3), np.float32)), str(effnet_dir),
-                        'effnet')
+    effnet = EfficientNetEncoder(
+        stages=(('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)), last_channels=16, c_latent=4
+    )
+    core.save_diffusers(
+        effnet, random_variables(effnet, np.zeros((1, 32, 32, 3), np.float32)), str(effnet_dir), 'effnet'
+    )
     images.mkdir()
     rng = np.random.default_rng(0)
     for i in range(8):
@@ -61,8 +64,9 @@ def test_prior_finetune_from_diffusers_folders(finetune_arg, tmp_path):
     _, state = checkpoint.load_trained(str(tmp_path / 'run'))
     assert int(state['step']) == 2
     _, pretrained = convert.load_diffusers(str(prior_dir), 'prior', scan_blocks=True)
-    deltas = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
-                          state['params']['prior'], pretrained['params'])
+    deltas = jax.tree.map(
+        lambda a, b: float(np.abs(np.asarray(a) - b).max()), state['params']['prior'], pretrained['params']
+    )
     # Two AdamW steps at lr 1e-5 from the released weights: every tensor within ~2e-5 of it, some moved.
     assert max(jax.tree.leaves(deltas)) < 1e-4 and max(jax.tree.leaves(deltas)) > 0
 
@@ -72,19 +76,31 @@ def test_precompute_equals_the_encoders_and_trains(finetune_arg, tmp_path):
     gradients as a step on the images, training reads them, and a config they were not made with is refused."""
     out = tmp_path / 'pre'
     result = subprocess.run(
-        [sys.executable, '-m', 'wurst_jax.precompute',
-         f'--config=configs/wuerstchen_v2_prior_finetune.py:{finetune_arg}',
-         f'--config.input.data_dir={tmp_path / "data"}', '--config.optimizer.warmup_steps=0', f'--out={out}',
-         '--splits=train', '--batch_size=3'],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            '-m',
+            'wurst_jax.precompute',
+            f'--config=configs/wuerstchen_v2_prior_finetune.py:{finetune_arg}',
+            f'--config.input.data_dir={tmp_path / "data"}',
+            '--config.optimizer.warmup_steps=0',
+            f'--out={out}',
+            '--splits=train',
+            '--batch_size=3',
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ['metadata.json', 'train-00000-of-00001.array_record']
 
     config = _small_run_config(finetune_arg, tmp_path / 'data')
     task = tasks.create(config)
     frozen = task.frozen_params()
-    images = next(input_pipeline.create_eval_iterator(config.input, split='train', batch_size=8,
-                                                      tokenizer=task.tokenizer))
+    images = next(
+        input_pipeline.create_eval_iterator(config.input, split='train', batch_size=8, tokenizer=task.tokenizer)
+    )
     pre_config = _small_run_config(finetune_arg, tmp_path / 'data')
     pre_config.input.precomputed = str(out)
     tasks.validate(pre_config)
@@ -100,10 +116,12 @@ def test_precompute_equals_the_encoders_and_trains(finetune_arg, tmp_path):
 
     params, model_state = pre_task.init(jax.random.key(0), None)
     rng = jax.random.key(1)
-    grads, _, metrics = task.grads(params, model_state, frozen, as_jnp(images, ('image', 'tokens', 'token_mask')),
-                                   rng, 0)
-    pre_grads, _, pre_metrics = pre_task.grads(params, model_state, frozen,
-                                               as_jnp(records, ('latents', 'text_states')), rng, 0)
+    grads, _, metrics = task.grads(
+        params, model_state, frozen, as_jnp(images, ('image', 'tokens', 'token_mask')), rng, 0
+    )
+    pre_grads, _, pre_metrics = pre_task.grads(
+        params, model_state, frozen, as_jnp(records, ('latents', 'text_states')), rng, 0
+    )
     np.testing.assert_allclose(pre_metrics['loss'], metrics['loss'], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), pre_grads, grads)
 
@@ -116,6 +134,11 @@ def test_precompute_equals_the_encoders_and_trains(finetune_arg, tmp_path):
     pre_config.input.precomputed = str(tmp_path / 'nowhere')
     with pytest.raises(config_lib.ConfigError, match='input.precomputed'):
         tasks.validate(pre_config)
-    result = subprocess.run([sys.executable, '-m', 'wurst_jax.precompute', '--config=configs/shapes.py:runlocal'],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, '-m', 'wurst_jax.precompute', '--config=configs/shapes.py:runlocal'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "Invalid config: config.model_family='stage_a'" in result.stderr

@@ -1,5 +1,6 @@
 """Greedy growing (configs/growing.py:runlocal on 8 fake CPU devices): a Shallow-UViT core trained at
 16 px, grown to 32 px with the core frozen through the real training loop, then grown again to 64 px."""
+
 import functools
 
 import flax.linen as nn
@@ -36,8 +37,9 @@ def core_run(tmp_path_factory):
     rng = np.random.default_rng(1)
     trained = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype), fresh)
     state = state.replace(params=trained, ema_params=trained)
-    data = input_pipeline.create_train_iterator(config.input, seed=0, process_index=0, process_count=1,
-                                                tokenizer=task.tokenizer)
+    data = input_pipeline.create_train_iterator(
+        config.input, seed=0, process_index=0, process_count=1, tokenizer=task.tokenizer
+    )
     manager = checkpoint.create_manager(str(root / 'core' / 'checkpoints'), max_to_keep=1)
     checkpoint.save(manager, 1, state=state, data_iterator=data, config=config)
     checkpoint.wait(manager)
@@ -80,8 +82,19 @@ def test_phase1_training_leaves_core_and_text_encoder_bit_identical(core_run, gr
             assert np.all(np.asarray(init) != carried)
     # The shallow layers are gone; the new levels and the zero-initialised exit have trained.
     assert {'entry', 'encoder', 'decoder', 'exit', 'core'} == set(core_params) - {'text'}
-    assert {'entry', 'exit', 'core', 'encoder_0', 'down_0', 'up_0', 'decoder_0', 'encoder_1', 'down_1',
-            'up_1', 'decoder_1'} == set(grown) - {'text'}
+    assert {
+        'entry',
+        'exit',
+        'core',
+        'encoder_0',
+        'down_0',
+        'up_0',
+        'decoder_0',
+        'encoder_1',
+        'down_1',
+        'up_1',
+        'decoder_1',
+    } == set(grown) - {'text'}
     assert np.abs(grown['exit']['kernel']).max() > 0
     assert grown['entry']['kernel'].shape == (3, 3, 3, 8)  # the outermost width, 32 px
 
@@ -93,8 +106,9 @@ def test_phase2_optimizer_moves_the_core_and_phase1_does_not(core_run, tmp_path)
         config.optimizer.update(schedule='constant', warmup_steps=0)
         task = tasks.create(config)
         # Any values do: the test is about which leaves the optimizer moves (eval_shape compiles nothing).
-        params = params or jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype),
-                                        nn.meta.unbox(jax.eval_shape(task.init, jax.random.PRNGKey(0))[0]))
+        params = params or jax.tree.map(
+            lambda a: jnp.ones(a.shape, a.dtype), nn.meta.unbox(jax.eval_shape(task.init, jax.random.PRNGKey(0))[0])
+        )
         tx = task.optimizer()
         grads = jax.tree.map(jnp.ones_like, params)
         updates[phase], _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
@@ -121,18 +135,30 @@ def test_second_growth_to_64px_keeps_grown_levels_and_trains_sharded(grown_run, 
     batch_sharding = sharding.batch_sharding(mesh, rules)
     rng = np.random.default_rng(0)
     encoded = task.tokenizer(['a red circle on the left'] * 8)
-    batch = {'image': rng.uniform(-1, 1, (8, 64, 64, 3)).astype(np.float32),
-             'tokens': encoded['input_ids'], 'token_mask': encoded['attention_mask']}
+    batch = {
+        'image': rng.uniform(-1, 1, (8, 64, 64, 3)).astype(np.float32),
+        'tokens': encoded['input_ids'],
+        'token_mask': encoded['attention_mask'],
+    }
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=state_sharding)(
-            jax.random.PRNGKey(0), train_state.example_batch(task, 1))
+            jax.random.PRNGKey(0), train_state.example_batch(task, 1)
+        )
         state = train_state.with_pretrained(task, state, state_sharding)
         before = jax.device_get(state.params)
-        out = jax.eval_shape(task.denoiser_output, state.params, jnp.ones((2, 64, 64, 3)), jnp.full((2,), 0.5),
-                             jnp.zeros((2, config.text.max_length, task.text.width)))
-        step = jax.jit(functools.partial(train_state.train_step, task, tx, config),
-                       in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
-                       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+        out = jax.eval_shape(
+            task.denoiser_output,
+            state.params,
+            jnp.ones((2, 64, 64, 3)),
+            jnp.full((2,), 0.5),
+            jnp.zeros((2, config.text.max_length, task.text.width)),
+        )
+        step = jax.jit(
+            functools.partial(train_state.train_step, task, tx, config),
+            in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
+            out_shardings=(state_sharding, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
         state, metrics = step(state, sharding.make_global_batch(batch, batch_sharding), {})
     assert out.shape == (2, 64, 64, 3)
     source = checkpoint.load_params(grown_run[0], ema=True)

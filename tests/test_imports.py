@@ -1,6 +1,7 @@
 """The package's import graph, read with `ast` (nothing imported): no cycles, counting imports inside
 functions too, and no training machinery in the model files; every family has the task contract's
 members."""
+
 import ast
 import inspect
 import pathlib
@@ -33,7 +34,7 @@ def imported_names(name: str, path: pathlib.Path) -> set[str]:
             base_name = node.module or ''
             if node.level:
                 package = name.split('.') if path.name == '__init__.py' else name.split('.')[:-1]
-                package = package[:len(package) - node.level + 1]
+                package = package[: len(package) - node.level + 1]
                 base_name = '.'.join(package + ([node.module] if node.module else []))
             found.add(base_name)
             found.update(f'{base_name}.{a.name}' for a in node.names)
@@ -62,7 +63,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 'open':
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = 'done'
@@ -89,9 +90,12 @@ def test_the_package_has_no_import_cycle():
 
 @pytest.mark.parametrize('name', sorted(n for n in MODULES if n.startswith('wurst_jax.models.')))
 def test_model_files_import_no_training_machinery(name):
-    bad = sorted(m for m in imported_names(name, MODULES[name])
-                 if m.split('.')[0] in TRAINING_PACKAGES
-                 or m.startswith(('wurst_jax.tasks', 'wurst_jax.train', 'wurst_jax.checkpoint', 'wurst_jax.data')))
+    bad = sorted(
+        m
+        for m in imported_names(name, MODULES[name])
+        if m.split('.')[0] in TRAINING_PACKAGES
+        or m.startswith(('wurst_jax.tasks', 'wurst_jax.train', 'wurst_jax.checkpoint', 'wurst_jax.data'))
+    )
     assert not bad, f'{name} imports {bad}'
 
 
@@ -111,4 +115,4 @@ def test_every_family_has_the_task_contract(family):
         assert hasattr(cls, member), f'{cls.__name__} lacks {member}'
         wanted = [p for p in signature.parameters if p != 'self']
         got = [p for p in inspect.signature(getattr(cls, member)).parameters if p != 'self']
-        assert got[:len(wanted)] == wanted, f'{cls.__name__}.{member}{tuple(got)}: the contract has {tuple(wanted)}'
+        assert got[: len(wanted)] == wanted, f'{cls.__name__}.{member}{tuple(got)}: the contract has {tuple(wanted)}'

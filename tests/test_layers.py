@@ -1,6 +1,7 @@
 """The per-backend kernels of models/layers.py compute the same thing whichever is chosen: the depthwise
 conv against flax's grouped nn.Conv, attention's einsum and blocked forms against jax.nn.dot_product_attention;
 BatchNorm's train step against torch's BatchNorm2d."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,24 +29,28 @@ def test_depthwise_conv_equals_grouped_nn_conv(monkeypatch, padding, kernel, per
 
     def loss(module, v, x):
         return jnp.sum(jnp.sin(module.apply(v, x)))
+
     np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5)
-    for got, want in zip(jax.grad(loss, argnums=(1, 2))(ours, variables, x),
-                         jax.grad(loss, argnums=(1, 2))(reference, variables, x)):
+    for got, want in zip(
+        jax.grad(loss, argnums=(1, 2))(ours, variables, x), jax.grad(loss, argnums=(1, 2))(reference, variables, x)
+    ):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
 
 
-@pytest.mark.parametrize('tile_bytes', [2 ** 22, 448])  # one block of queries; two of 8 rows, 2 padded
+@pytest.mark.parametrize('tile_bytes', [2**22, 448])  # one block of queries; two of 8 rows, 2 padded
 def test_attention_kernels_agree(monkeypatch, tile_bytes):
     x = jax.random.normal(jax.random.key(0), (2, 14, 16))
     kv = jax.random.normal(jax.random.key(1), (2, 7, 12))
     mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3])
     module = layers.Attention(16, 4)
     variables = module.init(jax.random.key(2), x, kv)
-    monkeypatch.setattr(kernels, 'blocked_attention',
-                        lambda *a, blocked=kernels.blocked_attention: blocked(*a, tile_bytes=tile_bytes))
+    monkeypatch.setattr(
+        kernels, 'blocked_attention', lambda *a, blocked=kernels.blocked_attention: blocked(*a, tile_bytes=tile_bytes)
+    )
 
     def loss(variables, x, kv):
         return jnp.sum(jnp.sin(module.apply(variables, x, kv, mask=mask)))
+
     outputs, grads = {}, {}
     for kernel in ('einsum', 'blocked', 'dot_product_attention'):
         monkeypatch.setattr(kernels, 'attention_kernel', lambda kernel=kernel: kernel)
@@ -53,8 +58,11 @@ def test_attention_kernels_agree(monkeypatch, tile_bytes):
         grads[kernel] = jax.grad(loss, argnums=(0, 1, 2))(variables, x, kv)
     for kernel in ('einsum', 'blocked'):
         np.testing.assert_allclose(outputs[kernel], outputs['dot_product_attention'], rtol=1e-5, atol=1e-6)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                     grads[kernel], grads['dot_product_attention'])
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+            grads[kernel],
+            grads['dot_product_attention'],
+        )
     # The mask matters: the second sample's padded keys are ignored, its kept keys are not.
     changed = kv.at[1, 4:].add(3.0)
     np.testing.assert_allclose(module.apply(variables, x, changed, mask=mask)[1], outputs['blocked'][1], atol=1e-6)
@@ -85,8 +93,9 @@ def test_batch_norm_train_step_matches_torch(affine, eps):
         expected = nhwc(ref.train()(nchw(x)))
         expected_eval = nhwc(ref.eval()(nchw(x)))
     module = layers.BatchNorm(epsilon=eps, affine=affine)
-    assert jax.tree.map(np.shape, nn.meta.unbox(module.init(jax.random.key(0), x, use_running_average=False))) == \
-        jax.tree.map(np.shape, variables)
+    assert jax.tree.map(
+        np.shape, nn.meta.unbox(module.init(jax.random.key(0), x, use_running_average=False))
+    ) == jax.tree.map(np.shape, variables)
     mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
     step = jax.jit(lambda v, x: module.apply(v, x, use_running_average=False, mutable=['batch_stats']))
     for batch in (x, jax.device_put(x, NamedSharding(mesh, P('data')))):

@@ -2,6 +2,7 @@
 processes on loopback sharing one global mesh; one process resumes a two-process checkpoint; a dead
 peer makes the survivor exit instead of hanging; the launch recipes parse and the cluster detection
 they rely on finds the process id and count."""
+
 import json
 import os
 import re
@@ -29,6 +30,7 @@ def test_launch_script_parses(script):
 def test_cluster_detection_reads_slurm_and_tpu_environments(monkeypatch):
     from jax._src import clusters
     from jax._src.clusters import cloud_tpu_cluster
+
     for var in list(os.environ):
         if var.startswith(('SLURM_', 'TPU_', 'OMPI_', 'PMI_', 'MEGASCALE_')):
             monkeypatch.delenv(var)
@@ -54,8 +56,12 @@ def test_cluster_detection_reads_slurm_and_tpu_environments(monkeypatch):
 
 
 def test_explicit_distributed_flags_go_together(children, tmp_path):
-    proc = children.start('wurst_jax.main', '--config=configs/shapes.py:runlocal', f'--workdir={tmp_path}',
-                          '--coordinator_address=127.0.0.1:1234')
+    proc = children.start(
+        'wurst_jax.main',
+        '--config=configs/shapes.py:runlocal',
+        f'--workdir={tmp_path}',
+        '--coordinator_address=127.0.0.1:1234',
+    )
     output = children.wait(proc, timeout=300)
     assert proc.returncode != 0
     assert '--coordinator_address, --num_processes and --process_id go together' in output
@@ -76,16 +82,33 @@ def family_args(family, folders, workdir, data_dir, total=STEPS):
     """A tiny run of `family` that checkpoints, writes images and evaluates once, at its last step."""
     config, frozen = FAMILIES[family]
     source = [f'--config.{frozen[0]}={folders[frozen[1]]}'] if frozen else []
-    return main_args(config, workdir, data_dir, total, f'--config.checkpoint_every_steps={total}',
-                     f'--config.image_every_steps={total}', '--config.log_every_steps=1', *source)
+    return main_args(
+        config,
+        workdir,
+        data_dir,
+        total,
+        f'--config.checkpoint_every_steps={total}',
+        f'--config.image_every_steps={total}',
+        '--config.log_every_steps=1',
+        *source,
+    )
 
 
 def two_processes(children, args, *extra):
     """Processes 0 and 1 of one job, 4 fake devices each, joined through a coordinator on loopback."""
     port = free_port()
-    return [children.start(*args, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                           f'--process_id={i}', '--distributed_timeout=120', *extra, devices=4)
-            for i in range(2)]
+    return [
+        children.start(
+            *args,
+            f'--coordinator_address=127.0.0.1:{port}',
+            '--num_processes=2',
+            f'--process_id={i}',
+            '--distributed_timeout=120',
+            *extra,
+            devices=4,
+        )
+        for i in range(2)
+    ]
 
 
 @pytest.fixture(scope='module')
@@ -100,6 +123,7 @@ def two_process_run(module_children, tiny_stage_folders, tmp_path_factory):
             procs = two_processes(module_children, family_args(family, tiny_stage_folders, root / 'run', root / 'data'))
             runs[family] = root / 'run', module_children.finish_all(procs)
         return runs[family]
+
     return run
 
 

@@ -1,5 +1,6 @@
 """Würstchen v1's Stage B (Paella token predictor): parity with the official module tree through the
 checkpoint loader, the export back to official names, the official init, and bad input."""
+
 import math
 
 import flax.linen as nn
@@ -19,13 +20,38 @@ from wurst_jax.models.paella import Paella
 
 CONFIGS = [
     # Two levels, the released level layout (CT then CTA), two repeats at the deepest level.
-    dict(c_in=16, c_out=16, num_labels=64, c_r=64, c_cond=32, c_hidden=[32, 64], nhead=[-1, 2], blocks=[1, 2],
-         level_config=['CT', 'CTA'], effnet_embd=16, byt5_embd=24, dropout=0.0),
+    dict(
+        c_in=16,
+        c_out=16,
+        num_labels=64,
+        c_r=64,
+        c_cond=32,
+        c_hidden=[32, 64],
+        nhead=[-1, 2],
+        blocks=[1, 2],
+        level_config=['CT', 'CTA'],
+        effnet_embd=16,
+        byt5_embd=24,
+        dropout=0.0,
+    ),
     # Three levels, odd c_r (zero-padded embedding), 5x5 depthwise, patch size 1, per-level dropout, a middle
     # level starting with 'T' (its up level then takes no skip, as the official forward), attention at level 0.
-    dict(c_in=8, c_out=8, num_labels=40, c_r=15, patch_size=1, c_cond=20, c_hidden=[16, 24, 32], nhead=[2, -1, 4],
-         blocks=[2, 1, 2], level_config=['CTA', 'TC', 'CTA'], effnet_embd=5, byt5_embd=12, kernel_size=5,
-         dropout=[0.0, 0.0, 0.0]),
+    dict(
+        c_in=8,
+        c_out=8,
+        num_labels=40,
+        c_r=15,
+        patch_size=1,
+        c_cond=20,
+        c_hidden=[16, 24, 32],
+        nhead=[2, -1, 4],
+        blocks=[2, 1, 2],
+        level_config=['CTA', 'TC', 'CTA'],
+        effnet_embd=5,
+        byt5_embd=12,
+        kernel_size=5,
+        dropout=[0.0, 0.0, 0.0],
+    ),
 ]
 
 
@@ -41,20 +67,32 @@ def inputs(cfg, with_text=True, seed=1):
 
 def torch_logits(ref, tokens, r, effnet, text):
     with torch.no_grad():
-        out = ref(torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(r), nchw(effnet),
-                  None if text is None else torch.from_numpy(text))
+        out = ref(
+            torch.from_numpy(tokens.astype(np.int64)),
+            torch.from_numpy(r),
+            nchw(effnet),
+            None if text is None else torch.from_numpy(text),
+        )
     return out.numpy().transpose(0, 2, 3, 1)
 
 
 def save_checkpoint(path, ref):
     """As dome272/Wuerstchen train_stage_B.py saves it: the generator, its EfficientNet, the optimizer."""
     effnet = {'mapper.0.weight': torch.zeros(16, 1280, 1, 1)}
-    torch.save({'state_dict': ref.state_dict(), 'effnet_state_dict': effnet,
-                'optimizer_state_dict': {'state': {}, 'param_groups': []}, 'scheduler_last_step': 7}, path)
+    torch.save(
+        {
+            'state_dict': ref.state_dict(),
+            'effnet_state_dict': effnet,
+            'optimizer_state_dict': {'state': {}, 'param_groups': []},
+            'scheduler_last_step': 7,
+        },
+        path,
+    )
 
 
-@pytest.mark.parametrize('cfg, with_text', [(CONFIGS[0], True), (CONFIGS[1], False)],
-                         ids=['two_levels', 'three_levels_no_text'])
+@pytest.mark.parametrize(
+    'cfg, with_text', [(CONFIGS[0], True), (CONFIGS[1], False)], ids=['two_levels', 'three_levels_no_text']
+)
 def test_matches_official_through_load_original(tmp_path, cfg, with_text):
     ref = randomise(TorchPaella(**cfg), seed=0)
     state = ref.state_dict()
@@ -70,8 +108,9 @@ def test_matches_official_through_load_original(tmp_path, cfg, with_text):
     assert ours.dtype == jnp.float32 and ours.shape == expected.shape
     assert rel_err(ours, expected) <= TOL
     if not with_text:  # the same checkpoint into the scanned module: stacked repeats, the same logits
-        scanned, scanned_vars = convert.load_original(str(tmp_path / 'model_stage_b.pt'), 'paella', cfg,
-                                                      scan_blocks=True)
+        scanned, scanned_vars = convert.load_original(
+            str(tmp_path / 'model_stage_b.pt'), 'paella', cfg, scan_blocks=True
+        )
         assert {'down_blocks_0_scan', 'up_blocks_0_scan', 'up_blocks_2_scan'} <= set(scanned_vars['params'])
         assert rel_err(jax.jit(scanned.apply)(scanned_vars, *x), expected) <= TOL
 
@@ -101,12 +140,14 @@ def test_scanned_rematerialised_gradients_match_official(tmp_path):
     ref = randomise(TorchPaella(**cfg), seed=3)
     save_checkpoint(tmp_path / 'model.pt', ref)
     tokens, r, effnet, text = inputs(cfg)
-    module, variables = convert.load_original(str(tmp_path / 'model.pt'), 'paella', cfg, scan_blocks=True,
-                                              remat_policy='full')
+    module, variables = convert.load_original(
+        str(tmp_path / 'model.pt'), 'paella', cfg, scan_blocks=True, remat_policy='full'
+    )
 
     def loss(params):
         logits = module.apply({'params': params}, tokens, r, effnet, text)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], axis=-1))
+
     value, grads = jax.jit(jax.value_and_grad(loss))(variables['params'])
     ref.zero_grad()
     logits = ref(torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(r), nchw(effnet), torch.from_numpy(text))
@@ -146,8 +187,9 @@ def test_full_size_parameter_count():
     with torch.device('meta'):
         expected = sum(p.numel() for p in TorchPaella(byt5_embd=1024).parameters())
     module = core.component('paella').from_config(convert.original.RELEASED_CONFIGS['paella'])
-    shapes = jax.eval_shape(lambda k: module.init(k, *core.component('paella').example_inputs(module)),
-                            jax.random.key(0))
+    shapes = jax.eval_shape(
+        lambda k: module.init(k, *core.component('paella').example_inputs(module)), jax.random.key(0)
+    )
     assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes['params']))) == expected
     assert round(expected / 1e6, 1) == 730.8
 
@@ -175,7 +217,7 @@ def test_bad_input_errors(tmp_path):
         convert.load_original(str(tmp_path / 'model_stage_c.pt'), 'paella', cfg)
     message = str(err.value)
     assert 'model_stage_c.pt' in message and "['ema_state_dict', 'optimizer_state_dict']" in message
-    assert "no state_dict entry for paella" in message and 'train_stage_B.py' in message
+    assert 'no state_dict entry for paella' in message and 'train_stage_B.py' in message
     with pytest.raises(ValueError, match='not .pixart.'):
         convert.save_original(module, params, str(tmp_path / 'x.safetensors'), 'pixart')
 

@@ -2,6 +2,7 @@
 WuerstchenDecoderPipeline: tiny random diffusers and transformers models, loaded into our Stage C and
 Stage B tasks through wurst_jax.convert, sampled by the task methods the Pipeline runs, with the
 noise our chains draw fed to diffusers."""
+
 import diffusers.schedulers.scheduling_ddpm_wuerstchen as scheduler_module
 import jax
 import numpy as np
@@ -26,8 +27,18 @@ MAX_LENGTH, IMAGE_SIZE = 8, 32
 PRIOR_STEPS, PRIOR_GUIDANCE = 3, 4.0
 DECODER_STEPS, DECODER_GUIDANCE = 2, 2.0
 # One level keeps the compile short; test_convert.py checks deeper decoders against diffusers.
-DECODER = dict(c_r=8, patch_size=1, c_cond=16, c_hidden=[16], nhead=[2], blocks=[1], level_config=['CTA'],
-               inject_effnet=[True], kernel_size=3, dropout=0.0)
+DECODER = dict(
+    c_r=8,
+    patch_size=1,
+    c_cond=16,
+    c_hidden=[16],
+    nhead=[2],
+    blocks=[1],
+    level_config=['CTA'],
+    inject_effnet=[True],
+    kernel_size=3,
+    dropout=0.0,
+)
 
 
 @pytest.fixture(scope='module')
@@ -44,15 +55,20 @@ def folders(tmp_path_factory, tiny_stage_folders):
         decoder.clf[1].weight.mul_(0.1)
     prior.save_pretrained(root / 'prior')
     decoder.save_pretrained(root / 'decoder')
-    randomise(PaellaVQModel(levels=2, embed_dim=16, bottleneck_blocks=1, latent_channels=4, num_vq_embeddings=32),
-              seed=3).save_pretrained(root / 'vqgan')
-    return {**{name: root / name for name in ('clip', 'prior', 'decoder', 'vqgan')},
-            'effnet': tiny_stage_folders['effnet']}
+    randomise(
+        PaellaVQModel(levels=2, embed_dim=16, bottleneck_blocks=1, latent_channels=4, num_vq_embeddings=32), seed=3
+    ).save_pretrained(root / 'vqgan')
+    return {
+        **{name: root / name for name in ('clip', 'prior', 'decoder', 'vqgan')},
+        'effnet': tiny_stage_folders['effnet'],
+    }
 
 
 def _prior_task(folders):
-    config = load_config('wuerstchen_v2_prior_finetune', f'prior={folders["prior"]},clip={folders["clip"]},'
-                         f'effnet={folders["effnet"]},res={IMAGE_SIZE}')
+    config = load_config(
+        'wuerstchen_v2_prior_finetune',
+        f'prior={folders["prior"]},clip={folders["clip"]},effnet={folders["effnet"]},res={IMAGE_SIZE}',
+    )
     config.text.max_length = MAX_LENGTH
     config.sample.update(prior_timesteps='linspace', prior_steps=PRIOR_STEPS, prior_guidance=PRIOR_GUIDANCE)
     task = tasks.create(config)
@@ -60,8 +76,9 @@ def _prior_task(folders):
 
 
 def _decoder_task(folders):
-    config = load_config('stage_b', f'vqgan={folders["vqgan"]},effnet={folders["effnet"]},clip={folders["clip"]},'
-                         f'res={IMAGE_SIZE}')
+    config = load_config(
+        'stage_b', f'vqgan={folders["vqgan"]},effnet={folders["effnet"]},clip={folders["clip"]},res={IMAGE_SIZE}'
+    )
     config.dtype = 'float32'
     config.model.update(DECODER, remat_policy='none')
     config.text.max_length = MAX_LENGTH
@@ -90,10 +107,12 @@ def test_prior_and_decoder_chains_equal_diffusers(folders, monkeypatch):
     prior_frozen, decoder_frozen = prior_task.frozen_params(), decoder_task.frozen_params()
     p_enc, d_enc = prior_task.tokenizer(PROMPTS), decoder_task.tokenizer(PROMPTS)
     prior_key, decoder_key = jax.random.split(jax.random.key(0))  # one key per stage, as the Pipeline splits
-    effnet = jax.jit(prior_task.sample)(prior_params, prior_frozen, p_enc['input_ids'], p_enc['attention_mask'],
-                                        prior_key)
-    latents = jax.jit(decoder_task.sample_latents)(decoder_params, decoder_frozen, effnet, d_enc['input_ids'],
-                                                   d_enc['attention_mask'], decoder_key)
+    effnet = jax.jit(prior_task.sample)(
+        prior_params, prior_frozen, p_enc['input_ids'], p_enc['attention_mask'], prior_key
+    )
+    latents = jax.jit(decoder_task.sample_latents)(
+        decoder_params, decoder_frozen, effnet, d_enc['input_ids'], d_enc['attention_mask'], decoder_key
+    )
 
     tokenizer = transformers.CLIPTokenizer.from_pretrained(folders['clip'])
     tokenizer.model_max_length = MAX_LENGTH
@@ -101,22 +120,45 @@ def test_prior_and_decoder_chains_equal_diffusers(folders, monkeypatch):
     h, w, c = prior_task.latent_shape()
     prior_init, prior_noises = _task_noise(prior_key, (len(PROMPTS), h, w, c), PRIOR_STEPS)
     _feed(monkeypatch, prior_noises)
-    prior_pipe = WuerstchenPriorPipeline(tokenizer, text_encoder, WuerstchenPrior.from_pretrained(folders['prior']),
-                                         DDPMWuerstchenScheduler(), resolution_multiple=IMAGE_SIZE / h)
+    prior_pipe = WuerstchenPriorPipeline(
+        tokenizer,
+        text_encoder,
+        WuerstchenPrior.from_pretrained(folders['prior']),
+        DDPMWuerstchenScheduler(),
+        resolution_multiple=IMAGE_SIZE / h,
+    )
     with torch.no_grad():
-        embeddings = prior_pipe(PROMPTS, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=PRIOR_STEPS,
-                                guidance_scale=PRIOR_GUIDANCE, latents=prior_init).image_embeddings
+        embeddings = prior_pipe(
+            PROMPTS,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            num_inference_steps=PRIOR_STEPS,
+            guidance_scale=PRIOR_GUIDANCE,
+            latents=prior_init,
+        ).image_embeddings
     assert rel_err(effnet, nhwc(embeddings)) <= 1e-4
 
     decoder_init, decoder_noises = _task_noise(decoder_key, latents.shape, DECODER_STEPS)
     decoder_pipe = WuerstchenDecoderPipeline(
-        tokenizer, text_encoder, WuerstchenDiffNeXt.from_pretrained(folders['decoder']), DDPMWuerstchenScheduler(),
-        PaellaVQModel.from_pretrained(folders['vqgan']), latent_dim_scale=latents.shape[1] / h)
+        tokenizer,
+        text_encoder,
+        WuerstchenDiffNeXt.from_pretrained(folders['decoder']),
+        DDPMWuerstchenScheduler(),
+        PaellaVQModel.from_pretrained(folders['vqgan']),
+        latent_dim_scale=latents.shape[1] / h,
+    )
     expected = []
     for i, prompt in enumerate(PROMPTS):  # one prompt a call: diffusers repeats a list of prompts per embedding
-        _feed(monkeypatch, [n[i:i + 1] for n in decoder_noises])
+        _feed(monkeypatch, [n[i : i + 1] for n in decoder_noises])
         with torch.no_grad():
-            expected.append(decoder_pipe(embeddings[i:i + 1], prompt, num_inference_steps=DECODER_STEPS,
-                                         guidance_scale=DECODER_GUIDANCE, latents=decoder_init[i:i + 1],
-                                         output_type='latent').images)
+            expected.append(
+                decoder_pipe(
+                    embeddings[i : i + 1],
+                    prompt,
+                    num_inference_steps=DECODER_STEPS,
+                    guidance_scale=DECODER_GUIDANCE,
+                    latents=decoder_init[i : i + 1],
+                    output_type='latent',
+                ).images
+            )
     assert rel_err(latents, nhwc(torch.cat(expected))) <= 1e-4

@@ -1,6 +1,7 @@
 """PixArt-α against diffusers' PixArtTransformer2DModel: random tiny configs with and without the
 size micro-conditions, non-square latents, padded text; conversion both ways; scanned blocks; the
 re-parameterised start from diffusers' DiTTransformer2DModel."""
+
 import json
 
 import jax
@@ -14,13 +15,32 @@ from wurst_jax import convert
 from wurst_jax.convert.dit import pixart_from_dit
 
 CONFIGS = {
-    'plain': dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-                  sample_size=8, patch_size=2, caption_channels=12, cross_attention_dim=16,
-                  use_additional_conditions=False),
+    'plain': dict(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=12,
+        cross_attention_dim=16,
+        use_additional_conditions=False,
+    ),
     # PixArtMS: size and aspect micro-conditions, interpolation_scale 2, patch 1, no learned variance.
-    'ms': dict(num_attention_heads=3, attention_head_dim=8, in_channels=3, out_channels=3, num_layers=3,
-               sample_size=6, patch_size=1, caption_channels=10, cross_attention_dim=24,
-               use_additional_conditions=True, interpolation_scale=2),
+    'ms': dict(
+        num_attention_heads=3,
+        attention_head_dim=8,
+        in_channels=3,
+        out_channels=3,
+        num_layers=3,
+        sample_size=6,
+        patch_size=1,
+        caption_channels=10,
+        cross_attention_dim=24,
+        use_additional_conditions=True,
+        interpolation_scale=2,
+    ),
 }
 
 
@@ -38,29 +58,42 @@ def pixart_inputs(cfg: dict, h: int, w: int, seed: int = 1) -> dict:
     rng = np.random.default_rng(seed)
     mask = np.ones((4, 5), np.int64)
     mask[1, 3:] = 0  # the second caption has 3 tokens
-    inputs = dict(x=rng.standard_normal((4, h, w, cfg['in_channels'])).astype(np.float32),
-                  t=np.array([10.0, 500.0, 900.0, 1000.0], np.float32),  # at t ~ 1000 the angles reach 1e3 rad
-                  mask=mask, text=rng.standard_normal((4, 5, cfg['caption_channels'])).astype(np.float32))
+    inputs = dict(
+        x=rng.standard_normal((4, h, w, cfg['in_channels'])).astype(np.float32),
+        t=np.array([10.0, 500.0, 900.0, 1000.0], np.float32),  # at t ~ 1000 the angles reach 1e3 rad
+        mask=mask,
+        text=rng.standard_normal((4, 5, cfg['caption_channels'])).astype(np.float32),
+    )
     if cfg['use_additional_conditions']:
-        inputs.update(resolution=np.array([[48.0, 64.0], [64.0, 40.0], [32.0, 96.0], [1024.0, 768.0]], np.float32),
-                      aspect_ratio=np.array([[0.75], [1.6], [3.0], [0.75]], np.float32))
+        inputs.update(
+            resolution=np.array([[48.0, 64.0], [64.0, 40.0], [32.0, 96.0], [1024.0, 768.0]], np.float32),
+            aspect_ratio=np.array([[0.75], [1.6], [3.0], [0.75]], np.float32),
+        )
     return inputs
 
 
 def torch_forward(ref, inputs) -> np.ndarray:
-    added = ({'resolution': torch.from_numpy(inputs['resolution']),
-              'aspect_ratio': torch.from_numpy(inputs['aspect_ratio'])} if 'resolution' in inputs else None)
+    added = (
+        {'resolution': torch.from_numpy(inputs['resolution']), 'aspect_ratio': torch.from_numpy(inputs['aspect_ratio'])}
+        if 'resolution' in inputs
+        else None
+    )
     with torch.no_grad():
-        out = ref(nchw(inputs['x']), encoder_hidden_states=torch.from_numpy(inputs['text']),
-                  timestep=torch.from_numpy(inputs['t']), encoder_attention_mask=torch.from_numpy(inputs['mask']),
-                  added_cond_kwargs=added).sample
+        out = ref(
+            nchw(inputs['x']),
+            encoder_hidden_states=torch.from_numpy(inputs['text']),
+            timestep=torch.from_numpy(inputs['t']),
+            encoder_attention_mask=torch.from_numpy(inputs['mask']),
+            added_cond_kwargs=added,
+        ).sample
     return out.numpy().transpose(0, 2, 3, 1)
 
 
 def flax_forward(module, variables, inputs) -> np.ndarray:
     extra = (inputs['resolution'], inputs['aspect_ratio']) if 'resolution' in inputs else ()
-    return np.asarray(jax.jit(module.apply)(variables, inputs['x'], inputs['t'], inputs['text'],
-                                            inputs['mask'], *extra))
+    return np.asarray(
+        jax.jit(module.apply)(variables, inputs['x'], inputs['t'], inputs['text'], inputs['mask'], *extra)
+    )
 
 
 @pytest.mark.parametrize('name', list(CONFIGS))
@@ -93,19 +126,24 @@ def test_pixart_round_trip_and_scanned_blocks(tmp_path):
         torch.testing.assert_close(back.state_dict()[key], tensor, rtol=0, atol=0)
     scanned, scanned_vars = convert.load_diffusers(str(tmp_path / 'in'), 'pixart', scan_blocks=True)
     inputs = pixart_inputs(cfg, 6, 6)
-    np.testing.assert_allclose(flax_forward(scanned, scanned_vars, inputs), flax_forward(module, variables, inputs),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        flax_forward(scanned, scanned_vars, inputs), flax_forward(module, variables, inputs), rtol=1e-5, atol=1e-6
+    )
 
 
 def original_pixart_state(ref: PixArtTransformer2DModel, seed: int) -> dict:
     """ref's weights under the module names of PixArt-alpha's own code (q/k/v fused, as its attention
     holds them), with its two non-weight tensors: the positions buffer and the null caption."""
-    names = {'pos_embed.proj.': 'x_embedder.proj.', 'adaln_single.linear.': 't_block.1.',
-             'adaln_single.emb.timestep_embedder.linear_': 't_embedder.mlp.',
-             'adaln_single.emb.resolution_embedder.linear_': 'csize_embedder.mlp.',
-             'adaln_single.emb.aspect_ratio_embedder.linear_': 'ar_embedder.mlp.',
-             'caption_projection.linear_': 'y_embedder.y_proj.fc', 'proj_out.': 'final_layer.linear.',
-             'scale_shift_table': 'final_layer.scale_shift_table'}
+    names = {
+        'pos_embed.proj.': 'x_embedder.proj.',
+        'adaln_single.linear.': 't_block.1.',
+        'adaln_single.emb.timestep_embedder.linear_': 't_embedder.mlp.',
+        'adaln_single.emb.resolution_embedder.linear_': 'csize_embedder.mlp.',
+        'adaln_single.emb.aspect_ratio_embedder.linear_': 'ar_embedder.mlp.',
+        'caption_projection.linear_': 'y_embedder.y_proj.fc',
+        'proj_out.': 'final_layer.linear.',
+        'scale_shift_table': 'final_layer.scale_shift_table',
+    }
     mlp_index = {'1': '0', '2': '2'}  # nn.Sequential(Linear, SiLU, Linear)
     state, out = ref.state_dict(), {}
     for key, value in state.items():
@@ -113,7 +151,7 @@ def original_pixart_state(ref: PixArtTransformer2DModel, seed: int) -> dict:
             continue
         for new, old in names.items():
             if key.startswith(new):
-                rest = key[len(new):]
+                rest = key[len(new) :]
                 if old.endswith('mlp.'):
                     rest = mlp_index[rest[0]] + rest[1:]
                 out[old + rest] = value
@@ -132,8 +170,9 @@ def original_pixart_state(ref: PixArtTransformer2DModel, seed: int) -> dict:
             out[f'{o}mlp.fc1.{leaf}'] = state[f'{d}ff.net.0.proj.{leaf}']
             out[f'{o}mlp.fc2.{leaf}'] = state[f'{d}ff.net.2.{leaf}']
     out['pos_embed'] = ref.pos_embed.pos_embed.clone()  # diffusers' own positions at the base grid
-    out['y_embedder.y_embedding'] = torch.randn(7, ref.config.caption_channels,
-                                                generator=torch.Generator().manual_seed(seed))
+    out['y_embedder.y_embedding'] = torch.randn(
+        7, ref.config.caption_channels, generator=torch.Generator().manual_seed(seed)
+    )
     return out
 
 
@@ -152,8 +191,9 @@ def test_original_pixart_checkpoint_loads_like_diffusers(tmp_path, name):
     # A module whose positions differ from the file's is refused, naming the scale the file was made with.
     scale = ref.pos_embed.interpolation_scale
     with pytest.raises(ValueError, match=f'matches interpolation_scale=\\[{float(scale)}\\]'):
-        convert.original.load_original(str(tmp_path / 'PixArt.pth'), 'pixart',
-                                       {**config, 'interpolation_scale': 2 * scale})
+        convert.original.load_original(
+            str(tmp_path / 'PixArt.pth'), 'pixart', {**config, 'interpolation_scale': 2 * scale}
+        )
 
 
 def test_pixart_refuses_unsupported_configs(tmp_path):
@@ -165,8 +205,17 @@ def test_pixart_refuses_unsupported_configs(tmp_path):
 def test_pixart_from_dit_equals_unconditional_dit_at_the_chosen_timestep(tmp_path):
     # norm_eps 1e-6 as in the original DiT and in PixArt (diffusers' DiT default of 1e-5 in the MLP's
     # norm alone moves the output by ~1e-5).
-    cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3,
-               sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_eps=1e-6)
+    cfg = dict(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=3,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_eps=1e-6,
+    )
     dit = DiTTransformer2DModel(**cfg)
     positions = dit.pos_embed.pos_embed.clone()
     randomise(dit, seed=3)

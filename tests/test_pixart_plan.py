@@ -1,6 +1,7 @@
 """configs/pixart_alpha.py's stages end to end at toy size, single-stage on Stage A latents:
 the re-parameterised DiT start, each stage starting from the last, multi-aspect buckets with PixArtMS's
 micro-conditions in stage 3, and sampling prompts with no Stage B."""
+
 import logging
 
 import jax
@@ -23,12 +24,22 @@ def plan_folders(tmp_path_factory):
     """Tiny local folders: a random DiT (4 latent channels), a random f4 VQGAN, a CLIP text encoder, and
     captioned images of three shapes: 8 landscape (h/w 0.5), 8 portrait (2.0) and 8 square."""
     root = tmp_path_factory.mktemp('plan')
-    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8,
-                                num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=10, norm_eps=1e-6)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=4,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_eps=1e-6,
+    )
     randomise(dit, seed=0, scale=0.05).save_pretrained(root / 'dit')
     vqgan = VQGAN(levels=2, embed_dim=8, bottleneck_blocks=1, latent_channels=4, num_codes=16)
-    convert.save_diffusers(vqgan, random_variables(vqgan, np.zeros((1, 16, 16, 3), np.float32)), str(root / 'vqgan'),
-                           'vqgan')
+    convert.save_diffusers(
+        vqgan, random_variables(vqgan, np.zeros((1, 16, 16, 3), np.float32)), str(root / 'vqgan'), 'vqgan'
+    )
     tiny_clip_folder(root / 'clip')
     images = root / 'images'
     images.mkdir()
@@ -41,18 +52,27 @@ def plan_folders(tmp_path_factory):
 
 def plan_config(root, stage: int, init: str = ''):
     init = f',init={init}' if init else ''
-    config = load_config('pixart_alpha', f'stage={stage},runlocal,dit={root}/dit,clip={root}/clip,'
-                                         f'stage_a={root}/vqgan{init}')
-    config.input.update(dataset='image_folder', folder=str(root / 'images'), data_dir=str(root / 'tfds'),
-                        eval_split='train', bucket_multiple=8)
+    config = load_config(
+        'pixart_alpha', f'stage={stage},runlocal,dit={root}/dit,clip={root}/clip,stage_a={root}/vqgan{init}'
+    )
+    config.input.update(
+        dataset='image_folder',
+        folder=str(root / 'images'),
+        data_dir=str(root / 'tfds'),
+        eval_split='train',
+        bucket_multiple=8,
+    )
     tasks.validate(config)
     return config
 
 
 def max_delta(a, b) -> float:
     common = {k: v for k, v in a.items() if k in b}
-    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - y).max()), common,
-                                            {k: b[k] for k in common})))
+    return max(
+        jax.tree.leaves(
+            jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - y).max()), common, {k: b[k] for k in common})
+        )
+    )
 
 
 def test_plan_runs_from_the_dit_start_to_multi_aspect_buckets(plan_folders, tmp_path, caplog):
@@ -70,8 +90,11 @@ def test_plan_runs_from_the_dit_start_to_multi_aspect_buckets(plan_folders, tmp_
     config.total_steps = 3  # one epoch: a batch of each bucket
     with caplog.at_level(logging.INFO):
         train.train_and_evaluate(config, str(tmp_path / 'stage3'))
-    shapes = {m.split('image\', (8, ')[1].split(')')[0] for m in caplog.messages
-              if m.startswith('compiled the train step for batch shapes')}
+    shapes = {
+        m.split("image', (8, ")[1].split(')')[0]
+        for m in caplog.messages
+        if m.startswith('compiled the train step for batch shapes')
+    }
     assert shapes == {'24, 48, 3', '48, 24, 3'}, caplog.messages  # 32x32 is the first, compiled up front
     _, three = checkpoint.load_trained(str(tmp_path / 'stage3'))
     prior = three['params']['prior']

@@ -2,6 +2,7 @@
 
 The frozen networks are model folders holding only config.json: the plan must never need weights.
 """
+
 import json
 import os
 import subprocess
@@ -26,11 +27,26 @@ from wurst_jax.models.stage_c import WuerstchenPrior
 def stage_c_arg(tmp_path_factory):
     """configs/stage_c.py's argument naming config-only CLIP and effnet folders made here."""
     tmp = tmp_path_factory.mktemp('plan')
-    core.write_config(CLIPTextModel(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                    num_attention_heads=2, max_position_embeddings=8, hidden_act='gelu'),
-                      str(tmp / 'clip'), 'clip_text')
-    core.write_config(EfficientNetEncoder(stages=(('fused', 1, 3, 2, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)),
-                                          last_channels=16, c_latent=4), str(tmp / 'effnet'), 'effnet')
+    core.write_config(
+        CLIPTextModel(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            hidden_act='gelu',
+        ),
+        str(tmp / 'clip'),
+        'clip_text',
+    )
+    core.write_config(
+        EfficientNetEncoder(
+            stages=(('fused', 1, 3, 2, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)), last_channels=16, c_latent=4
+        ),
+        str(tmp / 'effnet'),
+        'effnet',
+    )
     assert sorted(os.listdir(tmp / 'clip')) == ['config.json']
     return f'clip={tmp / "clip"},effnet={tmp / "effnet"},batch=16'
 
@@ -47,6 +63,7 @@ def _tiny_stage_c(arg, **model):
 def test_fsdp_splits_state_and_remat_cuts_activations(stage_c_arg):
     """On 8 fake devices: FSDP holds well under half the float32 state (params, EMA, two Adam moments)
     per device, and full remat needs fewer temporary bytes than keeping every activation."""
+
     def run(**model):
         config = _tiny_stage_c(stage_c_arg, depth=4, scan_blocks=True, **model)
         config.mesh.update(data=1, fsdp=8)
@@ -54,8 +71,14 @@ def test_fsdp_splits_state_and_remat_cuts_activations(stage_c_arg):
 
     kept, remat = run(remat_policy='none'), run(remat_policy='full')
     prior = WuerstchenPrior(c_in=4, c=32, c_cond=32, c_r=8, depth=4, num_heads=2)
-    count = sum(x.size for x in jax.tree.leaves(jax.eval_shape(
-        prior.init, jax.random.key(0), jnp.zeros((1, 2, 2, 4)), jnp.zeros((1,)), jnp.zeros((1, 8, 32)))))
+    count = sum(
+        x.size
+        for x in jax.tree.leaves(
+            jax.eval_shape(
+                prior.init, jax.random.key(0), jnp.zeros((1, 2, 2, 4)), jnp.zeros((1,)), jnp.zeros((1, 8, 32))
+            )
+        )
+    )
     assert kept['params'] == remat['params'] == count and kept['devices'] == 8
     assert kept['argument_bytes'] < 0.5 * 4 * 4 * count
     assert remat['temp_bytes'] < kept['temp_bytes']
@@ -85,11 +108,30 @@ def test_remat_keeps_params_and_gradients():
     x, r = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32), jnp.asarray([0.3, 0.7])
     clip = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)
     effnet = jnp.asarray(rng.standard_normal((2, 2, 2, 4)), jnp.float32)
-    decoder = dict(c_in=4, c_out=4, c_r=8, patch_size=1, c_cond=16, c_hidden=(8, 16), nhead=(-1, 2), blocks=(1, 1),
-                   level_config=('CT', 'CTA'), inject_effnet=(True, True), effnet_embd=4, clip_embd=16, dropout=0.0)
-    cases = [(lambda p: WuerstchenDiffNeXt(**decoder, remat_policy=p), (x, r, effnet, clip)),
-             (lambda p: WuerstchenPrior(c_in=4, c=16, c_cond=16, c_r=8, depth=2, num_heads=2, dropout=0.0,
-                                        scan_blocks=True, remat_policy=p), (x, r, clip))]
+    decoder = dict(
+        c_in=4,
+        c_out=4,
+        c_r=8,
+        patch_size=1,
+        c_cond=16,
+        c_hidden=(8, 16),
+        nhead=(-1, 2),
+        blocks=(1, 1),
+        level_config=('CT', 'CTA'),
+        inject_effnet=(True, True),
+        effnet_embd=4,
+        clip_embd=16,
+        dropout=0.0,
+    )
+    cases = [
+        (lambda p: WuerstchenDiffNeXt(**decoder, remat_policy=p), (x, r, effnet, clip)),
+        (
+            lambda p: WuerstchenPrior(
+                c_in=4, c=16, c_cond=16, c_r=8, depth=2, num_heads=2, dropout=0.0, scan_blocks=True, remat_policy=p
+            ),
+            (x, r, clip),
+        ),
+    ]
     for make, inputs in cases:
         shapes = jax.eval_shape(make('none').init, jax.random.key(1), *inputs)['params']
         params = jax.tree.map(lambda s: 0.1 * jnp.asarray(rng.standard_normal(s.shape), jnp.float32), shapes)
@@ -101,18 +143,32 @@ def test_remat_keeps_params_and_gradients():
             loss = lambda p: jnp.mean(model.apply({'params': p}, *inputs) ** 2)
             results[policy] = jax.jit(jax.value_and_grad(loss))(params)
         np.testing.assert_allclose(results['full'][0], results['none'][0], rtol=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
-                     results['full'][1], results['none'][1])
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), results['full'][1], results['none'][1]
+        )
 
 
 def test_cli_compiles_for_a_tpu_topology(stage_c_arg, tmp_path):
     """The CLI with --topology runs the real TPU compiler (libtpu) on this CPU host, without a TPU."""
-    cmd = [sys.executable, '-m', 'wurst_jax.plan', f'--config={REPO}/configs/stage_c.py:{stage_c_arg}',
-           '--config.text.max_length=8', '--config.input.image_size=32', '--config.input.resize=32',
-           '--config.effnet.image_size=32', '--config.model.c=32', '--config.model.depth=2',
-           '--config.model.num_heads=2', '--config.model.c_r=8',
-           '--mesh=data=2,fsdp=2,tensor=1', '--batch=8', '--topology=v5e:2x2', '--device_gib=16',
-           f'--out={tmp_path / "plan.json"}']
+    cmd = [
+        sys.executable,
+        '-m',
+        'wurst_jax.plan',
+        f'--config={REPO}/configs/stage_c.py:{stage_c_arg}',
+        '--config.text.max_length=8',
+        '--config.input.image_size=32',
+        '--config.input.resize=32',
+        '--config.effnet.image_size=32',
+        '--config.model.c=32',
+        '--config.model.depth=2',
+        '--config.model.num_heads=2',
+        '--config.model.c_r=8',
+        '--mesh=data=2,fsdp=2,tensor=1',
+        '--batch=8',
+        '--topology=v5e:2x2',
+        '--device_gib=16',
+        f'--out={tmp_path / "plan.json"}',
+    ]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert 'on TPU v5e:2x2 (4 devices)' in out.stdout, out.stdout
@@ -128,6 +184,11 @@ def test_cli_refuses_a_bad_mesh_and_an_unknown_topology(stage_c_arg):
     base = [sys.executable, '-m', 'wurst_jax.plan', f'--config={REPO}/configs/stage_c.py:{stage_c_arg}']
     bad_mesh = subprocess.run(base + ['--mesh=data=2,pipeline=4'], cwd=REPO, capture_output=True, text=True)
     assert bad_mesh.returncode != 0 and 'AXIS=SIZE' in bad_mesh.stderr
-    unknown = subprocess.run(base + ['--mesh=data=1,fsdp=4,tensor=1', '--batch=8', '--topology=v99:1x1'], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
+    unknown = subprocess.run(
+        base + ['--mesh=data=1,fsdp=4,tensor=1', '--batch=8', '--topology=v99:1x1'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert unknown.returncode != 0 and "--topology='v99:1x1' could not be built" in unknown.stderr

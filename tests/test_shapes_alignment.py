@@ -1,4 +1,5 @@
 """The shapes alignment detector: right on the dataset's own images, wrong on wrong captions."""
+
 import numpy as np
 import pytest
 
@@ -33,7 +34,7 @@ def examples():
 def _box_blur(image: np.ndarray) -> np.ndarray:
     padded = np.pad(image, ((1, 1), (1, 1), (0, 0)), mode='edge')
     h, w = image.shape[:2]
-    return sum(padded[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
+    return sum(padded[i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9
 
 
 def _degrade(image: np.ndarray, rng: np.random.Generator, noise_first: bool) -> np.ndarray:
@@ -61,7 +62,8 @@ def test_score_reports_each_object(examples):
     image, caption = next((im, c) for im, c in zip(images, captions) if ' and ' in c)
     result = score(image, caption)
     assert [(o['colour'], o['shape'], o['position']) for o in result['objects']] == [
-        tuple(o) for o in parse_caption(caption)]
+        tuple(o) for o in parse_caption(caption)
+    ]
     for obj in result['objects']:
         assert obj['colour_match'] and obj['position_match'] and obj['shape_match']
         assert obj['detected_shape'] == obj['shape']
@@ -90,8 +92,7 @@ def test_wrong_captions_fail(examples, field):
     rng = np.random.default_rng(0)
     wrong = [_corrupt(c, field, rng) for c in captions]
     firsts = [score(im, c)['objects'][0] for im, c in zip(images, wrong)]
-    accuracy = {k: np.mean([o[f'{k}_match'] for o in firsts])
-                for k in ('colour', 'position', 'shape')}
+    accuracy = {k: np.mean([o[f'{k}_match'] for o in firsts]) for k in ('colour', 'position', 'shape')}
     assert accuracy[field] == 0, accuracy
     if field == 'shape':  # the object is still there, in its colour and place
         assert accuracy['colour'] == accuracy['position'] == 1, accuracy
@@ -113,8 +114,11 @@ def test_mislabelled_captions_score_exactly_their_share(examples):
     mislabelled = {f: len(captions[k::6]) for k, f in fields.items()}
     result = evaluate(images, wrong)
     assert result['num_objects'] == num_objects
-    failing = {'colour': mislabelled['colour'], 'position': mislabelled['colour'] + mislabelled['position'],
-               'shape': sum(mislabelled.values())}
+    failing = {
+        'colour': mislabelled['colour'],
+        'position': mislabelled['colour'] + mislabelled['position'],
+        'shape': sum(mislabelled.values()),
+    }
     for key, count in failing.items():
         assert result[f'{key}_accuracy'] == (num_objects - count) / num_objects, key
     assert result['all_correct'] == (len(captions) - sum(mislabelled.values())) / len(captions)
@@ -145,8 +149,7 @@ def test_degraded_images_still_score(examples, noise_first):
 def test_evaluate_accepts_a_stacked_batch(examples):
     images, captions = examples
     batch = np.stack(images[:NUM_PER_SIZE])  # all 32 px
-    assert evaluate(batch, captions[:NUM_PER_SIZE]) == evaluate(
-        images[:NUM_PER_SIZE], captions[:NUM_PER_SIZE])
+    assert evaluate(batch, captions[:NUM_PER_SIZE]) == evaluate(images[:NUM_PER_SIZE], captions[:NUM_PER_SIZE])
 
 
 def test_unparseable_caption_raises(examples):
@@ -159,14 +162,18 @@ def test_unparseable_caption_raises(examples):
         evaluate([image, image], ['a red circle on the left', 'a green thing'])
 
 
-@pytest.mark.parametrize('bad', [
-    np.zeros((32, 32, 3), np.float32),
-    np.zeros((32, 32), np.uint8),
-    np.zeros((32, 32, 4), np.uint8),
-    np.zeros((1, 32, 32, 3), np.uint8),
-    np.zeros((0, 32, 3), np.uint8),
-    [[[0, 0, 0]]],
-], ids=['float', 'grey', 'rgba', 'batched', 'empty', 'list'])
+@pytest.mark.parametrize(
+    'bad',
+    [
+        np.zeros((32, 32, 3), np.float32),
+        np.zeros((32, 32), np.uint8),
+        np.zeros((32, 32, 4), np.uint8),
+        np.zeros((1, 32, 32, 3), np.uint8),
+        np.zeros((0, 32, 3), np.uint8),
+        [[[0, 0, 0]]],
+    ],
+    ids=['float', 'grey', 'rgba', 'batched', 'empty', 'list'],
+)
 def test_bad_images_raise(bad):
     with pytest.raises(ValueError, match=r'uint8 image of shape \[H, W, 3\]|empty image'):
         score(bad, 'a red circle on the left')
@@ -186,8 +193,14 @@ def test_bad_batches_raise(examples):
 
 def test_thresholds_are_documented():
     doc = shapes_alignment.__doc__
-    for name in ('MIN_COVERAGE', 'MIN_AREA_FRACTION', 'CENTROID_TOLERANCE',
-                 'TRIANGLE_MAX_TOP_FRACTION', 'SQUARE_MIN_FILL', 'MIN_SMOOTHED_EXTENT'):
+    for name in (
+        'MIN_COVERAGE',
+        'MIN_AREA_FRACTION',
+        'CENTROID_TOLERANCE',
+        'TRIANGLE_MAX_TOP_FRACTION',
+        'SQUARE_MIN_FILL',
+        'MIN_SMOOTHED_EXTENT',
+    ):
         assert name in doc, name
 
 

@@ -1,4 +1,5 @@
 """Mesh construction and logical-axis shardings on 8 fake CPU devices."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,8 +31,7 @@ def stage_a_shardings(mesh_sizes):
     config.mesh = mesh_config(*mesh_sizes)
     mesh = sharding.create_mesh(config.mesh)
     task = tasks.create(config)
-    _, abstract, shardings = lowering.abstract_train_state(config, task, task.optimizer(), mesh,
-                                                        config.sharding_rules)
+    _, abstract, shardings = lowering.abstract_train_state(config, task, task.optimizer(), mesh, config.sharding_rules)
     return abstract, shardings
 
 
@@ -64,12 +64,13 @@ def test_initialised_state_is_placed_as_specified(tiny_shapes_config):
     config.mesh = mesh_config(4, 2, 1)
     mesh = sharding.create_mesh(config.mesh)
     task = tasks.create(config)
-    init_fn, _, shardings = lowering.abstract_train_state(config, task, task.optimizer(), mesh,
-                                                       config.sharding_rules)
+    init_fn, _, shardings = lowering.abstract_train_state(config, task, task.optimizer(), mesh, config.sharding_rules)
     import flax.linen as nn
+
     with jax.set_mesh(mesh):
         state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=shardings)(
-            jax.random.PRNGKey(0), train_state.example_batch(task, 1))
+            jax.random.PRNGKey(0), train_state.example_batch(task, 1)
+        )
     kernel = state.params['vqgan']['up_blocks_0']['channelwise_0']['kernel']  # (16, 64)
     assert kernel.sharding.spec == P('fsdp', 'tensor')
     assert kernel.addressable_shards[0].data.shape == (8, 64)

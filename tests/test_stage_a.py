@@ -1,4 +1,5 @@
 """Stage A networks: sizes, torch-order pixel shuffles, the quantiser, and the discriminator gate."""
+
 import functools
 
 import flax.linen as nn
@@ -16,8 +17,9 @@ def test_wuerstchen_size_param_count():
     variables = jax.eval_shape(lambda k: VQGAN().init(k, jnp.zeros((1, 64, 64, 3))), jax.random.key(0))
     params = nn.meta.unbox(variables['params'])
     assert sum(x.size for x in jax.tree.leaves(params)) == 18_406_894
-    assert jax.eval_shape(lambda k: VQGAN().init(k, jnp.zeros((1, 64, 64, 3))),
-                          jax.random.key(0))['batch_stats']['latent_norm']['mean'].shape == (4,)
+    assert jax.eval_shape(lambda k: VQGAN().init(k, jnp.zeros((1, 64, 64, 3))), jax.random.key(0))['batch_stats'][
+        'latent_norm'
+    ]['mean'].shape == (4,)
 
 
 def test_pixel_unshuffle_uses_torch_channel_order():
@@ -83,6 +85,7 @@ def write_torchvision_vgg16(path, seed=0):
     import torchvision
 
     from torch_reference import randomise
+
     with torch.device('meta'):
         ref = torchvision.models.vgg16(weights=None)
     ref.features.to_empty(device='cpu')
@@ -100,6 +103,7 @@ def test_vgg16_features_match_torchvision(tmp_path):
     from torch_reference import TOL, nchw, nhwc, rel_err
     from wurst_jax import perceptual
     from wurst_jax.models.vgg import VGG16Features
+
     features, state = write_torchvision_vgg16(tmp_path / 'vgg16.pth')
     params = perceptual.load_vgg16_params(str(tmp_path / 'vgg16.pth'))
     np.savez(tmp_path / 'vgg16.npz', **{k: v.numpy() for k, v in state.items()})
@@ -107,8 +111,8 @@ def test_vgg16_features_match_torchvision(tmp_path):
     x = np.random.default_rng(0).uniform(-1, 1, (2, 37, 26, 3)).astype(np.float32)  # odd: pools floor
     # LPIPS (richzhang/PerceptualSimilarity lpips/lpips.py ScalingLayer) for inputs in [-1, 1], and its vgg16
     # slices (lpips/pretrained_networks.py): the outputs of features[:4], [:9], [:16], [:23], [:30].
-    shift = torch.tensor([-.030, -.088, -.188])[None, :, None, None]
-    scale = torch.tensor([.458, .448, .450])[None, :, None, None]
+    shift = torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None]
+    scale = torch.tensor([0.458, 0.448, 0.450])[None, :, None, None]
     h, expected = (nchw(x) - shift) / scale, []
     with torch.no_grad():
         for index, layer in enumerate(features[:30]):  # the last pool is not read
@@ -124,6 +128,7 @@ def test_vgg16_features_match_torchvision(tmp_path):
 def test_perceptual_loss_reads_local_weights_and_trains(tiny_shapes_config, tmp_path):
     from wurst_jax import config_lib, perceptual
     from wurst_jax.models.vgg import VGG16Features, perceptual_distance
+
     weights = tmp_path / 'vgg16.pth'
     write_torchvision_vgg16(weights)
     params = perceptual.load_vgg16_params(str(weights))
@@ -143,8 +148,9 @@ def test_perceptual_loss_reads_local_weights_and_trains(tiny_shapes_config, tmp_
     tasks.validate(config)
     task = tasks.create(config)
     variables, state = nn.meta.unbox(task.init(jax.random.key(0), {'image': jnp.zeros((1, 32, 32, 3))}))
-    _, _, metrics = jax.jit(task.grads)(variables, state, task.frozen_params(), {'image': x},
-                                        jax.random.key(1), jnp.int32(0))
+    _, _, metrics = jax.jit(task.grads)(
+        variables, state, task.frozen_params(), {'image': x}, jax.random.key(1), jnp.int32(0)
+    )
     assert float(metrics['perceptual_loss']) > 0
     assert float(metrics['loss']) > float(metrics['mse'])
 

@@ -1,5 +1,6 @@
 """Würstchen v1's token Stage B: its noising, loss and sampler, training on Stage A's codes, and the
 v1 chain (Stage C -> token Stage B -> Stage A) through the demo, sampling CLI and evaluation job."""
+
 import json
 
 import jax
@@ -48,20 +49,38 @@ def test_loss_weight_and_its_normalisation_by_hand():
 
 def _one_hot_model(target):
     """logits_fn whose logits are one-hot on `target` whatever it is given (both guidance halves)."""
+
     def logits_fn(tokens, t, conditional):
         del t, conditional
         return 20.0 * jax.nn.one_hot(jnp.broadcast_to(target, tokens.shape), 16)
+
     return logits_fn
 
 
 @pytest.mark.parametrize('guidance', [1.0, 4.0])
 def test_argmax_sampling_returns_the_map_the_logits_point_at(guidance):
     target = jax.random.randint(jax.random.key(3), (1, 6, 6), 0, 16)
-    out = sample_tokens(_one_hot_model(target), jax.random.key(4), (1, 6, 6), 16, steps=5, guidance=guidance,
-                        temperature=(0.7, 0.3), mode='argmax')
+    out = sample_tokens(
+        _one_hot_model(target),
+        jax.random.key(4),
+        (1, 6, 6),
+        16,
+        steps=5,
+        guidance=guidance,
+        temperature=(0.7, 0.3),
+        mode='argmax',
+    )
     np.testing.assert_array_equal(out, target)
-    out = sample_tokens(_one_hot_model(target), jax.random.key(4), (1, 6, 6), 16, steps=5, guidance=guidance,
-                        temperature=(0.7, 0.3), mode='multinomial')
+    out = sample_tokens(
+        _one_hot_model(target),
+        jax.random.key(4),
+        (1, 6, 6),
+        16,
+        steps=5,
+        guidance=guidance,
+        temperature=(0.7, 0.3),
+        mode='multinomial',
+    )
     np.testing.assert_array_equal(out, target)  # 20 / 0.3 apart: the draw cannot miss
 
 
@@ -69,6 +88,7 @@ def test_sampler_is_deterministic_per_seed():
     def uniform(tokens, t, conditional):
         del t, conditional
         return jnp.zeros((*tokens.shape, 16))
+
     a = sample_tokens(uniform, jax.random.key(5), (2, 8, 8), 16, 4, 2.0, (1.0, 0.5))
     np.testing.assert_array_equal(a, sample_tokens(uniform, jax.random.key(5), (2, 8, 8), 16, 4, 2.0, (1.0, 0.5)))
     assert not np.array_equal(a, sample_tokens(uniform, jax.random.key(6), (2, 8, 8), 16, 4, 2.0, (1.0, 0.5)))
@@ -98,9 +118,11 @@ def test_a_tiny_overfit_drives_the_cross_entropy_down(tiny_stage_folders):
     tasks.validate(config)
     task = tasks.create(config)
     rng = np.random.default_rng(0)
-    batch = {'image': jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 3)), jnp.float32),
-             'tokens': jnp.asarray(task.tokenizer(['a red circle'] * 4)['input_ids']),
-             'token_mask': jnp.asarray(task.tokenizer(['a red circle'] * 4)['attention_mask'])}
+    batch = {
+        'image': jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 3)), jnp.float32),
+        'tokens': jnp.asarray(task.tokenizer(['a red circle'] * 4)['input_ids']),
+        'token_mask': jnp.asarray(task.tokenizer(['a red circle'] * 4)['attention_mask']),
+    }
     params, state = task.init(jax.random.key(0), batch)
     params = jax.tree.map(lambda x: getattr(x, 'value', x), params, is_leaf=lambda x: hasattr(x, 'value'))
     frozen = task.frozen_params()
@@ -122,18 +144,26 @@ def test_a_tiny_overfit_drives_the_cross_entropy_down(tiny_stage_folders):
     assert np.isfinite(losses).all() and np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
     after = task.evaluate(params, state, frozen, held_out)
     assert after['loss'] < 0.5 * before['loss'] and after['accuracy_t0.1'] > 0.9 > before['accuracy_t0.1']
-    assert set(after) == {f'{m}{t}' for m in ('loss', 'accuracy') for t in ('', '_t0.1', '_t0.25', '_t0.5', '_t0.75',
-                                                                             '_t0.9')}
+    assert set(after) == {
+        f'{m}{t}' for m in ('loss', 'accuracy') for t in ('', '_t0.1', '_t0.25', '_t0.5', '_t0.75', '_t0.9')
+    }
 
 
 # -- The v1 chain end to end -------------------------------------------------------------------
+
 
 @pytest.fixture(scope='module')
 def v1_root(tmp_path_factory):
     """All three stages trained by `wurst_jax.demo --runlocal --stage_b=tokens`."""
     root = tmp_path_factory.mktemp('v1')
-    result = run_module('wurst_jax.demo', f'--workdir={root}', f'--data_dir={root / "data"}', '--runlocal',
-                        '--stage_b=tokens', '--num_eval_prompts=8')
+    result = run_module(
+        'wurst_jax.demo',
+        f'--workdir={root}',
+        f'--data_dir={root / "data"}',
+        '--runlocal',
+        '--stage_b=tokens',
+        '--num_eval_prompts=8',
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root
 
@@ -142,6 +172,7 @@ def v1_root(tmp_path_factory):
 def test_the_v1_demo_trains_a_token_stage_b_and_samples_the_chain(v1_root, tmp_path):
     from wurst_jax import checkpoint
     from wurst_jax.pipeline import Pipeline
+
     assert checkpoint.saved_config(str(v1_root / 'stage_b')).model_family == 'stage_b_tokens'
     alignment = json.loads((v1_root / 'alignment.json').read_text())
     assert alignment['num_images'] == 8 and {'stage_b_s', 'sampling_s'} <= alignment.keys()
@@ -160,18 +191,38 @@ def test_the_v1_demo_trains_a_token_stage_b_and_samples_the_chain(v1_root, tmp_p
     prompt_file = tmp_path / 'prompts.txt'
     prompt_file.write_text('a red circle on the left\na white square in the center\n')
     out = tmp_path / 'out'
-    result = run_module('wurst_jax.sample', f'--workdir={v1_root}', f'--prompts={prompt_file}', f'--out={out}',
-                        '--decoder_steps=3', '--decoder_guidance=1.5', '--decoder_temperature=1.0,0.5')
+    result = run_module(
+        'wurst_jax.sample',
+        f'--workdir={v1_root}',
+        f'--prompts={prompt_file}',
+        f'--out={out}',
+        '--decoder_steps=3',
+        '--decoder_guidance=1.5',
+        '--decoder_temperature=1.0,0.5',
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ['00000.png', '00001.png', 'grid.png', 'prompts.json']
-    result = run_module('wurst_jax.sample', f'--workdir={v1_root}', f'--prompts={prompt_file}', f'--out={out}',
-                        '--decoder_temperature=hot')
+    result = run_module(
+        'wurst_jax.sample',
+        f'--workdir={v1_root}',
+        f'--prompts={prompt_file}',
+        f'--out={out}',
+        '--decoder_temperature=hot',
+    )
     assert result.returncode != 0 and '--decoder_temperature=hot: give two numbers' in result.stderr
 
     from wurst_jax.evaluate import job
+
     config = load_config('eval')
-    config.update(workdir=str(v1_root), prompts=str(prompt_file), out_dir=str(tmp_path / 'eval'), prior_steps=2,
-                  decoder_steps=2, batch_size=4, decoder_temperature='1.0,0.5')
+    config.update(
+        workdir=str(v1_root),
+        prompts=str(prompt_file),
+        out_dir=str(tmp_path / 'eval'),
+        prior_steps=2,
+        decoder_steps=2,
+        batch_size=4,
+        decoder_temperature='1.0,0.5',
+    )
     results = job.run(config)
     assert [r['step'] for r in results] == checkpoint.all_steps(v1_root / 'stage_c')
     assert all(r['num_images'] == 2 for r in results)

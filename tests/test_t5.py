@@ -1,5 +1,6 @@
 """Parity of the Flax T5 encoder with transformers' T5EncoderModel, conversion both ways (single-file and
 sharded folders), the T5-v1.1-XXL size, bfloat16, bad folders, and the T5 tokenizer folder."""
+
 import json
 import os
 
@@ -24,11 +25,29 @@ from wurst_jax.tokenizer import create_tokenizer
 # Tiny configs: with 8 buckets only distances 0 and 1 are exact each way, 2..15 are log-spaced, and from
 # max_distance 16 on (L = 24) every distance shares the last bucket.
 CONFIGS = {
-    'relu': dict(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                 relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj='relu'),
-    'gated_gelu': dict(vocab_size=60, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
-                       relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                       feed_forward_proj='gated-gelu', layer_norm_epsilon=1e-5),
+    'relu': dict(
+        vocab_size=50,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj='relu',
+    ),
+    'gated_gelu': dict(
+        vocab_size=60,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=3,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj='gated-gelu',
+        layer_norm_epsilon=1e-5,
+    ),
 }
 LENGTH = 24
 
@@ -56,8 +75,11 @@ def _reference(ref, ids, mask=None) -> np.ndarray:
 
 
 def _ours(module, variables, ids, mask=None) -> np.ndarray:
-    return np.asarray(jax.jit(module.apply)(variables, jnp.asarray(ids, jnp.int32),
-                                            None if mask is None else jnp.asarray(mask, jnp.int32)))
+    return np.asarray(
+        jax.jit(module.apply)(
+            variables, jnp.asarray(ids, jnp.int32), None if mask is None else jnp.asarray(mask, jnp.int32)
+        )
+    )
 
 
 def _assert_same_variables(a, b):
@@ -131,9 +153,12 @@ def _random_variables(module, ids) -> dict:
     """Random variables in the module's shapes, drawn with numpy: norm scales near 1, the rest N(0, 0.2^2)."""
     shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), ids))
     rng = np.random.default_rng(4)
-    return traverse_util.unflatten_dict({
-        path: (path[-1] == 'scale') + np.float32(0.2) * rng.standard_normal(x.shape, np.float32)
-        for path, x in traverse_util.flatten_dict(shapes).items()})
+    return traverse_util.unflatten_dict(
+        {
+            path: (path[-1] == 'scale') + np.float32(0.2) * rng.standard_normal(x.shape, np.float32)
+            for path, x in traverse_util.flatten_dict(shapes).items()
+        }
+    )
 
 
 def test_flax_to_transformers_round_trip_scan_and_bfloat16(tmp_path):
@@ -156,13 +181,16 @@ def test_flax_to_transformers_round_trip_scan_and_bfloat16(tmp_path):
     _assert_same_variables(back, variables)
 
     # scan_blocks (with remat) over the same folder: equal outputs, and it writes the same file
-    scanned, scanned_vars = convert.load_diffusers(str(tmp_path / 'out'), 't5_encoder', scan_blocks=True,
-                                                   remat_policy='full')
+    scanned, scanned_vars = convert.load_diffusers(
+        str(tmp_path / 'out'), 't5_encoder', scan_blocks=True, remat_policy='full'
+    )
     assert 'block' in scanned_vars['params']['encoder'] and 'block_0' not in scanned_vars['params']['encoder']
     assert rel_err(_ours(scanned, scanned_vars, ids, mask), ours) <= 1e-6
     convert.save_diffusers(scanned, scanned_vars, str(tmp_path / 'scanned'), 't5_encoder')
-    written, expected = load_file(tmp_path / 'scanned' / 'model.safetensors'), load_file(
-        tmp_path / 'out' / 'model.safetensors')
+    written, expected = (
+        load_file(tmp_path / 'scanned' / 'model.safetensors'),
+        load_file(tmp_path / 'out' / 'model.safetensors'),
+    )
     assert written.keys() == expected.keys()
     for key in expected:
         np.testing.assert_array_equal(written[key], expected[key], err_msg=key)
@@ -181,14 +209,16 @@ def test_flax_to_transformers_round_trip_scan_and_bfloat16(tmp_path):
 
 def test_t5_v1_1_xxl_parameter_count():
     """PixArt-α's text encoder: the Flax count equals transformers' unique (shared/embed_tokens tied) count."""
-    cfg = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-               feed_forward_proj='gated-gelu')
+    cfg = dict(
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj='gated-gelu'
+    )
     with torch.device('meta'):
         ref = transformers.T5EncoderModel(transformers.T5Config(**cfg))
     assert ref.encoder.embed_tokens.weight is ref.shared.weight
     torch_count = sum(p.numel() for p in {id(p): p for p in ref.parameters()}.values())
-    module = convert.COMPONENTS['t5_encoder'].from_config({'architectures': ['T5EncoderModel'], 'model_type': 't5',
-                                                           **cfg})
+    module = convert.COMPONENTS['t5_encoder'].from_config(
+        {'architectures': ['T5EncoderModel'], 'model_type': 't5', **cfg}
+    )
     assert module == T5Encoder()  # the defaults are T5-v1.1-XXL's
     shapes = core.abstract_variables(module, convert.COMPONENTS['t5_encoder'])
     count = sum(x.size for x in jax.tree.leaves(shapes))
@@ -198,8 +228,11 @@ def test_t5_v1_1_xxl_parameter_count():
 
 
 def test_bad_folders_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r'config\.json not found: t5_encoder expects a transformers model '
-                                                r'folder with config\.json and model\.safetensors'):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r'config\.json not found: t5_encoder expects a transformers model '
+        r'folder with config\.json and model\.safetensors',
+    ):
         convert.load_diffusers(str(tmp_path), 't5_encoder')
 
     def folder(name, config, weights=b''):
@@ -213,34 +246,56 @@ def test_bad_folders_name_the_problem(tmp_path):
     t5 = T5Encoder(**CONFIGS['relu']).hf_config()
     with pytest.raises(FileNotFoundError, match=r'no_weights/model\.safetensors not found'):
         convert.load_diffusers(folder('no_weights', t5, None), 't5_encoder')
-    with pytest.raises(ValueError, match=r"config\.json is a CLIPTextModel, but component 't5_encoder' is a "
-                                         r'T5EncoderModel or T5ForConditionalGeneration or T5Model'):
-        convert.load_diffusers(folder('clip', {'architectures': ['CLIPTextModel'], 'model_type': 'clip_text_model'}),
-                               't5_encoder')
+    with pytest.raises(
+        ValueError,
+        match=r"config\.json is a CLIPTextModel, but component 't5_encoder' is a "
+        r'T5EncoderModel or T5ForConditionalGeneration or T5Model',
+    ):
+        convert.load_diffusers(
+            folder('clip', {'architectures': ['CLIPTextModel'], 'model_type': 'clip_text_model'}), 't5_encoder'
+        )
     with pytest.raises(ValueError, match=r"model_type 'bert' is not a T5 config"):
         convert.load_diffusers(folder('bert', {'model_type': 'bert', 'hidden_size': 8}), 't5_encoder')
-    with pytest.raises(ValueError, match=r"feed_forward_proj 'gated-silu' is not supported: valid are "
-                                         r"\['gated-gelu', 'relu'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"feed_forward_proj 'gated-silu' is not supported: valid are "
+        r"\['gated-gelu', 'relu'\]",
+    ):
         convert.load_diffusers(folder('silu', {**t5, 'feed_forward_proj': 'gated-silu'}), 't5_encoder')
     sharded = folder('sharded', t5, None)
-    index = {'weight_map': {'shared.weight': 'model-00001-of-00002.safetensors',
-                            'encoder.final_layer_norm.weight': 'model-00002-of-00002.safetensors'}}
+    index = {
+        'weight_map': {
+            'shared.weight': 'model-00001-of-00002.safetensors',
+            'encoder.final_layer_norm.weight': 'model-00002-of-00002.safetensors',
+        }
+    }
     (tmp_path / 'sharded' / 'model.safetensors.index.json').write_text(json.dumps(index))
-    with pytest.raises(FileNotFoundError, match=r"names shards that are not in .*sharded: "
-                                                r"\['model-00001-of-00002\.safetensors'"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r'names shards that are not in .*sharded: '
+        r"\['model-00001-of-00002\.safetensors'",
+    ):
         convert.load_diffusers(sharded, 't5_encoder')
     # a file short of the encoder's tensors names each missing key
     save_file({'shared.weight': np.zeros((50, 32), np.float32)}, os.path.join(sharded, 'model.safetensors'))
-    with pytest.raises(ValueError, match=r"t5_encoder weights do not match the module: missing \[.*"
-                                         r"'encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias"):
+    with pytest.raises(
+        ValueError,
+        match=r't5_encoder weights do not match the module: missing \[.*'
+        r"'encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias",
+    ):
         convert.load_diffusers(sharded, 't5_encoder')
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
 
 WORDS = ['a', 'photo', 'of', 'the', 'cat', 'dog', 'on', 'red', 'blue', 'sitting', 'mat']
-TEXTS = ['a photo of the cat', 'the   dog on a red mat', '', 'Blue XYZ dogs!',
-         'a red cat sitting on the mat of a blue dog on the mat']
+TEXTS = [
+    'a photo of the cat',
+    'the   dog on a red mat',
+    '',
+    'Blue XYZ dogs!',
+    'a red cat sitting on the mat of a blue dog on the mat',
+]
 
 
 def _tiny_t5_tokenizer_json(path) -> None:
@@ -249,11 +304,13 @@ def _tiny_t5_tokenizer_json(path) -> None:
     vocab = [('<pad>', 0.0), ('</s>', 0.0), ('<unk>', 0.0), ('\u2581', -2.0)]
     vocab += [('\u2581' + w, -3.0 - 0.1 * i) for i, w in enumerate(WORDS)] + [(c, -6.0) for c in 'abcdefghijklmnopqrst']
     tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='always')])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='always')]
+    )
     tokenizer.decoder = decoders.Metaspace(replacement='\u2581', prepend_scheme='always')
-    tokenizer.post_processor = processors.TemplateProcessing(single='$A </s>', pair='$A </s> $B </s>',
-                                                             special_tokens=[('</s>', 1)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single='$A </s>', pair='$A </s> $B </s>', special_tokens=[('</s>', 1)]
+    )
     tokenizer.add_special_tokens([AddedToken(t, special=True) for t in ('<pad>', '</s>', '<unk>')])
     os.makedirs(path, exist_ok=True)
     tokenizer.save(os.path.join(path, 'tokenizer.json'))
@@ -289,10 +346,15 @@ def test_clip_tokenizer_folder_still_pads_with_its_own_token_and_spiece_hint(tmp
     tokenizer = create_tokenizer(str(tmp_path / 'clip'), 8)
     reference = transformers.CLIPTokenizer.from_pretrained(tmp_path / 'clip')
     assert tokenizer.pad_token == '!' and tokenizer.pad_token_id == reference.convert_tokens_to_ids('!')
-    np.testing.assert_array_equal(tokenizer(TEXTS)['input_ids'],
-                                  reference(TEXTS, padding='max_length', max_length=8, truncation=True)['input_ids'])
+    np.testing.assert_array_equal(
+        tokenizer(TEXTS)['input_ids'],
+        reference(TEXTS, padding='max_length', max_length=8, truncation=True)['input_ids'],
+    )
     (tmp_path / 'spm').mkdir()
     (tmp_path / 'spm' / 'spiece.model').write_bytes(b'')
-    with pytest.raises(FileNotFoundError, match=r'tokenizer\.json not found .*holds only spiece\.model: write its '
-                                                r'tokenizer\.json once with transformers'):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r'tokenizer\.json not found .*holds only spiece\.model: write its '
+        r'tokenizer\.json once with transformers',
+    ):
         create_tokenizer(str(tmp_path / 'spm'), 120)

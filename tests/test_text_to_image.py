@@ -1,5 +1,6 @@
 """Text to image end to end at toy size: the demo trains all three stages, sampling is
 deterministic, the CLI checks its inputs, and the Stage B / C steps run sharded on 8 devices."""
+
 import functools
 import json
 
@@ -27,6 +28,7 @@ def test_demo_writes_stages_grid_and_alignment(demo_root):
 
 def test_sampling_is_deterministic_and_independent_of_batching(demo_root):
     from wurst_jax.pipeline import Pipeline
+
     pipeline = Pipeline.from_root(str(demo_root))
     prompts = ['a red circle on the left', 'a blue square at the top and a green triangle on the right', 'x']
     first = pipeline(prompts, seed=3, batch_size=8)
@@ -41,8 +43,14 @@ def test_sample_cli(demo_root, tmp_path):
     prompts = tmp_path / 'prompts.txt'
     prompts.write_text('a red circle on the left\n\na white square in the center\n')
     out = tmp_path / 'out'
-    result = run_module('wurst_jax.sample', f'--workdir={demo_root}', f'--prompts={prompts}', f'--out={out}',
-                        '--prior_steps=2', '--decoder_steps=2')
+    result = run_module(
+        'wurst_jax.sample',
+        f'--workdir={demo_root}',
+        f'--prompts={prompts}',
+        f'--out={out}',
+        '--prior_steps=2',
+        '--decoder_steps=2',
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ['00000.png', '00001.png', 'grid.png', 'prompts.json']
     prompts = json.loads((out / 'prompts.json').read_text())
@@ -54,8 +62,9 @@ def test_sample_cli_bad_inputs(tmp_path):
     empty.write_text('\n  \n')
     result = run_module('wurst_jax.sample', f'--workdir={tmp_path}', f'--prompts={empty}', f'--out={tmp_path}/o')
     assert result.returncode != 0 and 'has no prompts' in result.stderr
-    result = run_module('wurst_jax.sample', f'--workdir={tmp_path}', f'--prompts={tmp_path}/missing.txt',
-                        f'--out={tmp_path}/o')
+    result = run_module(
+        'wurst_jax.sample', f'--workdir={tmp_path}', f'--prompts={tmp_path}/missing.txt', f'--out={tmp_path}/o'
+    )
     assert result.returncode != 0 and 'cannot read prompts file' in result.stderr
     empty.write_text('a red circle on the left\n')
     result = run_module('wurst_jax.sample', f'--workdir={tmp_path}', f'--prompts={empty}', f'--out={tmp_path}/o')
@@ -74,12 +83,17 @@ def _sharded_step(config):
     frozen = jax.device_put(task.frozen_params(), sharding.replicated(mesh))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=state_sharding)(
-            jax.random.PRNGKey(0), train_state.example_batch(task, 1))
-        step = jax.jit(functools.partial(train_state.train_step, task, tx, config),
-                       in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
-                       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
-    it = input_pipeline.create_train_iterator(config.input, seed=0, process_index=0, process_count=1,
-                                              tokenizer=task.tokenizer)
+            jax.random.PRNGKey(0), train_state.example_batch(task, 1)
+        )
+        step = jax.jit(
+            functools.partial(train_state.train_step, task, tx, config),
+            in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
+            out_shardings=(state_sharding, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
+    it = input_pipeline.create_train_iterator(
+        config.input, seed=0, process_index=0, process_count=1, tokenizer=task.tokenizer
+    )
 
     def run(state, batches):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -87,6 +101,7 @@ def _sharded_step(config):
                 batch = sharding.make_global_batch({k: local[k] for k in task.batch_spec()}, batch_sharding)
                 state, metrics = step(state, batch, frozen)
         return state, metrics
+
     return task, run, state, it, frozen
 
 

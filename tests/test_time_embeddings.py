@@ -1,6 +1,7 @@
 """The sinusoidal time embeddings against the torch references at times up to 1: Würstchen's
 `gen_r_embedding` (the prior, the decoder and the pixel Shallow-UViT all use layers.gen_r_embedding)
 and PixArt's `Timesteps`. At r = 1 the angles reach 1e4 rad, where one ulp of a frequency shows."""
+
 import types
 
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ def rounded_torch_exp(monkeypatch) -> list:
     def rounded(x):
         results.append(exp(x.double()).float())
         return results[-1]
+
     monkeypatch.setattr(torch, 'exp', rounded)
     monkeypatch.setattr(torch.Tensor, 'exp', rounded)
     return results
@@ -44,8 +46,9 @@ def test_r_embedding_matches_diffusers(monkeypatch, reference, c_r):
 def test_pixart_timestep_embedding_matches_diffusers(monkeypatch):
     t = 1000 * R  # Stage C passes PixArt 1000 · r
     ours = np.asarray(pixart.timestep_embedding(jnp.asarray(t)))
-    embed = lambda shift=0: get_timestep_embedding(torch.from_numpy(t), 256, flip_sin_to_cos=True,
-                                                   downscale_freq_shift=shift).numpy()
+    embed = lambda shift=0: get_timestep_embedding(
+        torch.from_numpy(t), 256, flip_sin_to_cos=True, downscale_freq_shift=shift
+    ).numpy()
     # torch's own exp is a last bit off at two of the 128 frequencies (the 13th and the 107th): at t = 1000
     # the 13th angle (~420 rad, where a float32 ulp is 3e-5) moves by about one ulp.
     np.testing.assert_allclose(ours, embed(), rtol=0, atol=5e-5)

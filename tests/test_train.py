@@ -1,5 +1,6 @@
 """The training loop on 8 fake CPU devices: learning, gradient accumulation, mesh presets. Exact
 resume in a new process, after kills at random moments, is tests/test_faults.py."""
+
 import functools
 
 import flax.linen as nn
@@ -26,10 +27,14 @@ def test_stage_a_loss_falls_on_4x2_mesh(tiny_shapes_config):
     losses = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.sharding_rules):
         state = jax.jit(lambda r, x: nn.meta.unbox(init_fn(r, x)), out_shardings=state_sharding)(
-            jax.random.PRNGKey(0), train_state.example_batch(task, 1))
-        step = jax.jit(functools.partial(train_state.train_step, task, tx, config),
-                       in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
-                       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+            jax.random.PRNGKey(0), train_state.example_batch(task, 1)
+        )
+        step = jax.jit(
+            functools.partial(train_state.train_step, task, tx, config),
+            in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
+            out_shardings=(state_sharding, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
         for _ in range(25):
             batch = sharding.make_global_batch({'image': next(it)['image']}, batch_sharding)
             state, metrics = step(state, batch, {})
@@ -42,6 +47,7 @@ def test_stage_a_loss_falls_on_4x2_mesh(tiny_shapes_config):
 
 def test_gradient_accumulation_averages_micro_batch_gradients():
     """On a per-row mean loss, 4 micro-batches give the full-batch gradient; model_state is threaded."""
+
     class LinearTask:
         def grads(self, params, model_state, frozen, batch, rng, step):
             loss_fn = lambda p: jnp.mean((batch['x'] @ p['w'] - batch['y']) ** 2)
@@ -49,10 +55,18 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
             return grads, {'seen': model_state['seen'] + batch['x'].shape[0]}, {'loss': loss}
 
     params = {'w': jax.random.normal(jax.random.PRNGKey(0), (3, 2))}
-    state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, ema_params=params,
-                             model_state={'seen': jnp.zeros((), jnp.int32)}, rng=jax.random.PRNGKey(1))
-    batch = {'x': jax.random.normal(jax.random.PRNGKey(2), (8, 3)),
-             'y': jax.random.normal(jax.random.PRNGKey(3), (8, 2))}
+    state = train_state.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=None,
+        ema_params=params,
+        model_state={'seen': jnp.zeros((), jnp.int32)},
+        rng=jax.random.PRNGKey(1),
+    )
+    batch = {
+        'x': jax.random.normal(jax.random.PRNGKey(2), (8, 3)),
+        'y': jax.random.normal(jax.random.PRNGKey(3), (8, 2)),
+    }
     full = train_state.accumulated_grads(LinearTask(), state, {}, batch, state.rng, 1)
     micro = jax.jit(lambda s, b: train_state.accumulated_grads(LinearTask(), s, {}, b, s.rng, 4))(state, batch)
     np.testing.assert_allclose(micro[0]['w'], full[0]['w'], rtol=1e-5, atol=1e-7)
@@ -62,6 +76,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
 
 def test_mesh_presets():
     from wurst_jax import config_lib
+
     assert dict(config_lib.mesh_preset('dp')) == {'data': -1, 'fsdp': 1, 'tensor': 1}
     assert dict(config_lib.mesh_preset('fsdp_tp', tensor=4)) == {'data': 1, 'fsdp': -1, 'tensor': 4}
     devices = np.array(jax.devices()[:8])

@@ -1,4 +1,5 @@
 """Helpers for parity tests against the PyTorch references (test-only: needs torch)."""
+
 import jax
 import numpy as np
 import torch

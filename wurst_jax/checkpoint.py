@@ -1,5 +1,6 @@
 """The only module that talks to orbax: save and restore the train state, the data iterator and
 the config together, asynchronously, keeping the newest N checkpoints."""
+
 import contextlib
 import json
 import logging
@@ -45,23 +46,27 @@ def all_steps(workdir: str) -> list[int]:
 
 def create_manager(directory: str, *, max_to_keep: int) -> ocp.CheckpointManager:
     """An async CheckpointManager with items state / data / config under `directory`."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                 item_names=('state', 'data', 'config'))
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=('state', 'data', 'config'))
 
 
-def save(manager: ocp.CheckpointManager, step: int, *, state: Any, data_iterator: Any,
-         config: ml_collections.ConfigDict) -> None:
+def save(
+    manager: ocp.CheckpointManager, step: int, *, state: Any, data_iterator: Any, config: ml_collections.ConfigDict
+) -> None:
     """Starts an async save of everything needed to resume at `step`."""
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(config.to_dict())))
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(config.to_dict()),
+        ),
+    )
 
 
-def restore_latest(manager: ocp.CheckpointManager, *, abstract_state: Any,
-                   data_iterator: Any) -> tuple[int, Any] | None:
+def restore_latest(
+    manager: ocp.CheckpointManager, *, abstract_state: Any, data_iterator: Any
+) -> tuple[int, Any] | None:
     """Restores the newest checkpoint that reads back into arrays shaped and sharded like `abstract_state`.
 
     `data_iterator` is restored in place, before it yields anything. A newer checkpoint that fails to
@@ -74,12 +79,14 @@ def restore_latest(manager: ocp.CheckpointManager, *, abstract_state: Any,
     failed = []
     for step in steps:
         try:
-            state = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))['state']
+            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+                'state'
+            ]
             _restore_data_iterator(os.path.join(str(manager.directory), str(step), 'data'), data_iterator)
         except Exception as e:  # orbax, tensorstore and json raise many types for damaged files
-            logging.warning('checkpoint %s/%d cannot be restored (%s: %s)', manager.directory, step,
-                            type(e).__name__, str(e)[:500])
+            logging.warning(
+                'checkpoint %s/%d cannot be restored (%s: %s)', manager.directory, step, type(e).__name__, str(e)[:500]
+            )
             failed.append((step, e))
             continue
         for bad, _ in failed:
@@ -87,8 +94,10 @@ def restore_latest(manager: ocp.CheckpointManager, *, abstract_state: Any,
         logging.info('Restored checkpoint at step %d from %s', step, manager.directory)
         return step, state
     if failed:
-        raise RuntimeError(f'none of the checkpoints {steps} under {manager.directory} could be restored; the '
-                           f'newest failed with {failed[0][1]!r}') from failed[0][1]
+        raise RuntimeError(
+            f'none of the checkpoints {steps} under {manager.directory} could be restored; the '
+            f'newest failed with {failed[0][1]!r}'
+        ) from failed[0][1]
     return None
 
 
@@ -101,9 +110,11 @@ def _restore_data_iterator(directory: str, data_iterator: Any) -> None:
         saved = sorted(f for f in os.listdir(directory) if f.startswith('process_0-of-'))
         if not saved:
             raise FileNotFoundError(f'no data iterator state in {directory}')
-        logging.warning('the data position was saved by %s; carrying it over to %d processes',
-                        saved[0].removeprefix('process_0-of-').removesuffix('.json') + ' processes',
-                        jax.process_count())
+        logging.warning(
+            'the data position was saved by %s; carrying it over to %d processes',
+            saved[0].removeprefix('process_0-of-').removesuffix('.json') + ' processes',
+            jax.process_count(),
+        )
         own = os.path.join(directory, saved[0])
     with open(own) as f:
         data_iterator.set_state(json.loads(f.read()))
@@ -126,8 +137,9 @@ def wait(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
 
 
-def load_trained(workdir: str, step: int | None = None,
-                 parts: tuple[str, ...] | None = None) -> tuple[ml_collections.ConfigDict, dict]:
+def load_trained(
+    workdir: str, step: int | None = None, parts: tuple[str, ...] | None = None
+) -> tuple[ml_collections.ConfigDict, dict]:
     """(config brought up to date by `defaults.upgrade`, state as a dict of arrays on one device) of a run's
     checkpoint, the newest by default;
     with `parts` (e.g. ('ema_params', 'model_state')) only those entries of the state are read.
@@ -137,9 +149,11 @@ def load_trained(workdir: str, step: int | None = None,
     checkpoint's own shapes onto this process's first device, whatever topology saved them.
     """
     directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    manager = ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'),
-                                    item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                                                   'config': ocp.JsonCheckpointHandler()})
+    manager = ocp.CheckpointManager(
+        directory,
+        item_names=('state', 'data', 'config'),
+        item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()},
+    )
     steps = manager.all_steps()
     if not steps:
         raise FileNotFoundError(f'no checkpoint under {directory}: train that stage first (its --workdir)')
@@ -152,8 +166,9 @@ def load_trained(workdir: str, step: int | None = None,
     if parts is not None:
         metadata = {k: metadata[k] for k in parts}
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), metadata)
-    state = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                   partial_restore=parts is not None)
+    state = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=parts is not None
+    )
     restored = manager.restore(step, args=ocp.args.Composite(state=state, config=ocp.args.JsonRestore()))
     logging.info('Loaded step %d of %s', step, workdir)
     return defaults.upgrade(ml_collections.ConfigDict(restored['config'])), restored['state']
@@ -165,8 +180,9 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
     directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     if not all_steps(workdir):
         return None
-    manager = ocp.CheckpointManager(directory, item_names=('config',),
-                                    item_handlers={'config': ocp.JsonCheckpointHandler()})
+    manager = ocp.CheckpointManager(
+        directory, item_names=('config',), item_handlers={'config': ocp.JsonCheckpointHandler()}
+    )
     restored = manager.restore(max(manager.all_steps()), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return defaults.upgrade(ml_collections.ConfigDict(restored['config']))
 

@@ -4,6 +4,7 @@ A config file under configs/ is the whole experiment; these helpers keep the sha
 place. `validate` runs before anything is built or compiled, so a bad value fails in seconds with
 the field, the value and what is allowed.
 """
+
 import difflib
 import importlib.util
 import re
@@ -93,41 +94,87 @@ def mesh_preset(name: str, tensor: int = 1) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=tensor))
 
 
-def optimizer_config(lr: float, *, warmup_steps: int = 0, schedule: str = 'cosine',
-                     weight_decay: float = 0.0, grad_clip: float = 1.0,
-                     b1: float = 0.9, b2: float = 0.999) -> ml_collections.ConfigDict:
+def optimizer_config(
+    lr: float,
+    *,
+    warmup_steps: int = 0,
+    schedule: str = 'cosine',
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+) -> ml_collections.ConfigDict:
     """AdamW with warm-up then a cosine or constant schedule, and global-norm clipping."""
-    return ml_collections.ConfigDict(dict(
-        lr=lr, warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,
-        grad_clip=grad_clip, b1=b1, b2=b2))
+    return ml_collections.ConfigDict(
+        dict(
+            lr=lr,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            b1=b1,
+            b2=b2,
+        )
+    )
 
 
 def word_text_config(vocabulary, *, width: int, layers: int) -> ml_collections.ConfigDict:
     """A small CLIP-architecture text encoder trained with the stage over a closed vocabulary of
     words (`tokenizer='words'`), with per-sample caption dropout for classifier-free guidance."""
-    return ml_collections.ConfigDict(dict(
-        tokenizer='words', vocabulary=vocabulary, max_length=16, encoder='train', hidden_state='last', dropout=0.1,
-        dropout_mode='sample', encoder_config=ml_collections.ConfigDict(dict(
-            hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=4,
-            hidden_act='gelu'))))
+    return ml_collections.ConfigDict(
+        dict(
+            tokenizer='words',
+            vocabulary=vocabulary,
+            max_length=16,
+            encoder='train',
+            hidden_state='last',
+            dropout=0.1,
+            dropout_mode='sample',
+            encoder_config=ml_collections.ConfigDict(
+                dict(
+                    hidden_size=width,
+                    intermediate_size=4 * width,
+                    num_hidden_layers=layers,
+                    num_attention_heads=4,
+                    hidden_act='gelu',
+                )
+            ),
+        )
+    )
 
 
-def input_config(dataset: str, *, image_size: int, batch_size: int, crop: str = 'center',
-                 flip: bool = False, resize: int = 0) -> ml_collections.ConfigDict:
+def input_config(
+    dataset: str, *, image_size: int, batch_size: int, crop: str = 'center', flip: bool = False, resize: int = 0
+) -> ml_collections.ConfigDict:
     """The input pipeline fields read by wurst_jax.data.input_pipeline."""
-    return ml_collections.ConfigDict(dict(
-        dataset=dataset, data_dir='data', folder='', train_split='train', eval_split='test',
-        shapes=ml_collections.ConfigDict(dict(num_train=20000, num_test=512, seed=0)),
-        image_size=image_size, resize=resize, crop=crop, flip=flip, batch_size=batch_size,
-        num_workers=0, precomputed='', aspect_buckets=False, bucket_multiple=0))
+    return ml_collections.ConfigDict(
+        dict(
+            dataset=dataset,
+            data_dir='data',
+            folder='',
+            train_split='train',
+            eval_split='test',
+            shapes=ml_collections.ConfigDict(dict(num_train=20000, num_test=512, seed=0)),
+            image_size=image_size,
+            resize=resize,
+            crop=crop,
+            flip=flip,
+            batch_size=batch_size,
+            num_workers=0,
+            precomputed='',
+            aspect_buckets=False,
+            bucket_multiple=0,
+        )
+    )
 
 
 def unknown_field_error(path: str, value: Any, known: tuple[str, ...]) -> ConfigError:
     """The ConfigError for `path`, which is none of the `known` fields of its section: it names the nearest."""
     *section, name = path.split('.')
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    hint = (f'did you mean config.{".".join([*section, close[0]])}?' if close
-            else f'the fields there are {sorted(known)}')
+    hint = (
+        f'did you mean config.{".".join([*section, close[0]])}?' if close else f'the fields there are {sorted(known)}'
+    )
     return ConfigError(path, value, f'no such field: {hint}')
 
 
@@ -155,7 +202,7 @@ def check_override(config, path: str, value: str | None) -> None:
     for i, part in enumerate(parts):
         if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
             keys = tuple(node) if isinstance(node, (ml_collections.ConfigDict, dict)) else ()
-            raise unknown_field_error('.'.join(parts[:i + 1]), value, keys)
+            raise unknown_field_error('.'.join(parts[: i + 1]), value, keys)
         node = node[part]
     kind = type(node)
     if kind is bool:
@@ -214,6 +261,7 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # Validation.
 
+
 def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(field, value, allowed)
@@ -223,33 +271,43 @@ def _positive_int(config, field: str) -> None:
     value = config
     for part in field.split('.'):
         value = value[part]
-    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, value,
-           'a positive integer')
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, value, 'a positive integer')
 
 
 def _validate_mesh(config) -> None:
     sizes = dict(config.mesh)
     _check(set(sizes) == set(MESH_AXES), 'mesh', sizes, f'exactly the axes {MESH_AXES}')
     for axis, size in sizes.items():
-        _check(isinstance(size, int) and (size >= 1 or size == -1), f'mesh.{axis}', size,
-               'a positive integer, or -1 to take the remaining devices')
+        _check(
+            isinstance(size, int) and (size >= 1 or size == -1),
+            f'mesh.{axis}',
+            size,
+            'a positive integer, or -1 to take the remaining devices',
+        )
     _check(list(sizes.values()).count(-1) <= 1, 'mesh', sizes, 'at most one axis may be -1')
     logical = [rule[0] for rule in config.sharding_rules]
     for name, target in config.sharding_rules:
         targets = target if isinstance(target, (tuple, list)) else (target,)
         for axis in targets:
-            _check(axis is None or axis in MESH_AXES, f'sharding_rules[{name!r}]', target,
-                   f'mesh axes from {MESH_AXES} or None')
+            _check(
+                axis is None or axis in MESH_AXES,
+                f'sharding_rules[{name!r}]',
+                target,
+                f'mesh axes from {MESH_AXES} or None',
+            )
     _check(len(set(logical)) == len(logical), 'sharding_rules', logical, 'each logical name once')
 
 
 def validate_optimizer(config, field: str) -> None:
     opt = config[field]
     _check(opt.lr > 0, f'{field}.lr', opt.lr, 'a positive learning rate')
-    _check(opt.schedule in ('cosine', 'constant'), f'{field}.schedule', opt.schedule,
-           "one of 'cosine', 'constant'")
-    _check(isinstance(opt.warmup_steps, int) and 0 <= opt.warmup_steps <= config.total_steps,
-           f'{field}.warmup_steps', opt.warmup_steps, f'an integer in [0, total_steps={config.total_steps}]')
+    _check(opt.schedule in ('cosine', 'constant'), f'{field}.schedule', opt.schedule, "one of 'cosine', 'constant'")
+    _check(
+        isinstance(opt.warmup_steps, int) and 0 <= opt.warmup_steps <= config.total_steps,
+        f'{field}.warmup_steps',
+        opt.warmup_steps,
+        f'an integer in [0, total_steps={config.total_steps}]',
+    )
     _check(opt.grad_clip >= 0, f'{field}.grad_clip', opt.grad_clip, 'a norm >= 0 (0 disables clipping)')
     _check(opt.weight_decay >= 0, f'{field}.weight_decay', opt.weight_decay, 'a value >= 0')
     for beta in ('b1', 'b2'):
@@ -258,35 +316,75 @@ def validate_optimizer(config, field: str) -> None:
 
 def _validate_input(config) -> None:
     inp = config.input
-    _check(isinstance(inp.dataset, str) and inp.dataset != '', 'input.dataset', inp.dataset,
-           "'shapes', 'photos', 'image_folder' or the name of a prepared TFDS dataset")
-    _check(inp.dataset != 'image_folder' or bool(inp.folder), 'input.folder', inp.folder,
-           "the path of the image folder when input.dataset='image_folder'")
+    _check(
+        isinstance(inp.dataset, str) and inp.dataset != '',
+        'input.dataset',
+        inp.dataset,
+        "'shapes', 'photos', 'image_folder' or the name of a prepared TFDS dataset",
+    )
+    _check(
+        inp.dataset != 'image_folder' or bool(inp.folder),
+        'input.folder',
+        inp.folder,
+        "the path of the image folder when input.dataset='image_folder'",
+    )
     for field in ('input.image_size', 'input.batch_size'):
         _positive_int(config, field)
     _check(inp.image_size % 4 == 0, 'input.image_size', inp.image_size, 'a multiple of 4 (Stage A is f4)')
-    _check(isinstance(inp.resize, int) and inp.resize >= 0, 'input.resize', inp.resize,
-           'a shorter-side size >= 0 (0: resize to image_size)')
-    _check(inp.resize == 0 or inp.resize >= inp.image_size, 'input.resize', inp.resize,
-           f'0 or at least input.image_size={inp.image_size}, since the crop is taken after resizing')
+    _check(
+        isinstance(inp.resize, int) and inp.resize >= 0,
+        'input.resize',
+        inp.resize,
+        'a shorter-side size >= 0 (0: resize to image_size)',
+    )
+    _check(
+        inp.resize == 0 or inp.resize >= inp.image_size,
+        'input.resize',
+        inp.resize,
+        f'0 or at least input.image_size={inp.image_size}, since the crop is taken after resizing',
+    )
     _check(inp.crop in ('center', 'random'), 'input.crop', inp.crop, "one of 'center', 'random'")
-    _check(isinstance(inp.aspect_buckets, bool), 'input.aspect_buckets', inp.aspect_buckets,
-           'True (a batch per multi-aspect bucket, PixArt-α) or False')
+    _check(
+        isinstance(inp.aspect_buckets, bool),
+        'input.aspect_buckets',
+        inp.aspect_buckets,
+        'True (a batch per multi-aspect bucket, PixArt-α) or False',
+    )
     multiple = inp.bucket_multiple
-    _check(isinstance(multiple, int) and multiple >= 0, 'input.bucket_multiple', multiple,
-           '0 (image_size / 16) or the positive multiple that bucket sides are rounded to')
-    _check(not inp.aspect_buckets or config.model_family == 'stage_c', 'input.aspect_buckets', True,
-           'False except for Stage C (the other stages train on square crops)')
-    _check(isinstance(inp.num_workers, int) and inp.num_workers >= 0, 'input.num_workers',
-           inp.num_workers, 'an integer >= 0')
-    _check(not inp.precomputed or config.model_family == 'stage_c', 'input.precomputed', inp.precomputed,
-           "'' for this model family: only Stage C reads precomputed records")
+    _check(
+        isinstance(multiple, int) and multiple >= 0,
+        'input.bucket_multiple',
+        multiple,
+        '0 (image_size / 16) or the positive multiple that bucket sides are rounded to',
+    )
+    _check(
+        not inp.aspect_buckets or config.model_family == 'stage_c',
+        'input.aspect_buckets',
+        True,
+        'False except for Stage C (the other stages train on square crops)',
+    )
+    _check(
+        isinstance(inp.num_workers, int) and inp.num_workers >= 0,
+        'input.num_workers',
+        inp.num_workers,
+        'an integer >= 0',
+    )
+    _check(
+        not inp.precomputed or config.model_family == 'stage_c',
+        'input.precomputed',
+        inp.precomputed,
+        "'' for this model family: only Stage C reads precomputed records",
+    )
 
 
 def _validate_eval(config) -> None:
     ev = config.eval
-    _check(ev.data in ('split', 'astronaut_tiles'), 'eval.data', ev.data,
-           "'split' (input.eval_split of the dataset) or 'astronaut_tiles' (the held-out photo)")
+    _check(
+        ev.data in ('split', 'astronaut_tiles'),
+        'eval.data',
+        ev.data,
+        "'split' (input.eval_split of the dataset) or 'astronaut_tiles' (the held-out photo)",
+    )
     for field in ('eval.num_examples', 'eval.batch_size', 'eval.num_grid_images', 'eval.grid_columns'):
         _positive_int(config, field)
 
@@ -294,18 +392,25 @@ def _validate_eval(config) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for the first invalid field every experiment has (`tasks.validate` adds the
     family's own: call that before building anything)."""
-    for field in ('total_steps', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-                  'image_every_steps'):
+    for field in ('total_steps', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'image_every_steps'):
         _positive_int(config, field)
     _check(isinstance(config.seed, int), 'seed', config.seed, 'an integer')
-    _check(isinstance(config.eval_every_steps, int) and config.eval_every_steps >= 0, 'eval_every_steps',
-           config.eval_every_steps, 'an integer >= 0 (0: evaluate at the end only)')
+    _check(
+        isinstance(config.eval_every_steps, int) and config.eval_every_steps >= 0,
+        'eval_every_steps',
+        config.eval_every_steps,
+        'an integer >= 0 (0: evaluate at the end only)',
+    )
     _positive_int(config, 'max_nonfinite_steps')
     _positive_int(config, 'grad_accum_steps')
     _check(config.dtype in ('float32', 'bfloat16'), 'dtype', config.dtype, "one of 'float32', 'bfloat16'")
     _check(0 <= config.ema_decay < 1, 'ema_decay', config.ema_decay, 'a value in [0, 1)')
-    _check(config.profile.num_steps >= 0, 'profile.num_steps', config.profile.num_steps,
-           'an integer >= 0 (0 disables profiling)')
+    _check(
+        config.profile.num_steps >= 0,
+        'profile.num_steps',
+        config.profile.num_steps,
+        'an integer >= 0 (0 disables profiling)',
+    )
     _validate_mesh(config)
     _validate_input(config)
     _validate_eval(config)

@@ -7,6 +7,7 @@ list into DIR/samples/grid.png and scores text alignment of fresh prompts with t
 detector into DIR/alignment.json. Rerunning skips finished stages and resumes an interrupted
 one. `python -m wurst_jax.sample --workdir=DIR` then samples any prompts.
 """
+
 import importlib.util
 import json
 import os
@@ -19,14 +20,22 @@ _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/shapes', 'Run root: stage_a/
 _DATA_DIR = flags.DEFINE_string('data_dir', 'data', 'Where the shapes dataset is written.')
 _NUM_EVAL = flags.DEFINE_integer('num_eval_prompts', 200, 'Fresh prompts scored for alignment.')
 _RUNLOCAL = flags.DEFINE_bool('runlocal', False, 'Tiny models and a few steps (tests).')
-_STAGE_B = flags.DEFINE_enum('stage_b', 'diffusion', ['diffusion', 'tokens'],
-                             "Stage B: Würstchen v2's diffusion decoder or v1's token predictor (Paella).")
+_STAGE_B = flags.DEFINE_enum(
+    'stage_b',
+    'diffusion',
+    ['diffusion', 'tokens'],
+    "Stage B: Würstchen v2's diffusion decoder or v1's token predictor (Paella).",
+)
 _CONFIG_FILE = flags.DEFINE_string('config_file', 'configs/shapes.py', 'The config file with stage=a|b|c variants.')
 
 STAGES = ('a', 'b', 'c')
 GRID_PROMPTS = (
-    'a red circle on the left', 'a blue square on the right', 'a green triangle at the top',
-    'a yellow circle at the bottom', 'a white square in the center', 'a magenta triangle on the left',
+    'a red circle on the left',
+    'a blue square on the right',
+    'a green triangle at the top',
+    'a yellow circle at the bottom',
+    'a white square in the center',
+    'a magenta triangle on the left',
     'a cyan circle at the top and a red square at the bottom',
     'a blue triangle on the left and a yellow circle on the right',
 )
@@ -51,18 +60,24 @@ def check_resumable(config, workdir: str) -> None:
     from flax import traverse_util
 
     from wurst_jax import checkpoint
+
     saved = checkpoint.saved_config(workdir)
     if saved is None:
         return
     # Dotted field -> value of each config's JSON form (tuples as lists, as a checkpoint saves them).
     ours, theirs = (traverse_util.flatten_dict(json.loads(c.to_json()), sep='.') for c in (config, saved))
-    changed = sorted(k for k in ours.keys() | theirs.keys()
-                     if k != 'input.data_dir' and not k.endswith('.source') and ours.get(k) != theirs.get(k))
+    changed = sorted(
+        k
+        for k in ours.keys() | theirs.keys()
+        if k != 'input.data_dir' and not k.endswith('.source') and ours.get(k) != theirs.get(k)
+    )
     if changed:
         shown = ', '.join(f'{k} {theirs.get(k)!r} there, {ours.get(k)!r} now' for k in changed[:3])
-        raise SystemExit(f'{workdir} holds a run of another config ({shown}{", ..." if len(changed) > 3 else ""}): '
-                         'rerun with the flags that started it (--runlocal, --config_file) to resume it, '
-                         'or give a new --workdir')
+        raise SystemExit(
+            f'{workdir} holds a run of another config ({shown}{", ..." if len(changed) > 3 else ""}): '
+            'rerun with the flags that started it (--runlocal, --config_file) to resume it, '
+            'or give a new --workdir'
+        )
 
 
 def main(argv):
@@ -71,6 +86,7 @@ def main(argv):
     from wurst_jax.data import shapes
     from wurst_jax.evaluate import shapes_alignment
     from wurst_jax.pipeline import Pipeline
+
     root = os.path.abspath(_WORKDIR.value)
     timings = {}
     for stage in STAGES:
@@ -90,8 +106,9 @@ def main(argv):
     samples = os.path.join(root, 'samples')
     os.makedirs(samples, exist_ok=True)
     grid_images = pipeline(list(GRID_PROMPTS), seed=0)
-    visualize.save_png(os.path.join(samples, 'grid.png'),
-                       visualize.image_grid(grid_images.astype(np.float32) / 127.5 - 1, ncols=4))
+    visualize.save_png(
+        os.path.join(samples, 'grid.png'), visualize.image_grid(grid_images.astype(np.float32) / 127.5 - 1, ncols=4)
+    )
     prompts = shapes.fresh_captions(_NUM_EVAL.value)
     images = pipeline(prompts, seed=1, batch_size=16)
     alignment = shapes_alignment.evaluate(images, prompts)

@@ -11,6 +11,7 @@ levels grown before and adds the next one outward (`models/shallow_uvit.py` name
 so they are bit-identical after any number of steps (and so is their EMA, see `train_state.ema_update`);
 gradients still flow through the frozen core into the new encoder levels. Phase 2 trains everything.
 """
+
 from typing import Any
 
 import jax
@@ -28,7 +29,7 @@ CORE_FIELDS = ('c', 'depth', 'num_heads', 'c_r')
 def core_grid(config: ml_collections.ConfigDict) -> int:
     """Side of the grid the core runs on: the image side over the patch size or over 2^levels."""
     levels = len(config.model.level_channels)
-    return config.input.image_size // (2 ** levels if levels else config.model.patch_size)
+    return config.input.image_size // (2**levels if levels else config.model.patch_size)
 
 
 def carried_modules(source_config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -41,24 +42,39 @@ def check_growable(config: ml_collections.ConfigDict, source_config: ml_collecti
     """Raises ConfigError (field grow.from_workdir) unless `config`'s model can be grown from the source run."""
     source = config.grow.from_workdir
     if source_config.get('model_family') != FAMILY:
-        raise ConfigError('grow.from_workdir', source,
-                          f"a workdir of a '{FAMILY}' run; it holds a {source_config.get('model_family')!r} run")
+        raise ConfigError(
+            'grow.from_workdir',
+            source,
+            f"a workdir of a '{FAMILY}' run; it holds a {source_config.get('model_family')!r} run",
+        )
     for field in CORE_FIELDS:
         if source_config.model[field] != config.model[field]:
-            raise ConfigError('grow.from_workdir', source,
-                              f'a run whose core has model.{field}={config.model[field]} like this one; '
-                              f'it has {source_config.model[field]}')
+            raise ConfigError(
+                'grow.from_workdir',
+                source,
+                f'a run whose core has model.{field}={config.model[field]} like this one; '
+                f'it has {source_config.model[field]}',
+            )
     if source_config.text.to_json(sort_keys=True) != config.text.to_json(sort_keys=True):  # tuples vs JSON lists
-        raise ConfigError('grow.from_workdir', source, 'a run with the same text encoder config (config.text), '
-                                                       'since the encoder is carried with the core')
+        raise ConfigError(
+            'grow.from_workdir',
+            source,
+            'a run with the same text encoder config (config.text), since the encoder is carried with the core',
+        )
     source_levels, levels = tuple(source_config.model.level_channels), tuple(config.model.level_channels)
-    if len(levels) <= len(source_levels) or levels[:len(source_levels)] != source_levels:
-        raise ConfigError('model.level_channels', levels,
-                          f'the source run\'s levels {source_levels} followed by at least one new level')
+    if len(levels) <= len(source_levels) or levels[: len(source_levels)] != source_levels:
+        raise ConfigError(
+            'model.level_channels',
+            levels,
+            f"the source run's levels {source_levels} followed by at least one new level",
+        )
     if core_grid(source_config) != core_grid(config):
-        raise ConfigError('input.image_size', config.input.image_size,
-                          f'a size whose core grid (image_size / 2^{len(levels)}) is the source run\'s '
-                          f'{core_grid(source_config)}x{core_grid(source_config)}')
+        raise ConfigError(
+            'input.image_size',
+            config.input.image_size,
+            f"a size whose core grid (image_size / 2^{len(levels)}) is the source run's "
+            f'{core_grid(source_config)}x{core_grid(source_config)}',
+        )
 
 
 def carried_params(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -71,12 +87,15 @@ def carried_params(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def frozen_labels(params: Any, frozen_modules: tuple[str, ...]) -> Any:
     """'frozen' for the leaves of the text encoder and of the modules in `frozen_modules`, else 'trained'."""
+
     def label(path, _):
         return 'frozen' if path[0].key == 'text' or path[0].key in frozen_modules else 'trained'
+
     return jax.tree_util.tree_map_with_path(label, params)
 
 
 def freeze(tx: optax.GradientTransformation, frozen_modules: tuple[str, ...]) -> optax.GradientTransformation:
     """`tx` for the trained params; zero updates (and no optimizer state) for the frozen ones."""
-    return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()},
-                                 lambda params: frozen_labels(params, frozen_modules))
+    return optax.multi_transform(
+        {'trained': tx, 'frozen': optax.set_to_zero()}, lambda params: frozen_labels(params, frozen_modules)
+    )

@@ -1,4 +1,5 @@
 """Optimizers from the config: AdamW, warm-up + cosine/constant schedule, global-norm clipping."""
+
 from typing import Any
 
 import ml_collections
@@ -9,7 +10,8 @@ def lr_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Sched
     """Linear warm-up from 0 to opt.lr, then cosine decay to 0 at total_steps, or constant."""
     if opt.schedule == 'cosine':
         return optax.warmup_cosine_decay_schedule(
-            0.0, opt.lr, warmup_steps=opt.warmup_steps, decay_steps=max(total_steps, opt.warmup_steps + 1))
+            0.0, opt.lr, warmup_steps=opt.warmup_steps, decay_steps=max(total_steps, opt.warmup_steps + 1)
+        )
     constant = optax.constant_schedule(opt.lr)
     if opt.warmup_steps == 0:
         return constant

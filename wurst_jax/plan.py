@@ -13,6 +13,7 @@ hostnames are harmless. Frozen networks' model folders need only their config.js
 never read (`convert.shapes_only`), and a frozen text encoder's tokenizer is replaced by bytes,
 which changes no shape.
 """
+
 import json
 import math
 import os
@@ -24,15 +25,16 @@ from ml_collections import config_flags
 from wurst_jax import config_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=False)
-_MESH = flags.DEFINE_string('mesh', '', 'data=D,fsdp=F,tensor=T (any subset; the config\'s sizes otherwise).')
-_BATCH = flags.DEFINE_integer('batch', 0, 'Global batch size (0: the config\'s input.batch_size).')
+_MESH = flags.DEFINE_string('mesh', '', "data=D,fsdp=F,tensor=T (any subset; the config's sizes otherwise).")
+_BATCH = flags.DEFINE_integer('batch', 0, "Global batch size (0: the config's input.batch_size).")
 _TOPOLOGY = flags.DEFINE_string('topology', '', 'A TPU slice to compile for, e.g. v5p:4x4x4; empty: fake CPU devices.')
-_DEVICE_GIB = flags.DEFINE_float('device_gib', 0.0, 'Memory of one device in GiB, to say whether the step fits '
-                                 '(0: no verdict).')
+_DEVICE_GIB = flags.DEFINE_float(
+    'device_gib', 0.0, 'Memory of one device in GiB, to say whether the step fits (0: no verdict).'
+)
 _OUT = flags.DEFINE_string('out', '', 'Also write the figures (bytes, FLOPs, seconds) to this JSON file.')
 flags.mark_flags_as_required(['config'])
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -41,8 +43,10 @@ def parse_mesh(text: str) -> dict[str, int]:
     for item in filter(None, text.split(',')):
         name, _, value = item.partition('=')
         if name not in config_lib.MESH_AXES or not value.lstrip('-').isdigit():
-            raise app.UsageError(f'--mesh={text!r}: expected comma-separated AXIS=SIZE with AXIS in '
-                                 f'{config_lib.MESH_AXES}, e.g. data=1,fsdp=64,tensor=1')
+            raise app.UsageError(
+                f'--mesh={text!r}: expected comma-separated AXIS=SIZE with AXIS in '
+                f'{config_lib.MESH_AXES}, e.g. data=1,fsdp=64,tensor=1'
+            )
         sizes[name] = int(value)
     return sizes
 
@@ -74,27 +78,37 @@ def plan(config, devices) -> dict[str, float]:
     seconds = time.time() - t0
     memory = compiled.memory_analysis()
     figures = dict(
-        devices=mesh.size, params=float(sum(x.size for x in jax.tree.leaves(abstract_state.params))),
-        argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
-        alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
-        flops=lowering.step_flops(config, lowered), compile_seconds=seconds)
+        devices=mesh.size,
+        params=float(sum(x.size for x in jax.tree.leaves(abstract_state.params))),
+        argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes,
+        flops=lowering.step_flops(config, lowered),
+        compile_seconds=seconds,
+    )
     # Donated state buffers are reused for the new state (aliased), so they count once.
-    figures['peak_bytes'] = (figures['argument_bytes'] + figures['output_bytes'] - figures['alias_bytes']
-                             + figures['temp_bytes'])
+    figures['peak_bytes'] = (
+        figures['argument_bytes'] + figures['output_bytes'] - figures['alias_bytes'] + figures['temp_bytes']
+    )
     return figures
 
 
 def report(config, figures: dict[str, float], target: str, device_gib: float) -> str:
     m = config.mesh
-    lines = [f'plan: {config.model_family}, global batch {config.input.batch_size}, mesh data={m.data} '
-             f'fsdp={m.fsdp} tensor={m.tensor} on {target} ({figures["devices"]} devices), '
-             f'remat {config.model.get("remat_policy", "none")}, grad_accum_steps {config.grad_accum_steps}',
-             f'  params            {figures["params"] / 1e6:12.1f} M']
+    lines = [
+        f'plan: {config.model_family}, global batch {config.input.batch_size}, mesh data={m.data} '
+        f'fsdp={m.fsdp} tensor={m.tensor} on {target} ({figures["devices"]} devices), '
+        f'remat {config.model.get("remat_policy", "none")}, grad_accum_steps {config.grad_accum_steps}',
+        f'  params            {figures["params"] / 1e6:12.1f} M',
+    ]
     for name in ('argument', 'output', 'alias', 'temp', 'peak'):
         lines.append(f'  {name + " per device":17s} {figures[name + "_bytes"] / GIB:12.2f} GiB')
     per_device = figures['flops'] / figures['devices']
-    lines += [f'  FLOPs per step    {figures["flops"]:12.3g} (all devices; {per_device:.3g} each)',
-              f'  compile time      {figures["compile_seconds"]:12.1f} s']
+    lines += [
+        f'  FLOPs per step    {figures["flops"]:12.3g} (all devices; {per_device:.3g} each)',
+        f'  compile time      {figures["compile_seconds"]:12.1f} s',
+    ]
     if device_gib:
         fits = figures['peak_bytes'] <= device_gib * GIB
         lines.append(f'  fits in {device_gib:g} GiB:   {"yes" if fits else "NO"}')
@@ -106,25 +120,31 @@ def main(argv):
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     config = plan_config(_CONFIG.value, parse_mesh(_MESH.value), _BATCH.value)
     from wurst_jax import tasks  # loads JAX and the families: after the flags parse
+
     try:
         tasks.validate(config)
     except config_lib.ConfigError as e:
         raise SystemExit(f'Invalid config: {e}') from None
     import jax
+
     if _TOPOLOGY.value:
         os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
         from jax.experimental import topologies
+
         try:
             devices = topologies.get_topology_desc(platform='tpu', topology_name=_TOPOLOGY.value).devices
         except Exception as e:  # no libtpu, or a name it does not know
-            raise SystemExit(f'--topology={_TOPOLOGY.value!r} could not be built ({e}); install the TPU compiler '
-                             'with pip install "jax[tpu]" and name a slice such as v5p:4x4x4') from None
+            raise SystemExit(
+                f'--topology={_TOPOLOGY.value!r} could not be built ({e}); install the TPU compiler '
+                'with pip install "jax[tpu]" and name a slice such as v5p:4x4x4'
+            ) from None
         target = f'TPU {_TOPOLOGY.value}'
     else:
         sizes = [config.mesh[a] for a in config_lib.MESH_AXES]
         if -1 in sizes:
-            raise app.UsageError('without --topology give every mesh size (no -1): the plan makes that many '
-                                 'fake CPU devices')
+            raise app.UsageError(
+                'without --topology give every mesh size (no -1): the plan makes that many fake CPU devices'
+            )
         jax.config.update('jax_num_cpu_devices', math.prod(sizes))
         devices = jax.devices('cpu')
         target = 'fake CPU devices'

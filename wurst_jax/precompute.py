@@ -10,6 +10,7 @@ DIR defaults to `stage_c_precomputed` next to the dataset's own ArrayRecord file
 `--config.input.precomputed=DIR`: the step then reads latents and text states instead of running
 the encoders (a trained text encoder still tokenizes the caption).
 """
+
 import json
 import os
 
@@ -51,15 +52,14 @@ def encode_fn(task):
         latents = task.latents(frozen, images)
         states = task.text.encode(frozen['text'], tokens, mask) if text_frozen else None
         return latents, states
+
     return encode
 
 
-def write_split(task, config: ml_collections.ConfigDict, split: str, out: str, batch_size: int,
-                dtype: np.dtype) -> int:
+def write_split(task, config: ml_collections.ConfigDict, split: str, out: str, batch_size: int, dtype: np.dtype) -> int:
     """Encodes this process's share of `split` into its record file; returns the number written."""
     index, count = jax.process_index(), jax.process_count()
-    mesh = sharding.create_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}),
-                                jax.local_devices())
+    mesh = sharding.create_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}), jax.local_devices())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
     batch_size = -(-batch_size // mesh.size) * mesh.size
     encode = encode_fn(task)
@@ -67,17 +67,25 @@ def write_split(task, config: ml_collections.ConfigDict, split: str, out: str, b
     tmp = path + '.tmp'
     writer = array_record_module.ArrayRecordWriter(tmp, 'group_size:1')
     written = 0
-    batches = input_pipeline.create_eval_iterator(config.input, split=split, batch_size=batch_size,
-                                                  tokenizer=task.tokenizer, process_index=index,
-                                                  process_count=count)
+    batches = input_pipeline.create_eval_iterator(
+        config.input,
+        split=split,
+        batch_size=batch_size,
+        tokenizer=task.tokenizer,
+        process_index=index,
+        process_count=count,
+    )
     for batch in batches:
         n = len(batch['id'])
         pad = lambda x: np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)]) if n < batch_size else x
         put = lambda x: jax.device_put(pad(np.asarray(x)), batch_sharding)
         latents, states = jax.device_get(encode(put(batch['image']), put(batch['tokens']), put(batch['token_mask'])))
         for i in range(n):
-            record = {'id': int(batch['id'][i]), 'caption': str(batch['caption'][i]),
-                      'latents': np.asarray(latents[i]).astype(dtype)}
+            record = {
+                'id': int(batch['id'][i]),
+                'caption': str(batch['caption'][i]),
+                'latents': np.asarray(latents[i]).astype(dtype),
+            }
             if states is not None:
                 record['text_states'] = np.asarray(states[i]).astype(dtype)
             writer.write(serialization.msgpack_serialize(record))
@@ -90,19 +98,26 @@ def write_split(task, config: ml_collections.ConfigDict, split: str, out: str, b
 def check_config(config: ml_collections.ConfigDict) -> None:
     """ConfigError unless `config` is a Stage C config that reads images (not records already)."""
     from wurst_jax import tasks  # JAX and the networks load only after the flags are checked
+
     tasks.validate(config)
     if config.model_family != 'stage_c':
-        raise config_lib.ConfigError('model_family', config.model_family, "'stage_c': only Stage C has "
-                                     'frozen encoders to precompute')
+        raise config_lib.ConfigError(
+            'model_family', config.model_family, "'stage_c': only Stage C has frozen encoders to precompute"
+        )
     if config.input.precomputed:
-        raise config_lib.ConfigError('input.precomputed', config.input.precomputed,
-                                     "'' when precomputing: the images are read from input.dataset")
+        raise config_lib.ConfigError(
+            'input.precomputed',
+            config.input.precomputed,
+            "'' when precomputing: the images are read from input.dataset",
+        )
 
 
-def precompute(config: ml_collections.ConfigDict, out: str, splits: list[str], batch_size: int,
-               dtype: str = 'float32') -> dict:
+def precompute(
+    config: ml_collections.ConfigDict, out: str, splits: list[str], batch_size: int, dtype: str = 'float32'
+) -> dict:
     """Writes the records of `splits` and metadata.json into `out`; returns the metadata."""
     from wurst_jax import tasks  # as in check_config
+
     check_config(config)
     task = tasks.create(config)
     os.makedirs(out, exist_ok=True)
@@ -111,9 +126,14 @@ def precompute(config: ml_collections.ConfigDict, out: str, splits: list[str], b
     for split in splits:
         counts[split] = write_split(task, config, split, out, batch_size, np_dtype)
         logging.info('wrote %d %s records to %s', counts[split], split, out)
-    metadata = {'config': precomputed.fingerprint(config), 'latent_shape': list(task.latent_shape()),
-                'text_states': not task.text.trainable, 'dtype': dtype, 'process_count': jax.process_count(),
-                'counts_process_0': counts}
+    metadata = {
+        'config': precomputed.fingerprint(config),
+        'latent_shape': list(task.latent_shape()),
+        'text_states': not task.text.trainable,
+        'dtype': dtype,
+        'process_count': jax.process_count(),
+        'counts_process_0': counts,
+    }
     if jax.process_index() == 0:
         with open(os.path.join(out, precomputed.METADATA), 'w') as f:
             json.dump(metadata, f, indent=1)

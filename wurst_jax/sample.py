@@ -5,6 +5,7 @@ Generates one image per line of FILE with the stages trained under DIR (DIR/stag
 and the Stage A that DIR/stage_b names; `python -m wurst_jax.demo` makes such a DIR). Writes
 OUT/00000.png, ... in prompt order, OUT/grid.png and OUT/prompts.json.
 """
+
 import json
 import os
 
@@ -22,8 +23,11 @@ _PRIOR_STEPS = flags.DEFINE_integer('prior_steps', None, 'Stage C steps (default
 _DECODER_STEPS = flags.DEFINE_integer('decoder_steps', None, 'Stage B steps (default: the Stage B config).')
 _PRIOR_GUIDANCE = flags.DEFINE_float('prior_guidance', None, 'Stage C CFG scale (default: config).')
 _DECODER_GUIDANCE = flags.DEFINE_float('decoder_guidance', None, 'Stage B CFG scale (default: config).')
-_DECODER_TEMPERATURE = flags.DEFINE_string('decoder_temperature', '', 'START,END: a token Stage B\'s (Würstchen '
-                                         'v1) sampling temperature, falling over its steps (default: config).')
+_DECODER_TEMPERATURE = flags.DEFINE_string(
+    'decoder_temperature',
+    '',
+    "START,END: a token Stage B's (Würstchen v1) sampling temperature, falling over its steps (default: config).",
+)
 flags.mark_flags_as_required(['workdir', 'prompts', 'out'])
 
 
@@ -41,6 +45,7 @@ def main(argv):
     del argv
     prompts = read_prompts(_PROMPTS.value)
     from wurst_jax.pipeline import Pipeline, check_root, parse_temperature  # after the prompts: JAX loads slowly
+
     try:
         check_root(_WORKDIR.value)
     except FileNotFoundError as e:
@@ -50,10 +55,16 @@ def main(argv):
     except ValueError as e:
         raise SystemExit(f'--decoder_temperature={_DECODER_TEMPERATURE.value}: {e}') from None
     pipeline = Pipeline.from_root(_WORKDIR.value)
-    images = pipeline(prompts, seed=_SEED.value, batch_size=_BATCH.value, prior_steps=_PRIOR_STEPS.value,
-                      decoder_steps=_DECODER_STEPS.value, prior_guidance=_PRIOR_GUIDANCE.value,
-                      decoder_guidance=_DECODER_GUIDANCE.value,
-                      decoder_temperature=temperature)
+    images = pipeline(
+        prompts,
+        seed=_SEED.value,
+        batch_size=_BATCH.value,
+        prior_steps=_PRIOR_STEPS.value,
+        decoder_steps=_DECODER_STEPS.value,
+        prior_guidance=_PRIOR_GUIDANCE.value,
+        decoder_guidance=_DECODER_GUIDANCE.value,
+        decoder_temperature=temperature,
+    )
     write_images(images, prompts, _OUT.value)
     print(f'wrote {len(images)} images and grid.png to {_OUT.value}')
 

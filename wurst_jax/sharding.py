@@ -1,4 +1,5 @@
 """The one place that turns the config's mesh and logical axis rules into shardings."""
+
 import logging
 from typing import Any, Sequence
 
@@ -21,12 +22,16 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % fixed:
-            raise ConfigError('mesh', dict(mesh_config), f'fixed axes (product {fixed}) must divide '
-                              f'the {num_devices} devices')
+            raise ConfigError(
+                'mesh', dict(mesh_config), f'fixed axes (product {fixed}) must divide the {num_devices} devices'
+            )
         sizes[sizes.index(-1)] = num_devices // fixed
     if int(np.prod(sizes)) != num_devices:
-        raise ConfigError('mesh', dict(mesh_config), f'the axis sizes must multiply to the {num_devices} '
-                          'devices; set one axis to -1 to fill the rest')
+        raise ConfigError(
+            'mesh',
+            dict(mesh_config),
+            f'the axis sizes must multiply to the {num_devices} devices; set one axis to -1 to fill the rest',
+        )
     return tuple(sizes)
 
 
@@ -98,10 +103,12 @@ def to_host(tree: Any) -> Any:
     image writing read. An array split over several processes' devices (a jitted function's output
     on the global mesh may keep the batch split) is gathered, so every process must call this at the
     same point; any other array (replicated, or on this process's devices) is read where it is."""
+
     def fetch(x):
         if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
+
     return jax.tree.map(fetch, tree)
 
 

@@ -14,6 +14,7 @@ tokenizer.json's post-processor appends it), then `<pad>` (id 0), which a folder
 tokenizer.json, without tokenizer_config.json, is taken to pad with. A folder with only the
 SentencePiece model (`spiece.model`) must be saved once by transformers to get its tokenizer.json.
 """
+
 import dataclasses
 import json
 import os
@@ -52,6 +53,7 @@ def _pad_token(path: str, tokenizer: Tokenizer) -> str:
 @dataclasses.dataclass(frozen=True)
 class PaddedTokenizer:
     """A `tokenizers.Tokenizer` whose outputs are truncated (keeping EOS) and padded to max_length."""
+
     tokenizer: Tokenizer
     pad_token: str
     max_length: int = 77
@@ -65,14 +67,16 @@ class PaddedTokenizer:
         tokenizer.normalizer = normalizers.Lowercase()
         tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
         tokenizer.post_processor = processors.TemplateProcessing(
-            single='<bos> $A <eos>', special_tokens=[('<bos>', 1), ('<eos>', 2)])
+            single='<bos> $A <eos>', special_tokens=[('<bos>', 1), ('<eos>', 2)]
+        )
         return cls._padded(tokenizer, '<pad>', max_length)
 
     @classmethod
     def _padded(cls, tokenizer: Tokenizer, pad_token: str, max_length: int) -> 'PaddedTokenizer':
         tokenizer.enable_truncation(max_length, direction='right')
-        tokenizer.enable_padding(direction='right', pad_id=tokenizer.token_to_id(pad_token), pad_token=pad_token,
-                                 length=max_length)
+        tokenizer.enable_padding(
+            direction='right', pad_id=tokenizer.token_to_id(pad_token), pad_token=pad_token, length=max_length
+        )
         return cls(tokenizer, pad_token, max_length)
 
     @classmethod
@@ -82,10 +86,14 @@ class PaddedTokenizer:
         if not os.path.isfile(tokenizer_path):
             hint = ''
             if os.path.isfile(os.path.join(path, _SENTENCEPIECE_FILE)):
-                hint = (f'; the folder holds only {_SENTENCEPIECE_FILE}: write its {TOKENIZER_FILE} once with '
-                        f'transformers.T5TokenizerFast.from_pretrained(folder).save_pretrained(folder)')
-            raise FileNotFoundError(f'{TOKENIZER_FILE} not found in tokenizer folder {path}: expected a '
-                                    f'Hugging Face tokenizer saved by save_pretrained ({tokenizer_path}){hint}')
+                hint = (
+                    f'; the folder holds only {_SENTENCEPIECE_FILE}: write its {TOKENIZER_FILE} once with '
+                    f'transformers.T5TokenizerFast.from_pretrained(folder).save_pretrained(folder)'
+                )
+            raise FileNotFoundError(
+                f'{TOKENIZER_FILE} not found in tokenizer folder {path}: expected a '
+                f'Hugging Face tokenizer saved by save_pretrained ({tokenizer_path}){hint}'
+            )
         tokenizer = Tokenizer.from_file(tokenizer_path)
         pad_token = _pad_token(path, tokenizer)
         if tokenizer.token_to_id(pad_token) is None:
@@ -110,8 +118,10 @@ class PaddedTokenizer:
         """texts -> input_ids, attention_mask: int32 [N, max_length] (right-padded, truncated with EOS kept)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         encodings = self.tokenizer.encode_batch(texts)
-        return {'input_ids': np.array([e.ids for e in encodings], np.int32),
-                'attention_mask': np.array([e.attention_mask for e in encodings], np.int32)}
+        return {
+            'input_ids': np.array([e.ids for e in encodings], np.int32),
+            'attention_mask': np.array([e.attention_mask for e in encodings], np.int32),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +130,7 @@ class ByteTokenizer:
 
     Same call contract as PaddedTokenizer; truncation keeps the EOS, which the encoder pools.
     """
+
     max_length: int = 77
     bos_token_id: int = 256
     eos_token_id: int = 257
@@ -131,15 +142,16 @@ class ByteTokenizer:
         ids = np.full((len(texts), self.max_length), self.pad_token_id, np.int32)
         mask = np.zeros((len(texts), self.max_length), np.int32)
         for row, text in enumerate(texts):
-            body = list(text.encode('utf-8'))[:self.max_length - 2]
+            body = list(text.encode('utf-8'))[: self.max_length - 2]
             tokens = [self.bos_token_id, *body, self.eos_token_id]
-            ids[row, :len(tokens)] = tokens
-            mask[row, :len(tokens)] = 1
+            ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
         return {'input_ids': ids, 'attention_mask': mask}
 
 
-def create_tokenizer(name: str, max_length: int = 77,
-                     vocabulary: Sequence[str] = ()) -> 'ByteTokenizer | PaddedTokenizer':
+def create_tokenizer(
+    name: str, max_length: int = 77, vocabulary: Sequence[str] = ()
+) -> 'ByteTokenizer | PaddedTokenizer':
     """'bytes', 'words' (of `vocabulary`), else a local Hugging Face CLIP or T5 tokenizer folder."""
     if name == 'bytes':
         return ByteTokenizer(max_length)

@@ -3,6 +3,7 @@
 Read top to bottom: mesh, task and optimizer, abstract state and shardings, input, checkpoint
 restore or init, the compiled step, then the loop with logging, images, checkpoints and eval.
 """
+
 import json
 import logging
 import os
@@ -35,7 +36,8 @@ def summarize(pending: list[dict[str, np.ndarray]], streak: int, limit: int) -> 
             raise FloatingPointError(
                 f'{streak} steps in a row had a non-finite loss or gradient (limit max_nonfinite_steps={limit}); '
                 'the last checkpoint holds only finite values: lower optimizer.lr, raise optimizer.grad_clip '
-                'or check the input pipeline, then rerun to resume')
+                'or check the input pipeline, then rerun to resume'
+            )
     summary = {k: float(np.mean(v[~skipped])) if (~skipped).any() else float('nan') for k, v in stacked.items()}
     summary['skipped_steps'] = float(skipped.sum())
     return summary, streak
@@ -73,9 +75,11 @@ class PreemptionWatch:
 def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     split = mesh.shape['data'] * mesh.shape['fsdp'] * config.grad_accum_steps
     if config.input.batch_size % split or config.input.batch_size % jax.process_count():
-        raise ConfigError('input.batch_size', config.input.batch_size,
-                          f'a multiple of data x fsdp x grad_accum_steps = {split} and of the process count '
-                          f'{jax.process_count()}')
+        raise ConfigError(
+            'input.batch_size',
+            config.input.batch_size,
+            f'a multiple of data x fsdp x grad_accum_steps = {split} and of the process count {jax.process_count()}',
+        )
 
 
 def _evaluate(task: Task, config, state: TrainState, frozen, writer, workdir: str) -> dict[str, float]:
@@ -92,8 +96,9 @@ def _evaluate(task: Task, config, state: TrainState, frozen, writer, workdir: st
 
 def _write_images(visualize_fn, config, state, frozen, writer, workdir: str, batch: dict[str, np.ndarray]) -> None:
     params = state.ema_params if config.eval.use_ema else state.params
-    grid = visualize.image_grid(sharding.to_host(visualize_fn(params, state.model_state, frozen, batch)),
-                                ncols=config.eval.grid_columns)
+    grid = visualize.image_grid(
+        sharding.to_host(visualize_fn(params, state.model_state, frozen, batch)), ncols=config.eval.grid_columns
+    )
     step = int(state.step)
     writer.write_images(step, {'samples': grid[None]})
     if jax.process_index() == 0:
@@ -123,8 +128,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     # -- Input -------------------------------------------------------------------------------------
     train_iter = input_pipeline.create_train_iterator(
-        config.input, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-        tokenizer=task.tokenizer)
+        config.input,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        tokenizer=task.tokenizer,
+    )
 
     # -- Restore or initialise ---------------------------------------------------------------------
     manager = checkpoint.create_manager(os.path.join(workdir, 'checkpoints'), max_to_keep=config.keep_checkpoints)
@@ -133,7 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if restored is None:
             unboxed_init = lambda r, x: nn.meta.unbox(init_fn(r, x))
             state = jax.jit(unboxed_init, out_shardings=state_sharding)(
-                jax.random.PRNGKey(config.seed), example_batch(task, 1))
+                jax.random.PRNGKey(config.seed), example_batch(task, 1)
+            )
             state = with_pretrained(task, state, state_sharding)
         else:
             state = restored[1]
@@ -147,31 +157,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # One executable per batch shape: a single one, or one per aspect bucket as batches arrive.
     compiled = {batch_signature(example_batch(task, config.input.batch_size, abstract=True)): lowered.compile()}
     flops = step_flops(config, lowered)
-    logging.info('train step compiled in %.1f s; %.3g FLOP per step over %d devices', time.time() - t0, flops,
-                 mesh.size)
+    logging.info(
+        'train step compiled in %.1f s; %.3g FLOP per step over %d devices', time.time() - t0, flops, mesh.size
+    )
 
     def compiled_step(batch):
         signature = batch_signature(batch)
         if signature not in compiled:
-            compiled[signature] = lower_train_step(config, task, tx, mesh, abstract_state, state_sharding, frozen,
-                                                   batch).compile()
+            compiled[signature] = lower_train_step(
+                config, task, tx, mesh, abstract_state, state_sharding, frozen, batch
+            ).compile()
             logging.info('compiled the train step for batch shapes %s', signature)
         return compiled[signature]
 
     # -- Loop --------------------------------------------------------------------------------------
-    hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
-                                             every_steps=config.log_every_steps)]
+    hooks = [
+        periodic_actions.ReportProgress(
+            num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every_steps
+        )
+    ]
     if config.profile.num_steps > 0 and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(logdir=workdir, first_profile=config.profile.first_step,
-                                              num_profile_steps=config.profile.num_steps))
+        hooks.append(
+            periodic_actions.Profile(
+                logdir=workdir, first_profile=config.profile.first_step, num_profile_steps=config.profile.num_steps
+            )
+        )
     # Compiled once, reused at every image step; replicated so every process can read the grid.
     visualize_fn = jax.jit(task.visualize, out_shardings=sharding.replicated(mesh))
     image_batch = next(iter(input_pipeline.eval_batches(config, task.tokenizer)))
     batch_keys = tuple(task.batch_spec())
-    image_batch = {k: np.asarray(image_batch[k][:config.eval.num_grid_images]) for k in batch_keys}
+    image_batch = {k: np.asarray(image_batch[k][: config.eval.num_grid_images]) for k in batch_keys}
     pending_metrics, last_log, nonfinite_streak = [], (time.time(), start_step), 0
-    ids_file = (open(os.path.join(workdir, 'batch_ids.txt'), 'a')
-                if config.record_batch_ids and jax.process_index() == 0 else None)
+    ids_file = (
+        open(os.path.join(workdir, 'batch_ids.txt'), 'a')
+        if config.record_batch_ids and jax.process_index() == 0
+        else None
+    )
     preempted = False
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules), PreemptionWatch() as preemption:
         for step in range(start_step + 1, config.total_steps + 1):
@@ -186,26 +207,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 hook(step)
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 # The only host sync of the loop: fetch the metrics accumulated since the last log.
-                summary, nonfinite_streak = summarize(jax.device_get(pending_metrics), nonfinite_streak,
-                                                      config.max_nonfinite_steps)
+                summary, nonfinite_streak = summarize(
+                    jax.device_get(pending_metrics), nonfinite_streak, config.max_nonfinite_steps
+                )
                 now = time.time()
                 summary['images_per_sec'] = (step - last_log[1]) * config.input.batch_size / (now - last_log[0])
                 if flops:
                     summary['device_gflops_per_sec'] = (
-                        (step - last_log[1]) * flops / mesh.size / (now - last_log[0]) / 1e9)
+                        (step - last_log[1]) * flops / mesh.size / (now - last_log[0]) / 1e9
+                    )
                 writer.write_scalars(step, summary)
                 pending_metrics, last_log = [], (now, step)
             preempted = preemption.reached(step)
             if step % config.image_every_steps == 0 and not preempted:
                 _write_images(visualize_fn, config, state, frozen, writer, workdir, image_batch)
-            if (config.eval_every_steps and step % config.eval_every_steps == 0 and step != config.total_steps
-                    and not preempted):
+            if (
+                config.eval_every_steps
+                and step % config.eval_every_steps == 0
+                and step != config.total_steps
+                and not preempted
+            ):
                 _evaluate(task, config, state, frozen, writer, workdir)
             if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempted:
                 checkpoint.save(manager, step, state=state, data_iterator=train_iter, config=config)
             if preempted:
-                logging.warning('preempted (SIGTERM) at step %d: saved a checkpoint; rerun the same command '
-                                'to resume', step)
+                logging.warning(
+                    'preempted (SIGTERM) at step %d: saved a checkpoint; rerun the same command to resume', step
+                )
                 break
         if ids_file:
             ids_file.close()

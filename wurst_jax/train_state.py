@@ -1,6 +1,7 @@
 """The training step every model family shares (`wurst_jax.tasks`): the train state, its
 initialisation (fresh or from pretrained weights), EMA, gradient accumulation over micro-batches,
 and `train_step`, which `jax.jit` compiles over the mesh (`wurst_jax.lowering`)."""
+
 import logging
 from typing import Any
 
@@ -32,13 +33,20 @@ def example_batch(task: Task, batch_size: int, *, abstract: bool = False) -> dic
     return {k: make((batch_size, *shape), dtype) for k, (shape, dtype) in task.batch_spec().items()}
 
 
-def create_train_state(task: Task, tx: optax.GradientTransformation, rng: jax.Array,
-                       batch: dict[str, jax.Array]) -> TrainState:
+def create_train_state(
+    task: Task, tx: optax.GradientTransformation, rng: jax.Array, batch: dict[str, jax.Array]
+) -> TrainState:
     """A fresh train state from an example batch; params still carry their logical-axis boxes."""
     init_rng, state_rng = jax.random.split(rng)
     params, model_state = task.init(init_rng, batch)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=params, model_state=model_state, rng=state_rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        ema_params=params,
+        model_state=model_state,
+        rng=state_rng,
+    )
 
 
 def with_pretrained(task: Task, state: TrainState, state_sharding: Any) -> TrainState:
@@ -55,8 +63,10 @@ def with_pretrained(task: Task, state: TrainState, state_sharding: Any) -> Train
         got = traverse_util.flatten_dict(loaded)
         wrong = sorted('/'.join(k) for k in got if k not in want or want[k].shape != got[k].shape)
         if wrong:
-            raise ValueError(f'pretrained {name} does not fit the model the config builds: {wrong} are not in it '
-                             'or have other shapes')
+            raise ValueError(
+                f'pretrained {name} does not fit the model the config builds: {wrong} are not in it '
+                'or have other shapes'
+            )
         new = sorted('/'.join(k) for k in want if k not in got)
         if new:
             logging.warning('pretrained %s lacks %s: they start from their initialisation', name, new)
@@ -76,34 +86,51 @@ def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
     return jax.tree.map(lambda e, p: e + (1 - d) * (p - e), ema, params)
 
 
-def accumulated_grads(task: Task, state: TrainState, frozen: dict[str, Any], batch: dict[str, jax.Array],
-                      rng: jax.Array, micro_batches: int) -> tuple[Any, Any, dict[str, jax.Array]]:
+def accumulated_grads(
+    task: Task,
+    state: TrainState,
+    frozen: dict[str, Any],
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    micro_batches: int,
+) -> tuple[Any, Any, dict[str, jax.Array]]:
     """task.grads, averaged over `micro_batches` slices of the batch computed one after another (a
     lax.scan), so activations are those of one slice. Row r goes to slice r % micro_batches, which
     keeps every device's rows on that device; model_state (BatchNorm statistics, loss buckets) is
     threaded through the slices in order."""
     if micro_batches == 1:
         return task.grads(state.params, state.model_state, frozen, batch, rng, state.step)
-    slices = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(x.shape[0] // micro_batches, micro_batches,
-                                                           *x.shape[1:]), 1, 0), batch)
+    slices = jax.tree.map(
+        lambda x: jnp.moveaxis(x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]), 1, 0), batch
+    )
 
     def accumulate(carry, inputs):
         total, model_state = carry
         index, micro = inputs
-        grads, model_state, metrics = task.grads(state.params, model_state, frozen, micro,
-                                                 jax.random.fold_in(rng, index), state.step)
+        grads, model_state, metrics = task.grads(
+            state.params, model_state, frozen, micro, jax.random.fold_in(rng, index), state.step
+        )
         return (jax.tree.map(jnp.add, total, grads), model_state), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (total, model_state), metrics = jax.lax.scan(accumulate, (zeros, state.model_state),
-                                                 (jnp.arange(micro_batches), slices))
-    return (jax.tree.map(lambda g: g / micro_batches, total), model_state,
-            jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
+    (total, model_state), metrics = jax.lax.scan(
+        accumulate, (zeros, state.model_state), (jnp.arange(micro_batches), slices)
+    )
+    return (
+        jax.tree.map(lambda g: g / micro_batches, total),
+        model_state,
+        jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics),
+    )
 
 
-def train_step(task: Task, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-               state: TrainState, batch: dict[str, jax.Array],
-               frozen: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    task: Task,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    frozen: dict[str, Any],
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step; `frozen` holds networks used but not trained. Metrics stay on device.
 
     A step whose loss or gradient is not finite changes nothing but the step count (its batch is
@@ -115,13 +142,24 @@ def train_step(task: Task, tx: optax.GradientTransformation, config: ml_collecti
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=grad_norm, skipped=1 - finite.astype(jnp.int32),
-                   learning_rate=optim.learning_rate(config, state.step))
-    updated = state.replace(params=params, opt_state=opt_state, model_state=model_state,
-                            ema_params=ema_update(state.ema_params, params, config.ema_decay, state.step))
+    metrics = dict(
+        metrics,
+        grad_norm=grad_norm,
+        skipped=1 - finite.astype(jnp.int32),
+        learning_rate=optim.learning_rate(config, state.step),
+    )
+    updated = state.replace(
+        params=params,
+        opt_state=opt_state,
+        model_state=model_state,
+        ema_params=ema_update(state.ema_params, params, config.ema_decay, state.step),
+    )
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(updated.params, state.params),
-                              opt_state=keep(updated.opt_state, state.opt_state),
-                              model_state=keep(updated.model_state, state.model_state),
-                              ema_params=keep(updated.ema_params, state.ema_params))
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(updated.params, state.params),
+        opt_state=keep(updated.opt_state, state.opt_state),
+        model_state=keep(updated.model_state, state.model_state),
+        ema_params=keep(updated.ema_params, state.ema_params),
+    )
     return new_state, metrics

@@ -1,4 +1,5 @@
 """Image grids for TensorBoard and PNG files."""
+
 import numpy as np
 from PIL import Image
 
@@ -16,7 +17,7 @@ def image_grid(images: np.ndarray, ncols: int = 4, pad: int = 2) -> np.ndarray:
     grid = np.full((rows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
     for i, img in enumerate(to_uint8(images)):
         r, col = divmod(i, ncols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
     return grid
 
 

@@ -8,6 +8,7 @@
 BatchNorm). Folders are read with safetensors; original `.pt` checkpoints (`original.py`) with
 torch.load(weights_only=True), never by unpickling arbitrary objects.
 """
+
 import os
 from typing import Any
 
@@ -24,5 +25,6 @@ def load_diffusers(path: str, name: str, **module_overrides: Any) -> tuple[nn.Mo
     if os.path.isfile(path):
         return load_original(path, name, **module_overrides)
     return load_folder(path, name, **module_overrides)
+
 
 __all__ = ['COMPONENTS', 'load_diffusers', 'load_original', 'save_diffusers', 'save_original', 'shapes_only']

@@ -4,6 +4,7 @@ Default: a diffusers/transformers model folder, or an original checkpoint file (
 Cascade .safetensors), -> a Flax folder (config.json + variables.msgpack).
 --to=diffusers: such a Flax folder -> a diffusers model folder that from_pretrained loads.
 """
+
 import json
 import os
 
@@ -34,15 +35,18 @@ def to_diffusers(src: str, dst: str, component: str) -> None:
     config_path, variables_path = os.path.join(src, core.CONFIG_NAME), os.path.join(src, FLAX_VARIABLES)
     for needed in (config_path, variables_path):
         if not os.path.isfile(needed):
-            raise FileNotFoundError(f'{needed} not found: --to=diffusers reads a Flax folder ({core.CONFIG_NAME} and '
-                                    f'{FLAX_VARIABLES}) as python -m wurst_jax.convert writes it')
+            raise FileNotFoundError(
+                f'{needed} not found: --to=diffusers reads a Flax folder ({core.CONFIG_NAME} and '
+                f'{FLAX_VARIABLES}) as python -m wurst_jax.convert writes it'
+            )
     module = core.component(component).from_config(core.read_json(config_path))
     with open(variables_path, 'rb') as f:
         try:
             variables = serialization.msgpack_restore(f.read())
         except ValueError as e:  # msgpack's errors for truncated or foreign data
-            raise ValueError(f'{variables_path} is not readable Flax msgpack ({e}): it is truncated or corrupt, '
-                             'convert it again') from None
+            raise ValueError(
+                f'{variables_path} is not readable Flax msgpack ({e}): it is truncated or corrupt, convert it again'
+            ) from None
     core.save_diffusers(module, variables, dst, component)
 
 

@@ -7,6 +7,7 @@ Flax names are the transformers module names, so a key is the Flax path joined w
 the `text_model.` prefix, which `_text_state` adds back. We always write the prefix (what the hub
 checkpoints hold and every transformers version loads).
 """
+
 import jax.numpy as jnp
 
 from wurst_jax.convert.core import Component, register
@@ -28,20 +29,32 @@ def _drop_buffers(state: dict) -> dict:
 
 def _text_state(state: dict) -> dict:
     state = _drop_buffers(state)
-    return {k if k.startswith(('text_model.', 'text_projection.')) else f'text_model.{k}': v
-            for k, v in state.items()}
+    return {k if k.startswith(('text_model.', 'text_projection.')) else f'text_model.{k}': v for k, v in state.items()}
 
 
-register('clip_text', Component(
-    class_name='CLIPTextModelWithProjection', accepts=('CLIPTextModel',), library='transformers',
-    from_config=CLIPTextModel.from_hf_config, to_config=CLIPTextModel.hf_config,
-    example_inputs=lambda m: (jnp.zeros((1, m.max_position_embeddings), jnp.int32),),
-    torch_key=lambda m, path: _key('text_model', 'text_projection', path),
-    prepare_state=_text_state))
+register(
+    'clip_text',
+    Component(
+        class_name='CLIPTextModelWithProjection',
+        accepts=('CLIPTextModel',),
+        library='transformers',
+        from_config=CLIPTextModel.from_hf_config,
+        to_config=CLIPTextModel.hf_config,
+        example_inputs=lambda m: (jnp.zeros((1, m.max_position_embeddings), jnp.int32),),
+        torch_key=lambda m, path: _key('text_model', 'text_projection', path),
+        prepare_state=_text_state,
+    ),
+)
 
-register('clip_vision', Component(
-    class_name='CLIPVisionModelWithProjection', library='transformers',
-    from_config=CLIPVisionModel.from_hf_config, to_config=CLIPVisionModel.hf_config,
-    example_inputs=lambda m: (jnp.zeros((1, m.image_size, m.image_size, m.num_channels)),),
-    torch_key=lambda m, path: _key('vision_model', 'visual_projection', path),
-    prepare_state=_drop_buffers))
+register(
+    'clip_vision',
+    Component(
+        class_name='CLIPVisionModelWithProjection',
+        library='transformers',
+        from_config=CLIPVisionModel.from_hf_config,
+        to_config=CLIPVisionModel.hf_config,
+        example_inputs=lambda m: (jnp.zeros((1, m.image_size, m.image_size, m.num_channels)),),
+        torch_key=lambda m, path: _key('vision_model', 'visual_projection', path),
+        prepare_state=_drop_buffers,
+    ),
+)

@@ -7,6 +7,7 @@ the usual torch <-> Flax correspondence: Linear (out, in) <-> Dense (in, out);
 Conv (out, in, kh, kw) <-> (kh, kw, in, out); GRN (1, 1, 1, C) <-> (C,). A component with other
 layouts passes its own `to_flax` / `to_torch`.
 """
+
 import contextlib
 import dataclasses
 import json
@@ -114,8 +115,7 @@ def _unscanned(module: nn.Module) -> nn.Module:
 
 def abstract_variables(module: nn.Module, comp: Component) -> dict:
     method = getattr(type(module), comp.init_method) if comp.init_method else None
-    shapes = jax.eval_shape(lambda k: module.init(k, *comp.example_inputs(module), method=method),
-                            jax.random.key(0))
+    shapes = jax.eval_shape(lambda k: module.init(k, *comp.example_inputs(module), method=method), jax.random.key(0))
     return nn.meta.unbox(shapes)
 
 
@@ -159,8 +159,10 @@ def variables_from_state_dict(module: nn.Module, name: str, state: dict[str, np.
         out[path] = array.astype(leaf.dtype)
     unexpected = sorted(k for k in state if k not in used and not k.endswith(_IGNORED_TORCH_SUFFIXES))
     if missing or unexpected or mismatched:
-        raise ValueError(f'{name} weights do not match the module: missing {missing}, '
-                         f'unexpected {unexpected}, wrong shape {mismatched}')
+        raise ValueError(
+            f'{name} weights do not match the module: missing {missing}, '
+            f'unexpected {unexpected}, wrong shape {mismatched}'
+        )
     variables = traverse_util.unflatten_dict(out)
     if flat_module is not module:
         variables = comp.stack(module, variables) if comp.stack else _stack_blocks(variables, module.depth)
@@ -175,8 +177,10 @@ def state_dict_from_variables(module: nn.Module, name: str, variables: dict) -> 
         variables = nn.meta.unbox(variables)
         variables = comp.unstack(module, variables) if comp.unstack else _unstack_blocks(variables, module.depth)
     flat = traverse_util.flatten_dict(nn.meta.unbox(variables))
-    return {comp.torch_key(flat_module, path): np.ascontiguousarray(comp.to_torch(np.asarray(v, np.float32), path))
-            for path, v in flat.items()}
+    return {
+        comp.torch_key(flat_module, path): np.ascontiguousarray(comp.to_torch(np.asarray(v, np.float32), path))
+        for path, v in flat.items()
+    }
 
 
 def read_safetensors(path: str, keep: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
@@ -188,8 +192,9 @@ def read_safetensors(path: str, keep: Callable[[str], bool] | None = None) -> di
         with safe_open(path, framework='np') as f:
             return {key: f.get_tensor(key) for key in f.keys() if keep(key)}
     except SafetensorError as e:
-        raise ValueError(f'{path} is not a readable safetensors file ({e}): it is truncated or corrupt, '
-                         'download or convert it again') from None
+        raise ValueError(
+            f'{path} is not a readable safetensors file ({e}): it is truncated or corrupt, download or convert it again'
+        ) from None
 
 
 def read_weights(path: str, name: str) -> dict[str, np.ndarray]:
@@ -220,8 +225,9 @@ def read_json(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f'{path} is not valid JSON ({e}): restore the model folder\'s '
-                         f'{os.path.basename(path)}') from None
+        raise ValueError(
+            f"{path} is not valid JSON ({e}): restore the model folder's {os.path.basename(path)}"
+        ) from None
 
 
 def read_class_name(path: str) -> str | None:
@@ -241,14 +247,17 @@ def read_config(path: str, name: str) -> dict:
     sharded = os.path.isfile(os.path.join(path, comp.index_name))
     for needed in (config_path,) if _SHAPES_ONLY or sharded else (config_path, weights_path):
         if not os.path.isfile(needed):
-            raise FileNotFoundError(f'{needed} not found: {name} expects a {comp.library} model folder '
-                                    f'with {CONFIG_NAME} and {comp.weights_name} (or sharded weights '
-                                    f'with {comp.index_name})')
+            raise FileNotFoundError(
+                f'{needed} not found: {name} expects a {comp.library} model folder '
+                f'with {CONFIG_NAME} and {comp.weights_name} (or sharded weights '
+                f'with {comp.index_name})'
+            )
     config = read_json(config_path)
     found = read_class_name(path)
     if found is not None and found not in (comp.class_name, *comp.accepts):
-        raise ValueError(f'{config_path} is a {found}, but component {name!r} is a '
-                         f'{" or ".join((comp.class_name, *comp.accepts))}')
+        raise ValueError(
+            f'{config_path} is a {found}, but component {name!r} is a {" or ".join((comp.class_name, *comp.accepts))}'
+        )
     return config
 
 
@@ -285,5 +294,6 @@ def save_diffusers(module: nn.Module, variables: dict, path: str, name: str) -> 
     comp = component(name)
     write_config(module, path, name)
     metadata = {'format': 'pt'} if comp.library == 'transformers' else None
-    save_file(state_dict_from_variables(module, name, variables), os.path.join(path, comp.weights_name),
-              metadata=metadata)
+    save_file(
+        state_dict_from_variables(module, name, variables), os.path.join(path, comp.weights_name), metadata=metadata
+    )

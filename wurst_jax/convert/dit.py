@@ -15,6 +15,7 @@ unconditional network whatever the text; the caption projection and cross-attent
 from PixArt's init. PixArt's layer norms use eps 1e-6, as the original DiT; a diffusers DiT folder
 with norm_eps 1e-5 differs from it by that eps in each MLP's norm.
 """
+
 import os
 
 import jax
@@ -49,8 +50,9 @@ def _sinusoid(t: float, shift: int) -> np.ndarray:
     return np.concatenate([np.cos(angles), np.sin(angles)])
 
 
-def pixart_from_dit(path: str, *, caption_channels: int | None, t: float = 500.0, seed: int = 0,
-                    **overrides) -> tuple[PixArtTransformer, dict]:
+def pixart_from_dit(
+    path: str, *, caption_channels: int | None, t: float = 500.0, seed: int = 0, **overrides
+) -> tuple[PixArtTransformer, dict]:
     """(module, variables) of a PixArt transformer started from the DiT folder at `path`."""
     cfg = read_json(os.path.join(path, CONFIG_NAME))
     if cfg.get('_class_name') != 'DiTTransformer2DModel':
@@ -58,18 +60,27 @@ def pixart_from_dit(path: str, *, caption_channels: int | None, t: float = 500.0
     dit = read_safetensors(os.path.join(path, DIFFUSERS_WEIGHTS))
     in_channels = cfg.get('in_channels', 4)
     module = PixArtTransformer(
-        in_channels=in_channels, out_channels=cfg.get('out_channels') or in_channels,
-        num_heads=cfg.get('num_attention_heads', 16), head_dim=cfg.get('attention_head_dim', 72),
-        depth=cfg.get('num_layers', 28), patch_size=cfg.get('patch_size', 2), sample_size=cfg.get('sample_size', 32),
-        interpolation_scale=1, caption_channels=caption_channels, use_additional_conditions=False, **overrides)
+        in_channels=in_channels,
+        out_channels=cfg.get('out_channels') or in_channels,
+        num_heads=cfg.get('num_attention_heads', 16),
+        head_dim=cfg.get('attention_head_dim', 72),
+        depth=cfg.get('num_layers', 28),
+        patch_size=cfg.get('patch_size', 2),
+        sample_size=cfg.get('sample_size', 32),
+        interpolation_scale=1,
+        caption_channels=caption_channels,
+        use_additional_conditions=False,
+        **overrides,
+    )
     d, p = module.width, module.patch_size
     text = jnp.zeros((1, 1, caption_channels or d))
     fresh = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, p, p, in_channels)), jnp.zeros((1,)), text)
     state = state_dict_from_variables(module, 'pixart', fresh)
 
     for key, value in dit.items():
-        if key.startswith('pos_embed.proj.') or (key.startswith('transformer_blocks.') and
-                                                 key.split('.', 2)[2].startswith(_SHARED)):
+        if key.startswith('pos_embed.proj.') or (
+            key.startswith('transformer_blocks.') and key.split('.', 2)[2].startswith(_SHARED)
+        ):
             state[key] = value
     state.update({k.replace('proj_out_2.', 'proj_out.'): v for k, v in dit.items() if k.startswith('proj_out_2.')})
     embedder = 'transformer_blocks.0.norm1.emb.timestep_embedder'
@@ -90,7 +101,8 @@ def pixart_from_dit(path: str, *, caption_channels: int | None, t: float = 500.0
         state[f'transformer_blocks.{i}.scale_shift_table'] = (own - shared).reshape(6, d).astype(np.float32)
         for leaf in ('weight', 'bias'):  # cross-attention adds nothing until it is trained
             state[f'transformer_blocks.{i}.attn2.to_out.0.{leaf}'] = np.zeros_like(
-                state[f'transformer_blocks.{i}.attn2.to_out.0.{leaf}'])
+                state[f'transformer_blocks.{i}.attn2.to_out.0.{leaf}']
+            )
     final = _linear(dit, 'proj_out_1', _silu(c)).reshape(2, d)
     state['scale_shift_table'] = (final - e[None]).astype(np.float32)
     return module, variables_from_state_dict(module, 'pixart', state)

@@ -9,6 +9,7 @@ and by the diffusers research example `EfficientNetEncoder(c_latent=16, c_cond=1
 Flax names mirror them with '_' for '.': `backbone_4_2/block_1/conv` <-> `backbone.4.2.block.1.0`
 (ConvNormAct's `conv`/`norm` are torchvision's Sequential indices 0/1).
 """
+
 import jax.numpy as jnp
 
 from wurst_jax.convert.core import Component, register
@@ -27,10 +28,14 @@ def _from_config(cfg: dict) -> EfficientNetEncoder:
         stages = _ARCHS[arch]
     else:
         raise ValueError(f'unsupported effnet {arch!r}: known {sorted(_ARCHS)} (or give explicit "stages")')
-    return EfficientNetEncoder(stages=stages, last_channels=cfg.get('c_cond', 1280), c_latent=cfg.get('c_latent', 16),
-                               mapper_affine=cfg.get('mapper_affine', True),
-                               output_scaling=cfg.get('output_scaling', 'none'),
-                               normalize_input=cfg.get('normalize_input', True))
+    return EfficientNetEncoder(
+        stages=stages,
+        last_channels=cfg.get('c_cond', 1280),
+        c_latent=cfg.get('c_latent', 16),
+        mapper_affine=cfg.get('mapper_affine', True),
+        output_scaling=cfg.get('output_scaling', 'none'),
+        normalize_input=cfg.get('normalize_input', True),
+    )
 
 
 def _config(m: EfficientNetEncoder) -> dict:

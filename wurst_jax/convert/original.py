@@ -17,6 +17,7 @@ Stable Cascade's Stage B/C UNets (`stage_b*.safetensors`, `stage_c*.safetensors`
 architecture (StableCascadeUNet), not converted here. `save_original` writes Flax variables back as a flat
 `.safetensors` state dict in the original names (what the official modules' load_state_dict takes).
 """
+
 import os
 import pickle
 
@@ -48,11 +49,11 @@ _ENTRIES = {
     'pixart': ('state_dict_ema', 'state_dict'),  # PixArt's training saves both; released files hold state_dict
 }
 _HINTS = {  # what a file lacking the entry was expected to be
-    'paella': "a Würstchen v1 Stage B checkpoint (dome272/Wuerstchen train_stage_B.py saves the Paella generator "
-              "as 'state_dict' and its EfficientNet as 'effnet_state_dict')",
+    'paella': 'a Würstchen v1 Stage B checkpoint (dome272/Wuerstchen train_stage_B.py saves the Paella generator '
+    "as 'state_dict' and its EfficientNet as 'effnet_state_dict')",
     'decoder': "a Würstchen v2 Stage B checkpoint (model_v2_stage_b.pt: the DiffNeXt as 'state_dict')",
-    'effnet': "a Würstchen Stage B checkpoint (train_stage_B.py saves the jointly trained EfficientNet as "
-              "'effnet_state_dict'), or a flat effnet .safetensors",
+    'effnet': 'a Würstchen Stage B checkpoint (train_stage_B.py saves the jointly trained EfficientNet as '
+    "'effnet_state_dict'), or a flat effnet .safetensors",
 }
 _TORCH_SUFFIXES = ('.pt', '.pth', '.ckpt', '.bin')
 # Components whose original names are the diffusers ones but for the attention and codebook (`diffusers_names`).
@@ -68,8 +69,10 @@ def _read_torch(path: str) -> dict:
         return torch.load(path, map_location='cpu', weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
         first_line = str(e).strip().splitlines()[0]
-        raise ValueError(f'{path} cannot be read by torch.load ({type(e).__name__}: {first_line}): it is truncated '
-                         'or corrupt, download it again') from None
+        raise ValueError(
+            f'{path} cannot be read by torch.load ({type(e).__name__}: {first_line}): it is truncated '
+            'or corrupt, download it again'
+        ) from None
 
 
 def read_checkpoint(path: str, component: str) -> dict[str, np.ndarray]:
@@ -86,8 +89,10 @@ def read_checkpoint(path: str, component: str) -> dict[str, np.ndarray]:
                 break
         else:
             expected = f': expected {_HINTS[component]}' if component in _HINTS else ''
-            raise KeyError(f'{path} has no {" or ".join(_ENTRIES[component])} entry for {component}: '
-                           f'it holds {sorted(content)}{expected}')
+            raise KeyError(
+                f'{path} has no {" or ".join(_ENTRIES[component])} entry for {component}: '
+                f'it holds {sorted(content)}{expected}'
+            )
     return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in content.items()}
 
 
@@ -134,8 +139,10 @@ def save_original(module: nn.Module, variables: dict, path: str, component: str)
     takes it (the BatchNorms' num_batches_tracked aside), and `load_original(path, component, config)` reads
     it back bit for bit. A scan_blocks module is written unscanned, as the torch modules are."""
     if component not in _WUERSTCHEN:
-        raise ValueError(f'save_original writes the Würstchen components {list(_WUERSTCHEN)}, not {component!r}: '
-                         'use save_diffusers for a diffusers folder')
+        raise ValueError(
+            f'save_original writes the Würstchen components {list(_WUERSTCHEN)}, not {component!r}: '
+            'use save_diffusers for a diffusers folder'
+        )
     if not path.endswith('.safetensors'):
         raise ValueError(f'{path}: save_original writes a .safetensors file (torch.load-free); name it *.safetensors')
     state = original_names(core.state_dict_from_variables(module, component, variables))
@@ -143,8 +150,7 @@ def save_original(module: nn.Module, variables: dict, path: str, component: str)
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
 
 
-def load_original(path: str, component: str, config: dict | None = None,
-                  **module_overrides) -> tuple[nn.Module, dict]:
+def load_original(path: str, component: str, config: dict | None = None, **module_overrides) -> tuple[nn.Module, dict]:
     """(module, Flax variables) from an original checkpoint file.
 
     The module is the released Würstchen v2 network of `component`, with `config` (diffusers
@@ -154,8 +160,9 @@ def load_original(path: str, component: str, config: dict | None = None,
         raise FileNotFoundError(f'{path} not found: expected an original {component} checkpoint file')
     comp = core.component(component)
     state = diffusers_names(read_checkpoint(path, component))
-    module = comp.from_config({**RELEASED_CONFIGS.get(component, {}), **_fields_of_file(component, state),
-                               **(config or {})})
+    module = comp.from_config(
+        {**RELEASED_CONFIGS.get(component, {}), **_fields_of_file(component, state), **(config or {})}
+    )
     if module_overrides:
         module = module.clone(**module_overrides)
     return module, core.variables_from_state_dict(module, component, state)

@@ -11,6 +11,7 @@ decoder's or an LM head's. The token table is `shared.weight`; files written by 
 hold its tied copy `encoder.embed_tokens.weight`, which stands in for `shared.weight` when that is absent
 and is otherwise dropped. We write `shared.weight` only, what transformers saves and every version loads.
 """
+
 import re
 
 import jax
@@ -62,8 +63,19 @@ def _unstack(m: T5Encoder, variables: dict) -> dict:
     return {**variables, 'params': {**variables['params'], 'encoder': encoder}}
 
 
-register('t5_encoder', Component(
-    class_name='T5EncoderModel', accepts=('T5ForConditionalGeneration', 'T5Model'), library='transformers',
-    from_config=T5Encoder.from_hf_config, to_config=T5Encoder.hf_config,
-    example_inputs=lambda m: (jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)),
-    torch_key=_key, prepare_state=_encoder_state, keep_key=_encoder_key, stack=_stack, unstack=_unstack))
+register(
+    't5_encoder',
+    Component(
+        class_name='T5EncoderModel',
+        accepts=('T5ForConditionalGeneration', 'T5Model'),
+        library='transformers',
+        from_config=T5Encoder.from_hf_config,
+        to_config=T5Encoder.hf_config,
+        example_inputs=lambda m: (jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)),
+        torch_key=_key,
+        prepare_state=_encoder_state,
+        keep_key=_encoder_key,
+        stack=_stack,
+        unstack=_unstack,
+    ),
+)

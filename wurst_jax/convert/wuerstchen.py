@@ -7,6 +7,7 @@ Flax names follow the torch modules (diffusers `src/diffusers/pipelines/wuerstch
 so each table only turns a Flax path into the torch key: Sequential indices back in
 (`channelwise_0` -> `channelwise.0`) and the triplet blocks of the prior flattened into `blocks.{3k + j}`.
 """
+
 import difflib
 import re
 
@@ -25,18 +26,26 @@ _LEAVES = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean', 'var':
 
 # --- prior ------------------------------------------------------------------------------------
 
+
 def _prior_from_config(cfg: dict) -> WuerstchenPrior:
-    return WuerstchenPrior(c_in=cfg.get('c_in', 16), c=cfg.get('c', 1280), c_cond=cfg.get('c_cond', 1024),
-                           c_r=cfg.get('c_r', 64), depth=cfg.get('depth', 16), num_heads=cfg.get('nhead', 16),
-                           dropout=cfg.get('dropout', 0.1))
+    return WuerstchenPrior(
+        c_in=cfg.get('c_in', 16),
+        c=cfg.get('c', 1280),
+        c_cond=cfg.get('c_cond', 1024),
+        c_r=cfg.get('c_r', 64),
+        depth=cfg.get('depth', 16),
+        num_heads=cfg.get('nhead', 16),
+        dropout=cfg.get('dropout', 0.1),
+    )
 
 
 def _prior_config(m: WuerstchenPrior) -> dict:
     if m.pos_embed or m.linear_output:
-        raise ValueError("a prior with pos_embed or linear_output has no diffusers WuerstchenPrior equivalent; "
-                         "keep it in this project's checkpoints")
-    return dict(c_in=m.c_in, c=m.c, c_cond=m.c_cond, c_r=m.c_r, depth=m.depth, nhead=m.num_heads,
-                dropout=m.dropout)
+        raise ValueError(
+            'a prior with pos_embed or linear_output has no diffusers WuerstchenPrior equivalent; '
+            "keep it in this project's checkpoints"
+        )
+    return dict(c_in=m.c_in, c=m.c, c_cond=m.c_cond, c_r=m.c_r, depth=m.depth, nhead=m.num_heads, dropout=m.dropout)
 
 
 def _prior_inputs(m: WuerstchenPrior) -> tuple:
@@ -44,10 +53,14 @@ def _prior_inputs(m: WuerstchenPrior) -> tuple:
 
 
 TRIPLET = {'res': 0, 'timestep': 1, 'attn': 2}
-BLOCK_MODULES = {'channelwise_0': 'channelwise.0', 'grn': 'channelwise.2', 'channelwise_4': 'channelwise.4',
-                 'kv_mapper': 'kv_mapper.1', 'to_out': 'to_out.0'}
-_PRIOR_MODULES = {**BLOCK_MODULES, 'cond_mapper_0': 'cond_mapper.0', 'cond_mapper_2': 'cond_mapper.2',
-                  'out': 'out.1'}
+BLOCK_MODULES = {
+    'channelwise_0': 'channelwise.0',
+    'grn': 'channelwise.2',
+    'channelwise_4': 'channelwise.4',
+    'kv_mapper': 'kv_mapper.1',
+    'to_out': 'to_out.0',
+}
+_PRIOR_MODULES = {**BLOCK_MODULES, 'cond_mapper_0': 'cond_mapper.0', 'cond_mapper_2': 'cond_mapper.2', 'out': 'out.1'}
 
 
 def _prior_key(m: WuerstchenPrior, path: tuple[str, ...]) -> str:
@@ -63,8 +76,22 @@ def _prior_key(m: WuerstchenPrior, path: tuple[str, ...]) -> str:
 
 # --- decoder ----------------------------------------------------------------------------------
 
-_DECODER_FIELDS = ('c_in', 'c_out', 'c_r', 'patch_size', 'c_cond', 'c_hidden', 'nhead', 'blocks', 'level_config',
-                   'inject_effnet', 'effnet_embd', 'clip_embd', 'kernel_size', 'dropout')
+_DECODER_FIELDS = (
+    'c_in',
+    'c_out',
+    'c_r',
+    'patch_size',
+    'c_cond',
+    'c_hidden',
+    'nhead',
+    'blocks',
+    'level_config',
+    'inject_effnet',
+    'effnet_embd',
+    'clip_embd',
+    'kernel_size',
+    'dropout',
+)
 
 
 def _decoder_from_config(cfg: dict) -> WuerstchenDiffNeXt:
@@ -78,8 +105,12 @@ def _decoder_config(m: WuerstchenDiffNeXt) -> dict:
 
 def _decoder_inputs(m: WuerstchenDiffNeXt) -> tuple:
     size = m.patch_size * 2 ** (len(m.c_hidden) - 1)
-    return (jnp.zeros((1, size, size, m.c_in)), jnp.zeros((1,)), jnp.zeros((1, 2, 2, m.effnet_embd)),
-            jnp.zeros((1, 4, m.clip_embd)))
+    return (
+        jnp.zeros((1, size, size, m.c_in)),
+        jnp.zeros((1,)),
+        jnp.zeros((1, 2, 2, m.effnet_embd)),
+        jnp.zeros((1, 4, m.clip_embd)),
+    )
 
 
 def _decoder_key(m: WuerstchenDiffNeXt, path: tuple[str, ...]) -> str:
@@ -91,8 +122,23 @@ def _decoder_key(m: WuerstchenDiffNeXt, path: tuple[str, ...]) -> str:
 # --- paella (Würstchen v1 Stage B) ---------------------------------------------------------------
 
 # The official constructor's keyword arguments (dome272/Wuerstchen `modules.py` `Paella.__init__`).
-PAELLA_FIELDS = ('c_in', 'c_out', 'num_labels', 'c_r', 'patch_size', 'c_cond', 'c_hidden', 'nhead', 'blocks',
-                 'level_config', 'effnet_embd', 'byt5_embd', 'kernel_size', 'dropout', 'self_attn')
+PAELLA_FIELDS = (
+    'c_in',
+    'c_out',
+    'num_labels',
+    'c_r',
+    'patch_size',
+    'c_cond',
+    'c_hidden',
+    'nhead',
+    'blocks',
+    'level_config',
+    'effnet_embd',
+    'byt5_embd',
+    'kernel_size',
+    'dropout',
+    'self_attn',
+)
 
 
 def _paella_from_config(cfg: dict) -> Paella:
@@ -100,8 +146,10 @@ def _paella_from_config(cfg: dict) -> Paella:
     if unknown:
         hints = {k: difflib.get_close_matches(k, PAELLA_FIELDS, n=1) for k in unknown}
         named = ', '.join(f'{k!r}' + (f' (did you mean {h[0]!r}?)' if h else '') for k, h in hints.items())
-        raise ValueError(f'unknown Paella config field {named}: the fields are the official Paella '
-                         f'constructor\'s keyword arguments {list(PAELLA_FIELDS)}')
+        raise ValueError(
+            f'unknown Paella config field {named}: the fields are the official Paella '
+            f"constructor's keyword arguments {list(PAELLA_FIELDS)}"
+        )
     return Paella(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in PAELLA_FIELDS})
 
 
@@ -111,8 +159,12 @@ def _paella_config(m: Paella) -> dict:
 
 def _paella_inputs(m: Paella) -> tuple:
     size = m.patch_size * 2 ** (len(m.c_hidden) - 1)
-    return (jnp.zeros((1, size, size), jnp.int32), jnp.zeros((1,)), jnp.zeros((1, 2, 2, m.effnet_embd)),
-            jnp.zeros((1, 4, m.byt5_embd)))
+    return (
+        jnp.zeros((1, size, size), jnp.int32),
+        jnp.zeros((1,)),
+        jnp.zeros((1, 2, 2, m.effnet_embd)),
+        jnp.zeros((1, 4, m.byt5_embd)),
+    )
 
 
 def _paella_key(m: Paella, path: tuple[str, ...]) -> str:
@@ -127,9 +179,11 @@ def _paella_stack(m: Paella, variables: dict) -> dict:
     params = dict(variables['params'])
     for scan_name, prefix, first, repeats, per in m.scan_groups():
         params[scan_name] = {
-            f'block_{k}': jax.tree.map(lambda *xs: np.stack(xs),
-                                       *[params.pop(f'{prefix}_{first + g * per + k}') for g in range(repeats)])
-            for k in range(per)}
+            f'block_{k}': jax.tree.map(
+                lambda *xs: np.stack(xs), *[params.pop(f'{prefix}_{first + g * per + k}') for g in range(repeats)]
+            )
+            for k in range(per)
+        }
     return {**variables, 'params': params}
 
 
@@ -145,18 +199,33 @@ def _paella_unstack(m: Paella, variables: dict) -> dict:
 
 # --- vqgan ------------------------------------------------------------------------------------
 
+
 def _vqgan_from_config(cfg: dict) -> VQGAN:
-    return VQGAN(levels=cfg.get('levels', 2), embed_dim=cfg.get('embed_dim', 384),
-                 bottleneck_blocks=cfg.get('bottleneck_blocks', 12), latent_channels=cfg.get('latent_channels', 4),
-                 num_codes=cfg.get('num_vq_embeddings', 8192), scale_factor=cfg.get('scale_factor', 0.3764),
-                 in_channels=cfg.get('in_channels', 3), out_channels=cfg.get('out_channels', 3),
-                 pixel_factor=cfg.get('up_down_scale_factor', 2))
+    return VQGAN(
+        levels=cfg.get('levels', 2),
+        embed_dim=cfg.get('embed_dim', 384),
+        bottleneck_blocks=cfg.get('bottleneck_blocks', 12),
+        latent_channels=cfg.get('latent_channels', 4),
+        num_codes=cfg.get('num_vq_embeddings', 8192),
+        scale_factor=cfg.get('scale_factor', 0.3764),
+        in_channels=cfg.get('in_channels', 3),
+        out_channels=cfg.get('out_channels', 3),
+        pixel_factor=cfg.get('up_down_scale_factor', 2),
+    )
 
 
 def _vqgan_config(m: VQGAN) -> dict:
-    return dict(in_channels=m.in_channels, out_channels=m.out_channels, up_down_scale_factor=m.pixel_factor,
-                levels=m.levels, bottleneck_blocks=m.bottleneck_blocks, embed_dim=m.embed_dim,
-                latent_channels=m.latent_channels, num_vq_embeddings=m.num_codes, scale_factor=m.scale_factor)
+    return dict(
+        in_channels=m.in_channels,
+        out_channels=m.out_channels,
+        up_down_scale_factor=m.pixel_factor,
+        levels=m.levels,
+        bottleneck_blocks=m.bottleneck_blocks,
+        embed_dim=m.embed_dim,
+        latent_channels=m.latent_channels,
+        num_vq_embeddings=m.num_codes,
+        scale_factor=m.scale_factor,
+    )
 
 
 def _vqgan_inputs(m: VQGAN) -> tuple:
@@ -172,9 +241,13 @@ def _vqgan_key(m: VQGAN, path: tuple[str, ...]) -> str:
     if top == 'quantizer':
         return 'vquantizer.embedding.weight'
     latent_index = 2 * m.levels - 1  # torch down_blocks: levels mixing blocks + (levels - 1) convs
-    head = {'in_conv': 'in_block.1', 'to_latent': f'down_blocks.{latent_index}.0',
-            'latent_norm': f'down_blocks.{latent_index}.1', 'from_latent': 'up_blocks.0.0',
-            'out_conv': 'out_block.0'}.get(top)
+    head = {
+        'in_conv': 'in_block.1',
+        'to_latent': f'down_blocks.{latent_index}.0',
+        'latent_norm': f'down_blocks.{latent_index}.1',
+        'from_latent': 'up_blocks.0.0',
+        'out_conv': 'out_block.0',
+    }.get(top)
     if top.startswith('down_blocks_'):
         head = f'down_blocks.{int(top.rsplit("_", 1)[1])}'
     elif top.startswith('up_blocks_'):  # torch up_blocks.0 is the latent conv (from_latent here)
@@ -182,11 +255,24 @@ def _vqgan_key(m: VQGAN, path: tuple[str, ...]) -> str:
     return '.'.join([head] + [_VQ_MIX.get(n, n) for n in inner] + [_LEAVES.get(leaf, leaf)])
 
 
-register('prior', Component('WuerstchenPrior', 'diffusers', _prior_from_config, _prior_config, _prior_inputs,
-                            _prior_key))
-register('decoder', Component('WuerstchenDiffNeXt', 'diffusers', _decoder_from_config, _decoder_config,
-                              _decoder_inputs, _decoder_key))
-register('vqgan', Component('PaellaVQModel', 'diffusers', _vqgan_from_config, _vqgan_config, _vqgan_inputs,
-                            _vqgan_key))
-register('paella', Component('Paella', 'diffusers', _paella_from_config, _paella_config, _paella_inputs, _paella_key,
-                             stack=_paella_stack, unstack=_paella_unstack))
+register(
+    'prior', Component('WuerstchenPrior', 'diffusers', _prior_from_config, _prior_config, _prior_inputs, _prior_key)
+)
+register(
+    'decoder',
+    Component('WuerstchenDiffNeXt', 'diffusers', _decoder_from_config, _decoder_config, _decoder_inputs, _decoder_key),
+)
+register('vqgan', Component('PaellaVQModel', 'diffusers', _vqgan_from_config, _vqgan_config, _vqgan_inputs, _vqgan_key))
+register(
+    'paella',
+    Component(
+        'Paella',
+        'diffusers',
+        _paella_from_config,
+        _paella_config,
+        _paella_inputs,
+        _paella_key,
+        stack=_paella_stack,
+        unstack=_paella_unstack,
+    ),
+)

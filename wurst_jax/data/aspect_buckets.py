@@ -10,6 +10,7 @@ batches and takes its rows: shuffle all indices, split them by bucket in that or
 bucket into whole global batches (its remainder waits for the next epoch's shuffle), and shuffle
 the batches. An iterator's state is still one index, as for square batches.
 """
+
 import io
 import logging
 import sys
@@ -21,14 +22,46 @@ from PIL import Image
 
 # ratio h/w -> (h, w) at 1024 px.
 ASPECT_RATIOS_1024 = {
-    0.25: (512, 2048), 0.26: (512, 1984), 0.27: (512, 1920), 0.28: (512, 1856), 0.32: (576, 1792),
-    0.33: (576, 1728), 0.35: (576, 1664), 0.4: (640, 1600), 0.42: (640, 1536), 0.48: (704, 1472),
-    0.5: (704, 1408), 0.52: (704, 1344), 0.57: (768, 1344), 0.6: (768, 1280), 0.68: (832, 1216),
-    0.72: (832, 1152), 0.78: (896, 1152), 0.82: (896, 1088), 0.88: (960, 1088), 0.94: (960, 1024),
-    1.0: (1024, 1024), 1.07: (1024, 960), 1.13: (1088, 960), 1.21: (1088, 896), 1.29: (1152, 896),
-    1.38: (1152, 832), 1.46: (1216, 832), 1.67: (1280, 768), 1.75: (1344, 768), 2.0: (1408, 704),
-    2.09: (1472, 704), 2.4: (1536, 640), 2.5: (1600, 640), 2.89: (1664, 576), 3.0: (1728, 576),
-    3.11: (1792, 576), 3.62: (1856, 512), 3.75: (1920, 512), 3.88: (1984, 512), 4.0: (2048, 512),
+    0.25: (512, 2048),
+    0.26: (512, 1984),
+    0.27: (512, 1920),
+    0.28: (512, 1856),
+    0.32: (576, 1792),
+    0.33: (576, 1728),
+    0.35: (576, 1664),
+    0.4: (640, 1600),
+    0.42: (640, 1536),
+    0.48: (704, 1472),
+    0.5: (704, 1408),
+    0.52: (704, 1344),
+    0.57: (768, 1344),
+    0.6: (768, 1280),
+    0.68: (832, 1216),
+    0.72: (832, 1152),
+    0.78: (896, 1152),
+    0.82: (896, 1088),
+    0.88: (960, 1088),
+    0.94: (960, 1024),
+    1.0: (1024, 1024),
+    1.07: (1024, 960),
+    1.13: (1088, 960),
+    1.21: (1088, 896),
+    1.29: (1152, 896),
+    1.38: (1152, 832),
+    1.46: (1216, 832),
+    1.67: (1280, 768),
+    1.75: (1344, 768),
+    2.0: (1408, 704),
+    2.09: (1472, 704),
+    2.4: (1536, 640),
+    2.5: (1600, 640),
+    2.89: (1664, 576),
+    3.0: (1728, 576),
+    3.11: (1792, 576),
+    3.62: (1856, 512),
+    3.75: (1920, 512),
+    3.88: (1984, 512),
+    4.0: (2048, 512),
 }
 
 
@@ -36,9 +69,14 @@ def bucket_table(image_size: int, multiple: int = 0) -> tuple[tuple[float, int, 
     """(ratio, height, width) of every bucket for square training size `image_size`."""
     multiple = multiple or max(1, image_size // 16)
     scale = image_size / 1024
-    return tuple((ratio, max(multiple, round(h * scale / multiple) * multiple),
-                  max(multiple, round(w * scale / multiple) * multiple))
-                 for ratio, (h, w) in ASPECT_RATIOS_1024.items())
+    return tuple(
+        (
+            ratio,
+            max(multiple, round(h * scale / multiple) * multiple),
+            max(multiple, round(w * scale / multiple) * multiple),
+        )
+        for ratio, (h, w) in ASPECT_RATIOS_1024.items()
+    )
 
 
 def closest_bucket(height: int, width: int, table: Sequence[tuple[float, int, int]]) -> int:
@@ -67,9 +105,11 @@ class BucketedOrder(grain.MapDataset):
         counts = np.bincount(self._buckets)
         self._batches_per_epoch = int(np.sum(counts // global_batch))
         if self._batches_per_epoch == 0:
-            raise ValueError(f'no aspect bucket holds a whole global batch of {global_batch} images '
-                             f'(bucket sizes {sorted(counts[counts > 0].tolist(), reverse=True)[:8]}): '
-                             'use a smaller input.batch_size or input.aspect_buckets=False')
+            raise ValueError(
+                f'no aspect bucket holds a whole global batch of {global_batch} images '
+                f'(bucket sizes {sorted(counts[counts > 0].tolist(), reverse=True)[:8]}): '
+                'use a smaller input.batch_size or input.aspect_buckets=False'
+            )
         self._plan = (-1, None)
 
     def __len__(self) -> int:

@@ -1,4 +1,5 @@
 """What every wurst_jax TFDS builder shares: the record layout and the offline builder basics."""
+
 import io
 
 import numpy as np
@@ -28,9 +29,11 @@ class CaptionedImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=self.image_shape()),
-                'caption': tfds.features.Text(),
-                'id': tfds.features.Scalar(np.int64),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    'image': tfds.features.Image(shape=self.image_shape()),
+                    'caption': tfds.features.Text(),
+                    'id': tfds.features.Scalar(np.int64),
+                }
+            )
         )

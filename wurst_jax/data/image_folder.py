@@ -5,6 +5,7 @@ or from a `.txt` file with the image's stem beside it; the jsonl wins when both 
 cannot be decoded, and images without a caption, are skipped and listed in `skipped.json` beside
 the prepared dataset.
 """
+
 import dataclasses
 import hashlib
 import json
@@ -30,6 +31,7 @@ _SIXTEEN_BIT_MODES = frozenset({'I;16', 'I;16L', 'I;16B', 'I;16N', 'I'})
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """An image that passed validation, with its caption."""
+
     path: pathlib.Path
     caption: str
 
@@ -37,6 +39,7 @@ class Entry:
 @dataclasses.dataclass(frozen=True)
 class Skipped:
     """A file left out of the dataset, and why."""
+
     path: pathlib.Path
     reason: str
 
@@ -44,6 +47,7 @@ class Skipped:
 @dataclasses.dataclass(frozen=True)
 class FolderScan:
     """The result of scanning a folder: usable entries and skipped files."""
+
     folder: pathlib.Path
     entries: tuple[Entry, ...]
     skipped: tuple[Skipped, ...]
@@ -80,8 +84,7 @@ def _read_jsonl_captions(folder: pathlib.Path) -> dict[pathlib.Path, str]:
             record = json.loads(line)
             captions[(folder / record['file']).resolve()] = str(record['caption'])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f'{jsonl}:{line_no}: expected {{"file": ..., "caption": ...}}, '
-                             f'got {line!r} ({e})') from e
+            raise ValueError(f'{jsonl}:{line_no}: expected {{"file": ..., "caption": ...}}, got {line!r} ({e})') from e
     return captions
 
 
@@ -116,8 +119,7 @@ def scan_folder(folder: str | pathlib.Path) -> FolderScan:
         raise ValueError(f'image folder {str(folder)!r} does not exist or is not a directory')
     jsonl_captions = _read_jsonl_captions(folder)
     entries, skipped = [], []
-    images = sorted(p for p in folder.rglob('*')
-                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     for path in images:
         caption = _caption_for(path, jsonl_captions)
         problem = 'missing caption' if caption is None else _image_problem(path)
@@ -172,6 +174,7 @@ def _folder_fingerprint(folder: pathlib.Path) -> str:
 @dataclasses.dataclass(eq=False, kw_only=True)
 class ImageFolderConfig(tfds.core.BuilderConfig):
     """Which folder to ingest."""
+
     folder: str = ''
 
 
@@ -193,15 +196,24 @@ class ImageFolder(CaptionedImageBuilder):
         # During preparation data_path is tfds' temporary directory, renamed into place on success.
         (self.data_path / REPORT_NAME).write_text(json.dumps(report, indent=2))
         if scan.skipped:
-            logging.warning('image_folder %s: %d images kept, %d skipped %s; the list is in %s '
-                            'in the prepared dataset directory (%s/%s/%s)', scan.folder,
-                            len(scan.entries), len(scan.skipped), report['skipped_by_reason'],
-                            REPORT_NAME, self.name, self.builder_config.name, self.version)
+            logging.warning(
+                'image_folder %s: %d images kept, %d skipped %s; the list is in %s '
+                'in the prepared dataset directory (%s/%s/%s)',
+                scan.folder,
+                len(scan.entries),
+                len(scan.skipped),
+                report['skipped_by_reason'],
+                REPORT_NAME,
+                self.name,
+                self.builder_config.name,
+                self.version,
+            )
         if not scan.entries:
             raise ValueError(
                 f'image folder {str(scan.folder)!r} holds no usable images: expected image files '
                 f'({", ".join(sorted(IMAGE_SUFFIXES))}) each with a caption in a same-stem .txt '
-                f'file or in {CAPTIONS_JSONL}; skipped {report["skipped_by_reason"]}')
+                f'file or in {CAPTIONS_JSONL}; skipped {report["skipped_by_reason"]}'
+            )
         return {'train': self._generate_examples(scan.entries)}
 
     def _generate_examples(self, entries: tuple[Entry, ...]):

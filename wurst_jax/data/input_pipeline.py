@@ -5,6 +5,7 @@ Batches are dicts of numpy arrays for this process: `image` float32 [B, S, S, 3]
 `input.aspect_buckets` each training batch is [B, h, w, 3] for one bucket (h, w) of
 `aspect_buckets.py` and carries `original_size` [B, 2] and `aspect_ratio` [B, 1].
 """
+
 import contextlib
 import dataclasses
 import fcntl
@@ -31,13 +32,17 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
 
 # --- Sources -----------------------------------------------------------------------------------
 
+
 def builtin_builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The TFDS builder of a built-in dataset ('shapes', 'photos', 'image_folder')."""
     name, data_dir = input_config.dataset, input_config.data_dir
     if name == 'shapes':
         config = shapes.shapes_config(
-            image_size=input_config.image_size, num_train=input_config.shapes.num_train,
-            num_test=input_config.shapes.num_test, seed=input_config.shapes.seed)
+            image_size=input_config.image_size,
+            num_train=input_config.shapes.num_train,
+            num_test=input_config.shapes.num_test,
+            seed=input_config.shapes.seed,
+        )
         return shapes.Shapes(config=config, data_dir=data_dir)
     if name == 'photos':
         return photos.Photos(data_dir=data_dir)
@@ -65,7 +70,7 @@ def prepare_builtin(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
         return builtin_builder(input_config)
     # Processes sharing a data_dir would race on tfds' final rename; the first one builds, the
     # others wait and then find the dataset prepared.
-    lock = pathlib.Path(builder.data_dir_root) / f".{builder.info.full_name.replace('/', '-')}.lock"
+    lock = pathlib.Path(builder.data_dir_root) / f'.{builder.info.full_name.replace("/", "-")}.lock'
     with _file_lock(lock):
         # A builder made before another process finished has no split metadata: make a new one.
         builder = builtin_builder(input_config)
@@ -76,9 +81,11 @@ def prepare_builtin(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
 
 def _prepare_hint(name: str, data_dir: str) -> str:
     """How to prepare a TFDS dataset so this pipeline can read it."""
-    return (f'prepare it first, e.g. `tfds build {name} --data_dir={data_dir} '
-            f'--file_format=array_record` or tfds.builder({name!r}, data_dir={data_dir!r})'
-            ".download_and_prepare(file_format='array_record'); the pipeline never downloads")
+    return (
+        f'prepare it first, e.g. `tfds build {name} --data_dir={data_dir} '
+        f'--file_format=array_record` or tfds.builder({name!r}, data_dir={data_dir!r})'
+        ".download_and_prepare(file_format='array_record'); the pipeline never downloads"
+    )
 
 
 def prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
@@ -86,19 +93,23 @@ def prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError as e:
-        raise FileNotFoundError(f'TFDS dataset {name!r} not found in data_dir {data_dir!r}: '
-                                f'{_prepare_hint(name, data_dir)}') from e
+        raise FileNotFoundError(
+            f'TFDS dataset {name!r} not found in data_dir {data_dir!r}: {_prepare_hint(name, data_dir)}'
+        ) from e
     if not builder.is_prepared():
-        raise FileNotFoundError(f'TFDS dataset {name!r} is not prepared in data_dir {data_dir!r} '
-                                f'(looked in {builder.data_dir}): {_prepare_hint(name, data_dir)}')
+        raise FileNotFoundError(
+            f'TFDS dataset {name!r} is not prepared in data_dir {data_dir!r} '
+            f'(looked in {builder.data_dir}): {_prepare_hint(name, data_dir)}'
+        )
     if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-        raise ValueError(f'TFDS dataset {name!r} in {builder.data_dir} is stored as '
-                         f'{builder.info.file_format}, not ArrayRecord: '
-                         f'{_prepare_hint(name, data_dir)}')
+        raise ValueError(
+            f'TFDS dataset {name!r} in {builder.data_dir} is stored as '
+            f'{builder.info.file_format}, not ArrayRecord: '
+            f'{_prepare_hint(name, data_dir)}'
+        )
     missing = [f for f in REQUIRED_FEATURES if f not in builder.info.features]
     if missing:
-        raise ValueError(f'TFDS dataset {name!r} lacks the features {missing}; '
-                         f'it has {sorted(builder.info.features)}')
+        raise ValueError(f'TFDS dataset {name!r} lacks the features {missing}; it has {sorted(builder.info.features)}')
     return builder
 
 
@@ -111,12 +122,12 @@ def get_source(input_config: ml_collections.ConfigDict, split: str) -> Sequence[
     # Decoding is left to the pipeline, so it runs in grain's threads/workers with PIL.
     source = builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
     if len(source) == 0:
-        raise ValueError(f'split {split!r} of dataset {input_config.dataset!r} in '
-                         f'{builder.data_dir} is empty')
+        raise ValueError(f'split {split!r} of dataset {input_config.dataset!r} in {builder.data_dir} is empty')
     return source
 
 
 # --- Per-example transforms -----------------------------------------------------------------
+
 
 def decode_image(data: bytes) -> Image.Image:
     """Encoded image bytes as an 8-bit RGB PIL image."""
@@ -144,8 +155,9 @@ def center_crop_offset(width: int, height: int, size: int, crop_height: int | No
     return (width - size) // 2, (height - (crop_height or size)) // 2
 
 
-def random_crop_offset(width: int, height: int, size: int, rng: np.random.Generator,
-                       crop_height: int | None = None) -> tuple[int, int]:
+def random_crop_offset(
+    width: int, height: int, size: int, rng: np.random.Generator, crop_height: int | None = None
+) -> tuple[int, int]:
     """(left, top) of a uniformly placed size x size (or size x crop_height) window."""
     return int(rng.integers(width - size + 1)), int(rng.integers(height - (crop_height or size) + 1))
 
@@ -174,6 +186,7 @@ class Preprocess:
     (h, w) and cropped to it, and every example carries PixArtMS's micro-conditions: its decoded
     `original_size` (h, w) and the `aspect_ratio` of its crop (the bucket's ratio; 1 for a square).
     """
+
     image_size: int
     resize: int
     random_crop: bool = False
@@ -211,22 +224,34 @@ def make_preprocess(input_config: ml_collections.ConfigDict, *, train: bool, tok
     """The per-example transform; evaluation always centre-crops and never flips."""
     resize = input_config.resize or input_config.image_size
     if resize < input_config.image_size:
-        raise ValueError(f'input.resize={resize} is below input.image_size='
-                         f'{input_config.image_size}; the crop is taken after resizing')
-    buckets = (aspect_buckets.bucket_table(input_config.image_size, input_config.get('bucket_multiple', 0))
-               if input_config.get('aspect_buckets', False) else None)
-    return Preprocess(image_size=input_config.image_size, resize=resize,
-                      random_crop=train and input_config.crop == 'random',
-                      flip=train and bool(input_config.flip), tokenizer=tokenizer, buckets=buckets)
+        raise ValueError(
+            f'input.resize={resize} is below input.image_size='
+            f'{input_config.image_size}; the crop is taken after resizing'
+        )
+    buckets = (
+        aspect_buckets.bucket_table(input_config.image_size, input_config.get('bucket_multiple', 0))
+        if input_config.get('aspect_buckets', False)
+        else None
+    )
+    return Preprocess(
+        image_size=input_config.image_size,
+        resize=resize,
+        random_crop=train and input_config.crop == 'random',
+        flip=train and bool(input_config.flip),
+        tokenizer=tokenizer,
+        buckets=buckets,
+    )
 
 
 # --- Iterators -----------------------------------------------------------------------------------
 
+
 def local_batch_size(batch_size: int, process_count: int) -> int:
     """This process's share of the global batch."""
     if batch_size % process_count:
-        raise ValueError(f'input.batch_size={batch_size} (global) is not divisible by the '
-                         f'process count {process_count}')
+        raise ValueError(
+            f'input.batch_size={batch_size} (global) is not divisible by the process count {process_count}'
+        )
     return batch_size // process_count
 
 
@@ -244,6 +269,7 @@ def _precomputed_source(input_config: ml_collections.ConfigDict, split: str) -> 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecodePrecomputed:
     """A precomputed record as an example; with a tokenizer (a trained text encoder), its caption's tokens."""
+
     tokenizer: Any = None
 
     def __call__(self, record: bytes) -> dict:
@@ -277,6 +303,7 @@ class _ProcessShard(grain.MapDataset):
 @dataclasses.dataclass(frozen=True)
 class _Fetch:
     """A planned {'index', 'bucket'} as the record it names, with the bucket."""
+
     source: Sequence[dict]
 
     def __call__(self, planned: dict) -> dict:
@@ -292,8 +319,9 @@ def _bucketed_examples(input_config: ml_collections.ConfigDict, seed: int, token
     return order.seed(seed).map(_Fetch(source)).random_map(preprocess)
 
 
-def create_train_iterator(input_config: ml_collections.ConfigDict, *, seed: int, process_index: int,
-                          process_count: int, tokenizer: Any = None) -> grain.DatasetIterator:
+def create_train_iterator(
+    input_config: ml_collections.ConfigDict, *, seed: int, process_index: int, process_count: int, tokenizer: Any = None
+) -> grain.DatasetIterator:
     """Endless, checkpointable iterator over this process's augmented training batches (or over
     precomputed records when input.precomputed names them)."""
     batch = local_batch_size(input_config.batch_size, process_count)
@@ -304,34 +332,48 @@ def create_train_iterator(input_config: ml_collections.ConfigDict, *, seed: int,
         ds = _bucketed_examples(input_config, seed, tokenizer)
     else:
         source = get_source(input_config, input_config.train_split)
-        ds = (grain.MapDataset.source(source)
-              .map_with_index(_attach_id)
-              .seed(seed)
-              .shuffle()  # Global shuffle, reseeded each epoch by the repeat below.
-              .repeat()
-              # Seeded by the position in the global stream, ahead of the shard, so an element's crop
-              # and flip do not depend on the process count. MapDataset is lazy: only this process's
-              # elements are decoded.
-              .random_map(make_preprocess(input_config, train=True, tokenizer=tokenizer)))
-    ds = (_ProcessShard(ds, input_config.batch_size, process_index, process_count)
-          .batch(batch, drop_remainder=True).to_iter_dataset(_READ_OPTIONS))
+        ds = (
+            grain.MapDataset.source(source)
+            .map_with_index(_attach_id)
+            .seed(seed)
+            .shuffle()  # Global shuffle, reseeded each epoch by the repeat below.
+            .repeat()
+            # Seeded by the position in the global stream, ahead of the shard, so an element's crop
+            # and flip do not depend on the process count. MapDataset is lazy: only this process's
+            # elements are decoded.
+            .random_map(make_preprocess(input_config, train=True, tokenizer=tokenizer))
+        )
+    ds = (
+        _ProcessShard(ds, input_config.batch_size, process_index, process_count)
+        .batch(batch, drop_remainder=True)
+        .to_iter_dataset(_READ_OPTIONS)
+    )
     if input_config.num_workers > 0:
         _mark_absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=input_config.num_workers))
     return iter(ds)
 
 
-def create_eval_iterator(input_config: ml_collections.ConfigDict, *, split: str, batch_size: int,
-                         num_examples: int | None = None, tokenizer: Any = None, process_index: int = 0,
-                         process_count: int = 1) -> Iterator[dict]:
+def create_eval_iterator(
+    input_config: ml_collections.ConfigDict,
+    *,
+    split: str,
+    batch_size: int,
+    num_examples: int | None = None,
+    tokenizer: Any = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict]:
     """Deterministic batches of the first `num_examples` of `split` (every process_count-th of them
     from process_index on), the last one possibly short."""
     if input_config.get('precomputed'):
         source, transform = _precomputed_source(input_config, split), DecodePrecomputed(tokenizer=tokenizer)
         ds = grain.MapDataset.source(source)
     else:
-        source, transform = get_source(input_config, split), make_preprocess(input_config, train=False,
-                                                                             tokenizer=tokenizer)
+        source, transform = (
+            get_source(input_config, split),
+            make_preprocess(input_config, train=False, tokenizer=tokenizer),
+        )
         ds = grain.MapDataset.source(source).map_with_index(_attach_id)
     count = len(source) if num_examples is None else min(num_examples, len(source))
     ds = ds[:count][process_index::process_count].map(transform).batch(batch_size, drop_remainder=False)
@@ -344,6 +386,11 @@ def eval_batches(config: ml_collections.ConfigDict, tokenizer: Any = None) -> It
     else the first config.eval.num_examples of config.input.eval_split."""
     if config.eval.data == 'astronaut_tiles':
         tiles = photos.astronaut_crops(config.input.image_size).astype(np.float32) / 127.5 - 1
-        return [dict(image=tiles[i:i + config.eval.batch_size]) for i in range(0, len(tiles), config.eval.batch_size)]
-    return create_eval_iterator(config.input, split=config.input.eval_split, batch_size=config.eval.batch_size,
-                                num_examples=config.eval.num_examples, tokenizer=tokenizer)
+        return [dict(image=tiles[i : i + config.eval.batch_size]) for i in range(0, len(tiles), config.eval.batch_size)]
+    return create_eval_iterator(
+        config.input,
+        split=config.input.eval_split,
+        batch_size=config.eval.batch_size,
+        num_examples=config.eval.num_examples,
+        tokenizer=tokenizer,
+    )

@@ -3,6 +3,7 @@
 Only photos that ship inside the scikit-image wheel are used, so nothing is downloaded
 (`skimage.data.cat` is the same picture as `chelsea` and is left out).
 """
+
 from collections.abc import Callable
 
 import numpy as np
@@ -26,15 +27,14 @@ TRAIN_PHOTOS: dict[str, tuple[Callable[[], np.ndarray], str]] = {
     'chelsea': (skdata.chelsea, 'a photo of a ginger tabby cat'),
     'coffee': (skdata.coffee, 'a photo of a cup of coffee on a saucer'),
     'rocket': (skdata.rocket, 'a photo of a rocket on its launch pad'),
-    'immunohistochemistry': (skdata.immunohistochemistry,
-                             'a microscope image of immunohistochemically stained tissue'),
+    'immunohistochemistry': (skdata.immunohistochemistry, 'a microscope image of immunohistochemically stained tissue'),
     'hubble_deep_field': (skdata.hubble_deep_field, 'a telescope image of distant galaxies'),
     'retina': (skdata.retina, 'a photo of a human retina'),
     'motorcycle_left': (_stereo_left, 'a photo of a motorcycle, left view'),
     'motorcycle_right': (_stereo_right, 'a photo of a motorcycle, right view'),
 }
 TEST_PHOTOS: dict[str, tuple[Callable[[], np.ndarray], str]] = {
-    'astronaut': (skdata.astronaut, 'a portrait photo of an astronaut'),
+    'astronaut': (skdata.astronaut, 'a portrait photo of an astronaut')
 }
 
 
@@ -44,7 +44,7 @@ def astronaut_crops(size: int = 64) -> np.ndarray:
     rows, cols = image.shape[0] // size, image.shape[1] // size
     if rows == 0 or cols == 0:
         raise ValueError(f'crop size {size} exceeds the astronaut image {image.shape[:2]}')
-    tiles = image[:rows * size, :cols * size].reshape(rows, size, cols, size, 3)
+    tiles = image[: rows * size, : cols * size].reshape(rows, size, cols, size, 3)
     return np.ascontiguousarray(tiles.transpose(0, 2, 1, 3, 4).reshape(rows * cols, size, size, 3))
 
 

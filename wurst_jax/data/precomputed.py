@@ -4,6 +4,7 @@ A folder holds `{split}-{process:05d}-of-{N:05d}.array_record` files of msgpack 
 latents [h, w, c] scaled as config.latent_scaling says, and text_states [L, D] for a frozen text
 encoder) and metadata.json with the config fields they depend on.
 """
+
 import json
 import os
 
@@ -15,8 +16,18 @@ from wurst_jax.config_lib import ConfigError
 
 METADATA = 'metadata.json'
 # The config fields the records depend on: training checks them against its own config.
-FINGERPRINT_FIELDS = ('effnet.source', 'effnet.image_size', 'latent_scaling', 'text.encoder', 'text.tokenizer',
-                      'text.max_length', 'text.hidden_state', 'input.dataset', 'input.image_size', 'input.resize')
+FINGERPRINT_FIELDS = (
+    'effnet.source',
+    'effnet.image_size',
+    'latent_scaling',
+    'text.encoder',
+    'text.tokenizer',
+    'text.max_length',
+    'text.hidden_state',
+    'input.dataset',
+    'input.image_size',
+    'input.resize',
+)
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, object]:
@@ -31,19 +42,30 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, object]:
 
 def shard_paths(folder: str, split: str) -> list[str]:
     """This split's record files in `folder`, sorted; an error that says how to make them if none."""
-    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                   if f.startswith(f'{split}-') and f.endswith('.array_record')) if os.path.isdir(folder) else []
+    paths = (
+        sorted(
+            os.path.join(folder, f)
+            for f in os.listdir(folder)
+            if f.startswith(f'{split}-') and f.endswith('.array_record')
+        )
+        if os.path.isdir(folder)
+        else []
+    )
     if not paths:
-        raise FileNotFoundError(f'no precomputed {split!r} records in {folder}: run '
-                                f'`python -m wurst_jax.precompute --config=... --out={folder}` first')
+        raise FileNotFoundError(
+            f'no precomputed {split!r} records in {folder}: run '
+            f'`python -m wurst_jax.precompute --config=... --out={folder}` first'
+        )
     return paths
 
 
 def read_metadata(folder: str) -> dict:
     path = os.path.join(folder, METADATA)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path} is missing: {folder} was not written by `python -m wurst_jax.precompute` '
-                                'or the run was interrupted; run it again')
+        raise FileNotFoundError(
+            f'{path} is missing: {folder} was not written by `python -m wurst_jax.precompute` '
+            'or the run was interrupted; run it again'
+        )
     with open(path) as f:
         return json.load(f)
 
@@ -54,8 +76,11 @@ def check_matches(config: ml_collections.ConfigDict) -> None:
     for field, value in fingerprint(config).items():
         if made_with.get(field) != value:
             raise ConfigError(
-                field, value, f'{made_with.get(field)!r}, the value input.precomputed='
-                f'{config.input.precomputed} was made with (or precompute again with this config)')
+                field,
+                value,
+                f'{made_with.get(field)!r}, the value input.precomputed='
+                f'{config.input.precomputed} was made with (or precompute again with this config)',
+            )
 
 
 def decode_record(record: bytes) -> dict:

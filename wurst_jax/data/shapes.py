@@ -3,6 +3,7 @@
 Every image holds one or two objects on a #202020 background; the caption names each object's
 colour, shape and position, so text-image alignment can be scored exactly with `parse_caption`.
 """
+
 import dataclasses
 import re
 from typing import NamedTuple
@@ -40,13 +41,16 @@ MIN_IMAGE_SIZE = 16
 # The test split reads indices from this offset on, a range the train split never reaches.
 TEST_INDEX_OFFSET = 2**40
 
-_OBJECT = (rf"a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) "
-           rf"({'|'.join(re.escape(p) for p in POSITIONS)})")
+_OBJECT = (
+    rf'a ({"|".join(COLOURS)}) ({"|".join(SHAPES)}) '
+    rf'({"|".join(re.escape(p) for p in POSITIONS)})'
+)
 _CAPTION_RE = re.compile(rf'{_OBJECT}(?: and {_OBJECT})?')
 
 
 class SceneObject(NamedTuple):
     """One drawn object: colour name, shape name, position phrase."""
+
     colour: str
     shape: str
     position: str
@@ -99,10 +103,12 @@ def parse_caption(caption: str) -> list[SceneObject]:
     """Inverse of `caption_for`; ValueError if `caption` does not follow the grammar."""
     match = _CAPTION_RE.fullmatch(caption)
     if match is None:
-        raise ValueError(f'caption {caption!r} does not follow the shapes grammar '
-                         "'a {colour} {shape} {position}[ and a {colour} {shape} {position}]'")
+        raise ValueError(
+            f'caption {caption!r} does not follow the shapes grammar '
+            "'a {colour} {shape} {position}[ and a {colour} {shape} {position}]'"
+        )
     groups = [g for g in match.groups() if g is not None]
-    objects = [SceneObject(*groups[i:i + 3]) for i in range(0, len(groups), 3)]
+    objects = [SceneObject(*groups[i : i + 3]) for i in range(0, len(groups), 3)]
     if len({o.position for o in objects}) != len(objects):
         raise ValueError(f'caption {caption!r} puts two objects in the same position')
     return objects
@@ -115,8 +121,7 @@ def sample_objects(rng: np.random.Generator) -> list[SceneObject]:
     colours = rng.integers(len(COLOURS), size=count)
     shapes = rng.integers(len(SHAPES), size=count)
     names = list(COLOURS)
-    return [SceneObject(names[c], SHAPES[s], POSITIONS[p])
-            for c, s, p in zip(colours, shapes, positions)]
+    return [SceneObject(names[c], SHAPES[s], POSITIONS[p]) for c, s, p in zip(colours, shapes, positions)]
 
 
 EVAL_CAPTION_SEED = 7919  # a caption stream the training split (seed 0) never draws from
@@ -136,6 +141,7 @@ def make_example(seed: int, index: int, image_size: int) -> tuple[np.ndarray, st
 @dataclasses.dataclass(eq=False, kw_only=True)
 class ShapesConfig(tfds.core.BuilderConfig):
     """Generation settings; the config name encodes them so settings never share a directory."""
+
     image_size: int = 64
     num_train: int = 20000
     num_test: int = 256
@@ -144,8 +150,13 @@ class ShapesConfig(tfds.core.BuilderConfig):
 
 def shapes_config(*, image_size: int, num_train: int, num_test: int, seed: int) -> ShapesConfig:
     """A ShapesConfig named after its settings, e.g. 's64_n20000_t256_seed0'."""
-    return ShapesConfig(name=f's{image_size}_n{num_train}_t{num_test}_seed{seed}',
-                        image_size=image_size, num_train=num_train, num_test=num_test, seed=seed)
+    return ShapesConfig(
+        name=f's{image_size}_n{num_train}_t{num_test}_seed{seed}',
+        image_size=image_size,
+        num_train=num_train,
+        num_test=num_test,
+        seed=seed,
+    )
 
 
 class Shapes(CaptionedImageBuilder):

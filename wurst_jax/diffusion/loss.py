@@ -1,4 +1,5 @@
 """The diffusion loss of the stages (ε- or v-prediction) and its deterministic held-out version."""
+
 import jax
 import jax.numpy as jnp
 
@@ -7,8 +8,14 @@ from wurst_jax.diffusion import schedule
 EVAL_TIMES = (0.1, 0.25, 0.5, 0.75, 0.9)  # the fixed noise levels of the held-out loss
 
 
-def epsilon_loss(eps_pred: jax.Array, noise: jax.Array, t: jax.Array, weighting: str,
-                 bucket_losses: jax.Array | None = None, p2_k: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def epsilon_loss(
+    eps_pred: jax.Array,
+    noise: jax.Array,
+    t: jax.Array,
+    weighting: str,
+    bucket_losses: jax.Array | None = None,
+    p2_k: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
     """(weighted batch loss, raw per-sample MSE [B]): mean over (H, W, C) of (ε̂ − ε)², times the weight.
     For v-prediction pass v̂ and the v target (`schedule.v_target`) in place of ε̂ and ε."""
     raw = jnp.mean((eps_pred.astype(jnp.float32) - noise) ** 2, axis=tuple(range(1, noise.ndim)))

@@ -6,6 +6,7 @@
   logSNR `shift` and its time input, CosineTNoiseCond of the logSNR (Stable Cascade's gdf/).
 Classifier-free guidance is ε̂ = ε̂_u + w·(ε̂_c − ε̂_u), optionally rescaled as GDF's cfg_rho does.
 """
+
 import math
 from typing import Callable
 
@@ -50,8 +51,9 @@ def _shifted(t: jax.Array, shift: float, noise_cond: bool) -> tuple[jax.Array, j
     return jax.nn.sigmoid(log_snr), schedule.t_from_logsnr(log_snr)
 
 
-def ddpm_step(x: jax.Array, eps: jax.Array, alpha_t: jax.Array, alpha_prev: jax.Array, last: jax.Array,
-              noise: jax.Array) -> jax.Array:
+def ddpm_step(
+    x: jax.Array, eps: jax.Array, alpha_t: jax.Array, alpha_prev: jax.Array, last: jax.Array, noise: jax.Array
+) -> jax.Array:
     """DDPMWuerstchenScheduler.step in terms of ᾱ(t) and ᾱ(t_prev); no noise on the step to t_prev = 0."""
     alpha = alpha_t / alpha_prev
     mu = jnp.sqrt(1 / alpha) * (x - (1 - alpha) * eps / jnp.sqrt(1 - alpha_t))
@@ -64,18 +66,25 @@ def ddim_step(x: jax.Array, eps: jax.Array, alpha_t: jax.Array, alpha_prev: jax.
     return jnp.sqrt(alpha_prev) * x0 + jnp.sqrt(1 - alpha_prev) * eps
 
 
-def stable_cascade_step(x: jax.Array, eps: jax.Array, alpha_t: jax.Array, alpha_prev: jax.Array,
-                        noise: jax.Array, eta: float = 1.0) -> jax.Array:
+def stable_cascade_step(
+    x: jax.Array, eps: jax.Array, alpha_t: jax.Array, alpha_prev: jax.Array, noise: jax.Array, eta: float = 1.0
+) -> jax.Array:
     """GDF's DDPMSampler: a = √ᾱ, b = √(1 − ᾱ); σ = η·(b_prev/b)·√(1 − a²/a_prev²)."""
     a, b = jnp.sqrt(alpha_t), jnp.sqrt(1 - alpha_t)
     a_prev, b_prev = jnp.sqrt(alpha_prev), jnp.sqrt(1 - alpha_prev)
     x0 = (x - b * eps) / a
-    sigma = eta * b_prev / b * jnp.sqrt(jnp.clip(1 - a ** 2 / a_prev ** 2, 0))
-    return a_prev * x0 + jnp.sqrt(jnp.clip(b_prev ** 2 - sigma ** 2, 0)) * eps + sigma * noise
+    sigma = eta * b_prev / b * jnp.sqrt(jnp.clip(1 - a**2 / a_prev**2, 0))
+    return a_prev * x0 + jnp.sqrt(jnp.clip(b_prev**2 - sigma**2, 0)) * eps + sigma * noise
 
 
-def sample(denoise: Callable[[jax.Array, jax.Array], jax.Array], x_init: jax.Array, timesteps,
-           rng: jax.Array, sampler: str = 'ddpm', shift: float = 1.0) -> jax.Array:
+def sample(
+    denoise: Callable[[jax.Array, jax.Array], jax.Array],
+    x_init: jax.Array,
+    timesteps,
+    rng: jax.Array,
+    sampler: str = 'ddpm',
+    shift: float = 1.0,
+) -> jax.Array:
     """Runs the chain from x_init at timesteps[0] down the list; `denoise(x, t[B]) -> ε̂` (with CFG inside).
 
     timesteps is a decreasing sequence (a NumPy array or list, static); len - 1 model calls.
@@ -104,8 +113,16 @@ def sample(denoise: Callable[[jax.Array, jax.Array], jax.Array], x_init: jax.Arr
     return x
 
 
-def sample_guided(denoise_cond, x_init: jax.Array, rng: jax.Array, timesteps, scale: float,
-                  sampler: str, shift: float = 1.0, rescale: float = 0.0) -> jax.Array:
+def sample_guided(
+    denoise_cond,
+    x_init: jax.Array,
+    rng: jax.Array,
+    timesteps,
+    scale: float,
+    sampler: str,
+    shift: float = 1.0,
+    rescale: float = 0.0,
+) -> jax.Array:
     """Runs a sampler with classifier-free guidance; `denoise_cond(x, t, conditional: bool) -> ε̂`, at guidance `scale`.
 
     The conditional and unconditional passes share one call on a doubled batch.

@@ -5,6 +5,7 @@ Identical in Würstchen's Diffuzz (dome272/Wuerstchen `diffuzz.py`), diffusers' 
 ᾱ(t) = cos²((t + s)/(1 + s)·π/2) / cos²(s/(1 + s)·π/2), clamped to [1e-4, 0.9999], s = 0.008.
 The networks take t itself as their time input.
 """
+
 import math
 
 import jax

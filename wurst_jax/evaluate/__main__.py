@@ -2,6 +2,7 @@
 
 See configs/eval.py for the fields and wurst_jax/evaluate/job.py for what is written.
 """
+
 import json
 
 import jax

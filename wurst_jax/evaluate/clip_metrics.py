@@ -13,6 +13,7 @@ Preprocessing (`preprocess`), PIL bicubic, then [0, 1] and CLIP's mean and std, 
 * 'cmmd': centre-cropped to a square, then resized, as CMMD's reference code does (google-research
   `cmmd/io_util.py`). The two agree exactly on square images.
 """
+
 import os
 from typing import Sequence
 
@@ -53,7 +54,8 @@ def clip_score(cosines: np.ndarray, convention: str = 'torchmetrics') -> float:
 def _mmd2(x: jax.Array, y: jax.Array, sigma: float) -> jax.Array:
     def mean_kernel(a, b):
         sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-        return jnp.mean(jnp.exp(-sq / (2 * sigma ** 2)))
+        return jnp.mean(jnp.exp(-sq / (2 * sigma**2)))
+
     return mean_kernel(x, x) + mean_kernel(y, y) - 2 * mean_kernel(x, y)
 
 
@@ -74,7 +76,7 @@ def _resize_then_crop(image: np.ndarray, size: int) -> np.ndarray:
     new_h, new_w = (long, size) if w <= h else (size, long)
     resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample=Image.BICUBIC))
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return resized[top:top + size, left:left + size]
+    return resized[top : top + size, left : left + size]
 
 
 def _crop_then_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -82,7 +84,7 @@ def _crop_then_resize(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
-    square = Image.fromarray(image[top:top + s, left:left + s])
+    square = Image.fromarray(image[top : top + s, left : left + s])
     return np.asarray(square.resize((size, size), resample=Image.BICUBIC))
 
 
@@ -104,8 +106,10 @@ class CLIPEmbedder:
         config_path, weights = os.path.join(path, CONFIG_NAME), os.path.join(path, TRANSFORMERS_WEIGHTS)
         for needed in (config_path, weights, os.path.join(path, 'tokenizer.json')):
             if not os.path.isfile(needed):
-                raise FileNotFoundError(f'{needed} not found: clip_weights must be a local Hugging Face CLIPModel '
-                                        'folder (e.g. openai/clip-vit-large-patch14-336 saved with save_pretrained)')
+                raise FileNotFoundError(
+                    f'{needed} not found: clip_weights must be a local Hugging Face CLIPModel '
+                    'folder (e.g. openai/clip-vit-large-patch14-336 saved with save_pretrained)'
+                )
         cfg = read_json(config_path)
         if 'text_config' not in cfg or 'vision_config' not in cfg:
             raise ValueError(f'{config_path} is not a CLIPModel config (it needs text_config and vision_config)')
@@ -113,10 +117,16 @@ class CLIPEmbedder:
         projection = {'projection_dim': cfg.get('projection_dim', 512)}
         self.text = CLIPTextModel.from_hf_config({**cfg['text_config'], **projection, 'architectures': None})
         self.vision = CLIPVisionModel.from_hf_config({**cfg['vision_config'], **projection})
-        text_vars = variables_from_state_dict(self.text, 'clip_text', {
-            k: v for k, v in state.items() if k.startswith(('text_model.', 'text_projection.'))})
-        vision_vars = variables_from_state_dict(self.vision, 'clip_vision', {
-            k: v for k, v in state.items() if k.startswith(('vision_model.', 'visual_projection.'))})
+        text_vars = variables_from_state_dict(
+            self.text,
+            'clip_text',
+            {k: v for k, v in state.items() if k.startswith(('text_model.', 'text_projection.'))},
+        )
+        vision_vars = variables_from_state_dict(
+            self.vision,
+            'clip_vision',
+            {k: v for k, v in state.items() if k.startswith(('vision_model.', 'visual_projection.'))},
+        )
         self.tokenizer = create_tokenizer(path, max_length=self.text.max_position_embeddings)
         self.name = cfg.get('_name_or_path') or os.path.basename(os.path.normpath(path))
         self.batch_size, replicated, self.batch = sharding.local_inference(batch_size)
@@ -128,9 +138,9 @@ class CLIPEmbedder:
     def _batched(self, fn, arrays: Sequence[np.ndarray]) -> np.ndarray:
         out, n = [], len(arrays[0])
         for start in range(0, n, self.batch_size):
-            chunks = [a[start:start + self.batch_size] for a in arrays]
+            chunks = [a[start : start + self.batch_size] for a in arrays]
             padded = [np.concatenate([c, np.repeat(c[-1:], self.batch_size - len(c), 0)]) for c in chunks]
-            out.append(np.asarray(fn(*[jax.device_put(p, self.batch) for p in padded]))[:len(chunks[0])])
+            out.append(np.asarray(fn(*[jax.device_put(p, self.batch) for p in padded]))[: len(chunks[0])])
         return np.concatenate(out)
 
     def image_embeds(self, images: np.ndarray, order: str = 'clip') -> np.ndarray:
@@ -141,5 +151,7 @@ class CLIPEmbedder:
     def text_embeds(self, prompts: Sequence[str]) -> np.ndarray:
         """Prompts (truncated at the tokenizer's length, 77 for CLIP) -> [N, P]."""
         encoded = self.tokenizer(list(prompts))
-        return self._batched(lambda ids, mask: self._text_fn(self.text_vars, ids, mask),
-                             [encoded['input_ids'], encoded['attention_mask']])
+        return self._batched(
+            lambda ids, mask: self._text_fn(self.text_vars, ids, mask),
+            [encoded['input_ids'], encoded['attention_mask']],
+        )

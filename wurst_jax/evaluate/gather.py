@@ -4,6 +4,7 @@ JAX runs without x64, so a float64 array would be cast to float32 on its way thr
 collective; viewed as uint32 pairs it arrives unchanged, and sums over processes are then done
 on the host in process order, the same on every process.
 """
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -25,6 +26,6 @@ def allgather_rows(x: np.ndarray) -> np.ndarray:
         return x
     counts = multihost_utils.process_allgather(np.int32(len(x)))
     padded = np.zeros((int(counts.max()), *x.shape[1:]), x.dtype)
-    padded[:len(x)] = x
+    padded[: len(x)] = x
     rows = np.asarray(multihost_utils.process_allgather(padded))
     return np.concatenate([rows[p, :n] for p, n in enumerate(counts)])

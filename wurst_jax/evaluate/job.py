@@ -6,6 +6,7 @@ position), computes the metrics whose weights are given, and writes OUT/STEP/met
 OUT/STEP/grid.png and TensorBoard scalars. A step whose metrics.json exists is not scored again,
 so a restarted job picks up where it stopped.
 """
+
 import json
 import logging
 import os
@@ -29,20 +30,33 @@ _WAIT, _DONE = -1, -2
 def validate(config: ml_collections.ConfigDict) -> None:
     """Errors that name the field, before anything slow is loaded."""
     if not config.workdir or not os.path.isdir(os.path.join(config.workdir, 'stage_c')):
-        raise ConfigError('workdir', config.workdir, 'a run root with stage_c/ (and stage_b/ unless Stage C is '
-                          'single-stage; python -m wurst_jax.demo --workdir=DIR writes one)')
+        raise ConfigError(
+            'workdir',
+            config.workdir,
+            'a run root with stage_c/ (and stage_b/ unless Stage C is '
+            'single-stage; python -m wurst_jax.demo --workdir=DIR writes one)',
+        )
     if needs_stage_b(config.workdir) and not checkpoint.all_steps(os.path.join(config.workdir, 'stage_b')):
         raise ConfigError('workdir', config.workdir, 'its stage_b/ has no checkpoint: train Stage B first')
     if not config.follow and not checkpoint.all_steps(os.path.join(config.workdir, 'stage_c')):
-        raise ConfigError('workdir', config.workdir, 'its stage_c/ has no checkpoint to score; '
-                          'with --config.follow=True the job waits for the first')
+        raise ConfigError(
+            'workdir',
+            config.workdir,
+            'its stage_c/ has no checkpoint to score; with --config.follow=True the job waits for the first',
+        )
     if not config.prompts or not os.path.isfile(config.prompts):
         raise ConfigError('prompts', config.prompts, 'an existing text file with one prompt per line')
-    for field, is_ok in (('inception_weights', os.path.isfile), ('reference_stats', os.path.isfile),
-                         ('clip_weights', os.path.isdir)):
+    for field, is_ok in (
+        ('inception_weights', os.path.isfile),
+        ('reference_stats', os.path.isfile),
+        ('clip_weights', os.path.isdir),
+    ):
         if config[field] and not is_ok(config[field]):
-            raise ConfigError(field, config[field], 'not found: give an existing local path, or leave it empty '
-                              'to skip the metrics that need it')
+            raise ConfigError(
+                field,
+                config[field],
+                'not found: give an existing local path, or leave it empty to skip the metrics that need it',
+            )
     if config.fid_resize not in fid.RESIZE_MODES:
         raise ConfigError('fid_resize', config.fid_resize, f'one of {fid.RESIZE_MODES}')
     if config.clip_score not in clip_metrics.CONVENTIONS:
@@ -60,8 +74,10 @@ class Scorers:
         self.reference = fid.load_stats(config.reference_stats) if config.reference_stats else {}
         if config.inception_weights:
             from wurst_jax.convert.inception import load_inception_fid
-            self.inception = fid.InceptionFeatures(*load_inception_fid(config.inception_weights),
-                                                   resize=config.fid_resize, batch_size=config.batch_size)
+
+            self.inception = fid.InceptionFeatures(
+                *load_inception_fid(config.inception_weights), resize=config.fid_resize, batch_size=config.batch_size
+            )
         if config.clip_weights:
             self.clip = clip_metrics.CLIPEmbedder(config.clip_weights, batch_size=config.batch_size)
         if not self.inception:
@@ -73,9 +89,12 @@ class Scorers:
         elif 'clip_embeds' not in self.reference:
             self.skipped['cmmd'] = 'reference_stats hold no clip_embeds (make them with --clip_weights)'
         elif self.reference['clip_embeds'].shape[1] != self.clip.vision.projection_dim:
-            raise ConfigError('reference_stats', config.reference_stats,
-                              f'its clip_embeds have dimension {self.reference["clip_embeds"].shape[1]}, the network '
-                              f'in clip_weights {self.clip.vision.projection_dim}: make them with the same CLIP')
+            raise ConfigError(
+                'reference_stats',
+                config.reference_stats,
+                f'its clip_embeds have dimension {self.reference["clip_embeds"].shape[1]}, the network '
+                f'in clip_weights {self.clip.vision.projection_dim}: make them with the same CLIP',
+            )
 
     def __call__(self, images: np.ndarray, prompts: list[str], out_dir: str) -> dict:
         """Metrics of this process's images and prompts, combined over all processes."""
@@ -95,8 +114,12 @@ class Scorers:
             if 'clip_embeds' in self.reference:
                 if images.shape[1] != images.shape[2]:  # the two preprocessings differ only off squares
                     image_embeds = self.clip.image_embeds(images, 'cmmd')
-                metrics['cmmd'] = clip_metrics.cmmd(gather.allgather_rows(image_embeds), self.reference['clip_embeds'],
-                                                    self.config.cmmd_sigma, self.config.cmmd_scale)
+                metrics['cmmd'] = clip_metrics.cmmd(
+                    gather.allgather_rows(image_embeds),
+                    self.reference['clip_embeds'],
+                    self.config.cmmd_sigma,
+                    self.config.cmmd_scale,
+                )
         return metrics
 
 
@@ -107,11 +130,15 @@ def process_share(count: int) -> tuple[int, int]:
 
 
 def _sampling_options(config: ml_collections.ConfigDict) -> dict:
-    return dict(seed=config.seed, batch_size=config.batch_size, prior_steps=config.prior_steps or None,
-                decoder_steps=config.decoder_steps or None,
-                prior_guidance=None if config.prior_guidance < 0 else config.prior_guidance,
-                decoder_guidance=None if config.decoder_guidance < 0 else config.decoder_guidance,
-                decoder_temperature=decoder_temperature(config.decoder_temperature))
+    return dict(
+        seed=config.seed,
+        batch_size=config.batch_size,
+        prior_steps=config.prior_steps or None,
+        decoder_steps=config.decoder_steps or None,
+        prior_guidance=None if config.prior_guidance < 0 else config.prior_guidance,
+        decoder_guidance=None if config.decoder_guidance < 0 else config.decoder_guidance,
+        decoder_temperature=decoder_temperature(config.decoder_temperature),
+    )
 
 
 def decoder_temperature(value: str) -> tuple[float, float] | None:
@@ -121,8 +148,7 @@ def decoder_temperature(value: str) -> tuple[float, float] | None:
         raise ConfigError('decoder_temperature', value, f"{e}, or '' for the Stage B config's") from None
 
 
-def evaluate_step(config: ml_collections.ConfigDict, step: int, prompts: list[str], scorers: Scorers,
-                  pipeline) -> dict:
+def evaluate_step(config: ml_collections.ConfigDict, step: int, prompts: list[str], scorers: Scorers, pipeline) -> dict:
     """Generates and scores the images of Stage C checkpoint `step`, whose params `pipeline` holds;
     returns its metrics.json content."""
     out_dir = os.path.join(config.out_dir, str(step))
@@ -134,15 +160,27 @@ def evaluate_step(config: ml_collections.ConfigDict, step: int, prompts: list[st
     metrics = scorers(images, prompts[lo:hi], out_dir)
     if pipeline.prior_task.config.input.dataset == 'shapes':  # small images: gather them all
         metrics.update(shapes_alignment.evaluate(gather.allgather_rows(images), prompts))
-    grid = gather.allgather_rows(images[:config.num_grid_images])[:config.num_grid_images]
-    result = {'step': step, 'num_images': len(prompts), 'metrics': metrics, 'skipped': scorers.skipped,
-              'sampling_s': round(sampling_s, 1), 'total_s': round(time.time() - start, 1),
-              'conventions': {'fid_resize': config.fid_resize, 'clip_score': config.clip_score,
-                              'clip_network': scorers.clip.name if scorers.clip else None,
-                              'cmmd_sigma': config.cmmd_sigma, 'cmmd_scale': config.cmmd_scale}}
+    grid = gather.allgather_rows(images[: config.num_grid_images])[: config.num_grid_images]
+    result = {
+        'step': step,
+        'num_images': len(prompts),
+        'metrics': metrics,
+        'skipped': scorers.skipped,
+        'sampling_s': round(sampling_s, 1),
+        'total_s': round(time.time() - start, 1),
+        'conventions': {
+            'fid_resize': config.fid_resize,
+            'clip_score': config.clip_score,
+            'clip_network': scorers.clip.name if scorers.clip else None,
+            'cmmd_sigma': config.cmmd_sigma,
+            'cmmd_scale': config.cmmd_scale,
+        },
+    }
     if jax.process_index() == 0:
-        visualize.save_png(os.path.join(out_dir, 'grid.png'),
-                           visualize.image_grid(grid.astype(np.float32) / 127.5 - 1, ncols=min(8, len(grid))))
+        visualize.save_png(
+            os.path.join(out_dir, 'grid.png'),
+            visualize.image_grid(grid.astype(np.float32) / 127.5 - 1, ncols=min(8, len(grid))),
+        )
         with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
             json.dump(result, f, indent=1)
     return result
@@ -160,8 +198,9 @@ def next_step(config: ml_collections.ConfigDict) -> int:
     if jax.process_index() == 0:
         complete = checkpoint.is_complete(stage_c)  # read before listing: a last save is then never missed
         wanted = {int(s) for s in config.steps.split(',') if s.strip()} if config.steps else None
-        todo = [s for s in checkpoint.all_steps(stage_c)
-                if (wanted is None or s in wanted) and not _evaluated(config, s)]
+        todo = [
+            s for s in checkpoint.all_steps(stage_c) if (wanted is None or s in wanted) and not _evaluated(config, s)
+        ]
         decision = todo[0] if todo else (_WAIT if config.follow and not complete else _DONE)
     return int(multihost_utils.broadcast_one_to_all(np.int32(decision)))
 

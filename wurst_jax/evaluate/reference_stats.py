@@ -9,6 +9,7 @@ kept as uint8, i.e. what the generated images are, then goes through the same FI
 Unreadable files in a folder are skipped and counted in the printed summary. The .npz holds `mu` and
 `sigma` (readable by pytorch-fid and clean-fid), `count`, and `clip_embeds` when clip_weights are given.
 """
+
 import json
 import pathlib
 from typing import Iterator
@@ -77,8 +78,10 @@ def batches(images: Iterator[np.ndarray], batch_size: int, limit: int) -> Iterat
 def main(argv):
     del argv
     from wurst_jax.convert.inception import load_inception_fid
-    inception = fid.InceptionFeatures(*load_inception_fid(_INCEPTION.value), resize=_RESIZE.value,
-                                      batch_size=_BATCH.value)
+
+    inception = fid.InceptionFeatures(
+        *load_inception_fid(_INCEPTION.value), resize=_RESIZE.value, batch_size=_BATCH.value
+    )
     clip = clip_metrics.CLIPEmbedder(_CLIP.value, batch_size=_BATCH.value) if _CLIP.value else None
     stats, embeds, skipped = fid.GaussianStats(), [], []
     for batch in batches(read_images(_IMAGES.value, _SIZE.value, skipped), _BATCH.value, _MAX.value):
@@ -90,9 +93,19 @@ def main(argv):
     mu, sigma = stats.mean_and_cov()
     extra = {'clip_embeds': np.concatenate(embeds)} if clip else {}
     fid.save_stats(_OUT.value, mu, sigma, count=np.int64(stats.count), **extra)
-    print(json.dumps({'out': _OUT.value, 'num_images': stats.count, 'num_skipped': len(skipped),
-                      'skipped': skipped[:20], 'resize': _RESIZE.value, 'image_size': _SIZE.value,
-                      'clip_embeds': bool(clip)}))
+    print(
+        json.dumps(
+            {
+                'out': _OUT.value,
+                'num_images': stats.count,
+                'num_skipped': len(skipped),
+                'skipped': skipped[:20],
+                'resize': _RESIZE.value,
+                'image_size': _SIZE.value,
+                'clip_embeds': bool(clip),
+            }
+        )
+    )
 
 
 if __name__ == '__main__':

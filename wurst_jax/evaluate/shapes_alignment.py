@@ -63,6 +63,7 @@ stretch the bounding box; the filter is skipped for objects under `MIN_SMOOTHED_
 Shapes need objects of ~8 px or more to survive blur: at 16 px (4 px objects) they are exact
 on clean images only.
 """
+
 import math
 from typing import Any, Sequence
 
@@ -82,17 +83,20 @@ _PALETTE_NAMES = ('background',) + tuple(COLOURS)
 _PALETTE = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)
 # Squared acceptance radius per palette entry: (1 - MIN_COVERAGE) of the way to the background;
 # the background itself accepts everything it is nearest to.
-_MAX_DIST2 = np.concatenate([[np.inf], ((1 - MIN_COVERAGE) * np.linalg.norm(
-    _PALETTE[1:] - _PALETTE[0], axis=-1)) ** 2]).astype(np.float32)
+_MAX_DIST2 = np.concatenate(
+    [[np.inf], ((1 - MIN_COVERAGE) * np.linalg.norm(_PALETTE[1:] - _PALETTE[0], axis=-1)) ** 2]
+).astype(np.float32)
 # Half a third of the side: a position's cell spans its centre +- this on each axis.
 _CELL_HALF = 1 / 6
 
 
 def _check_image(image: Any) -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
-            or image.shape[2] != 3:
-        desc = (f'array of shape {image.shape} and dtype {image.dtype}'
-                if isinstance(image, np.ndarray) else type(image).__name__)
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        desc = (
+            f'array of shape {image.shape} and dtype {image.dtype}'
+            if isinstance(image, np.ndarray)
+            else type(image).__name__
+        )
         raise ValueError(f'shapes alignment needs a uint8 image of shape [H, W, 3], got {desc}')
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f'shapes alignment got an empty image of shape {image.shape}')
@@ -120,7 +124,7 @@ def _majority_filter(mask: np.ndarray) -> np.ndarray:
     """Keeps the pixels whose 3x3 neighbourhood (themselves included) is mostly set."""
     padded = np.pad(mask, 1).astype(np.int32)
     h, w = mask.shape
-    votes = sum(padded[i:i + h, j:j + w] for i in range(3) for j in range(3))
+    votes = sum(padded[i : i + h, j : j + w] for i in range(3) for j in range(3))
     return votes >= 5
 
 
@@ -173,25 +177,34 @@ def score(image: np.ndarray, caption: str) -> dict:
         cell = colour_mask & rows[:, None] & cols[None, :]
         count = int(cell.sum())
         result = {
-            'colour': obj.colour, 'shape': obj.shape, 'position': obj.position,
+            'colour': obj.colour,
+            'shape': obj.shape,
+            'position': obj.position,
             'colour_match': bool(colour_mask.sum() >= min_count),
-            'position_match': False, 'shape_match': False, 'pixel_count': count,
-            'centroid': None, 'detected_shape': None, 'fill_ratio': None, 'top_fraction': None,
+            'position_match': False,
+            'shape_match': False,
+            'pixel_count': count,
+            'centroid': None,
+            'detected_shape': None,
+            'fill_ratio': None,
+            'top_fraction': None,
         }
         if count:
             ys, xs = np.nonzero(cell)
             centroid = (float(fx[xs].mean()), float(fy[ys].mean()))
             result['centroid'] = centroid
             result['position_match'] = bool(
-                count >= min_count and abs(centroid[0] - cx) <= CENTROID_TOLERANCE
-                and abs(centroid[1] - cy) <= CENTROID_TOLERANCE)
+                count >= min_count
+                and abs(centroid[0] - cx) <= CENTROID_TOLERANCE
+                and abs(centroid[1] - cy) <= CENTROID_TOLERANCE
+            )
         if count >= min_count:
             shape, fill, top_fraction = _classify_shape(cell, smooth=False)  # already smoothed
-            result.update(detected_shape=shape, fill_ratio=fill, top_fraction=top_fraction,
-                          shape_match=shape == obj.shape)
+            result.update(
+                detected_shape=shape, fill_ratio=fill, top_fraction=top_fraction, shape_match=shape == obj.shape
+            )
         results.append(result)
-    all_correct = all(r['colour_match'] and r['position_match'] and r['shape_match']
-                      for r in results)
+    all_correct = all(r['colour_match'] and r['position_match'] and r['shape_match'] for r in results)
     return {'objects': results, 'all_correct': all_correct}
 
 
@@ -204,11 +217,12 @@ def evaluate(images: Sequence[np.ndarray] | np.ndarray, captions: Sequence[str])
     if isinstance(captions, (str, bytes)):
         raise ValueError('shapes alignment needs a sequence of captions, got a single string')
     if isinstance(images, np.ndarray) and images.ndim == 3:
-        raise ValueError(f'shapes alignment needs a batch of images [N, H, W, 3], got an array '
-                         f'of shape {images.shape}; wrap a single image in a list or use score')
+        raise ValueError(
+            f'shapes alignment needs a batch of images [N, H, W, 3], got an array '
+            f'of shape {images.shape}; wrap a single image in a list or use score'
+        )
     if len(images) != len(captions):
-        raise ValueError(f'shapes alignment got {len(images)} images but {len(captions)} '
-                         'captions')
+        raise ValueError(f'shapes alignment got {len(images)} images but {len(captions)} captions')
     if not len(images):
         raise ValueError('shapes alignment needs at least one image')
     colour = position = shape = objects = images_correct = 0

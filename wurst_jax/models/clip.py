@@ -6,6 +6,7 @@ pipeline uses (diffusers `pipeline_wuerstchen_prior.py`, Stability-AI/StableCasc
 Würstchen takes `last_hidden_state` (after the final LayerNorm), Stable Cascade `hidden_states[-1]`
 (before it) and the pooled `text_embeds`.
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -34,14 +35,20 @@ ACTIVATIONS = {
 
 def _layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
     # Two-pass variance as torch computes it; the default E[x^2] - E[x]^2 loses digits.
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
-                        name=name)
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+        name=name,
+    )
 
 
 class CLIPAttention(nn.Module):
     """Self-attention with biased q/k/v/out projections; queries with no visible key output zeros."""
+
     hidden_size: int
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -55,7 +62,7 @@ class CLIPAttention(nn.Module):
         q = split(dense(c, ('embed', 'heads'), dtype=self.dtype, name='q_proj')(x))
         k = split(dense(c, ('embed', 'heads'), dtype=self.dtype, name='k_proj')(x))
         v = split(dense(c, ('embed', 'heads'), dtype=self.dtype, name='v_proj')(x))
-        logits = jnp.einsum('btnh,bsnh->bnts', q, k).astype(jnp.float32) * head_dim ** -0.5
+        logits = jnp.einsum('btnh,bsnh->bnts', q, k).astype(jnp.float32) * head_dim**-0.5
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)
@@ -81,6 +88,7 @@ class CLIPMLP(nn.Module):
 
 class CLIPEncoderLayer(nn.Module):
     """Pre-LN block: x + attn(LN1(x)), then x + mlp(LN2(x))."""
+
     hidden_size: int
     intermediate_size: int
     num_heads: int
@@ -110,8 +118,15 @@ class CLIPEncoder(nn.Module):
         """x: [B, T, C] -> (x, output of layer 0, ..., output of the last layer)."""
         states = [x]
         for i in range(self.num_layers):
-            x = CLIPEncoderLayer(self.hidden_size, self.intermediate_size, self.num_heads, self.hidden_act,
-                                 self.layer_norm_eps, self.dtype, name=f'layers_{i}')(x, mask)
+            x = CLIPEncoderLayer(
+                self.hidden_size,
+                self.intermediate_size,
+                self.num_heads,
+                self.hidden_act,
+                self.layer_norm_eps,
+                self.dtype,
+                name=f'layers_{i}',
+            )(x, mask)
             states.append(x)
         return tuple(states)
 
@@ -129,16 +144,26 @@ class CLIPTextEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         init = nn.initializers.normal(0.02)
-        tokens = nn.Embed(self.vocab_size, self.hidden_size, param_dtype=jnp.float32, name='token_embedding',
-                          embedding_init=nn.with_logical_partitioning(init, ('vocab', 'embed')))(input_ids)
-        positions = nn.Embed(self.max_position_embeddings, self.hidden_size, param_dtype=jnp.float32,
-                             name='position_embedding',
-                             embedding_init=nn.with_logical_partitioning(init, (None, 'embed')))
+        tokens = nn.Embed(
+            self.vocab_size,
+            self.hidden_size,
+            param_dtype=jnp.float32,
+            name='token_embedding',
+            embedding_init=nn.with_logical_partitioning(init, ('vocab', 'embed')),
+        )(input_ids)
+        positions = nn.Embed(
+            self.max_position_embeddings,
+            self.hidden_size,
+            param_dtype=jnp.float32,
+            name='position_embedding',
+            embedding_init=nn.with_logical_partitioning(init, (None, 'embed')),
+        )
         return tokens + positions(jnp.arange(input_ids.shape[-1]))[None]
 
 
 class CLIPTextModel(nn.Module):
     """transformers' CLIPTextModel (projection_dim None) or CLIPTextModelWithProjection."""
+
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
@@ -156,25 +181,35 @@ class CLIPTextModel(nn.Module):
         """From a transformers CLIPTextConfig dict; an `architectures` of CLIPTextModel means no projection."""
         with_projection = (cfg.get('architectures') or ['CLIPTextModelWithProjection'])[0] != 'CLIPTextModel'
         fields = dict(
-            vocab_size=cfg.get('vocab_size', 49408), hidden_size=cfg.get('hidden_size', 512),
+            vocab_size=cfg.get('vocab_size', 49408),
+            hidden_size=cfg.get('hidden_size', 512),
             intermediate_size=cfg.get('intermediate_size', 2048),
             num_hidden_layers=cfg.get('num_hidden_layers', 12),
             num_attention_heads=cfg.get('num_attention_heads', 8),
             max_position_embeddings=cfg.get('max_position_embeddings', 77),
-            hidden_act=cfg.get('hidden_act', 'quick_gelu'), layer_norm_eps=cfg.get('layer_norm_eps', 1e-5),
+            hidden_act=cfg.get('hidden_act', 'quick_gelu'),
+            layer_norm_eps=cfg.get('layer_norm_eps', 1e-5),
             projection_dim=cfg.get('projection_dim', 512) if with_projection else None,
-            eos_token_id=cfg.get('eos_token_id', 49407))
+            eos_token_id=cfg.get('eos_token_id', 49407),
+        )
         return cls(**{**fields, **overrides})
 
     def hf_config(self) -> dict:
         """The transformers config.json fields (CLIPTextConfig) of this module."""
         cfg = dict(
             architectures=['CLIPTextModel' if self.projection_dim is None else 'CLIPTextModelWithProjection'],
-            model_type='clip_text_model', vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads, max_position_embeddings=self.max_position_embeddings,
-            hidden_act=self.hidden_act, layer_norm_eps=self.layer_norm_eps, eos_token_id=self.eos_token_id,
-            attention_dropout=0.0)
+            model_type='clip_text_model',
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            hidden_act=self.hidden_act,
+            layer_norm_eps=self.layer_norm_eps,
+            eos_token_id=self.eos_token_id,
+            attention_dropout=0.0,
+        )
         if self.projection_dim is not None:
             cfg['projection_dim'] = self.projection_dim
         return cfg
@@ -190,20 +225,29 @@ class CLIPTextModel(nn.Module):
         (embeddings then each layer's output, [B, L, C] each), pooler_output [B, C], text_embeds [B, P]."""
         _check_activation(self.hidden_act)
         length = input_ids.shape[-1]
-        x = CLIPTextEmbeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
-                               name='embeddings')(input_ids).astype(self.dtype)
+        x = CLIPTextEmbeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings, name='embeddings')(
+            input_ids
+        ).astype(self.dtype)
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
         if attention_mask is not None:
             mask = mask & (attention_mask[:, None, None, :] != 0)
-        states = CLIPEncoder(self.hidden_size, self.intermediate_size, self.num_hidden_layers,
-                             self.num_attention_heads, self.hidden_act, self.layer_norm_eps, self.dtype,
-                             name='encoder')(x, mask)
+        states = CLIPEncoder(
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.hidden_act,
+            self.layer_norm_eps,
+            self.dtype,
+            name='encoder',
+        )(x, mask)
         last = _layer_norm(self.layer_norm_eps, self.dtype, 'final_layer_norm')(states[-1])
         pooled = jnp.take_along_axis(last, self._pool_index(input_ids)[:, None, None], axis=1)[:, 0]
         out = {'last_hidden_state': last, 'hidden_states': states, 'pooler_output': pooled}
         if self.projection_dim is not None:
-            out['text_embeds'] = dense(self.projection_dim, ('embed', None), use_bias=False, dtype=self.dtype,
-                                       name='text_projection')(pooled)
+            out['text_embeds'] = dense(
+                self.projection_dim, ('embed', None), use_bias=False, dtype=self.dtype, name='text_projection'
+            )(pooled)
         return out
 
 
@@ -217,24 +261,40 @@ class CLIPVisionEmbeddings(nn.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         """images: [B, H, W, C] -> [B, 1 + (H // patch)^2, hidden] (class token first)."""
         b = images.shape[0]
-        patches = conv(self.hidden_size, (self.patch_size, self.patch_size), strides=self.patch_size,
-                       padding='VALID', use_bias=False, dtype=self.dtype, axes=(None, 'embed'),
-                       kernel_init=nn.initializers.normal(0.02), name='patch_embedding')(images)
+        patches = conv(
+            self.hidden_size,
+            (self.patch_size, self.patch_size),
+            strides=self.patch_size,
+            padding='VALID',
+            use_bias=False,
+            dtype=self.dtype,
+            axes=(None, 'embed'),
+            kernel_init=nn.initializers.normal(0.02),
+            name='patch_embedding',
+        )(images)
         patches = patches.reshape(b, -1, self.hidden_size)
-        cls_token = self.param('class_embedding',
-                               nn.with_logical_partitioning(nn.initializers.normal(self.hidden_size ** -0.5),
-                                                            ('embed',)), (self.hidden_size,))
-        x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(patches.dtype), (b, 1, self.hidden_size)),
-                             patches], axis=1)
+        cls_token = self.param(
+            'class_embedding',
+            nn.with_logical_partitioning(nn.initializers.normal(self.hidden_size**-0.5), ('embed',)),
+            (self.hidden_size,),
+        )
+        x = jnp.concatenate(
+            [jnp.broadcast_to(cls_token.astype(patches.dtype), (b, 1, self.hidden_size)), patches], axis=1
+        )
         num_positions = (self.image_size // self.patch_size) ** 2 + 1
-        positions = nn.Embed(num_positions, self.hidden_size, param_dtype=jnp.float32, name='position_embedding',
-                             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                         (None, 'embed')))
+        positions = nn.Embed(
+            num_positions,
+            self.hidden_size,
+            param_dtype=jnp.float32,
+            name='position_embedding',
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, 'embed')),
+        )
         return x + positions(jnp.arange(num_positions))[None].astype(x.dtype)
 
 
 class CLIPVisionModel(nn.Module):
     """transformers' CLIPVisionModelWithProjection: ViT with a class token, pre- and post-LayerNorm."""
+
     hidden_size: int = 768
     intermediate_size: int = 3072
     num_hidden_layers: int = 12
@@ -251,23 +311,36 @@ class CLIPVisionModel(nn.Module):
     def from_hf_config(cls, cfg: dict, **overrides: Any) -> 'CLIPVisionModel':
         """From a transformers CLIPVisionConfig dict."""
         fields = dict(
-            hidden_size=cfg.get('hidden_size', 768), intermediate_size=cfg.get('intermediate_size', 3072),
+            hidden_size=cfg.get('hidden_size', 768),
+            intermediate_size=cfg.get('intermediate_size', 3072),
             num_hidden_layers=cfg.get('num_hidden_layers', 12),
-            num_attention_heads=cfg.get('num_attention_heads', 12), image_size=cfg.get('image_size', 224),
-            patch_size=cfg.get('patch_size', 32), num_channels=cfg.get('num_channels', 3),
-            hidden_act=cfg.get('hidden_act', 'quick_gelu'), layer_norm_eps=cfg.get('layer_norm_eps', 1e-5),
-            projection_dim=cfg.get('projection_dim', 512))
+            num_attention_heads=cfg.get('num_attention_heads', 12),
+            image_size=cfg.get('image_size', 224),
+            patch_size=cfg.get('patch_size', 32),
+            num_channels=cfg.get('num_channels', 3),
+            hidden_act=cfg.get('hidden_act', 'quick_gelu'),
+            layer_norm_eps=cfg.get('layer_norm_eps', 1e-5),
+            projection_dim=cfg.get('projection_dim', 512),
+        )
         return cls(**{**fields, **overrides})
 
     def hf_config(self) -> dict:
         """The transformers config.json fields (CLIPVisionConfig) of this module."""
         return dict(
-            architectures=['CLIPVisionModelWithProjection'], model_type='clip_vision_model',
-            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-            image_size=self.image_size, patch_size=self.patch_size, num_channels=self.num_channels,
-            hidden_act=self.hidden_act, layer_norm_eps=self.layer_norm_eps, projection_dim=self.projection_dim,
-            attention_dropout=0.0)
+            architectures=['CLIPVisionModelWithProjection'],
+            model_type='clip_vision_model',
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            num_channels=self.num_channels,
+            hidden_act=self.hidden_act,
+            layer_norm_eps=self.layer_norm_eps,
+            projection_dim=self.projection_dim,
+            attention_dropout=0.0,
+        )
 
     @nn.compact
     def __call__(self, images: jax.Array) -> dict[str, Any]:
@@ -275,16 +348,30 @@ class CLIPVisionModel(nn.Module):
         [B, 1 + patches, C], hidden_states, pooler_output [B, C] (post-LN class token), image_embeds [B, P]."""
         _check_activation(self.hidden_act)
         if images.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(f'images are {images.shape[1]}x{images.shape[2]}, the model expects '
-                             f'{self.image_size}x{self.image_size}')
-        x = CLIPVisionEmbeddings(self.hidden_size, self.image_size, self.patch_size, self.dtype,
-                                 name='embeddings')(images.astype(self.dtype))
+            raise ValueError(
+                f'images are {images.shape[1]}x{images.shape[2]}, the model expects {self.image_size}x{self.image_size}'
+            )
+        x = CLIPVisionEmbeddings(self.hidden_size, self.image_size, self.patch_size, self.dtype, name='embeddings')(
+            images.astype(self.dtype)
+        )
         x = _layer_norm(self.layer_norm_eps, self.dtype, 'pre_layrnorm')(x)  # transformers' spelling
-        states = CLIPEncoder(self.hidden_size, self.intermediate_size, self.num_hidden_layers,
-                             self.num_attention_heads, self.hidden_act, self.layer_norm_eps, self.dtype,
-                             name='encoder')(x, None)
+        states = CLIPEncoder(
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.hidden_act,
+            self.layer_norm_eps,
+            self.dtype,
+            name='encoder',
+        )(x, None)
         pooled = _layer_norm(self.layer_norm_eps, self.dtype, 'post_layernorm')(states[-1][:, 0])
-        image_embeds = dense(self.projection_dim, ('embed', None), use_bias=False, dtype=self.dtype,
-                             name='visual_projection')(pooled)
-        return {'last_hidden_state': states[-1], 'hidden_states': states, 'pooler_output': pooled,
-                'image_embeds': image_embeds}
+        image_embeds = dense(
+            self.projection_dim, ('embed', None), use_bias=False, dtype=self.dtype, name='visual_projection'
+        )(pooled)
+        return {
+            'last_hidden_state': states[-1],
+            'hidden_states': states,
+            'pooler_output': pooled,
+            'image_embeds': image_embeds,
+        }

@@ -29,6 +29,7 @@ Conventions (all as torchvision, so converted weights give the torch numbers):
 Flax names mirror the torch indices (`backbone_4_2/block_1/norm` <-> `backbone.4.2.block.1.1`), see
 `wurst_jax.convert.effnet`.
 """
+
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -75,6 +76,7 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 
 class ConvNormAct(nn.Module):
     """torchvision Conv2dNormActivation: conv (no bias, padding (k-1)//2) -> BN(eps 1e-3) -> optional SiLU."""
+
     features: int
     kernel: int = 1
     stride: int = 1
@@ -86,14 +88,24 @@ class ConvNormAct(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         p = (self.kernel - 1) // 2
         axes = (None, None) if self.groups > 1 else ('conv_in', 'conv_out')
-        x = layers.conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding=((p, p), (p, p)),
-                        groups=self.groups, use_bias=False, axes=axes, dtype=self.dtype, name='conv')(x)
+        x = layers.conv(
+            self.features,
+            (self.kernel, self.kernel),
+            strides=self.stride,
+            padding=((p, p), (p, p)),
+            groups=self.groups,
+            use_bias=False,
+            axes=axes,
+            dtype=self.dtype,
+            name='conv',
+        )(x)
         x = layers.BatchNorm(epsilon=1e-3, dtype=self.dtype, name='norm')(x, use_running_average=not train)
         return nn.silu(x) if self.activation else x
 
 
 class SqueezeExcitation(nn.Module):
     """torchvision SqueezeExcitation with SiLU: x * sigmoid(fc2(silu(fc1(mean_hw(x)))))."""
+
     squeeze_channels: int
     dtype: Dtype = jnp.float32
 
@@ -107,6 +119,7 @@ class SqueezeExcitation(nn.Module):
 
 class MBConvBlock(nn.Module):
     """torchvision FusedMBConv ('fused') or MBConv ('mb'); submodules `block_{i}` as in `.block.{i}`."""
+
     block_type: str
     expand_ratio: float
     kernel: int
@@ -150,6 +163,7 @@ class EfficientNetEncoder(nn.Module):
     the stem has stages[0]'s in channels. `last_channels` is the head conv's width (torchvision: 1280 for V2,
     4 * last stage width when not given; 0 here means that default).
     """
+
     stages: Sequence[tuple] = EFFICIENTNET_V2_S
     last_channels: int = 1280
     c_latent: int = 16
@@ -172,15 +186,24 @@ class EfficientNetEncoder(nn.Module):
         block_id = 0
         for s, (block_type, ratio, kernel, stride, in_ch, out_ch, num_layers) in enumerate(self.stages):
             for b in range(num_layers):
-                x = MBConvBlock(block_type, ratio, kernel, stride if b == 0 else 1, in_ch if b == 0 else out_ch,
-                                out_ch, self.stochastic_depth_prob * block_id / total, self.dtype,
-                                name=f'backbone_{s + 1}_{b}')(x, train)
+                x = MBConvBlock(
+                    block_type,
+                    ratio,
+                    kernel,
+                    stride if b == 0 else 1,
+                    in_ch if b == 0 else out_ch,
+                    out_ch,
+                    self.stochastic_depth_prob * block_id / total,
+                    self.dtype,
+                    name=f'backbone_{s + 1}_{b}',
+                )(x, train)
                 block_id += 1
         last = self.last_channels or 4 * self.stages[-1][5]
         x = ConvNormAct(last, 1, dtype=self.dtype, name=f'backbone_{len(self.stages) + 1}')(x, train)
         x = layers.conv(self.c_latent, (1, 1), padding='VALID', use_bias=False, dtype=self.dtype, name='mapper_0')(x)
         x = layers.BatchNorm(epsilon=1e-5, affine=self.mapper_affine, name='mapper_1')(
-            x.astype(jnp.float32), use_running_average=not train)
+            x.astype(jnp.float32), use_running_average=not train
+        )
         if self.output_scaling == 'v2':
             x = (x + 1.0) / 42.0
         return x

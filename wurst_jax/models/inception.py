@@ -7,6 +7,7 @@ padding, and Mixed_7c max-pools its pool branch. Module names follow torchvision
 pytorch-fid state dict converts by name (`convert/inception.py`). Inference only: batch norm
 always uses its running statistics.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,9 @@ class BasicConv2d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         ph, pw = self.padding
-        x = nn.Conv(self.features, self.kernel, strides=self.strides, padding=((ph, ph), (pw, pw)),
-                    use_bias=False, name='conv')(x)
+        x = nn.Conv(
+            self.features, self.kernel, strides=self.strides, padding=((ph, ph), (pw, pw)), use_bias=False, name='conv'
+        )(x)
         x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name='bn')(x)
         return nn.relu(x)
 
@@ -99,12 +101,22 @@ class InceptionE(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b1 = BasicConv2d(320, (1, 1), name='branch1x1')(x)
         b3 = BasicConv2d(384, (1, 1), name='branch3x3_1')(x)
-        b3 = jnp.concatenate([BasicConv2d(384, (1, 3), padding=(0, 1), name='branch3x3_2a')(b3),
-                              BasicConv2d(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3)], axis=-1)
+        b3 = jnp.concatenate(
+            [
+                BasicConv2d(384, (1, 3), padding=(0, 1), name='branch3x3_2a')(b3),
+                BasicConv2d(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3),
+            ],
+            axis=-1,
+        )
         bd = BasicConv2d(448, (1, 1), name='branch3x3dbl_1')(x)
         bd = BasicConv2d(384, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
-        bd = jnp.concatenate([BasicConv2d(384, (1, 3), padding=(0, 1), name='branch3x3dbl_3a')(bd),
-                              BasicConv2d(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd)], axis=-1)
+        bd = jnp.concatenate(
+            [
+                BasicConv2d(384, (1, 3), padding=(0, 1), name='branch3x3dbl_3a')(bd),
+                BasicConv2d(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd),
+            ],
+            axis=-1,
+        )
         if self.max_pool_branch:
             pooled = nn.max_pool(x, (3, 3), padding=((1, 1), (1, 1)))
         else:

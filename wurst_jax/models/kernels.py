@@ -2,6 +2,7 @@
 convolution as a sum of shifted, channel-scaled copies, and attention one block of queries at a time
 (flash attention's scheme). Each has a custom VJP; `python bench/depthwise.py` and
 `python bench/attention.py` time them against the plain forms."""
+
 import contextlib
 import functools
 
@@ -21,7 +22,7 @@ def shifted_depthwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x: [B, H + k - 1, W + k - 1, C] (padded), kernel: [k, k, C] -> [B, H, W, C]."""
     k = kernel.shape[0]
     h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
-    return sum(x[:, i:i + h, j:j + w, :] * kernel[i, j] for i in range(k) for j in range(k))
+    return sum(x[:, i : i + h, j : j + w, :] * kernel[i, j] for i in range(k) for j in range(k))
 
 
 def shifted_depthwise_fwd(x, kernel):
@@ -31,14 +32,18 @@ def shifted_depthwise_fwd(x, kernel):
 def shifted_depthwise_bwd(residuals, d_out):
     x, kernel = residuals
     k = kernel.shape[0]
-    dx = sum(jnp.pad(d_out * kernel[i, j], ((0, 0), (i, k - 1 - i), (j, k - 1 - j), (0, 0)))
-             for i in range(k) for j in range(k))
+    dx = sum(
+        jnp.pad(d_out * kernel[i, j], ((0, 0), (i, k - 1 - i), (j, k - 1 - j), (0, 0)))
+        for i in range(k)
+        for j in range(k)
+    )
 
     # The k·k kernel-gradient reductions one after another: side by side, XLA:CPU fuses them into one
     # multi-output reduction about 5x slower than the k·k apart (bench/README.md, depthwise).
     def tap(_, offset):
         window = jax.lax.dynamic_slice(x, (0, offset[0], offset[1], 0), d_out.shape)
         return None, jnp.sum((window * d_out).astype(jnp.float32), axis=(0, 1, 2))
+
     offsets = jnp.array([(i, j) for i in range(k) for j in range(k)])
     d_kernel = jax.lax.scan(tap, None, offsets)[1].reshape(kernel.shape).astype(kernel.dtype)
     return dx, d_kernel
@@ -74,8 +79,9 @@ def forced_attention_kernel(kernel: str):
         _forced_attention_kernel.pop()
 
 
-def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
-                      tile_bytes: int = 4 * 2 ** 20) -> jax.Array:
+def blocked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, tile_bytes: int = 4 * 2**20
+) -> jax.Array:
     """softmax(q kᵀ / √d) v one head and one block of queries at a time, the backward pass recomputing
     each block's probabilities from the saved log-sum-exp (flash attention's scheme, over queries).
 
@@ -87,7 +93,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
     rows = max(8, tile_bytes // (4 * b * k.shape[1]))
     blocks = -(-t // rows)
     rows = -(-t // blocks // 8) * 8  # even blocks, little padding
-    q = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), ((0, 0), (0, blocks * rows - t), (0, 0), (0, 0)))
+    q = jnp.pad(q * jnp.asarray(d**-0.5, q.dtype), ((0, 0), (0, blocks * rows - t), (0, 0), (0, 0)))
     q = q.reshape(b, blocks, rows, n, d).transpose(3, 1, 0, 2, 4)  # [N, blocks, B, rows, D]
     k, v = (a.transpose(2, 0, 1, 3) for a in (k, v))  # [N, B, S, D]
     bias = jnp.zeros((b, 1, k.shape[2]), jnp.float32)
@@ -134,6 +140,7 @@ def _blocked_attention_fwd(q, k, v, bias):
     def head(args):
         q_h, k_h, v_h = args
         return jax.lax.map(lambda q_block: _block_forward(q_block, k_h, v_h, bias), q_h)
+
     out, lse = jax.lax.map(head, (q, k, v))
     return out, (q, k, v, bias, out, lse)
 
@@ -144,9 +151,11 @@ def _blocked_attention_bwd(residuals, d_out):
     def head(args):
         q_h, k_h, v_h, out_h, lse_h, d_out_h = args
         zeros = (jnp.zeros(k_h.shape, jnp.float32), jnp.zeros(v_h.shape, jnp.float32))
-        (dk, dv), dq = jax.lax.scan(functools.partial(_block_backward, k_h, v_h, bias), zeros,
-                                    (q_h, out_h, lse_h, d_out_h))
+        (dk, dv), dq = jax.lax.scan(
+            functools.partial(_block_backward, k_h, v_h, bias), zeros, (q_h, out_h, lse_h, d_out_h)
+        )
         return dq, dk.astype(k_h.dtype), dv.astype(v_h.dtype)
+
     dq, dk, dv = jax.lax.map(head, (q, k, v, out, lse, d_out))
     return dq, dk, dv, None
 

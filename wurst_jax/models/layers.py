@@ -8,6 +8,7 @@ them onto the device mesh with the rules in the config. Logical names used:
   conv_out  output channels of a convolution
   vocab     rows of an embedding table or codebook
 """
+
 import math
 from typing import Any, Sequence
 
@@ -42,27 +43,54 @@ def remat(block_cls: type[nn.Module], policy: str, *, deterministic_argnum: int 
 default_kernel_init = nn.initializers.xavier_uniform()
 
 
-def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True,
-          dtype: Dtype = jnp.float32, kernel_init=default_kernel_init, name: str | None = None) -> nn.Dense:
+def dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    kernel_init=default_kernel_init,
+    name: str | None = None,
+) -> nn.Dense:
     """A Dense layer whose kernel [in, out] and bias [out] carry logical axis names."""
     return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
-        name=name)
+        name=name,
+    )
 
 
-def conv(features: int, kernel_size: Sequence[int], *, strides: int = 1, padding: Any = 'SAME',
-         groups: int = 1, use_bias: bool = True, dtype: Dtype = jnp.float32,
-         kernel_init=default_kernel_init, axes: tuple[str | None, str | None] = ('conv_in', 'conv_out'),
-         name: str | None = None) -> nn.Conv:
+def conv(
+    features: int,
+    kernel_size: Sequence[int],
+    *,
+    strides: int = 1,
+    padding: Any = 'SAME',
+    groups: int = 1,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    kernel_init=default_kernel_init,
+    axes: tuple[str | None, str | None] = ('conv_in', 'conv_out'),
+    name: str | None = None,
+) -> nn.Conv:
     """A Conv layer, kernel [kh, kw, in/groups, out] annotated (None, None, *axes)."""
     return nn.Conv(
-        features, tuple(kernel_size), strides=strides, padding=padding, feature_group_count=groups,
-        use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+        features,
+        tuple(kernel_size),
+        strides=strides,
+        padding=padding,
+        feature_group_count=groups,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(kernel_init, (None, None) + tuple(axes)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
-        name=name)
+        name=name,
+    )
 
 
 class DepthwiseConv(nn.Module):
@@ -70,6 +98,7 @@ class DepthwiseConv(nn.Module):
     replicated (9·m·C floats: activations never switch to a channel split); `padding` 'VALID' or
     ((top, bottom), (left, right)). The input may have m·C channels (torch's Conv2d(m·C, C, groups=C), as
     the Prior/Paella ResBlock's with a skip): output channel g then sums input channels g·m .. g·m + m - 1."""
+
     features: int
     kernel_size: int = 3
     padding: Any = 'VALID'
@@ -86,17 +115,25 @@ class DepthwiseConv(nn.Module):
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
         padding = ((0, 0), (0, 0)) if self.padding == 'VALID' else tuple(map(tuple, self.padding))
         if kernels.depthwise_kernel() == 'grouped':
-            out = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, feature_group_count=c,
-                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+            out = jax.lax.conv_general_dilated(
+                x, kernel, (1, 1), padding, feature_group_count=c, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+            )
         else:  # group g's j-th input channel is channel g·m + j: one depthwise conv per j, summed
             x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
             out = sum(kernels.shifted_depthwise(x[..., j::m], kernel[:, :, j, :]) for j in range(m))
         return out + bias
 
 
-def conv_transpose(features: int, kernel_size: Sequence[int], *, strides: int, torch_padding: int,
-                   dtype: Dtype = jnp.float32, torch_default_init: bool = False,
-                   name: str | None = None) -> nn.ConvTranspose:
+def conv_transpose(
+    features: int,
+    kernel_size: Sequence[int],
+    *,
+    strides: int,
+    torch_padding: int,
+    dtype: Dtype = jnp.float32,
+    torch_default_init: bool = False,
+    name: str | None = None,
+) -> nn.ConvTranspose:
     """torch.nn.ConvTranspose2d(k, stride, padding=p) as a Flax ConvTranspose.
 
     torch's transposed conv is the gradient of a conv: flipped kernel and padding k - 1 - p
@@ -114,12 +151,19 @@ def conv_transpose(features: int, kernel_size: Sequence[int], *, strides: int, t
         def bias_init(key, shape, dtype=jnp.float32):
             bound = 1 / math.sqrt(shape[0] * receptive)
             return jax.random.uniform(key, shape, dtype, -bound, bound)
+
     return nn.ConvTranspose(
-        features, tuple(kernel_size), strides=(strides, strides), padding=pads, transpose_kernel=True,
-        dtype=dtype, param_dtype=jnp.float32,
+        features,
+        tuple(kernel_size),
+        strides=(strides, strides),
+        padding=pads,
+        transpose_kernel=True,
+        dtype=dtype,
+        param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, 'conv_out', 'conv_in')),
         bias_init=nn.with_logical_partitioning(bias_init, ('conv_out',)),
-        name=name)
+        name=name,
+    )
 
 
 def shard_batch(x: jax.Array) -> jax.Array:
@@ -141,6 +185,7 @@ class BatchNorm(nn.Module):
     the unbiased batch variance (nn.BatchNorm takes the biased one, and the complementary momentum). The
     statistics are float32 means over all axes but the last, global under a batch-sharded jit.
     """
+
     momentum: float = 0.1  # torch's convention
     epsilon: float = 1e-5
     affine: bool = True
@@ -168,8 +213,9 @@ class BatchNorm(nn.Module):
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
         if self.affine:
             replicated = lambda init: nn.with_logical_partitioning(init, (None,))
-            y = (y * self.param('scale', replicated(nn.initializers.ones_init()), (c,), jnp.float32)
-                 + self.param('bias', replicated(nn.initializers.zeros_init()), (c,), jnp.float32))
+            y = y * self.param('scale', replicated(nn.initializers.ones_init()), (c,), jnp.float32) + self.param(
+                'bias', replicated(nn.initializers.zeros_init()), (c,), jnp.float32
+            )
         return y.astype(self.dtype)
 
 
@@ -201,15 +247,22 @@ def sincos_2d(height: int, width: int, dim: int, grid_scale: tuple[float, float]
     def one_axis(pos):
         angles = pos[:, None] * omega[None]
         return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
     cols = one_axis(jnp.arange(width, dtype=jnp.float32) * grid_scale[1])
     rows = one_axis(jnp.arange(height, dtype=jnp.float32) * grid_scale[0])
-    return jnp.concatenate([jnp.broadcast_to(cols[None], (height, width, dim // 2)),
-                            jnp.broadcast_to(rows[:, None], (height, width, dim // 2))], axis=-1)
+    return jnp.concatenate(
+        [
+            jnp.broadcast_to(cols[None], (height, width, dim // 2)),
+            jnp.broadcast_to(rows[:, None], (height, width, dim // 2)),
+        ],
+        axis=-1,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Würstchen diffusion blocks (dome272/Wuerstchen `modules.py`). Names follow the torch modules so conversion is
 # a table: depthwise / channelwise_0 / grn / channelwise_4, mapper, kv_mapper, attention.
+
 
 def rounded_exp(exponent: np.ndarray) -> np.ndarray:
     """exp of float32 exponents, correctly rounded to float32 (through float64). Sinusoidal embeddings
@@ -243,7 +296,7 @@ class GlobalResponseNorm(nn.Module):
         gamma = self.param('gamma', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('mlp',)), (c,))
         beta = self.param('beta', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('mlp',)), (c,))
         x32 = x.astype(jnp.float32)
-        g = jnp.sqrt(jnp.sum(x32 ** 2, axis=(1, 2), keepdims=True))
+        g = jnp.sqrt(jnp.sum(x32**2, axis=(1, 2), keepdims=True))
         n = g / (jnp.mean(g, axis=-1, keepdims=True) + 1e-6)
         return (gamma * (x32 * n) + beta + x32).astype(x.dtype)
 
@@ -254,6 +307,7 @@ class ResBlock(nn.Module):
     `skip_before_depthwise` it is concatenated to the input of the depthwise conv instead (C + C_skip -> C,
     groups C), as in the Prior/Paella `ResBlock` of dome272/Wuerstchen `modules.py`. `out_init_scale`
     multiplies the last Dense's initial kernel (Würstchen scales it by sqrt(1 / total blocks))."""
+
     channels: int
     dropout: float = 0.0
     kernel_size: int = 3
@@ -277,27 +331,34 @@ class ResBlock(nn.Module):
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         out_init = default_kernel_init
         if self.out_init_scale != 1.0:  # xavier_uniform times s: variance s² times xavier's
-            out_init = nn.initializers.variance_scaling(self.out_init_scale ** 2, 'fan_avg', 'uniform')
+            out_init = nn.initializers.variance_scaling(self.out_init_scale**2, 'fan_avg', 'uniform')
         h = dense(c, ('mlp', 'embed'), dtype=self.dtype, kernel_init=out_init, name='channelwise_4')(h)
         return x + shard_batch(h)
 
 
 class TimestepBlock(nn.Module):
     """FiLM by the time embedding: x * (1 + a) + b with (a, b) = Dense(2C)(r_emb)."""
+
     channels: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, r_emb: jax.Array) -> jax.Array:
         # Zero init: the modulation starts as the identity (Würstchen's init).
-        ab = dense(2 * self.channels, (None, 'embed'), dtype=self.dtype, kernel_init=nn.initializers.zeros_init(),
-                   name='mapper')(r_emb)
+        ab = dense(
+            2 * self.channels,
+            (None, 'embed'),
+            dtype=self.dtype,
+            kernel_init=nn.initializers.zeros_init(),
+            name='mapper',
+        )(r_emb)
         a, b = jnp.split(ab[:, None, None, :], 2, axis=-1)
         return x * (1 + a) + b
 
 
 class Attention(nn.Module):
     """Multi-head attention with biases (torch MultiheadAttention / diffusers Attention): q from x, k/v from kv."""
+
     channels: int
     num_heads: int
     dropout: float = 0.0
@@ -308,8 +369,9 @@ class Attention(nn.Module):
     mha_init: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, kv: jax.Array, deterministic: bool = True,
-                 mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, kv: jax.Array, deterministic: bool = True, mask: jax.Array | None = None
+    ) -> jax.Array:
         """x: [B, T, C], kv: [B, S, C'], mask: [B, S] (True/1 = attend) or None -> [B, T, C]."""
         c, heads = self.channels, self.num_heads
         split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, c // heads)
@@ -338,6 +400,7 @@ class Attention(nn.Module):
 
 class AttnBlock(nn.Module):
     """Self + cross attention in one softmax: keys = [LN2d(x) tokens, Dense(SiLU(cond))], residual."""
+
     channels: int
     num_heads: int
     self_attn: bool = True
@@ -354,5 +417,6 @@ class AttnBlock(nn.Module):
         if self.self_attn:
             kv = jnp.concatenate([tokens, kv.astype(tokens.dtype)], axis=1)
         out = Attention(c, self.num_heads, self.dropout, self.dtype, mha_init=self.mha_init, name='attention')(
-            tokens, kv, deterministic)
+            tokens, kv, deterministic
+        )
         return x + shard_batch(out.reshape(b, h, w, c))

@@ -26,6 +26,7 @@ conversion is a rename (`wurst_jax.convert.wuerstchen`). With `scan_blocks` ever
 block pattern (the first up repeat of a level with a skip aside) are one `nn.scan` over stacked params,
 named `{down,up}_blocks_{level}_scan` (`scan_groups` says which torch blocks each holds).
 """
+
 import math
 from typing import Any, Sequence
 
@@ -40,6 +41,7 @@ Dtype = Any
 
 class PaellaGroup(nn.Module):
     """One repeat of a level's block pattern (e.g. 'CTA'): blocks `block_{k}`, without skips."""
+
     pattern: str
     channels: int
     num_heads: int
@@ -52,22 +54,44 @@ class PaellaGroup(nn.Module):
     @nn.compact
     def __call__(self, h, r_emb, cond, deterministic):
         for k, kind in enumerate(self.pattern):
-            block = make_block(kind, self.channels, self.num_heads, self.dropout, self.kernel_size, self.self_attn,
-                               self.out_init_scale, self.dtype, 'none', f'block_{k}')
+            block = make_block(
+                kind,
+                self.channels,
+                self.num_heads,
+                self.dropout,
+                self.kernel_size,
+                self.self_attn,
+                self.out_init_scale,
+                self.dtype,
+                'none',
+                f'block_{k}',
+            )
             h = run_block(block, kind, h, r_emb, cond, None, deterministic)
         return h, None  # nn.scan's (carry, ys)
 
 
-def make_block(kind: str, c: int, nhead: int, dropout: float, kernel_size: int, self_attn: bool,
-               out_init_scale: float, dtype: Dtype, remat_policy: str, name: str) -> nn.Module:
+def make_block(
+    kind: str,
+    c: int,
+    nhead: int,
+    dropout: float,
+    kernel_size: int,
+    self_attn: bool,
+    out_init_scale: float,
+    dtype: Dtype,
+    remat_policy: str,
+    name: str,
+) -> nn.Module:
     if kind == 'C':
         return layers.remat(layers.ResBlock, remat_policy, deterministic_argnum=3)(
-            c, dropout, kernel_size, dtype, skip_before_depthwise=True, out_init_scale=out_init_scale, name=name)
+            c, dropout, kernel_size, dtype, skip_before_depthwise=True, out_init_scale=out_init_scale, name=name
+        )
     if kind == 'T':
         return layers.remat(layers.TimestepBlock, remat_policy)(c, dtype, name=name)
     if kind == 'A':
         return layers.remat(layers.AttnBlock, remat_policy, deterministic_argnum=3)(
-            c, nhead, self_attn, dropout, dtype, mha_init=True, name=name)
+            c, nhead, self_attn, dropout, dtype, mha_init=True, name=name
+        )
     raise ValueError(f"level_config block type {kind!r} is not one of 'C', 'T', 'A'")
 
 
@@ -83,6 +107,7 @@ class Paella(nn.Module):
     """tokens: [B, H, W] int, r: [B] noise level in [0, 1], effnet: [B, h, w, effnet_embd],
     text: [B, L, byt5_embd] or None -> logits [B, H, W, num_labels] float32. H and W must divide by
     patch_size * 2 ** (levels - 1). Fields and defaults are the official constructor's."""
+
     c_in: int = 256
     c_out: int = 256
     num_labels: int = 8192
@@ -116,12 +141,20 @@ class Paella(nn.Module):
         of every scanned run of repeats."""
         groups, levels = [], len(self.c_hidden)
         for i in range(levels):
-            groups.append((f'down_blocks_{i}_scan', f'down_blocks_{i}', int(i > 0), self.blocks[i],
-                           len(self.level_config[i])))
+            groups.append(
+                (f'down_blocks_{i}_scan', f'down_blocks_{i}', int(i > 0), self.blocks[i], len(self.level_config[i]))
+            )
         for u in range(levels):
             i, first = levels - 1 - u, int(u > 0)  # up levels above the deepest keep their first repeat apart
-            groups.append((f'up_blocks_{u}_scan', f'up_blocks_{u}', first * len(self.level_config[i]),
-                           self.blocks[i] - first, len(self.level_config[i])))
+            groups.append(
+                (
+                    f'up_blocks_{u}_scan',
+                    f'up_blocks_{u}',
+                    first * len(self.level_config[i]),
+                    self.blocks[i] - first,
+                    len(self.level_config[i]),
+                )
+            )
         return [g for g in groups if g[3] > 0]
 
     def _check_inputs(self, tokens, r, effnet, text):
@@ -129,27 +162,36 @@ class Paella(nn.Module):
         if tokens.ndim != 3 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f'tokens must be an integer token map [B, H, W], got {tokens.dtype} {tokens.shape}')
         if tokens.shape[1] % unit or tokens.shape[2] % unit:
-            raise ValueError(f'the token map {tokens.shape[1]}x{tokens.shape[2]} must divide by patch_size * '
-                             f'2 ** (levels - 1) = {unit}: crop or pad it to a multiple of {unit}')
+            raise ValueError(
+                f'the token map {tokens.shape[1]}x{tokens.shape[2]} must divide by patch_size * '
+                f'2 ** (levels - 1) = {unit}: crop or pad it to a multiple of {unit}'
+            )
         if r.shape != (tokens.shape[0],):
             raise ValueError(f'r must be [B] = ({tokens.shape[0]},), one noise level per sample, got {r.shape}')
         if effnet.ndim != 4 or effnet.shape[-1] != self.effnet_embd:
-            raise ValueError(f'effnet has shape {effnet.shape}, but this Paella maps [B, h, w, effnet_embd='
-                             f'{self.effnet_embd}] effnet maps (channels last): pass an NHWC map with '
-                             f'{self.effnet_embd} channels or build the Paella with effnet_embd={effnet.shape[-1]}')
+            raise ValueError(
+                f'effnet has shape {effnet.shape}, but this Paella maps [B, h, w, effnet_embd='
+                f'{self.effnet_embd}] effnet maps (channels last): pass an NHWC map with '
+                f'{self.effnet_embd} channels or build the Paella with effnet_embd={effnet.shape[-1]}'
+            )
         if text is not None and (text.ndim != 3 or text.shape[-1] != self.byt5_embd):
-            raise ValueError(f'text has shape {text.shape}, but this Paella maps [B, L, byt5_embd={self.byt5_embd}] '
-                             f'text states: pass states of width {self.byt5_embd} or build the Paella with '
-                             f'byt5_embd={text.shape[-1]}')
+            raise ValueError(
+                f'text has shape {text.shape}, but this Paella maps [B, L, byt5_embd={self.byt5_embd}] '
+                f'text states: pass states of width {self.byt5_embd} or build the Paella with '
+                f'byt5_embd={text.shape[-1]}'
+            )
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, r: jax.Array, effnet: jax.Array, text: jax.Array | None,
-                 deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, r: jax.Array, effnet: jax.Array, text: jax.Array | None, deterministic: bool = True
+    ) -> jax.Array:
         self._check_inputs(tokens, r, effnet, text)
         if self.c_out != self.c_in:
-            raise ValueError(f'c_out={self.c_out} != c_in={self.c_in}: Paella initialises its logits conv '
-                             '(c_out -> num_labels) as a copy of the token embedding (num_labels x c_in), so the '
-                             'official model needs c_out == c_in')
+            raise ValueError(
+                f'c_out={self.c_out} != c_in={self.c_in}: Paella initialises its logits conv '
+                '(c_out -> num_labels) as a copy of the token embedding (num_labels x c_in), so the '
+                'official model needs c_out == c_in'
+            )
         levels, p, dt = len(self.c_hidden), self.patch_size, self.dtype
         dropouts = self._dropouts()
         out_scale = math.sqrt(1 / sum(self.blocks))
@@ -158,50 +200,84 @@ class Paella(nn.Module):
         r_emb = layers.gen_r_embedding(r, self.c_r)
         b = effnet.shape[0]
         seq = layers.dense(self.c_cond, (None, 'embed'), dtype=dt, kernel_init=cond_init, name='effnet_mapper')(
-            effnet.reshape(b, -1, effnet.shape[-1]).astype(dt))
+            effnet.reshape(b, -1, effnet.shape[-1]).astype(dt)
+        )
         if text is not None:
             text = layers.dense(self.c_cond, (None, 'embed'), dtype=dt, kernel_init=cond_init, name='byt5_mapper')(
-                text.astype(dt))
+                text.astype(dt)
+            )
             seq = jnp.concatenate([seq, text], axis=1)
         cond = layers.layer_norm_2d(dt)(seq)  # seq_norm: the same affine-free LN over the token width
 
-        embed = nn.Embed(self.num_labels, self.c_in, dtype=dt, param_dtype=jnp.float32,
-                         embedding_init=nn.with_logical_partitioning(
-                             nn.initializers.normal(math.sqrt(1 / self.num_labels)), ('vocab', 'embed')),
-                         name='in_mapper_0')
+        embed = nn.Embed(
+            self.num_labels,
+            self.c_in,
+            dtype=dt,
+            param_dtype=jnp.float32,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(math.sqrt(1 / self.num_labels)), ('vocab', 'embed')
+            ),
+            name='in_mapper_0',
+        )
         h = layers.layer_norm_2d(dt)(embed(tokens))
         h = layers.pixel_unshuffle(h, p)
-        embedding_init = nn.initializers.variance_scaling(0.02 ** 2, 'fan_avg', 'uniform')  # xavier, gain 0.02
+        embedding_init = nn.initializers.variance_scaling(0.02**2, 'fan_avg', 'uniform')  # xavier, gain 0.02
         h = layers.conv(self.c_hidden[0], (1, 1), dtype=dt, kernel_init=embedding_init, name='embedding_1')(h)
         h = layers.layer_norm_2d(dt)(h)
 
         def block(kind, i, name):
-            return make_block(kind, self.c_hidden[i], self.nhead[i], dropouts[i], self.kernel_size, self.self_attn,
-                              out_scale, dt, self.remat_policy, name)
+            return make_block(
+                kind,
+                self.c_hidden[i],
+                self.nhead[i],
+                dropouts[i],
+                self.kernel_size,
+                self.self_attn,
+                out_scale,
+                dt,
+                self.remat_policy,
+                name,
+            )
 
         def scanned(i, repeats, name):
             step = layers.remat(PaellaGroup, self.remat_policy, deterministic_argnum=4)
-            scan = nn.scan(step, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                           length=repeats, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                           metadata_params={nn.PARTITION_NAME: 'layers'})
-            return scan(self.level_config[i], self.c_hidden[i], self.nhead[i], dropouts[i], self.kernel_size,
-                        self.self_attn, out_scale, dt, name=name)
+            scan = nn.scan(
+                step,
+                variable_axes={'params': 0},
+                split_rngs={'params': True, 'dropout': True},
+                length=repeats,
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                metadata_params={nn.PARTITION_NAME: 'layers'},
+            )
+            return scan(
+                self.level_config[i],
+                self.c_hidden[i],
+                self.nhead[i],
+                dropouts[i],
+                self.kernel_size,
+                self.self_attn,
+                out_scale,
+                dt,
+                name=name,
+            )
 
         level_outputs = []  # deepest first, as the up path consumes them
         for i in range(levels):
             index = 0
             if i > 0:
                 h = layers.layer_norm_2d(dt)(h)
-                h = layers.conv(self.c_hidden[i], (2, 2), strides=2, padding='VALID', dtype=dt,
-                                name=f'down_blocks_{i}_0_1')(h)
+                h = layers.conv(
+                    self.c_hidden[i], (2, 2), strides=2, padding='VALID', dtype=dt, name=f'down_blocks_{i}_0_1'
+                )(h)
                 index = 1
             if self.scan_blocks and self.blocks[i] > 0:
                 h, _ = scanned(i, self.blocks[i], f'down_blocks_{i}_scan')(h, r_emb, cond, deterministic)
             else:
                 for _ in range(self.blocks[i]):
                     for kind in self.level_config[i]:
-                        h = run_block(block(kind, i, f'down_blocks_{i}_{index}'), kind, h, r_emb, cond, None,
-                                      deterministic)
+                        h = run_block(
+                            block(kind, i, f'down_blocks_{i}_{index}'), kind, h, r_emb, cond, None, deterministic
+                        )
                         index += 1
             level_outputs.insert(0, h)
 
@@ -222,22 +298,37 @@ class Paella(nn.Module):
                 for _ in range(repeats):
                     for kind in pattern:
                         skip = level_outputs[u] if index == 0 and self._has_skip(u) else None
-                        h = run_block(block(kind, i, f'up_blocks_{u}_{index}'), kind, h, r_emb, cond, skip,
-                                      deterministic)
+                        h = run_block(
+                            block(kind, i, f'up_blocks_{u}_{index}'), kind, h, r_emb, cond, skip, deterministic
+                        )
                         index += 1
             if i > 0:
                 h = layers.layer_norm_2d(dt)(h)
-                h = layers.conv_transpose(self.c_hidden[i - 1], (2, 2), strides=2, torch_padding=0, dtype=dt,
-                                          torch_default_init=True, name=f'up_blocks_{u}_{index}_1')(h)
+                h = layers.conv_transpose(
+                    self.c_hidden[i - 1],
+                    (2, 2),
+                    strides=2,
+                    torch_padding=0,
+                    dtype=dt,
+                    torch_default_init=True,
+                    name=f'up_blocks_{u}_{index}_1',
+                )(h)
 
         h = layers.layer_norm_2d(dt)(h)
-        h = layers.conv(self.c_out * p * p, (1, 1), dtype=dt, kernel_init=nn.initializers.zeros_init(),
-                        name='clf_1')(h)
+        h = layers.conv(self.c_out * p * p, (1, 1), dtype=dt, kernel_init=nn.initializers.zeros_init(), name='clf_1')(h)
         h = layers.layer_norm_2d(dt)(layers.pixel_shuffle(h, p))
         table = embed.embedding  # [num_labels, c_in]: the logits conv starts as its transpose
 
         def tied_init(key, shape, dtype=jnp.float32):
             return jnp.asarray(table, dtype).T.reshape(shape)
-        logits = layers.conv(self.num_labels, (1, 1), use_bias=False, dtype=dt, kernel_init=tied_init,
-                             axes=('embed', 'vocab'), name='out_mapper_1')(h)
+
+        logits = layers.conv(
+            self.num_labels,
+            (1, 1),
+            use_bias=False,
+            dtype=dt,
+            kernel_init=tied_init,
+            axes=('embed', 'vocab'),
+            name='out_mapper_1',
+        )(h)
         return logits.astype(jnp.float32)

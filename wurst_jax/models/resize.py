@@ -6,6 +6,7 @@ and align_corners (dome272/Wuerstchen `modules.py` `DiffNeXt`), bilinear with al
 (Stability-AI/StableCascade `modules/stage_b.py`).
 Sizes are static, so the matrices are built with NumPy at trace time and applied as two einsums.
 """
+
 import functools
 
 import jax

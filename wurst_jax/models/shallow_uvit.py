@@ -30,6 +30,7 @@ Choices made here that the paper's abstract and Figure 1 caption do not settle:
 * The exit layers start at zero, so a fresh model predicts v = 0 and a grown model's first steps do
   not send large gradients through the frozen core.
 """
+
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -44,6 +45,7 @@ Dtype = Any
 
 class UViTCore(nn.Module):
     """The deep, text-conditional part: [B, h, w, c] features at the core grid -> [B, h, w, c]."""
+
     c: int
     depth: int
     num_heads: int
@@ -54,10 +56,12 @@ class UViTCore(nn.Module):
         """x: [B, h, w, c], r_emb: [B, c_r], text: [B, L, D] -> [B, h, w, c]."""
         h = x + layers.sincos_2d(x.shape[1], x.shape[2], self.c).astype(x.dtype)
         cond_init = nn.initializers.normal(0.02)  # Würstchen's init of conditioning mappers
-        cond = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, kernel_init=cond_init,
-                            name='cond_mapper_0')(text.astype(self.dtype))
-        cond = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, kernel_init=cond_init,
-                            name='cond_mapper_2')(nn.leaky_relu(cond, 0.2))
+        cond = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, kernel_init=cond_init, name='cond_mapper_0')(
+            text.astype(self.dtype)
+        )
+        cond = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, kernel_init=cond_init, name='cond_mapper_2')(
+            nn.leaky_relu(cond, 0.2)
+        )
         for k in range(self.depth):
             h = PriorBlock(self.c, self.num_heads, dtype=self.dtype, name=f'blocks_{k}')(h, r_emb, cond)
         return layers.layer_norm_2d(self.dtype)(h)
@@ -65,6 +69,7 @@ class UViTCore(nn.Module):
 
 class TimedResBlock(nn.Module):
     """A residual block (with an optional skip input) followed by FiLM by the time embedding."""
+
     channels: int
     dtype: Dtype = jnp.float32
 
@@ -76,6 +81,7 @@ class TimedResBlock(nn.Module):
 
 class ShallowUViT(nn.Module):
     """x: [B, H, W, 3], r: [B] in [0, 1], text: [B, L, D] -> [B, H, W, 3]; H, W multiples of patch_size."""
+
     c: int = 128
     depth: int = 4
     num_heads: int = 4
@@ -88,17 +94,24 @@ class ShallowUViT(nn.Module):
         p = self.patch_size
         r_emb = layers.gen_r_embedding(r, self.c_r)
         h = layers.conv(self.c, (p, p), strides=p, padding='VALID', dtype=self.dtype, name='entry')(
-            x.astype(self.dtype))
+            x.astype(self.dtype)
+        )
         h = TimedResBlock(self.c, self.dtype, name='encoder')(h, r_emb)
         h = UViTCore(self.c, self.depth, self.num_heads, self.dtype, name='core')(h, r_emb, text)
         h = TimedResBlock(self.c, self.dtype, name='decoder')(h, r_emb)
-        out = layers.dense(p * p * x.shape[-1], ('embed', None), dtype=self.dtype,
-                           kernel_init=nn.initializers.zeros_init(), name='exit')(layers.layer_norm_2d(self.dtype)(h))
+        out = layers.dense(
+            p * p * x.shape[-1],
+            ('embed', None),
+            dtype=self.dtype,
+            kernel_init=nn.initializers.zeros_init(),
+            name='exit',
+        )(layers.layer_norm_2d(self.dtype)(h))
         return layers.pixel_shuffle(out, p).astype(jnp.float32)
 
 
 class GrownUNet(nn.Module):
     """x: [B, H, W, 3], r: [B] in [0, 1], text: [B, L, D] -> [B, H, W, 3]; the core runs at H / 2^levels."""
+
     c: int = 128
     depth: int = 4
     num_heads: int = 4
@@ -119,9 +132,11 @@ class GrownUNet(nn.Module):
             h = layers.conv(inner, (2, 2), strides=2, padding='VALID', dtype=self.dtype, name=f'down_{k}')(h)
         h = UViTCore(self.c, self.depth, self.num_heads, self.dtype, name='core')(h, r_emb, text)
         for k in range(len(widths)):
-            h = layers.conv_transpose(widths[k], (2, 2), strides=2, torch_padding=0, dtype=self.dtype,
-                                      name=f'up_{k}')(h)
+            h = layers.conv_transpose(widths[k], (2, 2), strides=2, torch_padding=0, dtype=self.dtype, name=f'up_{k}')(
+                h
+            )
             h = TimedResBlock(widths[k], self.dtype, name=f'decoder_{k}')(h, r_emb, skips.pop())
-        out = layers.conv(x.shape[-1], (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros_init(),
-                          name='exit')(layers.layer_norm_2d(self.dtype)(h))
+        out = layers.conv(x.shape[-1], (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros_init(), name='exit')(
+            layers.layer_norm_2d(self.dtype)(h)
+        )
         return out.astype(jnp.float32)

@@ -4,6 +4,7 @@ Layout follows dome272/Wuerstchen `vqgan.py` (`VQModel`): pixel unshuffle, mixin
 BatchNorm'd 4-channel latent and a codebook with a straight-through estimator. Würstchen v2 and
 Stable Cascade decode continuous latents; the codebook is used while training Stage A.
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -17,6 +18,7 @@ Dtype = Any
 
 class MixingResBlock(nn.Module):
     """Paella's residual block: modulated LN -> depthwise 3x3 (replicate pad), modulated LN -> MLP."""
+
     channels: int
     dtype: Dtype = jnp.float32
 
@@ -40,6 +42,7 @@ class MixingResBlock(nn.Module):
 
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour codebook with a straight-through gradient."""
+
     num_codes: int
     code_dim: int
 
@@ -48,11 +51,13 @@ class VectorQuantizer(nn.Module):
         """z: [B, H, W, D] -> (quantised with straight-through grad, indices [B, H, W], vq_loss, commit_loss)."""
         # The latents are BatchNorm'd to unit variance; a codebook drawn from N(0, 1) starts where they
         # are. (Paella's U(-1/K, 1/K) start puts every code near 0, and most codes then never win.)
-        codebook = self.param('codebook', nn.with_logical_partitioning(nn.initializers.normal(1.0), ('vocab', None)),
-                              (self.num_codes, self.code_dim))
+        codebook = self.param(
+            'codebook',
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ('vocab', None)),
+            (self.num_codes, self.code_dim),
+        )
         flat = z.reshape(-1, self.code_dim).astype(jnp.float32)
-        dist = (jnp.sum(flat ** 2, -1, keepdims=True) - 2 * flat @ codebook.T
-                + jnp.sum(codebook ** 2, -1)[None])
+        dist = jnp.sum(flat**2, -1, keepdims=True) - 2 * flat @ codebook.T + jnp.sum(codebook**2, -1)[None]
         indices = jnp.argmin(dist, axis=-1)
         e = codebook[indices].reshape(z.shape)
         z32 = z.astype(jnp.float32)
@@ -70,6 +75,7 @@ class VQGAN(nn.Module):
     table. The module is range-agnostic: our configs train on [-1, 1]; the released Würstchen
     weights expect [0, 1].
     """
+
     levels: int = 2
     embed_dim: int = 384
     bottleneck_blocks: int = 12
@@ -82,7 +88,7 @@ class VQGAN(nn.Module):
     dtype: Dtype = jnp.float32
 
     def setup(self):
-        widths = [self.embed_dim // 2 ** i for i in reversed(range(self.levels))]
+        widths = [self.embed_dim // 2**i for i in reversed(range(self.levels))]
         dt = self.dtype
         self.in_conv = layers.conv(widths[0], (1, 1), dtype=dt)
         down = []
@@ -100,10 +106,11 @@ class VQGAN(nn.Module):
             width = widths[self.levels - 1 - i]
             up.extend(MixingResBlock(width, dt) for _ in range(self.bottleneck_blocks if i == 0 else 1))
             if i < self.levels - 1:
-                up.append(layers.conv_transpose(widths[self.levels - 2 - i], (4, 4), strides=2, torch_padding=1,
-                                                dtype=dt))
+                up.append(
+                    layers.conv_transpose(widths[self.levels - 2 - i], (4, 4), strides=2, torch_padding=1, dtype=dt)
+                )
         self.up_blocks = up
-        self.out_conv = layers.conv(self.out_channels * self.pixel_factor ** 2, (1, 1), dtype=dt)
+        self.out_conv = layers.conv(self.out_channels * self.pixel_factor**2, (1, 1), dtype=dt)
 
     def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [B, H, W, 3] -> h: [B, H/f, W/f, latent_channels] (BN output, unscaled), f = 2 * 2**(levels-1)."""
@@ -139,6 +146,7 @@ class Discriminator(nn.Module):
     sigmoid lives in the loss). Its kernels are not annotated: flax's SpectralNorm cannot wrap
     boxed params, and the discriminator is small enough to replicate.
     """
+
     c_hidden: int = 512
     depth: int = 6
     dtype: Dtype = jnp.float32
@@ -148,9 +156,15 @@ class Discriminator(nn.Module):
         """x: [B, H, W, 3] -> logits [B, H / 2**depth, W / 2**depth, 1]."""
         x = x.astype(self.dtype)
         for i in range(self.depth):
-            width = min(max(self.c_hidden // 8, 1) * 2 ** i, self.c_hidden)
-            layer = nn.Conv(width, (3, 3), strides=2, padding=((1, 1), (1, 1)), dtype=self.dtype,
-                            kernel_init=layers.default_kernel_init)
+            width = min(max(self.c_hidden // 8, 1) * 2**i, self.c_hidden)
+            layer = nn.Conv(
+                width,
+                (3, 3),
+                strides=2,
+                padding=((1, 1), (1, 1)),
+                dtype=self.dtype,
+                kernel_init=layers.default_kernel_init,
+            )
             x = nn.SpectralNorm(layer)(x, update_stats=train)
             if i > 0:
                 x = nn.InstanceNorm(use_bias=False, use_scale=False, dtype=self.dtype)(x)

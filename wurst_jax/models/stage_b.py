@@ -9,6 +9,7 @@ tokens through cross-attention, and the output (x - a) / b' with b' = sigmoid(b)
 Module names are the torch ones with dots as underscores (`down_blocks_1_3` is
 `down_blocks.1.3`), so conversion is a rename.
 """
+
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ Dtype = Any
 class WuerstchenDiffNeXt(nn.Module):
     """x: [B, H, W, c_in] noisy latents, r: [B] time, effnet: [B, h, w, effnet_embd], clip: [B, L, clip_embd]
     -> eps [B, H, W, c_out]. H and W must divide by patch_size * 2 ** (levels - 1)."""
+
     c_in: int = 4
     c_out: int = 4
     c_r: int = 64
@@ -45,12 +47,14 @@ class WuerstchenDiffNeXt(nn.Module):
         c, dropout, policy = self.c_hidden[level], self._dropouts()[level], self.remat_policy
         if kind == 'C':
             return layers.remat(layers.ResBlock, policy, deterministic_argnum=3)(
-                c, dropout, self.kernel_size, self.dtype, name=name)
+                c, dropout, self.kernel_size, self.dtype, name=name
+            )
         if kind == 'T':
             return layers.remat(layers.TimestepBlock, policy)(c, self.dtype, name=name)
         if kind == 'A':
             return layers.remat(layers.AttnBlock, policy, deterministic_argnum=3)(
-                c, self.nhead[level], True, dropout, self.dtype, name=name)
+                c, self.nhead[level], True, dropout, self.dtype, name=name
+            )
         raise ValueError(f'level_config block type {kind!r} is not one of C, T, A')
 
     def _dropouts(self) -> tuple[float, ...]:
@@ -60,8 +64,13 @@ class WuerstchenDiffNeXt(nn.Module):
 
     def _effnet_condition(self, effnet: jax.Array, slot: int, size: tuple[int, int]) -> jax.Array:
         resized = resize(effnet, size, 'bicubic_antialias').astype(self.dtype)
-        return layers.conv(self.c_cond, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.normal(0.02),
-                           name=f'effnet_mappers_{slot}')(resized)
+        return layers.conv(
+            self.c_cond,
+            (1, 1),
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.02),
+            name=f'effnet_mappers_{slot}',
+        )(resized)
 
     def _run(self, block, kind: str, h, r_emb, clip, skip, deterministic):
         if kind == 'C':
@@ -71,13 +80,15 @@ class WuerstchenDiffNeXt(nn.Module):
         return block(h, clip, deterministic)
 
     @nn.compact
-    def __call__(self, x: jax.Array, r: jax.Array, effnet: jax.Array, clip: jax.Array,
-                 deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, r: jax.Array, effnet: jax.Array, clip: jax.Array, deterministic: bool = True
+    ) -> jax.Array:
         levels, p, dt = len(self.c_hidden), self.patch_size, self.dtype
         x_in = x.astype(jnp.float32)
         r_emb = layers.gen_r_embedding(r, self.c_r)
-        clip = layers.dense(self.c_cond, (None, 'embed'), dtype=dt, kernel_init=nn.initializers.normal(0.02),
-                            name='clip_mapper')(clip.astype(dt))
+        clip = layers.dense(
+            self.c_cond, (None, 'embed'), dtype=dt, kernel_init=nn.initializers.normal(0.02), name='clip_mapper'
+        )(clip.astype(dt))
         clip = layers.layer_norm_2d(dt)(clip)  # seq_norm: the same affine-free LN over the token width
         h = layers.pixel_unshuffle(x.astype(dt), p)
         h = layers.layer_norm_2d(dt)(layers.conv(self.c_hidden[0], (1, 1), dtype=dt, name='embedding_1')(h))
@@ -87,8 +98,9 @@ class WuerstchenDiffNeXt(nn.Module):
             index = 0
             if i > 0:
                 h = layers.layer_norm_2d(dt)(h)
-                h = layers.conv(self.c_hidden[i], (2, 2), strides=2, padding='VALID', dtype=dt,
-                                name=f'down_blocks_{i}_0_1')(h)
+                h = layers.conv(
+                    self.c_hidden[i], (2, 2), strides=2, padding='VALID', dtype=dt, name=f'down_blocks_{i}_0_1'
+                )(h)
                 index = 1
             effnet_c = self._effnet_condition(effnet, i, h.shape[1:3]) if self.inject_effnet[i] else None
             for _ in range(self.blocks[i]):
@@ -101,26 +113,30 @@ class WuerstchenDiffNeXt(nn.Module):
         h = level_outputs[0]
         for u in range(levels):
             i = levels - 1 - u
-            effnet_c = (self._effnet_condition(effnet, levels + u, h.shape[1:3])
-                        if self.inject_effnet[i] else None)
+            effnet_c = self._effnet_condition(effnet, levels + u, h.shape[1:3]) if self.inject_effnet[i] else None
             index = 0
             for _ in range(self.blocks[i]):
                 for kind in self.level_config[i]:
                     skip = effnet_c
                     if index == 0 and u > 0:  # the first block of a level also takes the encoder output
-                        skip = level_outputs[u] if effnet_c is None else jnp.concatenate(
-                            [level_outputs[u], effnet_c], axis=-1)
+                        skip = (
+                            level_outputs[u]
+                            if effnet_c is None
+                            else jnp.concatenate([level_outputs[u], effnet_c], axis=-1)
+                        )
                     block = self._block(kind, i, f'up_blocks_{u}_{index}')
                     h = self._run(block, kind, h, r_emb, clip, skip, deterministic)
                     index += 1
             if i > 0:
                 h = layers.layer_norm_2d(dt)(h)
-                h = layers.conv_transpose(self.c_hidden[i - 1], (2, 2), strides=2, torch_padding=0, dtype=dt,
-                                          name=f'up_blocks_{u}_{index}_1')(h)
+                h = layers.conv_transpose(
+                    self.c_hidden[i - 1], (2, 2), strides=2, torch_padding=0, dtype=dt, name=f'up_blocks_{u}_{index}_1'
+                )(h)
 
         h = layers.layer_norm_2d(dt)(h)
-        h = layers.conv(2 * self.c_out * p * p, (1, 1), dtype=dt, kernel_init=nn.initializers.zeros_init(),
-                        name='clf_1')(h)
+        h = layers.conv(
+            2 * self.c_out * p * p, (1, 1), dtype=dt, kernel_init=nn.initializers.zeros_init(), name='clf_1'
+        )(h)
         a, b = jnp.split(layers.pixel_shuffle(h, p).astype(jnp.float32), 2, axis=-1)
         b = jax.nn.sigmoid(b) * (1 - 2e-3) + 1e-3
         return (x_in - a) / b

@@ -10,6 +10,7 @@ reference either) returns the output conv's value itself, for v-prediction: v �
 far from x, and dividing by a learnt |1 − b| then diverges. With `scan_blocks` the triplets are one
 `nn.scan` over stacked params (fast compiles for depth 32), optionally rematerialised.
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -20,8 +21,10 @@ from wurst_jax.models import layers
 
 Dtype = Any
 
+
 class PriorBlock(nn.Module):
     """One ResBlock -> TimestepBlock -> AttnBlock triplet."""
+
     channels: int
     num_heads: int
     dropout: float = 0.0
@@ -47,6 +50,7 @@ class PriorScanStep(PriorBlock):
 
 class WuerstchenPrior(nn.Module):
     """x: [B, h, w, c_in] noisy latents, r: [B] time in [0, 1], cond: [B, L, c_cond] -> eps [B, h, w, c_in]."""
+
     c_in: int = 16
     c: int = 1536
     c_cond: int = 1280
@@ -67,18 +71,23 @@ class WuerstchenPrior(nn.Module):
         if self.pos_embed:
             h = h + layers.sincos_2d(h.shape[1], h.shape[2], self.c).astype(self.dtype)
         cond_init = nn.initializers.normal(0.02)  # Würstchen's init of conditioning mappers
-        c_embed = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, kernel_init=cond_init,
-                               name='cond_mapper_0')(cond.astype(self.dtype))
+        c_embed = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, kernel_init=cond_init, name='cond_mapper_0')(
+            cond.astype(self.dtype)
+        )
         c_embed = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, kernel_init=cond_init, name='cond_mapper_2')(
-            nn.leaky_relu(c_embed, 0.2))
+            nn.leaky_relu(c_embed, 0.2)
+        )
         r_emb = layers.gen_r_embedding(r, self.c_r)
         block_args = dict(channels=self.c, num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype)
         if self.scan_blocks:
-            scan = nn.scan(layers.remat(PriorScanStep, self.remat_policy, deterministic_argnum=4),
-                           variable_axes={'params': 0},
-                           split_rngs={'params': True, 'dropout': True}, length=self.depth,
-                           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                           metadata_params={nn.PARTITION_NAME: 'layers'})
+            scan = nn.scan(
+                layers.remat(PriorScanStep, self.remat_policy, deterministic_argnum=4),
+                variable_axes={'params': 0},
+                split_rngs={'params': True, 'dropout': True},
+                length=self.depth,
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                metadata_params={nn.PARTITION_NAME: 'layers'},
+            )
             h, _ = scan(**block_args, name='blocks')(h, r_emb, c_embed, deterministic)
         else:
             block_cls = layers.remat(PriorBlock, self.remat_policy, deterministic_argnum=4)
@@ -86,11 +95,13 @@ class WuerstchenPrior(nn.Module):
                 h = block_cls(**block_args, name=f'blocks_{k}')(h, r_emb, c_embed, deterministic)
         h = layers.layer_norm_2d(self.dtype)(h)
         if self.linear_output:
-            return layers.conv(self.c_in, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros_init(),
-                               name='out')(h).astype(jnp.float32)
+            return layers.conv(
+                self.c_in, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros_init(), name='out'
+            )(h).astype(jnp.float32)
         # Zero init, as Würstchen's: a = b = 0 at the start, so the output is x itself, not a division
         # by a random |1 - b| that can be near zero.
-        ab = layers.conv(2 * self.c_in, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros_init(),
-                         name='out')(h).astype(jnp.float32)
+        ab = layers.conv(2 * self.c_in, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros_init(), name='out')(
+            h
+        ).astype(jnp.float32)
         a, b = jnp.split(ab, 2, axis=-1)
         return (x_in - a) / (jnp.abs(1 - b) + 1e-5)

@@ -17,6 +17,7 @@ exception is the relative-position table, which lives beside the blocks (`encode
 file key `encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight`) so that every block has
 the same params and `scan_blocks` can stack them.
 """
+
 import math
 from typing import Any
 
@@ -30,10 +31,7 @@ from wurst_jax.models import layers
 Dtype = Any
 
 # feed_forward_proj -> (gated, activation), as T5Config reads it ('gated-gelu' means gelu_new).
-FEED_FORWARD = {
-    'relu': (False, jax.nn.relu),
-    'gated-gelu': (True, lambda x: jax.nn.gelu(x, approximate=True)),
-}
+FEED_FORWARD = {'relu': (False, jax.nn.relu), 'gated-gelu': (True, lambda x: jax.nn.gelu(x, approximate=True))}
 
 
 def relative_position_buckets(query_length: int, key_length: int, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -49,8 +47,11 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
     distance = np.abs(relative)
     max_exact = half // 2
     with np.errstate(divide='ignore'):  # log(0) where the distance is exact anyway
-        scaled = (np.log(distance.astype(np.float32) / np.float32(max_exact))
-                  / np.float32(math.log(max_distance / max_exact)) * np.float32(half - max_exact))
+        scaled = (
+            np.log(distance.astype(np.float32) / np.float32(max_exact))
+            / np.float32(math.log(max_distance / max_exact))
+            * np.float32(half - max_exact)
+        )
     large = max_exact + np.where(distance < max_exact, 0, scaled).astype(np.int64)
     buckets += np.where(distance < max_exact, distance, np.minimum(large, half - 1))
     return buckets.astype(np.int32)
@@ -58,13 +59,15 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
 
 class T5LayerNorm(nn.Module):
     """RMS norm: scale * x / sqrt(mean(x^2) + eps), the mean square in float32; output in `dtype`."""
+
     epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
-                           (x.shape[-1],), jnp.float32)
+        scale = self.param(
+            'scale', nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)), (x.shape[-1],), jnp.float32
+        )
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
         return (scale * x).astype(self.dtype)
@@ -72,6 +75,7 @@ class T5LayerNorm(nn.Module):
 
 class T5SelfAttention(nn.Module):
     """q/k/v/o without biases, logits q.k (unscaled) + position bias; keys outside the mask are dropped."""
+
     d_model: int
     d_kv: int
     num_heads: int
@@ -85,25 +89,33 @@ class T5SelfAttention(nn.Module):
         normal = nn.initializers.normal
 
         def project(name, std):
-            y = layers.dense(inner, ('embed', 'heads'), use_bias=False, dtype=self.dtype, kernel_init=normal(std),
-                             name=name)(x)
+            y = layers.dense(
+                inner, ('embed', 'heads'), use_bias=False, dtype=self.dtype, kernel_init=normal(std), name=name
+            )(x)
             return y.reshape(b, length, self.num_heads, self.d_kv)
 
         # transformers' T5 init: the query's std carries the 1/sqrt(d_kv) that the logits leave out.
         q = project('q', (self.d_model * self.d_kv) ** -0.5)
-        k = project('k', self.d_model ** -0.5)
-        v = project('v', self.d_model ** -0.5)
+        k = project('k', self.d_model**-0.5)
+        v = project('v', self.d_model**-0.5)
         logits = jnp.einsum('bqnd,bknd->bnqk', q, k).astype(jnp.float32) + position_bias
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum('bnqk,bknd->bqnd', probs, v).reshape(b, length, inner)
-        return layers.dense(self.d_model, ('heads', 'embed'), use_bias=False, dtype=self.dtype,
-                            kernel_init=normal(inner ** -0.5), name='o')(out)
+        return layers.dense(
+            self.d_model,
+            ('heads', 'embed'),
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=normal(inner**-0.5),
+            name='o',
+        )(out)
 
 
 class T5FeedForward(nn.Module):
     """'relu': wo(relu(wi x)); 'gated-gelu': wo(gelu_new(wi_0 x) * wi_1 x)."""
+
     d_model: int
     d_ff: int
     feed_forward_proj: str = 'relu'
@@ -113,17 +125,19 @@ class T5FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         gated, act = FEED_FORWARD[self.feed_forward_proj]
         dense = lambda features, axes, std, name: layers.dense(
-            features, axes, use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.normal(std), name=name)
+            features, axes, use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.normal(std), name=name
+        )
         if gated:
-            h = act(dense(self.d_ff, ('embed', 'mlp'), self.d_model ** -0.5, 'wi_0')(x))
-            h = h * dense(self.d_ff, ('embed', 'mlp'), self.d_model ** -0.5, 'wi_1')(x)
+            h = act(dense(self.d_ff, ('embed', 'mlp'), self.d_model**-0.5, 'wi_0')(x))
+            h = h * dense(self.d_ff, ('embed', 'mlp'), self.d_model**-0.5, 'wi_1')(x)
         else:
-            h = act(dense(self.d_ff, ('embed', 'mlp'), self.d_model ** -0.5, 'wi')(x))
-        return dense(self.d_model, ('mlp', 'embed'), self.d_ff ** -0.5, 'wo')(h)
+            h = act(dense(self.d_ff, ('embed', 'mlp'), self.d_model**-0.5, 'wi')(x))
+        return dense(self.d_model, ('mlp', 'embed'), self.d_ff**-0.5, 'wo')(h)
 
 
 class T5LayerSelfAttention(nn.Module):
     """x + SelfAttention(layer_norm(x)): a block's `layer.0`."""
+
     d_model: int
     d_kv: int
     num_heads: int
@@ -133,12 +147,14 @@ class T5LayerSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, position_bias: jax.Array, mask: jax.Array | None) -> jax.Array:
         h = T5LayerNorm(self.layer_norm_epsilon, self.dtype, name='layer_norm')(x)
-        return x + T5SelfAttention(self.d_model, self.d_kv, self.num_heads, self.dtype,
-                                   name='SelfAttention')(h, position_bias, mask)
+        return x + T5SelfAttention(self.d_model, self.d_kv, self.num_heads, self.dtype, name='SelfAttention')(
+            h, position_bias, mask
+        )
 
 
 class T5LayerFF(nn.Module):
     """x + DenseReluDense(layer_norm(x)): a block's `layer.1` (transformers' name for either feed-forward)."""
+
     d_model: int
     d_ff: int
     feed_forward_proj: str
@@ -148,8 +164,7 @@ class T5LayerFF(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = T5LayerNorm(self.layer_norm_epsilon, self.dtype, name='layer_norm')(x)
-        return x + T5FeedForward(self.d_model, self.d_ff, self.feed_forward_proj, self.dtype,
-                                 name='DenseReluDense')(h)
+        return x + T5FeedForward(self.d_model, self.d_ff, self.feed_forward_proj, self.dtype, name='DenseReluDense')(h)
 
 
 class T5Block(nn.Module):
@@ -163,10 +178,12 @@ class T5Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, position_bias: jax.Array, mask: jax.Array | None) -> jax.Array:
-        x = T5LayerSelfAttention(self.d_model, self.d_kv, self.num_heads, self.layer_norm_epsilon, self.dtype,
-                                 name='layer_0')(x, position_bias, mask)
-        return T5LayerFF(self.d_model, self.d_ff, self.feed_forward_proj, self.layer_norm_epsilon, self.dtype,
-                         name='layer_1')(x)
+        x = T5LayerSelfAttention(
+            self.d_model, self.d_kv, self.num_heads, self.layer_norm_epsilon, self.dtype, name='layer_0'
+        )(x, position_bias, mask)
+        return T5LayerFF(
+            self.d_model, self.d_ff, self.feed_forward_proj, self.layer_norm_epsilon, self.dtype, name='layer_1'
+        )(x)
 
 
 class T5ScanStep(T5Block):
@@ -178,6 +195,7 @@ class T5ScanStep(T5Block):
 
 class T5Stack(nn.Module):
     """transformers' encoder T5Stack after the embedding: the position bias, the blocks, the final norm."""
+
     d_model: int
     d_kv: int
     d_ff: int
@@ -194,19 +212,34 @@ class T5Stack(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         length = x.shape[1]
-        table = self.param('relative_attention_bias', nn.with_logical_partitioning(
-            nn.initializers.normal(self.d_model ** -0.5), (None, None)),
-            (self.relative_attention_num_buckets, self.num_heads), jnp.float32)
-        buckets = relative_position_buckets(length, length, self.relative_attention_num_buckets,
-                                            self.relative_attention_max_distance)
+        table = self.param(
+            'relative_attention_bias',
+            nn.with_logical_partitioning(nn.initializers.normal(self.d_model**-0.5), (None, None)),
+            (self.relative_attention_num_buckets, self.num_heads),
+            jnp.float32,
+        )
+        buckets = relative_position_buckets(
+            length, length, self.relative_attention_num_buckets, self.relative_attention_max_distance
+        )
         position_bias = jnp.take(table, jnp.asarray(buckets), axis=0).transpose(2, 0, 1)[None]  # [1, H, L, L]
-        block_args = dict(d_model=self.d_model, d_kv=self.d_kv, d_ff=self.d_ff, num_heads=self.num_heads,
-                          feed_forward_proj=self.feed_forward_proj, layer_norm_epsilon=self.layer_norm_epsilon,
-                          dtype=self.dtype)
+        block_args = dict(
+            d_model=self.d_model,
+            d_kv=self.d_kv,
+            d_ff=self.d_ff,
+            num_heads=self.num_heads,
+            feed_forward_proj=self.feed_forward_proj,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            dtype=self.dtype,
+        )
         if self.scan_blocks:
-            scan = nn.scan(layers.remat(T5ScanStep, self.remat_policy), variable_axes={'params': 0},
-                           split_rngs={'params': True}, length=self.num_layers,
-                           in_axes=(nn.broadcast, nn.broadcast), metadata_params={nn.PARTITION_NAME: 'layers'})
+            scan = nn.scan(
+                layers.remat(T5ScanStep, self.remat_policy),
+                variable_axes={'params': 0},
+                split_rngs={'params': True},
+                length=self.num_layers,
+                in_axes=(nn.broadcast, nn.broadcast),
+                metadata_params={nn.PARTITION_NAME: 'layers'},
+            )
             x, _ = scan(**block_args, name='block')(x, position_bias, mask)
         else:
             block_cls = layers.remat(T5Block, self.remat_policy)
@@ -222,6 +255,7 @@ class T5Encoder(nn.Module):
     (params stay float32; the norms' mean square is float32 whatever it is), `scan_blocks` (the blocks as
     one nn.scan over stacked params, `block`) and `remat_policy` (layers.REMAT_POLICIES).
     """
+
     vocab_size: int = 32128
     d_model: int = 4096
     d_kv: int = 64
@@ -241,26 +275,41 @@ class T5Encoder(nn.Module):
         """From a transformers T5Config dict (config.json of a T5EncoderModel or T5ForConditionalGeneration)."""
         model_type = cfg.get('model_type', 't5')
         if model_type != 't5':
-            raise ValueError(f'config model_type {model_type!r} is not a T5 config (model_type \'t5\')')
+            raise ValueError(f"config model_type {model_type!r} is not a T5 config (model_type 't5')")
         feed_forward_proj = cfg.get('feed_forward_proj', 'relu')
         _check_feed_forward(feed_forward_proj)
         fields = dict(
-            vocab_size=cfg.get('vocab_size', 32128), d_model=cfg.get('d_model', 512), d_kv=cfg.get('d_kv', 64),
-            d_ff=cfg.get('d_ff', 2048), num_layers=cfg.get('num_layers', 6), num_heads=cfg.get('num_heads', 8),
+            vocab_size=cfg.get('vocab_size', 32128),
+            d_model=cfg.get('d_model', 512),
+            d_kv=cfg.get('d_kv', 64),
+            d_ff=cfg.get('d_ff', 2048),
+            num_layers=cfg.get('num_layers', 6),
+            num_heads=cfg.get('num_heads', 8),
             relative_attention_num_buckets=cfg.get('relative_attention_num_buckets', 32),
             relative_attention_max_distance=cfg.get('relative_attention_max_distance', 128),
-            feed_forward_proj=feed_forward_proj, layer_norm_epsilon=cfg.get('layer_norm_epsilon', 1e-6))
+            feed_forward_proj=feed_forward_proj,
+            layer_norm_epsilon=cfg.get('layer_norm_epsilon', 1e-6),
+        )
         return cls(**{**fields, **overrides})
 
     def hf_config(self) -> dict:
         """The transformers config.json fields (T5Config) of this module."""
         return dict(
-            architectures=['T5EncoderModel'], model_type='t5', vocab_size=self.vocab_size, d_model=self.d_model,
-            d_kv=self.d_kv, d_ff=self.d_ff, num_layers=self.num_layers, num_heads=self.num_heads,
+            architectures=['T5EncoderModel'],
+            model_type='t5',
+            vocab_size=self.vocab_size,
+            d_model=self.d_model,
+            d_kv=self.d_kv,
+            d_ff=self.d_ff,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
             relative_attention_num_buckets=self.relative_attention_num_buckets,
             relative_attention_max_distance=self.relative_attention_max_distance,
-            feed_forward_proj=self.feed_forward_proj, layer_norm_epsilon=self.layer_norm_epsilon,
-            is_encoder_decoder=False, use_cache=False)
+            feed_forward_proj=self.feed_forward_proj,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            is_encoder_decoder=False,
+            use_cache=False,
+        )
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -268,14 +317,29 @@ class T5Encoder(nn.Module):
 
         The mask drops padded keys only; padded positions still get states (as in transformers)."""
         _check_feed_forward(self.feed_forward_proj)
-        x = nn.Embed(self.vocab_size, self.d_model, param_dtype=jnp.float32, name='shared',
-                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ('vocab', 'embed')))(
-            input_ids).astype(self.dtype)
+        x = nn.Embed(
+            self.vocab_size,
+            self.d_model,
+            param_dtype=jnp.float32,
+            name='shared',
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ('vocab', 'embed')),
+        )(input_ids).astype(self.dtype)
         mask = None if attention_mask is None else (attention_mask != 0)[:, None, None, :]
-        x = T5Stack(self.d_model, self.d_kv, self.d_ff, self.num_layers, self.num_heads,
-                    self.relative_attention_num_buckets, self.relative_attention_max_distance,
-                    self.feed_forward_proj, self.layer_norm_epsilon, self.scan_blocks, self.remat_policy,
-                    self.dtype, name='encoder')(x, mask)
+        x = T5Stack(
+            self.d_model,
+            self.d_kv,
+            self.d_ff,
+            self.num_layers,
+            self.num_heads,
+            self.relative_attention_num_buckets,
+            self.relative_attention_max_distance,
+            self.feed_forward_proj,
+            self.layer_norm_epsilon,
+            self.scan_blocks,
+            self.remat_policy,
+            self.dtype,
+            name='encoder',
+        )(x, mask)
         return x.astype(jnp.float32)
 
 

@@ -1,4 +1,5 @@
 """VGG16 convolutional features (torchvision's `vgg16().features` layout) for a perceptual loss."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,8 +46,10 @@ class VGG16Features(nn.Module):
 
 def perceptual_distance(features_a: list[jax.Array], features_b: list[jax.Array]) -> jax.Array:
     """LPIPS-style distance with uniform channel weights: per image, summed over the taps: [B]."""
-    def unit(f):
-        return f / (jnp.sqrt(jnp.sum(f ** 2, axis=-1, keepdims=True)) + 1e-10)
 
-    return sum(jnp.mean(jnp.sum((unit(a) - unit(b)) ** 2, axis=-1), axis=(1, 2))
-               for a, b in zip(features_a, features_b))
+    def unit(f):
+        return f / (jnp.sqrt(jnp.sum(f**2, axis=-1, keepdims=True)) + 1e-10)
+
+    return sum(
+        jnp.mean(jnp.sum((unit(a) - unit(b)) ** 2, axis=-1), axis=(1, 2)) for a, b in zip(features_a, features_b)
+    )

@@ -4,6 +4,7 @@ A task is the family-specific part of training: it builds its networks, initiali
 batch into gradients, and renders and evaluates samples (the contract: `tasks/base.py`). Everything
 else (mesh, optimizer state, EMA, checkpoints, logging) is shared in wurst_jax.train.
 """
+
 import ml_collections
 
 from wurst_jax import config_lib, defaults
@@ -11,8 +12,13 @@ from wurst_jax.config_lib import ConfigError
 from wurst_jax.tasks import conditioning, pixel, stage_a, stage_b, stage_b_tokens, stage_c
 from wurst_jax.tasks.base import Task
 
-FAMILIES = {'stage_a': stage_a.StageATask, 'stage_b': stage_b.StageBTask,
-            'stage_b_tokens': stage_b_tokens.TokenStageBTask, 'stage_c': stage_c.StageCTask, 'pixel': pixel.PixelTask}
+FAMILIES = {
+    'stage_a': stage_a.StageATask,
+    'stage_b': stage_b.StageBTask,
+    'stage_b_tokens': stage_b_tokens.TokenStageBTask,
+    'stage_c': stage_c.StageCTask,
+    'pixel': pixel.PixelTask,
+}
 
 
 def _family(config: ml_collections.ConfigDict):

@@ -9,6 +9,7 @@ B batch, H x W images, L caption tokens; a batch is a dict of arrays named by `b
 float32 in [-1, 1]. `params`, `model_state` and `frozen` are dicts of pytrees keyed by network name
 (e.g. 'prior', 'text', 'effnet').
 """
+
 from typing import Any, Iterable, Protocol
 
 import jax
@@ -42,20 +43,23 @@ class Task(Protocol):
     def optimizer(self) -> optax.GradientTransformation:
         """The optimizer over `params` (a frozen part routed to zero updates, if any)."""
 
-    def grads(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: Batch, rng: jax.Array,
-              step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+    def grads(
+        self, params: Any, model_state: Any, frozen: dict[str, Any], batch: Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[Any, Any, dict[str, jax.Array]]:
         """(gradients shaped like params, the new model_state, scalar metrics including 'loss')."""
 
     def visualize(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: Batch) -> jax.Array:
         """Images [N, H', W', 3] in [-1, 1] of the batch's first N examples for the run's image grid."""
 
-    def evaluate(self, params: Any, model_state: Any, frozen: dict[str, Any],
-                 batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    def evaluate(
+        self, params: Any, model_state: Any, frozen: dict[str, Any], batches: Iterable[dict[str, np.ndarray]]
+    ) -> dict[str, float]:
         """Scalar metrics over held-out batches, deterministic for given params."""
 
 
 class PriorSampler(Protocol):
     """A trained Stage C, for sampling."""
+
     config: ml_collections.ConfigDict
     tokenizer: Any
     space: str  # 'effnet' (the semantic map Stage B decodes) or 'stage_a' (single-stage: Stage A latents)
@@ -63,8 +67,17 @@ class PriorSampler(Protocol):
     def frozen_params(self) -> dict[str, Any]:
         """As Task.frozen_params."""
 
-    def sample(self, params: Any, frozen: dict[str, Any], tokens: jax.Array, mask: jax.Array, rng: jax.Array, *,
-               steps: int | None = None, guidance: float | None = None) -> jax.Array:
+    def sample(
+        self,
+        params: Any,
+        frozen: dict[str, Any],
+        tokens: jax.Array,
+        mask: jax.Array,
+        rng: jax.Array,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> jax.Array:
         """Latents [B, h, w, c] for captions tokens/mask int32 [B, L], in the space Stage B (or Stage A) reads."""
 
     def decode(self, frozen: dict[str, Any], latents: jax.Array) -> jax.Array:
@@ -73,13 +86,24 @@ class PriorSampler(Protocol):
 
 class DecoderSampler(Protocol):
     """A trained Stage B, for sampling."""
+
     config: ml_collections.ConfigDict
     tokenizer: Any
 
     def frozen_params(self) -> dict[str, Any]:
         """As Task.frozen_params."""
 
-    def sample(self, params: Any, frozen: dict[str, Any], effnet: jax.Array, tokens: jax.Array, mask: jax.Array,
-               rng: jax.Array, *, steps: int | None = None, guidance: float | None = None) -> jax.Array:
+    def sample(
+        self,
+        params: Any,
+        frozen: dict[str, Any],
+        effnet: jax.Array,
+        tokens: jax.Array,
+        mask: jax.Array,
+        rng: jax.Array,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> jax.Array:
         """Images [B, H, W, 3] in [-1, 1] decoded through Stage A from Stage C's map effnet [B, h, w, c]
         (the effnet's raw space). A token Stage B (Würstchen v1) also takes `temperature=(start, end)`."""

@@ -3,6 +3,7 @@
 guidance, the validation of their diffusion, text and optimizer fields, the semantic compressor (trained
 with a Stage B, or frozen), and frozen networks loaded from another run or a weights file (Stage A's
 VQGAN with the latent and token spaces it defines)."""
+
 import os
 from typing import Any
 
@@ -38,8 +39,11 @@ def validate_text(text: ml_collections.ConfigDict) -> None:
     if text.tokenizer == 'words' and not text.vocabulary:
         raise ConfigError('text.vocabulary', text.vocabulary, "the list of words when text.tokenizer='words'")
     if text.encoder != 'train' and not os.path.isdir(text.encoder):
-        raise ConfigError('text.encoder', text.encoder, "'train', or a local transformers CLIP text folder "
-                                                        '(config.json + model.safetensors)')
+        raise ConfigError(
+            'text.encoder',
+            text.encoder,
+            "'train', or a local transformers CLIP text folder (config.json + model.safetensors)",
+        )
     if text.tokenizer not in ('bytes', 'words') and not os.path.isfile(os.path.join(text.tokenizer, 'tokenizer.json')):
         raise ConfigError('text.tokenizer', text.tokenizer, "'bytes', 'words', or a local folder with tokenizer.json")
 
@@ -57,9 +61,14 @@ class TextConditioner:
         self.tokenizer = create_tokenizer(text.tokenizer, text.max_length, text.vocabulary)
         self.trainable = text.encoder == 'train'
         if self.trainable:
-            self.module = CLIPTextModel(vocab_size=self.tokenizer.vocab_size, max_position_embeddings=text.max_length,
-                                        eos_token_id=self.tokenizer.eos_token_id, projection_dim=None, dtype=dtype,
-                                        **text.encoder_config.to_dict())
+            self.module = CLIPTextModel(
+                vocab_size=self.tokenizer.vocab_size,
+                max_position_embeddings=text.max_length,
+                eos_token_id=self.tokenizer.eos_token_id,
+                projection_dim=None,
+                dtype=dtype,
+                **text.encoder_config.to_dict(),
+            )
             self._frozen = None
         else:
             self.module, self._frozen = convert.load_diffusers(text.encoder, 'clip_text', dtype=dtype)
@@ -95,8 +104,10 @@ class TextConditioner:
     def drop(self, rng: jax.Array, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Caption dropout for CFG on tokens."""
         drop = self._dropped(rng, tokens.shape[0])
-        return (jnp.where(drop, jnp.asarray(self.empty_tokens), tokens),
-                jnp.where(drop, jnp.asarray(self.empty_mask), mask))
+        return (
+            jnp.where(drop, jnp.asarray(self.empty_tokens), tokens),
+            jnp.where(drop, jnp.asarray(self.empty_mask), mask),
+        )
 
     def drop_states(self, rng: jax.Array, states: jax.Array, text_params: Any) -> jax.Array:
         """Caption dropout for CFG on precomputed [B, L, D] states of a frozen encoder."""
@@ -106,8 +117,9 @@ class TextConditioner:
         """[1, L, D] states of the empty caption: what dropped captions and the unconditional half see."""
         return self.encode(text_params, jnp.asarray(self.empty_tokens)[None], jnp.asarray(self.empty_mask)[None])
 
-    def encode_for_guidance(self, params: Any, frozen: dict, tokens: jax.Array,
-                            mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def encode_for_guidance(
+        self, params: Any, frozen: dict, tokens: jax.Array, mask: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """(states of the captions, states of the empty caption): the two halves of guidance."""
         text_params = self.params(params, frozen)
         cond = self.encode(text_params, tokens, mask)
@@ -118,8 +130,9 @@ class TextConditioner:
 STAGE_B_FAMILIES = ('stage_b', 'stage_b_tokens')
 
 
-def trained_run(source: str, family: str | tuple[str, ...],
-                step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, dict]:
+def trained_run(
+    source: str, family: str | tuple[str, ...], step: int | None = None
+) -> tuple[ml_collections.ConfigDict, dict, dict]:
     """(saved config, EMA params, model_state) of a trained run of `family` in workdir `source` at
     `step` (the newest checkpoint by default), on one device whatever topology saved it; the optimizer
     state and the training params are not read."""
@@ -184,15 +197,23 @@ def network_variables(params: Any, model_state: Any, name: str) -> dict:
 def captioned_batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Per-example shapes of a batch of images with tokenized captions."""
     size, length = config.input.image_size, config.text.max_length
-    return {'image': ((size, size, 3), jnp.float32), 'tokens': ((length,), jnp.int32),
-            'token_mask': ((length,), jnp.int32)}
+    return {
+        'image': ((size, size, 3), jnp.float32),
+        'tokens': ((length,), jnp.int32),
+        'token_mask': ((length,), jnp.int32),
+    }
 
 
 def evaluate_held_out(losses_fn, params: Any, model_state: Any, frozen: dict, batches, keys) -> dict[str, float]:
     """Mean over held-out batches (their entries `keys`) of `losses_fn(params, model_state, frozen, batch)`,
     the unweighted ε-MSE at each of diffusion_loss.EVAL_TIMES: a deterministic loss to compare checkpoints by."""
-    losses = np.mean([sharding.to_host(losses_fn(params, model_state, frozen, {k: jnp.asarray(b[k]) for k in keys}))
-                      for b in batches], axis=0)
+    losses = np.mean(
+        [
+            sharding.to_host(losses_fn(params, model_state, frozen, {k: jnp.asarray(b[k]) for k in keys}))
+            for b in batches
+        ],
+        axis=0,
+    )
     result = {f'loss_t{t}': float(v) for t, v in zip(diffusion_loss.EVAL_TIMES, losses)}
     result['loss'] = float(np.mean(losses))
     return result
@@ -208,7 +229,7 @@ def validate_diffusion(config: ml_collections.ConfigDict) -> None:
     if d.loss_weight not in schedule.LOSS_WEIGHTS:
         raise ConfigError('diffusion.loss_weight', d.loss_weight, f'one of {schedule.LOSS_WEIGHTS}')
     if not d.p2_k > 0:
-        raise ConfigError('diffusion.p2_k', d.p2_k, 'a positive number (1 is Würstchen\'s P2 weight)')
+        raise ConfigError('diffusion.p2_k', d.p2_k, "a positive number (1 is Würstchen's P2 weight)")
     if d.prediction not in schedule.PREDICTIONS:
         raise ConfigError('diffusion.prediction', d.prediction, f'one of {schedule.PREDICTIONS}')
     if d.sampler not in samplers.SAMPLERS:
@@ -228,11 +249,17 @@ def validate_stage_b(config: ml_collections.ConfigDict, per_level: tuple[str, ..
         raise ConfigError('model.remat_policy', m.remat_policy, f'one of {sorted(REMAT_POLICIES)}')
     unit = 4 * m.patch_size * 2 ** (len(m.c_hidden) - 1)  # the f4 Stage A, then the decoder's levels
     if config.input.image_size % unit:
-        raise ConfigError('input.image_size', config.input.image_size,
-                          f'a multiple of {unit} (Stage A f4 x patch size x 2**(levels - 1))')
+        raise ConfigError(
+            'input.image_size',
+            config.input.image_size,
+            f'a multiple of {unit} (Stage A f4 x patch size x 2**(levels - 1))',
+        )
     if not os.path.exists(config.stage_a.source):
-        raise ConfigError('stage_a.source', config.stage_a.source,
-                          'a Stage A workdir, a vqgan model folder or a vqgan checkpoint file')
+        raise ConfigError(
+            'stage_a.source',
+            config.stage_a.source,
+            'a Stage A workdir, a vqgan model folder or a vqgan checkpoint file',
+        )
     validate_effnet(config.effnet)
 
 
@@ -246,8 +273,11 @@ def visualize_decoder(task, params: Any, model_state: Any, frozen: dict, batch: 
 def validate_effnet(effnet: ml_collections.ConfigDict) -> None:
     """A Stage B's `effnet` section: where it comes from, and what it is when trained here."""
     if effnet.source != 'train' and not os.path.exists(effnet.source):
-        raise ConfigError('effnet.source', effnet.source,
-                          "'train' (joint training), an effnet folder / checkpoint file, or a Stage B workdir")
+        raise ConfigError(
+            'effnet.source',
+            effnet.source,
+            "'train' (joint training), an effnet folder / checkpoint file, or a Stage B workdir",
+        )
     if effnet.source == 'train' and not effnet.stages and effnet.arch not in EFFNET_ARCHS:
         raise ConfigError('effnet.arch', effnet.arch, f'one of {sorted(EFFNET_ARCHS)}, or list effnet.stages')
 
@@ -256,8 +286,13 @@ def effnet_module(effnet: ml_collections.ConfigDict, dtype: Any) -> EfficientNet
     """The semantic compressor a Stage B config's `effnet` section describes: torchvision's `arch`, or
     the `stages` it lists."""
     stages = tuple(tuple(s) for s in effnet.stages) if effnet.stages else EFFNET_ARCHS[effnet.arch]
-    return EfficientNetEncoder(stages=stages, last_channels=effnet.last_channels, c_latent=effnet.c_latent,
-                               stochastic_depth_prob=effnet.stochastic_depth, dtype=dtype)
+    return EfficientNetEncoder(
+        stages=stages,
+        last_channels=effnet.last_channels,
+        c_latent=effnet.c_latent,
+        stochastic_depth_prob=effnet.stochastic_depth,
+        dtype=dtype,
+    )
 
 
 class SemanticCompressor:
@@ -297,8 +332,9 @@ class SemanticCompressor:
         size = self.config.image_size
         return jax.eval_shape(lambda v: self.module.apply(v, jnp.zeros((1, size, size, 3))), variables).shape[1:]
 
-    def map(self, variables: dict, images: jax.Array, factor: float = 1.0, train: bool = False,
-            rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    def map(
+        self, variables: dict, images: jax.Array, factor: float = 1.0, train: bool = False, rng: jax.Array | None = None
+    ) -> tuple[jax.Array, Any]:
         """(raw map [B, h, w, c] of images in [-1, 1] seen at `factor` x effnet.image_size, resized back to
         the map size of factor 1; the updated BatchNorm statistics when training it, else None)."""
         size = self.config.image_size

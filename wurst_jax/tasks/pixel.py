@@ -15,6 +15,7 @@ resolution sees the same embedding for the same logSNR after growing.
 Evaluation: the held-out loss at fixed noise levels, and the shapes alignment (colour, position,
 shape, all correct) of images sampled from `eval.alignment_prompts` fresh captions.
 """
+
 from typing import Any, Iterable
 
 import jax
@@ -53,8 +54,11 @@ class PixelTask:
             self.denoiser = ShallowUViT(patch_size=m.patch_size, **core)
         size = config.input.image_size
         # Static sampling times, computed once here, outside any jit.
-        self._timesteps = np.asarray(schedule.shifted_cosine_time(
-            samplers.linspace_timesteps(config.sample.steps), size, config.diffusion.schedule_base))
+        self._timesteps = np.asarray(
+            schedule.shifted_cosine_time(
+                samplers.linspace_timesteps(config.sample.steps), size, config.diffusion.schedule_base
+            )
+        )
         self._eval_losses = jax.jit(self._held_out_losses)
         self._sample_images = jax.jit(self.sample)
 
@@ -65,12 +69,13 @@ class PixelTask:
             if not (isinstance(m[field], int) and m[field] > 0):
                 raise ConfigError(f'model.{field}', m[field], 'a positive integer')
         if m.c % m.num_heads or m.c % 4:
-            raise ConfigError('model.c', m.c,
-                              f'a multiple of model.num_heads={m.num_heads} and of 4 (sin-cos positions)')
+            raise ConfigError(
+                'model.c', m.c, f'a multiple of model.num_heads={m.num_heads} and of 4 (sin-cos positions)'
+            )
         if not all(isinstance(w, int) and w > 0 for w in m.level_channels):
             raise ConfigError('model.level_channels', m.level_channels, 'positive widths, from the core outward')
         size, levels = config.input.image_size, len(m.level_channels)
-        stride = 2 ** levels if levels else m.patch_size
+        stride = 2**levels if levels else m.patch_size
         if size % stride:
             raise ConfigError('input.image_size', size, f'a multiple of {stride} (2^levels, or the patch size)')
         conditioning.validate_text(config.text)
@@ -85,8 +90,9 @@ class PixelTask:
         if config.grow.from_workdir:
             source_config = checkpoint.saved_config(config.grow.from_workdir)
             if source_config is None:
-                raise ConfigError('grow.from_workdir', config.grow.from_workdir,
-                                  'a trained pixel run (it has no checkpoint)')
+                raise ConfigError(
+                    'grow.from_workdir', config.grow.from_workdir, 'a trained pixel run (it has no checkpoint)'
+                )
             growing.check_growable(config, source_config)
 
     # -- state -----------------------------------------------------------------------------------
@@ -130,8 +136,15 @@ class PixelTask:
         """The raw prediction (v) for images x [B, H, W, 3] at cosine-schedule times t [B]."""
         return self.denoiser.apply({'params': {k: v for k, v in params.items() if k != 'text'}}, x, t, text)
 
-    def grads(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
-              rng: jax.Array, step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+    def grads(
+        self,
+        params: Any,
+        model_state: Any,
+        frozen: dict[str, Any],
+        batch: dict[str, jax.Array],
+        rng: jax.Array,
+        step: jax.Array,
+    ) -> tuple[Any, Any, dict[str, jax.Array]]:
         del step
         t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
         x0 = batch['image'].astype(jnp.float32)
@@ -161,8 +174,9 @@ class PixelTask:
         size = self.config.input.image_size
         init_rng, rng = jax.random.split(rng)
         x = jax.random.normal(init_rng, (tokens.shape[0], size, size, 3), jnp.float32)
-        return samplers.sample_guided(denoise, x, rng, self._timesteps, self.config.sample.guidance,
-                             self.config.diffusion.sampler)
+        return samplers.sample_guided(
+            denoise, x, rng, self._timesteps, self.config.sample.guidance, self.config.diffusion.sampler
+        )
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
         """Each image beside the one sampled from its caption."""
@@ -174,25 +188,33 @@ class PixelTask:
         del model_state
         text = self.text.encode(self.text.params(params, frozen), batch['tokens'], batch['token_mask'])
         return diffusion_loss.fixed_time_losses(
-            lambda x, t: diffusion_loss.to_epsilon('v', self.denoiser_output(params, x, t, text), x, t),
-            batch['image'])
+            lambda x, t: diffusion_loss.to_epsilon('v', self.denoiser_output(params, x, t, text), x, t), batch['image']
+        )
 
-    def alignment(self, params: Any, frozen: dict, captions: list[str], batch_size: int,
-                  seed: int = 1) -> dict[str, float]:
+    def alignment(
+        self, params: Any, frozen: dict, captions: list[str], batch_size: int, seed: int = 1
+    ) -> dict[str, float]:
         """Shapes alignment of images sampled from `captions`, `batch_size` at a time."""
         images = []
         for start in range(0, len(captions), batch_size):
-            encoded = self.tokenizer(captions[start:start + batch_size])
+            encoded = self.tokenizer(captions[start : start + batch_size])
             rng = jax.random.fold_in(jax.random.key(seed), start)
-            images.append(to_uint8(sharding.to_host(self._sample_images(params, frozen, encoded['input_ids'],
-                                                                        encoded['attention_mask'], rng))))
+            images.append(
+                to_uint8(
+                    sharding.to_host(
+                        self._sample_images(params, frozen, encoded['input_ids'], encoded['attention_mask'], rng)
+                    )
+                )
+            )
         return shapes_alignment.evaluate(np.concatenate(images), captions)
 
-    def evaluate(self, params: Any, model_state: Any, frozen: dict,
-                 batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    def evaluate(
+        self, params: Any, model_state: Any, frozen: dict, batches: Iterable[dict[str, np.ndarray]]
+    ) -> dict[str, float]:
         """Unweighted ε-MSE on held-out images at fixed noise levels, and the alignment of fresh captions."""
-        result = conditioning.evaluate_held_out(self._eval_losses, params, model_state, frozen, batches,
-                                                self.batch_spec())
+        result = conditioning.evaluate_held_out(
+            self._eval_losses, params, model_state, frozen, batches, self.batch_spec()
+        )
         ev = self.config.eval
         if ev.alignment_prompts:
             scores = self.alignment(params, frozen, shapes.fresh_captions(ev.alignment_prompts), ev.batch_size)

@@ -1,6 +1,7 @@
 """Stage A training: VQGAN reconstruction (MSE + VQ + commitment) with an optional adversarial
 loss from a spectral-norm discriminator that switches on at `loss.adv_start`, and an optional
 VGG16 perceptual loss whose weights come from a local file."""
+
 import os
 from typing import Any, Iterable
 
@@ -48,24 +49,30 @@ class StageATask:
                 raise ConfigError(f'model.{field}', m[field], 'a positive integer')
         if m.embed_dim % 2 ** (m.levels - 1):
             raise ConfigError('model.embed_dim', m.embed_dim, f'divisible by 2**(levels-1) = {2 ** (m.levels - 1)}')
-        if config.input.image_size % 2 ** m.levels:
-            raise ConfigError('input.image_size', config.input.image_size,
-                              f'a multiple of 2**levels = {2 ** m.levels} (the VQGAN downsampling)')
+        if config.input.image_size % 2**m.levels:
+            raise ConfigError(
+                'input.image_size',
+                config.input.image_size,
+                f'a multiple of 2**levels = {2**m.levels} (the VQGAN downsampling)',
+            )
         for field in ('mse_weight', 'vq_weight', 'commit_weight', 'adv_weight', 'perceptual_weight'):
             if loss[field] < 0:
                 raise ConfigError(f'loss.{field}', loss[field], 'a weight >= 0')
         if not (isinstance(loss.adv_start, int) and loss.adv_start >= 0):
             raise ConfigError('loss.adv_start', loss.adv_start, 'a step >= 0')
         if loss.perceptual_weight > 0 and not os.path.isfile(loss.perceptual_weights):
-            raise ConfigError('loss.perceptual_weights', loss.perceptual_weights,
-                              "a local file with torchvision's vgg16 state dict (.pth or .npz), "
-                              'or set loss.perceptual_weight=0')
+            raise ConfigError(
+                'loss.perceptual_weights',
+                loss.perceptual_weights,
+                "a local file with torchvision's vgg16 state dict (.pth or .npz), or set loss.perceptual_weight=0",
+            )
         if loss.adv_weight > 0:
             validate_optimizer(config, 'disc_optimizer')
             size = config.input.image_size
-            if size % 2 ** config.disc.depth:
-                raise ConfigError('disc.depth', config.disc.depth,
-                                  f'a depth with 2**depth dividing input.image_size={size}')
+            if size % 2**config.disc.depth:
+                raise ConfigError(
+                    'disc.depth', config.disc.depth, f'a depth with 2**depth dividing input.image_size={size}'
+                )
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -108,8 +115,15 @@ class StageATask:
 
     # -- training --------------------------------------------------------------------------------
 
-    def grads(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
-              rng: jax.Array, step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+    def grads(
+        self,
+        params: Any,
+        model_state: Any,
+        frozen: dict[str, Any],
+        batch: dict[str, jax.Array],
+        rng: jax.Array,
+        step: jax.Array,
+    ) -> tuple[Any, Any, dict[str, jax.Array]]:
         """Gradients of the VQGAN loss and (from adv_start) of the discriminator loss."""
         del rng  # Stage A training is deterministic given the batch.
         loss_cfg = self.config.loss
@@ -118,12 +132,17 @@ class StageATask:
 
         def vqgan_loss(vq_params):
             (recon, aux), new_vars = self.vqgan.apply(
-                {'params': vq_params, **model_state['vqgan']}, x, train=True, mutable=['batch_stats'])
+                {'params': vq_params, **model_state['vqgan']}, x, train=True, mutable=['batch_stats']
+            )
             mse = jnp.mean((recon - x) ** 2)
-            loss = (loss_cfg.mse_weight * mse + loss_cfg.vq_weight * aux['vq_loss']
-                    + loss_cfg.commit_weight * aux['commit_loss'])
-            metrics = dict(mse=mse, vq_loss=aux['vq_loss'], commit_loss=aux['commit_loss'],
-                           psnr=jnp.mean(psnr(recon, x)))
+            loss = (
+                loss_cfg.mse_weight * mse
+                + loss_cfg.vq_weight * aux['vq_loss']
+                + loss_cfg.commit_weight * aux['commit_loss']
+            )
+            metrics = dict(
+                mse=mse, vq_loss=aux['vq_loss'], commit_loss=aux['commit_loss'], psnr=jnp.mean(psnr(recon, x))
+            )
             if self.use_perceptual:
                 features = self.vgg.apply({'params': frozen['vgg']}, jnp.concatenate([recon, x]))
                 halves = [jnp.split(f, 2) for f in features]
@@ -131,6 +150,7 @@ class StageATask:
                 loss = loss + loss_cfg.perceptual_weight * distance
                 metrics['perceptual_loss'] = distance
             if self.use_disc:
+
                 def adversarial(fake):  # non-saturating: the generator pushes its fakes towards "real"
                     logits = self.disc.apply({'params': params['disc'], **model_state['disc']}, fake, train=False)
                     return jnp.mean(jax.nn.softplus(-logits))
@@ -142,15 +162,16 @@ class StageATask:
             metrics['loss'] = loss
             return loss, (metrics, new_vars, recon)
 
-        (_, (metrics, new_vq_vars, recon)), vq_grads = jax.value_and_grad(vqgan_loss, has_aux=True)(
-            params['vqgan'])
+        (_, (metrics, new_vq_vars, recon)), vq_grads = jax.value_and_grad(vqgan_loss, has_aux=True)(params['vqgan'])
         grads = {'vqgan': vq_grads}
         new_state = {'vqgan': new_vq_vars}
         if self.use_disc:
+
             def disc_loss(disc_params):
                 both = jnp.concatenate([x, jax.lax.stop_gradient(recon)])
-                logits, new_vars = self.disc.apply({'params': disc_params, **model_state['disc']}, both,
-                                                   train=True, mutable=['batch_stats'])
+                logits, new_vars = self.disc.apply(
+                    {'params': disc_params, **model_state['disc']}, both, train=True, mutable=['batch_stats']
+                )
                 real, fake = jnp.split(logits, 2)
                 return jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake)), new_vars
 
@@ -168,8 +189,7 @@ class StageATask:
 
     # -- samples and evaluation ------------------------------------------------------------------
 
-    def reconstruct(self, params: Any, model_state: Any, images: jax.Array, *,
-                    quantize: bool = False) -> jax.Array:
+    def reconstruct(self, params: Any, model_state: Any, images: jax.Array, *, quantize: bool = False) -> jax.Array:
         """images [B, H, W, 3] -> reconstructions; continuous latents unless quantize (Würstchen v2 use)."""
         variables = {'params': params['vqgan'], **model_state['vqgan']}
         latent = self.vqgan.apply(variables, images, method=VQGAN.encode)
@@ -185,11 +205,14 @@ class StageATask:
 
     def _psnr_pair(self, params: Any, model_state: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Per-image PSNR of continuous and codebook reconstructions: ([B], [B])."""
-        return (psnr(self.reconstruct(params, model_state, images), images),
-                psnr(self.reconstruct(params, model_state, images, quantize=True), images))
+        return (
+            psnr(self.reconstruct(params, model_state, images), images),
+            psnr(self.reconstruct(params, model_state, images, quantize=True), images),
+        )
 
-    def evaluate(self, params: Any, model_state: Any, frozen: dict,
-                 batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    def evaluate(
+        self, params: Any, model_state: Any, frozen: dict, batches: Iterable[dict[str, np.ndarray]]
+    ) -> dict[str, float]:
         """Mean reconstruction PSNR over the held-out batches, continuous and through the codebook."""
         del frozen
         cont, quant = [], []

@@ -8,6 +8,7 @@ Stable Cascade's recipe: the image resized by a factor drawn per batch from
 map is the unconditional input of guidance). The jittered map is resized back to the unjittered
 map size, so every branch feeds the decoder the same shape.
 """
+
 from typing import Any, Iterable
 
 import jax
@@ -37,11 +38,23 @@ class StageBTask:
         self.effnet = conditioning.SemanticCompressor(config.effnet, dtype)
         m = config.model
         self.decoder = WuerstchenDiffNeXt(
-            c_in=self.vqgan.latent_channels, c_out=self.vqgan.latent_channels, c_r=m.c_r, patch_size=m.patch_size,
-            c_cond=m.c_cond, c_hidden=tuple(m.c_hidden), nhead=tuple(m.nhead), blocks=tuple(m.blocks),
-            level_config=tuple(m.level_config), inject_effnet=tuple(m.inject_effnet), effnet_embd=self.effnet.channels,
-            clip_embd=self.text.width, kernel_size=m.kernel_size, dropout=m.dropout,
-            remat_policy=m.remat_policy, dtype=dtype)
+            c_in=self.vqgan.latent_channels,
+            c_out=self.vqgan.latent_channels,
+            c_r=m.c_r,
+            patch_size=m.patch_size,
+            c_cond=m.c_cond,
+            c_hidden=tuple(m.c_hidden),
+            nhead=tuple(m.nhead),
+            blocks=tuple(m.blocks),
+            level_config=tuple(m.level_config),
+            inject_effnet=tuple(m.inject_effnet),
+            effnet_embd=self.effnet.channels,
+            clip_embd=self.text.width,
+            kernel_size=m.kernel_size,
+            dropout=m.dropout,
+            remat_policy=m.remat_policy,
+            dtype=dtype,
+        )
         self._eval_losses = jax.jit(self._held_out_losses)
 
     @staticmethod
@@ -66,8 +79,12 @@ class StageBTask:
         params, state = self.effnet.init(eff_rng)
         effnet_shape = self.effnet.map_shape(self.effnet.variables(params, state, self.effnet.frozen_params()))
         params['decoder'] = self.decoder.init(
-            dec_rng, jnp.zeros((1, *latents.shape[1:])), jnp.zeros((1,)), jnp.zeros((1, *effnet_shape)),
-            jnp.zeros((1, self.config.text.max_length, self.text.width)))['params']
+            dec_rng,
+            jnp.zeros((1, *latents.shape[1:])),
+            jnp.zeros((1,)),
+            jnp.zeros((1, *effnet_shape)),
+            jnp.zeros((1, self.config.text.max_length, self.text.width)),
+        )['params']
         if self.text.trainable:
             params['text'] = self.text.init(text_rng)
         if self.config.diffusion.loss_weight == 'adaptive':
@@ -95,8 +112,15 @@ class StageBTask:
 
     # -- training --------------------------------------------------------------------------------
 
-    def grads(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
-              rng: jax.Array, step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+    def grads(
+        self,
+        params: Any,
+        model_state: Any,
+        frozen: dict[str, Any],
+        batch: dict[str, jax.Array],
+        rng: jax.Array,
+        step: jax.Array,
+    ) -> tuple[Any, Any, dict[str, jax.Array]]:
         del step
         d, e = self.config.diffusion, self.config.effnet
         t_rng, noise_rng, drop_rng, dropout_rng, jitter_rng, zero_rng, sd_rng = jax.random.split(rng, 7)
@@ -112,15 +136,23 @@ class StageBTask:
 
         def loss_fn(p):
             variables = self.effnet.variables(p, model_state, frozen)
-            branches = [lambda v, f=f: self.effnet.map(v, images, f, train=True, rng=sd_rng)
-                        for f in e.resize_jitter]
-            effnet, bn_updates = (branches[0](variables) if len(branches) == 1
-                                  else jax.lax.switch(choice, branches, variables))
+            branches = [lambda v, f=f: self.effnet.map(v, images, f, train=True, rng=sd_rng) for f in e.resize_jitter]
+            effnet, bn_updates = (
+                branches[0](variables) if len(branches) == 1 else jax.lax.switch(choice, branches, variables)
+            )
             cond = self.text.encode(self.text.params(p, frozen), tokens, mask)
-            out = self.decoder.apply({'params': p['decoder']}, x_t, t, effnet * keep, cond, deterministic=False,
-                                     rngs={'dropout': dropout_rng})
-            loss, raw = diffusion_loss.epsilon_loss(out, target, t, d.loss_weight, model_state.get('loss_buckets'),
-                                                    d.p2_k)
+            out = self.decoder.apply(
+                {'params': p['decoder']},
+                x_t,
+                t,
+                effnet * keep,
+                cond,
+                deterministic=False,
+                rngs={'dropout': dropout_rng},
+            )
+            loss, raw = diffusion_loss.epsilon_loss(
+                out, target, t, d.loss_weight, model_state.get('loss_buckets'), d.p2_k
+            )
             return loss, (raw, bn_updates)
 
         (loss, (raw, bn_updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -145,27 +177,54 @@ class StageBTask:
         def denoise(x, t, conditional):
             if conditional:
                 return self.epsilon(params, x, t, effnet, cond)
-            return self.epsilon(params, x, t, jnp.concatenate([effnet, jnp.zeros_like(effnet)]),
-                                jnp.concatenate([cond, uncond]))
+            return self.epsilon(
+                params, x, t, jnp.concatenate([effnet, jnp.zeros_like(effnet)]), jnp.concatenate([cond, uncond])
+            )
+
         return denoise
 
-    def sample(self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array,
-               rng: jax.Array, *, steps: int | None = None, guidance: float | None = None) -> jax.Array:
+    def sample(
+        self,
+        params: Any,
+        frozen: dict,
+        effnet: jax.Array,
+        tokens: jax.Array,
+        mask: jax.Array,
+        rng: jax.Array,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> jax.Array:
         """Images in [-1, 1] from effnet maps [B, h, w, c] (raw space) and captions."""
         latents = self.sample_latents(params, frozen, effnet, tokens, mask, rng, steps=steps, guidance=guidance)
         return jnp.clip(self.decode_latents(frozen, latents), -1, 1)
 
-    def sample_latents(self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array,
-                       rng: jax.Array, *, steps: int | None = None, guidance: float | None = None) -> jax.Array:
+    def sample_latents(
+        self,
+        params: Any,
+        frozen: dict,
+        effnet: jax.Array,
+        tokens: jax.Array,
+        mask: jax.Array,
+        rng: jax.Array,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> jax.Array:
         """`sample` before Stage A decodes: the sampled Stage A latents [B, H/f, W/f, c]."""
         s = self.config.sample
         size = self.config.input.image_size
         f = size // jax.eval_shape(self.latents, frozen, jnp.zeros((1, size, size, 3))).shape[1]
         init_rng, rng = jax.random.split(rng)
         x = jax.random.normal(init_rng, (tokens.shape[0], size // f, size // f, self.vqgan.latent_channels))
-        return samplers.sample_guided(self.denoiser(params, frozen, effnet, tokens, mask), x, rng,
-                             samplers.linspace_timesteps(steps or s.decoder_steps),
-                             s.decoder_guidance if guidance is None else guidance, self.config.diffusion.sampler)
+        return samplers.sample_guided(
+            self.denoiser(params, frozen, effnet, tokens, mask),
+            x,
+            rng,
+            samplers.linspace_timesteps(steps or s.decoder_steps),
+            s.decoder_guidance if guidance is None else guidance,
+            self.config.diffusion.sampler,
+        )
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
         """Each image beside Stage B's sample from its effnet map and caption, decoded by Stage A."""
@@ -177,8 +236,10 @@ class StageBTask:
         cond = self.text.encode(self.text.params(params, frozen), batch['tokens'], batch['token_mask'])
         return diffusion_loss.fixed_time_losses(lambda x, t: self.epsilon(params, x, t, effnet, cond), x0)
 
-    def evaluate(self, params: Any, model_state: Any, frozen: dict,
-                 batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    def evaluate(
+        self, params: Any, model_state: Any, frozen: dict, batches: Iterable[dict[str, np.ndarray]]
+    ) -> dict[str, float]:
         """Unweighted ε-MSE on held-out images at fixed noise levels and noise."""
-        return conditioning.evaluate_held_out(self._eval_losses, params, model_state, frozen, batches,
-                                              self.batch_spec())
+        return conditioning.evaluate_held_out(
+            self._eval_losses, params, model_state, frozen, batches, self.batch_spec()
+        )

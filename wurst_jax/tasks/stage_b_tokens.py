@@ -12,6 +12,7 @@ The recipe of dome272/Wuerstchen `train_stage_B.py` and `modules.py` (`Paella.ad
 - sampling starts from uniformly random indices and walks t from 1 to 0, re-noising each step's draw
   to the next t with the starting indices, under logit guidance and a falling temperature.
 """
+
 from typing import Any, Iterable
 
 import jax
@@ -31,8 +32,9 @@ from wurst_jax.tasks import conditioning
 SAMPLING_MODES = ('multinomial', 'argmax')
 
 
-def add_token_noise(rng: jax.Array, tokens: jax.Array, t: jax.Array, num_labels: int,
-                    random_tokens: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def add_token_noise(
+    rng: jax.Array, tokens: jax.Array, t: jax.Array, num_labels: int, random_tokens: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """(tokens [B, H, W] with each replaced with probability t [B] by a random one, the int mask of
     replaced places). `random_tokens` are the replacements (uniform over num_labels when None)."""
     mask_rng, label_rng = jax.random.split(rng)
@@ -54,8 +56,16 @@ def token_loss(logits: jax.Array, targets: jax.Array, weight: jax.Array, label_s
     return jnp.mean(jnp.sum(ce * weight, axis=(1, 2)) / jnp.sum(weight, axis=(1, 2)))
 
 
-def sample_tokens(logits_fn, rng: jax.Array, shape: tuple[int, int, int], num_labels: int, steps: int,
-                  guidance: float, temperature: tuple[float, float], mode: str = 'multinomial') -> jax.Array:
+def sample_tokens(
+    logits_fn,
+    rng: jax.Array,
+    shape: tuple[int, int, int],
+    num_labels: int,
+    steps: int,
+    guidance: float,
+    temperature: tuple[float, float],
+    mode: str = 'multinomial',
+) -> jax.Array:
     """Würstchen v1's token sampler in one `lax.scan`. `logits_fn(tokens, t, conditional)` gives logits
     [B, H, W, K] (conditional=False: the conditional and unconditional halves of a doubled batch)."""
     init_rng, rng = jax.random.split(rng)
@@ -69,8 +79,9 @@ def sample_tokens(logits_fn, rng: jax.Array, shape: tuple[int, int, int], num_la
         if guidance == 1.0:
             logits = logits_fn(tokens, t_b, True)
         else:
-            cond, uncond = jnp.split(logits_fn(jnp.concatenate([tokens, tokens]),
-                                               jnp.concatenate([t_b, t_b]), False), 2)
+            cond, uncond = jnp.split(
+                logits_fn(jnp.concatenate([tokens, tokens]), jnp.concatenate([t_b, t_b]), False), 2
+            )
             logits = cond * guidance + uncond * (1 - guidance)
         draw_key, noise_key = jax.random.split(key)
         if mode == 'argmax':
@@ -95,15 +106,32 @@ class TokenStageBTask:
         self.vqgan, self._vqgan_variables = conditioning.load_stage_a(config.stage_a.source)
         m = config.model
         if m.num_labels != self.vqgan.num_codes:
-            raise ConfigError('model.num_labels', m.num_labels,
-                              f'the codebook size of Stage A ({config.stage_a.source}): {self.vqgan.num_codes}')
+            raise ConfigError(
+                'model.num_labels',
+                m.num_labels,
+                f'the codebook size of Stage A ({config.stage_a.source}): {self.vqgan.num_codes}',
+            )
         self.effnet = conditioning.SemanticCompressor(config.effnet, dtype)
         self.decoder = Paella(
-            c_in=m.c_in, c_out=m.c_in, num_labels=m.num_labels, c_r=m.c_r, patch_size=m.patch_size, c_cond=m.c_cond,
-            c_hidden=tuple(m.c_hidden), nhead=tuple(m.nhead), blocks=tuple(m.blocks),
-            level_config=tuple(m.level_config), effnet_embd=self.effnet.channels, byt5_embd=self.text.width,
-            kernel_size=m.kernel_size, dropout=m.dropout, self_attn=m.self_attn, scan_blocks=m.scan_blocks,
-            remat_policy=m.remat_policy, dtype=dtype)
+            c_in=m.c_in,
+            c_out=m.c_in,
+            num_labels=m.num_labels,
+            c_r=m.c_r,
+            patch_size=m.patch_size,
+            c_cond=m.c_cond,
+            c_hidden=tuple(m.c_hidden),
+            nhead=tuple(m.nhead),
+            blocks=tuple(m.blocks),
+            level_config=tuple(m.level_config),
+            effnet_embd=self.effnet.channels,
+            byt5_embd=self.text.width,
+            kernel_size=m.kernel_size,
+            dropout=m.dropout,
+            self_attn=m.self_attn,
+            scan_blocks=m.scan_blocks,
+            remat_policy=m.remat_policy,
+            dtype=dtype,
+        )
         self._eval_metrics = jax.jit(self._held_out_metrics)
 
     @staticmethod
@@ -122,8 +150,9 @@ class TokenStageBTask:
         if config.diffusion.t_sampling not in schedule.T_SAMPLING:
             raise ConfigError('diffusion.t_sampling', config.diffusion.t_sampling, f'one of {schedule.T_SAMPLING}')
         if len(s.decoder_temperature) != 2 or min(s.decoder_temperature) <= 0:
-            raise ConfigError('sample.decoder_temperature', s.decoder_temperature, 'two positive temperatures, '
-                                                                                   '[start, end]')
+            raise ConfigError(
+                'sample.decoder_temperature', s.decoder_temperature, 'two positive temperatures, [start, end]'
+            )
         if s.decoder_mode not in SAMPLING_MODES:
             raise ConfigError('sample.decoder_mode', s.decoder_mode, f'one of {SAMPLING_MODES}')
         conditioning.validate_text(config.text)
@@ -136,8 +165,7 @@ class TokenStageBTask:
 
     def token_shape(self) -> tuple[int, int]:
         size = self.config.input.image_size
-        return jax.eval_shape(self.targets, {'stage_a': self._vqgan_variables},
-                              jnp.zeros((1, size, size, 3))).shape[1:]
+        return jax.eval_shape(self.targets, {'stage_a': self._vqgan_variables}, jnp.zeros((1, size, size, 3))).shape[1:]
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         del batch
@@ -145,8 +173,12 @@ class TokenStageBTask:
         params, state = self.effnet.init(eff_rng)
         effnet_shape = self.effnet.map_shape(self.effnet.variables(params, state, self.effnet.frozen_params()))
         params['decoder'] = self.decoder.init(
-            dec_rng, jnp.zeros((1, *self.token_shape()), jnp.int32), jnp.zeros((1,)), jnp.zeros((1, *effnet_shape)),
-            jnp.zeros((1, self.config.text.max_length, self.text.width)))['params']
+            dec_rng,
+            jnp.zeros((1, *self.token_shape()), jnp.int32),
+            jnp.zeros((1,)),
+            jnp.zeros((1, *effnet_shape)),
+            jnp.zeros((1, self.config.text.max_length, self.text.width)),
+        )['params']
         if self.text.trainable:
             params['text'] = self.text.init(text_rng)
         return params, state
@@ -172,11 +204,26 @@ class TokenStageBTask:
         """The effnet's raw map -> what Paella reads: v1's EfficientNetEncoder output, (x + 1)/42."""
         return conditioning.scale_latents(raw, 'v2')
 
-    def logits(self, params: Any, tokens: jax.Array, t: jax.Array, effnet: jax.Array, cond: jax.Array,
-               deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
+    def logits(
+        self,
+        params: Any,
+        tokens: jax.Array,
+        t: jax.Array,
+        effnet: jax.Array,
+        cond: jax.Array,
+        deterministic: bool = True,
+        rng: jax.Array | None = None,
+    ) -> jax.Array:
         """Paella's logits [B, H, W, num_labels] for noised tokens at t, a map in its space, text states."""
-        return self.decoder.apply({'params': params['decoder']}, tokens, t, effnet, cond, deterministic=deterministic,
-                                  rngs=None if deterministic else {'dropout': rng})
+        return self.decoder.apply(
+            {'params': params['decoder']},
+            tokens,
+            t,
+            effnet,
+            cond,
+            deterministic=deterministic,
+            rngs=None if deterministic else {'dropout': rng},
+        )
 
     def _corrupt_map(self, rng: jax.Array, effnet: jax.Array) -> jax.Array:
         """v1's `Wrapper`: for the whole batch, zero the map (p effnet.dropout) or else noise it (p effnet.noise)
@@ -184,14 +231,24 @@ class TokenStageBTask:
         e = self.config.effnet
         choice_rng, t_rng, noise_rng = jax.random.split(rng, 3)
         u = jax.random.uniform(choice_rng, (2,))
-        noised = schedule.add_noise(effnet, jax.random.normal(noise_rng, effnet.shape),
-                                    jax.random.uniform(t_rng, (effnet.shape[0],)) * e.noise_t_max)
+        noised = schedule.add_noise(
+            effnet,
+            jax.random.normal(noise_rng, effnet.shape),
+            jax.random.uniform(t_rng, (effnet.shape[0],)) * e.noise_t_max,
+        )
         return jnp.where(u[0] < e.dropout, jnp.zeros_like(effnet), jnp.where(u[1] < e.noise, noised, effnet))
 
     # -- training --------------------------------------------------------------------------------
 
-    def grads(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
-              rng: jax.Array, step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+    def grads(
+        self,
+        params: Any,
+        model_state: Any,
+        frozen: dict[str, Any],
+        batch: dict[str, jax.Array],
+        rng: jax.Array,
+        step: jax.Array,
+    ) -> tuple[Any, Any, dict[str, jax.Array]]:
         del step
         t_rng, noise_rng, drop_rng, map_rng, dropout_rng, sd_rng = jax.random.split(rng, 6)
         images = batch['image']
@@ -202,8 +259,9 @@ class TokenStageBTask:
         tokens, token_mask = self.text.drop(drop_rng, batch['tokens'], batch['token_mask'])
 
         def loss_fn(p):
-            raw, bn_updates = self.effnet.map(self.effnet.variables(p, model_state, frozen), images, train=True,
-                                              rng=sd_rng)
+            raw, bn_updates = self.effnet.map(
+                self.effnet.variables(p, model_state, frozen), images, train=True, rng=sd_rng
+            )
             effnet = self._corrupt_map(map_rng, self.paella_map(raw))
             cond = self.text.encode(self.text.params(p, frozen), tokens, token_mask)
             logits = self.logits(p, noised, t, effnet, cond, deterministic=False, rng=dropout_rng)
@@ -219,9 +277,19 @@ class TokenStageBTask:
 
     # -- sampling and evaluation -----------------------------------------------------------------
 
-    def sample_token_map(self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array,
-                         rng: jax.Array, *, steps: int | None = None, guidance: float | None = None,
-                         temperature: tuple[float, float] | None = None) -> jax.Array:
+    def sample_token_map(
+        self,
+        params: Any,
+        frozen: dict,
+        effnet: jax.Array,
+        tokens: jax.Array,
+        mask: jax.Array,
+        rng: jax.Array,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        temperature: tuple[float, float] | None = None,
+    ) -> jax.Array:
         """Stage A indices [B, H/4, W/4] sampled from raw effnet maps [B, h, w, c] and captions; the
         unconditional half of guidance sees a zero map and the empty caption."""
         s = self.config.sample
@@ -230,18 +298,40 @@ class TokenStageBTask:
         both_maps, both_states = jnp.concatenate([effnet, jnp.zeros_like(effnet)]), jnp.concatenate([cond, uncond])
 
         def logits_fn(x, t, conditional):
-            return (self.logits(params, x, t, effnet, cond) if conditional
-                    else self.logits(params, x, t, both_maps, both_states))
-        return sample_tokens(logits_fn, rng, (tokens.shape[0], *self.token_shape()), self.config.model.num_labels,
-                             steps or s.decoder_steps, s.decoder_guidance if guidance is None else guidance,
-                             tuple(temperature or s.decoder_temperature), s.decoder_mode)
+            return (
+                self.logits(params, x, t, effnet, cond)
+                if conditional
+                else self.logits(params, x, t, both_maps, both_states)
+            )
 
-    def sample(self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array,
-               rng: jax.Array, *, steps: int | None = None, guidance: float | None = None,
-               temperature: tuple[float, float] | None = None) -> jax.Array:
+        return sample_tokens(
+            logits_fn,
+            rng,
+            (tokens.shape[0], *self.token_shape()),
+            self.config.model.num_labels,
+            steps or s.decoder_steps,
+            s.decoder_guidance if guidance is None else guidance,
+            tuple(temperature or s.decoder_temperature),
+            s.decoder_mode,
+        )
+
+    def sample(
+        self,
+        params: Any,
+        frozen: dict,
+        effnet: jax.Array,
+        tokens: jax.Array,
+        mask: jax.Array,
+        rng: jax.Array,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        temperature: tuple[float, float] | None = None,
+    ) -> jax.Array:
         """Images in [-1, 1] from effnet maps [B, h, w, c] (raw space) and captions."""
-        indices = self.sample_token_map(params, frozen, effnet, tokens, mask, rng, steps=steps, guidance=guidance,
-                                        temperature=temperature)
+        indices = self.sample_token_map(
+            params, frozen, effnet, tokens, mask, rng, steps=steps, guidance=guidance, temperature=temperature
+        )
         return jnp.clip(conditioning.stage_a_decode_tokens(self.vqgan, frozen['stage_a'], indices), -1, 1)
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
@@ -257,20 +347,26 @@ class TokenStageBTask:
         out = []
         for i, time in enumerate(diffusion_loss.EVAL_TIMES):
             t = jnp.full((targets.shape[0],), time, jnp.float32)
-            noised, _ = add_token_noise(jax.random.fold_in(jax.random.key(0), i), targets, t,
-                                        self.config.model.num_labels)
+            noised, _ = add_token_noise(
+                jax.random.fold_in(jax.random.key(0), i), targets, t, self.config.model.num_labels
+            )
             logits = self.logits(params, noised, t, effnet, cond)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
             out.append(jnp.stack([jnp.mean(ce), jnp.mean((jnp.argmax(logits, -1) == targets).astype(jnp.float32))]))
         return jnp.stack(out, axis=1)
 
-    def evaluate(self, params: Any, model_state: Any, frozen: dict,
-                 batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    def evaluate(
+        self, params: Any, model_state: Any, frozen: dict, batches: Iterable[dict[str, np.ndarray]]
+    ) -> dict[str, float]:
         """Held-out cross-entropy and token accuracy at fixed re-noising times and noise."""
         keys = self.batch_spec()
-        metrics = np.mean([sharding.to_host(self._eval_metrics(params, model_state, frozen,
-                                                               {k: jnp.asarray(b[k]) for k in keys}))
-                           for b in batches], axis=0)
+        metrics = np.mean(
+            [
+                sharding.to_host(self._eval_metrics(params, model_state, frozen, {k: jnp.asarray(b[k]) for k in keys}))
+                for b in batches
+            ],
+            axis=0,
+        )
         result = {}
         for name, row in zip(('loss', 'accuracy'), metrics):
             result.update({f'{name}_t{t}': float(v) for t, v in zip(diffusion_loss.EVAL_TIMES, row)})

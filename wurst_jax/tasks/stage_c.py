@@ -17,6 +17,7 @@ With `input.precomputed` (`python -m wurst_jax.precompute`) batches carry the sc
 `latents` and a frozen encoder's `text_states`, and the step runs neither encoder; they stay loaded
 for sampling from prompts.
 """
+
 import os
 from typing import Any, Iterable
 
@@ -53,16 +54,30 @@ class WuerstchenBackbone:
         architecture and weights."""
         m, c_in = task.config.model, task.latent_shape()[-1]
         if not source:
-            return WuerstchenPrior(c_in=c_in, c=m.c, c_cond=task.text.width, c_r=m.c_r, depth=m.depth,
-                                   num_heads=m.num_heads, dropout=m.dropout, scan_blocks=m.scan_blocks,
-                                   remat_policy=m.remat_policy, pos_embed=m.pos_embed,
-                                   linear_output=m.linear_output, dtype=dtype), {}
-        prior, variables = convert.load_diffusers(source, 'prior', dropout=m.dropout, scan_blocks=m.scan_blocks,
-                                                  remat_policy=m.remat_policy, dtype=dtype)
+            return WuerstchenPrior(
+                c_in=c_in,
+                c=m.c,
+                c_cond=task.text.width,
+                c_r=m.c_r,
+                depth=m.depth,
+                num_heads=m.num_heads,
+                dropout=m.dropout,
+                scan_blocks=m.scan_blocks,
+                remat_policy=m.remat_policy,
+                pos_embed=m.pos_embed,
+                linear_output=m.linear_output,
+                dtype=dtype,
+            ), {}
+        prior, variables = convert.load_diffusers(
+            source, 'prior', dropout=m.dropout, scan_blocks=m.scan_blocks, remat_policy=m.remat_policy, dtype=dtype
+        )
         if (prior.c_cond, prior.c_in) != (task.text.width, c_in):
-            raise ConfigError('init.prior', source,
-                              f'a prior with c_cond={task.text.width} (the text encoder width) and c_in={c_in} '
-                              f'(the latent channels); it has c_cond={prior.c_cond}, c_in={prior.c_in}')
+            raise ConfigError(
+                'init.prior',
+                source,
+                f'a prior with c_cond={task.text.width} (the text encoder width) and c_in={c_in} '
+                f'(the latent channels); it has c_cond={prior.c_cond}, c_in={prior.c_in}',
+            )
         return prior, {'prior': variables['params']}
 
     @staticmethod
@@ -71,14 +86,22 @@ class WuerstchenBackbone:
         return {}
 
     @staticmethod
-    def init(module: WuerstchenPrior, rng: jax.Array, x: jax.Array, t: jax.Array, cond: jax.Array,
-             micro: tuple | None) -> Any:
+    def init(
+        module: WuerstchenPrior, rng: jax.Array, x: jax.Array, t: jax.Array, cond: jax.Array, micro: tuple | None
+    ) -> Any:
         del micro
         return module.init(rng, x, t, cond)['params']
 
     @staticmethod
-    def apply(module: WuerstchenPrior, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array,
-              dropout_rng: jax.Array | None, micro: tuple | None) -> jax.Array:
+    def apply(
+        module: WuerstchenPrior,
+        params: Any,
+        x: jax.Array,
+        t: jax.Array,
+        cond: jax.Array,
+        dropout_rng: jax.Array | None,
+        micro: tuple | None,
+    ) -> jax.Array:
         del micro
         if dropout_rng is None:
             return module.apply({'params': params}, x, t, cond)
@@ -88,6 +111,7 @@ class WuerstchenBackbone:
 class PixArtBackbone:
     """PixArt-α's DiT (`models/pixart.py`): patches of model.patch_size, times in its 0..1000 DDPM
     units, no dropout; PixArtMS's size and aspect micro-conditions with model.micro_conditions."""
+
     TIME_SCALE = 1000.0  # our t in [0, 1] -> PixArt's timestep units
 
     @staticmethod
@@ -110,9 +134,18 @@ class PixArtBackbone:
         pretrained = {}
         if not source:
             module = PixArtTransformer(
-                in_channels=c, out_channels=c, num_heads=m.num_heads, head_dim=m.c // m.num_heads, depth=m.depth,
-                patch_size=m.patch_size, sample_size=h, interpolation_scale=1, caption_channels=width,
-                use_additional_conditions=micro, **options)
+                in_channels=c,
+                out_channels=c,
+                num_heads=m.num_heads,
+                head_dim=m.c // m.num_heads,
+                depth=m.depth,
+                patch_size=m.patch_size,
+                sample_size=h,
+                interpolation_scale=1,
+                caption_channels=width,
+                use_additional_conditions=micro,
+                **options,
+            )
         elif os.path.isdir(os.path.join(source, 'checkpoints')):  # the previous stage of the plan
             saved, params, _ = conditioning.trained_run(source, 'stage_c')
             previous = StageCTask(saved)
@@ -128,15 +161,22 @@ class PixArtBackbone:
             module, variables = convert.load_diffusers(source, 'pixart', **options)
             pretrained = {'prior': variables['params']}
         if micro and module.width % 3:
-            raise ConfigError('model.micro_conditions', True, f'False for a PixArt of width {module.width}: '
-                              'its size and aspect embeddings take a third of the width each')
+            raise ConfigError(
+                'model.micro_conditions',
+                True,
+                f'False for a PixArt of width {module.width}: '
+                'its size and aspect embeddings take a third of the width each',
+            )
         found = (module.in_channels, module.caption_channels, module.use_additional_conditions)
         if found != (c, width, micro) or module.out_channels not in (c, 2 * c):
-            raise ConfigError('init.prior', source,
-                              f'a DiT/PixArt with in_channels={c} (the latent channels; out_channels {c} or '
-                              f'{2 * c} with learned variance), caption_channels={width} and '
-                              f'use_additional_conditions={micro} (model.micro_conditions); '
-                              f'it has {found} and out_channels={module.out_channels}')
+            raise ConfigError(
+                'init.prior',
+                source,
+                f'a DiT/PixArt with in_channels={c} (the latent channels; out_channels {c} or '
+                f'{2 * c} with learned variance), caption_channels={width} and '
+                f'use_additional_conditions={micro} (model.micro_conditions); '
+                f'it has {found} and out_channels={module.out_channels}',
+            )
         if task.config.input.aspect_buckets:
             task.check_bucket_latents(module.patch_size)
         return module, pretrained
@@ -149,16 +189,24 @@ class PixArtBackbone:
         return {'original_size': ((2,), jnp.float32), 'aspect_ratio': ((1,), jnp.float32)}
 
     @staticmethod
-    def init(module: PixArtTransformer, rng: jax.Array, x: jax.Array, t: jax.Array, cond: jax.Array,
-             micro: tuple | None) -> Any:
+    def init(
+        module: PixArtTransformer, rng: jax.Array, x: jax.Array, t: jax.Array, cond: jax.Array, micro: tuple | None
+    ) -> Any:
         return module.init(rng, x, t, cond, *(() if micro is None else (None, *micro)))['params']
 
     @staticmethod
-    def apply(module: PixArtTransformer, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array,
-              dropout_rng: jax.Array | None, micro: tuple | None) -> jax.Array:
+    def apply(
+        module: PixArtTransformer,
+        params: Any,
+        x: jax.Array,
+        t: jax.Array,
+        cond: jax.Array,
+        dropout_rng: jax.Array | None,
+        micro: tuple | None,
+    ) -> jax.Array:
         del dropout_rng  # no dropout in PixArt's blocks
         out = module.apply({'params': params}, x, PixArtBackbone.TIME_SCALE * t, cond, None, *(micro or ()))
-        return out[..., :x.shape[-1]]  # a DiT start's learned-variance half is not trained here
+        return out[..., : x.shape[-1]]  # a DiT start's learned-variance half is not trained here
 
 
 # model.backbone -> its adapter: how the denoiser is built, initialised and called.
@@ -197,10 +245,13 @@ class StageCTask:
         if bad:
             pixels = size * patch_size / latent_side[size] if size in latent_side else None
             hint = f' (here a multiple of {pixels:g} pixels)' if pixels and pixels == int(pixels) else ''
-            raise ConfigError('input.bucket_multiple', multiple,
-                              f'a value whose bucket sides give latent sides divisible by the patch size '
-                              f'{patch_size}{hint}; bucket sides {sorted(bad)} give latent sides '
-                              f'{[bad[k] for k in sorted(bad)]}')
+            raise ConfigError(
+                'input.bucket_multiple',
+                multiple,
+                f'a value whose bucket sides give latent sides divisible by the patch size '
+                f'{patch_size}{hint}; bucket sides {sorted(bad)} give latent sides '
+                f'{[bad[k] for k in sorted(bad)]}',
+            )
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
@@ -221,18 +272,30 @@ class StageCTask:
             raise ConfigError('latents', space, f'one of {LATENT_SPACES}')
         if space == 'stage_a':
             if not os.path.exists(config.stage_a.source):
-                raise ConfigError('stage_a.source', config.stage_a.source,
-                                  'a Stage A workdir, a vqgan model folder or checkpoint file (latents=stage_a)')
+                raise ConfigError(
+                    'stage_a.source',
+                    config.stage_a.source,
+                    'a Stage A workdir, a vqgan model folder or checkpoint file (latents=stage_a)',
+                )
             if config.latent_scaling != 'none':
-                raise ConfigError('latent_scaling', config.latent_scaling, "'none' with latents='stage_a' "
-                                  "(Stage A latents are scaled by the VQGAN's scale_factor)")
+                raise ConfigError(
+                    'latent_scaling',
+                    config.latent_scaling,
+                    "'none' with latents='stage_a' (Stage A latents are scaled by the VQGAN's scale_factor)",
+                )
         elif not os.path.exists(config.effnet.source):
-            raise ConfigError('effnet.source', config.effnet.source,
-                              'a Stage B workdir, an effnet model folder or an effnet checkpoint file')
+            raise ConfigError(
+                'effnet.source',
+                config.effnet.source,
+                'a Stage B workdir, an effnet model folder or an effnet checkpoint file',
+            )
         if config.init.prior and not os.path.exists(config.init.prior):
-            raise ConfigError('init.prior', config.init.prior,
-                              "'' or a diffusers prior folder / checkpoint file (PixArt: a DiT or PixArt folder, "
-                              'a PixArt .pth, or the workdir of an earlier Stage C run)')
+            raise ConfigError(
+                'init.prior',
+                config.init.prior,
+                "'' or a diffusers prior folder / checkpoint file (PixArt: a DiT or PixArt folder, "
+                'a PixArt .pth, or the workdir of an earlier Stage C run)',
+            )
         if config.input.precomputed:
             if config.input.aspect_buckets:
                 raise ConfigError('input.aspect_buckets', True, 'False with input.precomputed (fixed-size records)')
@@ -271,8 +334,11 @@ class StageCTask:
         prior_rng, text_rng = jax.random.split(rng)
         h, w, c = self.latent_shape()
         cond = jnp.zeros((1, self.config.text.max_length, self.text.width))
-        params = {'prior': self._backbone.init(self.prior, prior_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), cond,
-                                               self.micro(None, 1))}
+        params = {
+            'prior': self._backbone.init(
+                self.prior, prior_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), cond, self.micro(None, 1)
+            )
+        }
         if self.text.trainable:
             params['text'] = self.text.init(text_rng)
         state = {'loss_buckets': schedule.adaptive_init()} if self.config.diffusion.loss_weight == 'adaptive' else {}
@@ -327,8 +393,15 @@ class StageCTask:
             tokens, mask = self.text.drop(drop_rng, tokens, mask)
         return self.text.encode(text_params, tokens, mask)
 
-    def grads(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: dict[str, jax.Array],
-              rng: jax.Array, step: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+    def grads(
+        self,
+        params: Any,
+        model_state: Any,
+        frozen: dict[str, Any],
+        batch: dict[str, jax.Array],
+        rng: jax.Array,
+        step: jax.Array,
+    ) -> tuple[Any, Any, dict[str, jax.Array]]:
         del step
         d = self.config.diffusion
         t_rng, noise_rng, drop_rng, dropout_rng = jax.random.split(rng, 4)
@@ -342,8 +415,7 @@ class StageCTask:
         def loss_fn(p):
             cond = self.batch_text(p, frozen, batch, drop_rng)
             out = self.prior_output(p['prior'], x_t, t, cond, dropout_rng, self.micro(batch, x0.shape[0]))
-            return diffusion_loss.epsilon_loss(out, target, t, d.loss_weight, model_state.get('loss_buckets'),
-                                               d.p2_k)
+            return diffusion_loss.epsilon_loss(out, target, t, d.loss_weight, model_state.get('loss_buckets'), d.p2_k)
 
         (loss, raw), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         new_state = model_state
@@ -353,14 +425,22 @@ class StageCTask:
 
     # -- sampling and evaluation -----------------------------------------------------------------
 
-    def prior_output(self, prior_params: Any, x: jax.Array, t: jax.Array, cond: jax.Array,
-                     dropout_rng: jax.Array | None = None, micro: tuple | None = None) -> jax.Array:
+    def prior_output(
+        self,
+        prior_params: Any,
+        x: jax.Array,
+        t: jax.Array,
+        cond: jax.Array,
+        dropout_rng: jax.Array | None = None,
+        micro: tuple | None = None,
+    ) -> jax.Array:
         """The backbone's raw prediction (ε or v) for noisy maps x at times t in [0, 1]; `micro` are
         PixArtMS's size conditions (`self.micro`)."""
         return self._backbone.apply(self.prior, prior_params, x, t, cond, dropout_rng, micro)
 
-    def epsilon(self, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array,
-                batch: dict[str, jax.Array] | None = None) -> jax.Array:
+    def epsilon(
+        self, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array, batch: dict[str, jax.Array] | None = None
+    ) -> jax.Array:
         """The prior's noise estimate ε̂ (converted from v̂ when diffusion.prediction='v'); a batch gives
         the size micro-conditions, if any."""
         out = self.prior_output(params['prior'], x, t, cond, micro=self.micro(batch, x.shape[0]))
@@ -368,27 +448,55 @@ class StageCTask:
 
     def denoiser(self, params: Any, cond: jax.Array, uncond: jax.Array):
         """`denoise(x, t, conditional)` for samplers.sample_guided: None = [conditional; unconditional] halves."""
+
         def denoise(x, t, conditional):
             return self.epsilon(params, x, t, cond if conditional else jnp.concatenate([cond, uncond]))
+
         return denoise
 
-    def sample(self, params: Any, frozen: dict, tokens: jax.Array, mask: jax.Array, rng: jax.Array, *,
-               steps: int | None = None, guidance: float | None = None) -> jax.Array:
+    def sample(
+        self,
+        params: Any,
+        frozen: dict,
+        tokens: jax.Array,
+        mask: jax.Array,
+        rng: jax.Array,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> jax.Array:
         """Stage C latents for the captions, unscaled into the effnet's raw space (or Stage A latents): [B, h, w, c]."""
         cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask)
         return self.sample_from_states(params, cond, uncond, rng, steps=steps, guidance=guidance)
 
-    def sample_from_states(self, params: Any, cond: jax.Array, uncond: jax.Array, rng: jax.Array, *,
-                           steps: int | None = None, guidance: float | None = None) -> jax.Array:
+    def sample_from_states(
+        self,
+        params: Any,
+        cond: jax.Array,
+        uncond: jax.Array,
+        rng: jax.Array,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> jax.Array:
         """`sample` given the text states of the captions and of the empty caption."""
         s = self.config.sample
         h, w, c = self.latent_shape()
         init_rng, rng = jax.random.split(rng)
         x = jax.random.normal(init_rng, (cond.shape[0], h, w, c), jnp.float32)
-        timesteps = (samplers.default_stage_c_timesteps() if s.prior_timesteps == 'stage_c_default'
-                     else samplers.linspace_timesteps(steps or s.prior_steps))
-        x = samplers.sample_guided(self.denoiser(params, cond, uncond), x, rng, timesteps,
-                          s.prior_guidance if guidance is None else guidance, self.config.diffusion.sampler)
+        timesteps = (
+            samplers.default_stage_c_timesteps()
+            if s.prior_timesteps == 'stage_c_default'
+            else samplers.linspace_timesteps(steps or s.prior_steps)
+        )
+        x = samplers.sample_guided(
+            self.denoiser(params, cond, uncond),
+            x,
+            rng,
+            timesteps,
+            s.prior_guidance if guidance is None else guidance,
+            self.config.diffusion.sampler,
+        )
         return conditioning.unscale_latents(x, self.config.latent_scaling)
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
@@ -415,8 +523,10 @@ class StageCTask:
         cond = self.batch_text(params, frozen, batch)
         return diffusion_loss.fixed_time_losses(lambda x, t: self.epsilon(params, x, t, cond, batch), x0)
 
-    def evaluate(self, params: Any, model_state: Any, frozen: dict,
-                 batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    def evaluate(
+        self, params: Any, model_state: Any, frozen: dict, batches: Iterable[dict[str, np.ndarray]]
+    ) -> dict[str, float]:
         """Unweighted ε-MSE on held-out images at fixed noise levels and noise."""
-        return conditioning.evaluate_held_out(self._eval_losses, params, model_state, frozen, batches,
-                                              self.batch_spec())
+        return conditioning.evaluate_held_out(
+            self._eval_losses, params, model_state, frozen, batches, self.batch_spec()
+        )
