@@ -158,18 +158,7 @@ def shapes_config(stage: str, size: str, root: str) -> ml_collections.ConfigDict
     if stage == 'b':
         vqgan_config = shapes.get_config('stage=a' + (',runlocal' if size == 'tiny' else '')).model
         folder = os.path.join(root, f'vqgan_{size}')
-        core.write_config(
-            VQGAN(
-                levels=vqgan_config.levels,
-                embed_dim=vqgan_config.embed_dim,
-                bottleneck_blocks=vqgan_config.bottleneck_blocks,
-                latent_channels=vqgan_config.latent_channels,
-                num_codes=vqgan_config.num_codes,
-                scale_factor=vqgan_config.scale_factor,
-            ),
-            folder,
-            'vqgan',
-        )
+        core.write_config(VQGAN(**vqgan_config.to_dict()), folder, 'vqgan')
         config.stage_a.source = folder
     return config
 

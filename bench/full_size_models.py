@@ -15,31 +15,23 @@ from wurst_jax.models.clip import CLIPTextModel
 from wurst_jax.models.effnet import EfficientNetEncoder
 from wurst_jax.models.stage_a import VQGAN
 
+
+def _clip(width: int, layers: int, heads: int) -> CLIPTextModel:
+    """An OpenCLIP text tower as transformers configures it (4x MLP, GELU, no projection)."""
+    return CLIPTextModel(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        hidden_act='gelu',
+        projection_dim=None,
+    )
+
+
 MODELS = {
-    'clip_bigg': (
-        CLIPTextModel(
-            vocab_size=49408,
-            hidden_size=1280,
-            intermediate_size=5120,
-            num_hidden_layers=32,
-            num_attention_heads=20,
-            hidden_act='gelu',
-            projection_dim=None,
-        ),
-        'clip_text',
-    ),
-    'clip_h': (
-        CLIPTextModel(
-            vocab_size=49408,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            hidden_act='gelu',
-            projection_dim=None,
-        ),
-        'clip_text',
-    ),
+    'clip_bigg': (_clip(1280, 32, 20), 'clip_text'),
+    'clip_h': (_clip(1024, 24, 16), 'clip_text'),
     'effnet': (EfficientNetEncoder(c_latent=16), 'effnet'),
     'vqgan': (VQGAN(), 'vqgan'),
 }

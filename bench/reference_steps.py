@@ -71,6 +71,15 @@ def _trainer(
     return step
 
 
+def _training(model: torch.nn.Module, remat_policy: str) -> torch.nn.Module:
+    """The reference in training mode on the device, with diffusers' gradient checkpointing where ours
+    rematerialises."""
+    model = model.to(device()).train()
+    if remat_policy != 'none':
+        model.enable_gradient_checkpointing()
+    return model
+
+
 def param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -83,15 +92,10 @@ def prior_step(
 
     m, dev = config.model, device()
     h, w, c_in = latent_shape
-    model = (
-        WuerstchenPrior(
-            c_in=c_in, c=m.c, c_cond=text_width, c_r=m.c_r, depth=m.depth, nhead=m.num_heads, dropout=m.dropout
-        )
-        .to(dev)
-        .train()
+    prior = WuerstchenPrior(
+        c_in=c_in, c=m.c, c_cond=text_width, c_r=m.c_r, depth=m.depth, nhead=m.num_heads, dropout=m.dropout
     )
-    if m.remat_policy != 'none':
-        model.enable_gradient_checkpointing()
+    model = _training(prior, m.remat_policy)
     gen = torch.Generator(dev).manual_seed(0)
     x0 = torch.randn(batch_size, c_in, h, w, device=dev, generator=gen)
     cond = torch.randn(batch_size, config.text.max_length, text_width, device=dev, generator=gen)
@@ -111,17 +115,14 @@ def vqgan_step(
     from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
 
     m, dev = config.model, device()
-    model = (
-        PaellaVQModel(
-            levels=m.levels,
-            embed_dim=m.embed_dim,
-            bottleneck_blocks=m.bottleneck_blocks,
-            latent_channels=m.latent_channels,
-            num_vq_embeddings=m.num_codes,
-        )
-        .to(dev)
-        .train()
+    vqgan = PaellaVQModel(
+        levels=m.levels,
+        embed_dim=m.embed_dim,
+        bottleneck_blocks=m.bottleneck_blocks,
+        latent_channels=m.latent_channels,
+        num_vq_embeddings=m.num_codes,
     )
+    model = _training(vqgan, 'none')
     size = config.input.image_size
     x = torch.rand(batch_size, 3, size, size, device=dev, generator=torch.Generator(dev).manual_seed(0)) * 2 - 1
 
@@ -146,28 +147,12 @@ def decoder_step(
 
     m, dev = config.model, device()
     h, w, c_in = latent_shape
-    model = (
-        WuerstchenDiffNeXt(
-            c_in=c_in,
-            c_out=c_in,
-            c_r=m.c_r,
-            patch_size=m.patch_size,
-            c_cond=m.c_cond,
-            c_hidden=list(m.c_hidden),
-            nhead=list(m.nhead),
-            blocks=list(m.blocks),
-            level_config=list(m.level_config),
-            inject_effnet=list(m.inject_effnet),
-            effnet_embd=effnet_shape[2],
-            clip_embd=text_width,
-            kernel_size=m.kernel_size,
-            dropout=m.dropout,
-        )
-        .to(dev)
-        .train()
+    levels = {f: list(m[f]) for f in ('c_hidden', 'nhead', 'blocks', 'level_config', 'inject_effnet')}
+    shared = {f: m[f] for f in ('c_r', 'patch_size', 'c_cond', 'kernel_size', 'dropout')}
+    decoder = WuerstchenDiffNeXt(
+        c_in=c_in, c_out=c_in, effnet_embd=effnet_shape[2], clip_embd=text_width, **levels, **shared
     )
-    if m.remat_policy != 'none':
-        model.enable_gradient_checkpointing()
+    model = _training(decoder, m.remat_policy)
     gen = torch.Generator(dev).manual_seed(0)
     x0 = torch.randn(batch_size, c_in, h, w, device=dev, generator=gen)
     effnet = torch.randn(batch_size, effnet_shape[2], effnet_shape[0], effnet_shape[1], device=dev, generator=gen)

@@ -47,21 +47,8 @@ _KERNEL = flags.DEFINE_enum(
 )
 
 PRIOR = dict(c_in=16, c=256, c_cond=256, c_r=64, depth=4, nhead=8, dropout=0.0)
-DECODER = dict(
-    c_in=4,
-    c_out=4,
-    c_r=64,
-    patch_size=2,
-    c_cond=64,
-    c_hidden=[64, 128],
-    nhead=[4, 4],
-    blocks=[2, 2],
-    level_config=['CT', 'CTA'],
-    inject_effnet=[True, True],
-    effnet_embd=16,
-    clip_embd=64,
-    dropout=0.0,
-)
+LEVELS = dict(c_hidden=[64, 128], nhead=[4, 4], blocks=[2, 2], level_config=['CT', 'CTA'], inject_effnet=[True, True])
+DECODER = dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=64, effnet_embd=16, clip_embd=64, dropout=0.0, **LEVELS)
 VQ = dict(levels=2, embed_dim=64, bottleneck_blocks=2, latent_channels=4, num_vq_embeddings=1024)
 PRIOR_SIDE, TEXT_LEN = 24, 77
 

@@ -30,11 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.runlocal:
         config.total_steps = 4
         config.input.batch_size = 8
-        config.model.embed_dim = 16
-        config.model.bottleneck_blocks = 1
-        config.model.num_codes = 32
+        config.model.update(embed_dim=16, bottleneck_blocks=1, num_codes=32)
         config.optimizer.warmup_steps = 1
-        config.log_every_steps = 2
-        config.image_every_steps = 2
-        config.checkpoint_every_steps = 2
+        config.log_every_steps = config.image_every_steps = config.checkpoint_every_steps = 2
     return config

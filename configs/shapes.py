@@ -53,65 +53,43 @@ def _stage_a(runlocal: bool) -> ml_collections.ConfigDict:
     return config
 
 
-def _stage_b(root: str, runlocal: bool) -> ml_collections.ConfigDict:
-    config = defaults.stage_b()
+def _decoder(config: ml_collections.ConfigDict, root: str, runlocal: bool) -> ml_collections.ConfigDict:
+    """What both Stage Bs share: the data, Stage A, the jointly trained effnet, the UNet's levels, the text."""
     config.total_steps = 3000
     config.input = config_lib.input_config('shapes', image_size=64, batch_size=32)
     config.stage_a.source = f'{root}/stage_a'
     config.effnet.update(source='train', stages=SHAPES_EFFNET, last_channels=128, stochastic_depth=0.0, image_size=64)
-    config.model.update(
-        c_cond=64,
-        c_hidden=[64, 128],
-        nhead=[4, 4],
-        blocks=[2, 2],
-        level_config=['CT', 'CTA'],
-        inject_effnet=[True, True],
-        dropout=0.0,
-    )
+    config.model.update(c_cond=64, c_hidden=[64, 128], blocks=[2, 2], level_config=['CT', 'CTA'], dropout=0.0)
     config.text = text_config(runlocal)
-    config.sample.decoder_guidance = 1.0
-    config.optimizer.update(lr=1e-3, warmup_steps=100)
     config.eval.grid_columns = 2
     if runlocal:
-        config.effnet.update(
-            stages=[('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)],
-            last_channels=32,
-            c_latent=4,
-            resize_jitter=[1.0, 0.5],
-        )
-        config.model.update(c_cond=16, c_hidden=[16, 32], nhead=[2, 2], blocks=[1, 1])
+        config.effnet.update(stages=[('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)], last_channels=32)
+        config.effnet.c_latent = 4
+        config.model.update(c_cond=16, c_hidden=[16, 32], blocks=[1, 1])
         config.sample.decoder_steps = 2
+    return config
+
+
+def _stage_b(root: str, runlocal: bool) -> ml_collections.ConfigDict:
+    config = _decoder(defaults.stage_b(), root, runlocal)
+    config.model.update(nhead=[4, 4], inject_effnet=[True, True])
+    config.sample.decoder_guidance = 1.0
+    config.optimizer.update(lr=1e-3, warmup_steps=100)
+    if runlocal:
+        config.effnet.resize_jitter = [1.0, 0.5]
+        config.model.nhead = [2, 2]
     return config
 
 
 def _stage_b_tokens(root: str, runlocal: bool) -> ml_collections.ConfigDict:
     """Würstchen v1's Stage B: Paella over the 16x16 indices of Stage A's 1024 codes."""
-    config = defaults.stage_b_tokens()
-    config.total_steps = 3000
-    config.input = config_lib.input_config('shapes', image_size=64, batch_size=32)
-    config.stage_a.source = f'{root}/stage_a'
-    config.effnet.update(source='train', stages=SHAPES_EFFNET, last_channels=128, stochastic_depth=0.0, image_size=64)
-    config.model.update(
-        c_in=64,
-        num_labels=1024,
-        c_cond=64,
-        c_hidden=[64, 128],
-        nhead=[-1, 4],
-        blocks=[2, 2],
-        level_config=['CT', 'CTA'],
-        dropout=0.0,
-    )
-    config.text = text_config(runlocal)
+    config = _decoder(defaults.stage_b_tokens(), root, runlocal)
+    config.model.update(c_in=64, num_labels=1024, nhead=[-1, 4])
     config.text.dropout_mode = 'batch'
-    config.sample.update(decoder_guidance=2.0)
+    config.sample.decoder_guidance = 2.0
     config.optimizer.update(lr=1e-3, warmup_steps=100, b2=0.95)
-    config.eval.grid_columns = 2
     if runlocal:
-        config.effnet.update(
-            stages=[('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)], last_channels=32, c_latent=4
-        )
-        config.model.update(c_in=16, num_labels=32, c_cond=16, c_hidden=[16, 32], nhead=[-1, 2], blocks=[1, 1])
-        config.sample.decoder_steps = 2
+        config.model.update(c_in=16, num_labels=32, nhead=[-1, 2])
     return config
 
 
@@ -181,12 +159,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.input.batch_size = 8
         config.input.shapes = ml_collections.ConfigDict(dict(num_train=64, num_test=16, seed=0))
         config.optimizer.warmup_steps = 1
-        config.eval.num_examples = 16
-        config.eval.batch_size = 8
-        config.eval.num_grid_images = 4
+        config.eval.update(num_examples=16, batch_size=8, num_grid_images=4)
         config.log_every_steps = 2
-        config.image_every_steps = 3
-        config.checkpoint_every_steps = 3
+        config.image_every_steps = config.checkpoint_every_steps = 3
         if arg.stage != 'a':
             config.effnet.image_size = 32
     return config

@@ -26,11 +26,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg.runlocal:
         config.total_steps = 2
-        config.input.image_size = 64
-        config.input.resize = 64
-        config.input.batch_size = 8
+        config.input.update(image_size=64, resize=64, batch_size=8)
         config.loss.adv_start = 1
         config.optimizer.warmup_steps = 1
-        config.eval.num_examples = 8
-        config.eval.batch_size = 8
+        config.eval.update(num_examples=8, batch_size=8)
     return config

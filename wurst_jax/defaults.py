@@ -73,42 +73,32 @@ def stage_a() -> ml_collections.ConfigDict:
     return config
 
 
+def _decoder(family: str, effnet: dict, model: dict) -> ml_collections.ConfigDict:
+    """What both Stage Bs' defaults hold: Stage A's source, the semantic compressor, the UNet's fields
+    and the text encoder. The effnet's `arch` (torchvision's architecture) or, when it lists them,
+    `stages` (type, expand, kernel, stride, in, out, layers) are read only with `effnet.source='train'`."""
+    config = _common(family, lr=1e-4)
+    config.stage_a = ml_collections.ConfigDict(dict(source=''))
+    trained = dict(stages=[], last_channels=1280, c_latent=16, stochastic_depth=0.2)
+    config.effnet = ml_collections.ConfigDict({**trained, **effnet})
+    unet = dict(c_r=64, patch_size=2, c_cond=1024, kernel_size=3, dropout=0.1, remat_policy='none')
+    config.model = ml_collections.ConfigDict({**unet, **model})
+    config.text = _text()
+    return config
+
+
 def stage_b() -> ml_collections.ConfigDict:
     """The v2 diffusion decoder (dome272/Wuerstchen `modules.py` `DiffNeXt`) on Stage A latents, with the
     semantic compressor frozen from `effnet.source` or trained jointly (`source='train'`)."""
-    config = _common('stage_b', lr=1e-4)
-    config.stage_a = ml_collections.ConfigDict(dict(source=''))
-    config.effnet = ml_collections.ConfigDict(
-        dict(
-            source='',
-            image_size=768,
-            dropout=0.1,
-            resize_jitter=[1.0],
-            # Read only with source='train': torchvision's architecture `arch`, or when `stages` lists them its
-            # stages' (type, expand, kernel, stride, in, out, layers).
-            arch='efficientnet_v2_s',
-            stages=[],
-            last_channels=1280,
-            c_latent=16,
-            stochastic_depth=0.2,
-        )
+    effnet = dict(source='', image_size=768, dropout=0.1, resize_jitter=[1.0], arch='efficientnet_v2_s')
+    levels = dict(
+        c_hidden=[320, 640, 1280, 1280],
+        nhead=[-1, 10, 20, 20],
+        blocks=[4, 4, 14, 4],
+        level_config=['CT', 'CTA', 'CTA', 'CTA'],
+        inject_effnet=[False, True, True, True],
     )
-    config.model = ml_collections.ConfigDict(
-        dict(
-            c_r=64,
-            patch_size=2,
-            c_cond=1024,
-            c_hidden=[320, 640, 1280, 1280],
-            nhead=[-1, 10, 20, 20],
-            blocks=[4, 4, 14, 4],
-            level_config=['CT', 'CTA', 'CTA', 'CTA'],
-            inject_effnet=[False, True, True, True],
-            kernel_size=3,
-            dropout=0.1,
-            remat_policy='none',
-        )
-    )
-    config.text = _text()
+    config = _decoder('stage_b', effnet, levels)
     config.diffusion = _diffusion()
     config.sample = ml_collections.ConfigDict(dict(decoder_steps=12, decoder_guidance=0.0))
     return config
@@ -117,42 +107,19 @@ def stage_b() -> ml_collections.ConfigDict:
 def stage_b_tokens() -> ml_collections.ConfigDict:
     """Würstchen v1's Stage B at its released size (dome272/Wuerstchen `modules.py` `Paella`,
     `train_stage_B.py`): Paella over Stage A's 8192 codes, CLIP ViT-H text, the effnet trained jointly."""
-    config = _common('stage_b_tokens', lr=1e-4)
-    config.stage_a = ml_collections.ConfigDict(dict(source=''))
-    config.effnet = ml_collections.ConfigDict(
-        dict(
-            source='train',
-            image_size=384,
-            arch='efficientnet_v2_l',
-            stages=[],
-            last_channels=1280,
-            c_latent=16,
-            stochastic_depth=0.2,
-            # For a whole batch: the map zeroed with p `dropout`, else noised with p `noise` to t ~ U(0, noise_t_max).
-            dropout=0.05,
-            noise=0.3,
-            noise_t_max=0.5,
-        )
+    # For a whole batch: the map zeroed with p `dropout`, else noised with p `noise` to t ~ U(0, noise_t_max).
+    effnet = dict(source='train', image_size=384, arch='efficientnet_v2_l', dropout=0.05, noise=0.3, noise_t_max=0.5)
+    model = dict(
+        c_in=256,
+        num_labels=8192,
+        c_hidden=[640, 1280, 1280],
+        nhead=[-1, 16, 16],
+        blocks=[4, 12, 4],
+        level_config=['CT', 'CTA', 'CTA'],
+        self_attn=True,
+        scan_blocks=False,
     )
-    config.model = ml_collections.ConfigDict(
-        dict(
-            c_in=256,
-            num_labels=8192,
-            c_r=64,
-            patch_size=2,
-            c_cond=1024,
-            c_hidden=[640, 1280, 1280],
-            nhead=[-1, 16, 16],
-            blocks=[4, 12, 4],
-            level_config=['CT', 'CTA', 'CTA'],
-            kernel_size=3,
-            dropout=0.1,
-            self_attn=True,
-            scan_blocks=False,
-            remat_policy='none',
-        )
-    )
-    config.text = _text()
+    config = _decoder('stage_b_tokens', effnet, model)
     config.text.dropout_mode = 'batch'
     config.diffusion = ml_collections.ConfigDict(dict(t_sampling='wuerstchen'))
     config.loss = ml_collections.ConfigDict(dict(label_smoothing=0.1, min_weight=0.3))

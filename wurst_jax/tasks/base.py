@@ -18,6 +18,10 @@ import numpy as np
 import optax
 
 Batch = dict[str, jax.Array]
+BatchSpec = dict[str, tuple[tuple[int, ...], Any]]  # name -> (per-example shape, dtype)
+Networks = dict[str, Any]  # network name -> its params (or variables, or state)
+Metrics = dict[str, jax.Array]
+HostBatches = Iterable[dict[str, np.ndarray]]  # held-out batches, numpy on the host
 
 
 class Task(Protocol):
@@ -28,31 +32,31 @@ class Task(Protocol):
     def validate(config: ml_collections.ConfigDict) -> None:
         """Raises config_lib.ConfigError for the first bad field of the family's sections."""
 
-    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+    def batch_spec(self) -> BatchSpec:
         """Name -> (per-example shape, dtype) of a training batch, e.g. 'image': ((H, W, 3), float32)."""
 
-    def init(self, rng: jax.Array, batch: Batch) -> tuple[Any, Any]:
+    def init(self, rng: jax.Array, batch: Batch) -> tuple[Networks, Networks]:
         """(params with logical-axis boxes, model_state) from an example batch of one."""
 
-    def pretrained_params(self) -> dict[str, Any]:
+    def pretrained_params(self) -> Networks:
         """Network name -> params a fresh run starts from (fine-tuning, the next stage of a plan); {} if none."""
 
-    def frozen_params(self) -> dict[str, Any]:
+    def frozen_params(self) -> Networks:
         """Networks the step uses but does not train (loaded once, never checkpointed)."""
 
     def optimizer(self) -> optax.GradientTransformation:
         """The optimizer over `params` (a frozen part routed to zero updates, if any)."""
 
     def grads(
-        self, params: Any, model_state: Any, frozen: dict[str, Any], batch: Batch, rng: jax.Array, step: jax.Array
-    ) -> tuple[Any, Any, dict[str, jax.Array]]:
+        self, params: Networks, model_state: Networks, frozen: Networks, batch: Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[Networks, Networks, Metrics]:
         """(gradients shaped like params, the new model_state, scalar metrics including 'loss')."""
 
-    def visualize(self, params: Any, model_state: Any, frozen: dict[str, Any], batch: Batch) -> jax.Array:
+    def visualize(self, params: Networks, model_state: Networks, frozen: Networks, batch: Batch) -> jax.Array:
         """Images [N, H', W', 3] in [-1, 1] of the batch's first N examples for the run's image grid."""
 
     def evaluate(
-        self, params: Any, model_state: Any, frozen: dict[str, Any], batches: Iterable[dict[str, np.ndarray]]
+        self, params: Networks, model_state: Networks, frozen: Networks, batches: HostBatches
     ) -> dict[str, float]:
         """Scalar metrics over held-out batches, deterministic for given params."""
 
@@ -64,7 +68,7 @@ class PriorSampler(Protocol):
     tokenizer: Any
     space: str  # 'effnet' (the semantic map Stage B decodes) or 'stage_a' (single-stage: Stage A latents)
 
-    def frozen_params(self) -> dict[str, Any]:
+    def frozen_params(self) -> Networks:
         """As Task.frozen_params."""
 
     def sample(
@@ -90,7 +94,7 @@ class DecoderSampler(Protocol):
     config: ml_collections.ConfigDict
     tokenizer: Any
 
-    def frozen_params(self) -> dict[str, Any]:
+    def frozen_params(self) -> Networks:
         """As Task.frozen_params."""
 
     def sample(

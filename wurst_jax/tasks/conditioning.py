@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
-from wurst_jax import checkpoint, convert, sharding
+from wurst_jax import checkpoint, convert, optim, sharding
 from wurst_jax.config_lib import ConfigError, validate_optimizer
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
@@ -263,13 +264,6 @@ def validate_stage_b(config: ml_collections.ConfigDict, per_level: tuple[str, ..
     validate_effnet(config.effnet)
 
 
-def visualize_decoder(task, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
-    """A Stage B's image grid: each image beside the sample from its effnet map and caption."""
-    effnet, _ = task.effnet.map(task.effnet.variables(params, model_state, frozen), batch['image'])
-    fake = task.sample(params, frozen, effnet, batch['tokens'], batch['token_mask'], jax.random.key(0))
-    return jnp.concatenate([batch['image'], fake], axis=2)
-
-
 def validate_effnet(effnet: ml_collections.ConfigDict) -> None:
     """A Stage B's `effnet` section: where it comes from, and what it is when trained here."""
     if effnet.source != 'train' and not os.path.exists(effnet.source):
@@ -368,3 +362,94 @@ def effnet_latents(effnet: Any, variables: dict, images: jax.Array, size: tuple[
     if x.shape[1:3] != tuple(size):
         x = jax.image.resize(x, (x.shape[0], *size, 3), 'bilinear', antialias=True)
     return effnet.apply(variables, x).astype(jnp.float32)
+
+
+class DecoderTask:
+    """What both Stage B families (Würstchen v2's diffusion decoder, v1's Paella) share: a frozen Stage A,
+    the semantic compressor (trained jointly or frozen), the text encoder, a decoder UNet configured by
+    the same `model` fields, and guided sampling that ends in Stage A's decoder. A family sets
+    `self.decoder` and defines `decoder_input`, `decoder_map`, `prediction`, `sample_loop` and
+    `decode_latents`."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.dtype = DTYPES[config.dtype]
+        self.text = TextConditioner(config.text, self.dtype)
+        self.tokenizer = self.text.tokenizer
+        self.vqgan, self._vqgan_variables = load_stage_a(config.stage_a.source)
+        self.effnet = SemanticCompressor(config.effnet, self.dtype)
+
+    def unet_fields(self) -> dict[str, Any]:
+        """The decoder's constructor arguments both UNets (`WuerstchenDiffNeXt`, `Paella`) take alike."""
+        m = self.config.model
+        per_level = {f: tuple(m[f]) for f in ('c_hidden', 'nhead', 'blocks', 'level_config')}
+        shared = {f: m[f] for f in ('c_r', 'patch_size', 'c_cond', 'kernel_size', 'dropout', 'remat_policy')}
+        return dict(**per_level, **shared, effnet_embd=self.effnet.channels, dtype=self.dtype)
+
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        return captioned_batch_spec(self.config)
+
+    def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
+        del batch  # shapes come from the config
+        dec_rng, eff_rng, text_rng = jax.random.split(rng, 3)
+        params, state = self.effnet.init(eff_rng)
+        effnet_shape = self.effnet.map_shape(self.effnet.variables(params, state, self.effnet.frozen_params()))
+        text = jnp.zeros((1, self.config.text.max_length, self.text.width))
+        params['decoder'] = self.decoder.init(
+            dec_rng, self.decoder_input(), jnp.zeros((1,)), jnp.zeros((1, *effnet_shape)), text
+        )['params']
+        if self.text.trainable:
+            params['text'] = self.text.init(text_rng)
+        return params, state
+
+    def pretrained_params(self) -> dict[str, Any]:
+        """A Stage B starts from scratch here (`wurst_jax.convert` reads released weights for sampling
+        and export)."""
+        return {}
+
+    def frozen_params(self) -> dict[str, Any]:
+        return {'stage_a': self._vqgan_variables, **self.effnet.frozen_params(), **self.text.frozen_params()}
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return optim.adamw(self.config.optimizer, self.config.total_steps)
+
+    def sample(
+        self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array, rng: jax.Array, **kwargs
+    ) -> jax.Array:
+        """Images [B, H, W, 3] in [-1, 1] from raw effnet maps [B, h, w, c] and captions: Stage A decodes
+        `sample_latents` (whose keyword arguments pass through)."""
+        latents = self.sample_latents(params, frozen, effnet, tokens, mask, rng, **kwargs)
+        return jnp.clip(self.decode_latents(frozen, latents), -1, 1)
+
+    def sample_latents(
+        self,
+        params: Any,
+        frozen: dict,
+        effnet: jax.Array,
+        tokens: jax.Array,
+        mask: jax.Array,
+        rng: jax.Array,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        **options,
+    ) -> jax.Array:
+        """What Stage A decodes, sampled from raw effnet maps [B, h, w, c] and captions by the family's
+        `sample_loop` (`options` are its own, e.g. v1's temperature); the unconditional half of guidance
+        sees a zero map and the empty caption."""
+        s = self.config.sample
+        cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask)
+        effnet = self.decoder_map(effnet)
+        halves = jnp.concatenate([effnet, jnp.zeros_like(effnet)]), jnp.concatenate([cond, uncond])
+
+        def predict(x, t, conditional):
+            return self.prediction(params, x, t, *((effnet, cond) if conditional else halves))
+
+        guidance = s.decoder_guidance if guidance is None else guidance
+        return self.sample_loop(predict, rng, tokens.shape[0], steps or s.decoder_steps, guidance, **options)
+
+    def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
+        """Each image beside Stage B's sample from its effnet map and caption, decoded by Stage A."""
+        effnet, _ = self.effnet.map(self.effnet.variables(params, model_state, frozen), batch['image'])
+        fake = self.sample(params, frozen, effnet, batch['tokens'], batch['token_mask'], jax.random.key(0))
+        return jnp.concatenate([batch['image'], fake], axis=2)

@@ -16,7 +16,7 @@ Evaluation: the held-out loss at fixed noise levels, and the shapes alignment (c
 shape, all correct) of images sampled from `eval.alignment_prompts` fresh captions.
 """
 
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ from wurst_jax.evaluate import shapes_alignment
 from wurst_jax.models.layers import DTYPES
 from wurst_jax.models.shallow_uvit import GrownUNet, ShallowUViT
 from wurst_jax.tasks import conditioning
+from wurst_jax.tasks.base import Batch, HostBatches, Metrics, Networks
 from wurst_jax.visualize import to_uint8
 
 PHASES = (1, 2)  # 1: only the new layers train; 2: everything trains
@@ -137,14 +138,8 @@ class PixelTask:
         return self.denoiser.apply({'params': {k: v for k, v in params.items() if k != 'text'}}, x, t, text)
 
     def grads(
-        self,
-        params: Any,
-        model_state: Any,
-        frozen: dict[str, Any],
-        batch: dict[str, jax.Array],
-        rng: jax.Array,
-        step: jax.Array,
-    ) -> tuple[Any, Any, dict[str, jax.Array]]:
+        self, params: Networks, model_state: Networks, frozen: Networks, batch: Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[Networks, Networks, Metrics]:
         del step
         t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
         x0 = batch['image'].astype(jnp.float32)
@@ -209,7 +204,7 @@ class PixelTask:
         return shapes_alignment.evaluate(np.concatenate(images), captions)
 
     def evaluate(
-        self, params: Any, model_state: Any, frozen: dict, batches: Iterable[dict[str, np.ndarray]]
+        self, params: Networks, model_state: Networks, frozen: Networks, batches: HostBatches
     ) -> dict[str, float]:
         """Unweighted ε-MSE on held-out images at fixed noise levels, and the alignment of fresh captions."""
         result = conditioning.evaluate_held_out(

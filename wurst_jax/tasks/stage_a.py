@@ -3,7 +3,7 @@ loss from a spectral-norm discriminator that switches on at `loss.adv_start`, an
 VGG16 perceptual loss whose weights come from a local file."""
 
 import os
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ from wurst_jax.config_lib import ConfigError, validate_optimizer
 from wurst_jax.models.layers import DTYPES
 from wurst_jax.models.stage_a import VQGAN, Discriminator
 from wurst_jax.models.vgg import VGG16Features, perceptual_distance
+from wurst_jax.tasks.base import Batch, HostBatches, Metrics, Networks
 
 
 def psnr(images: jax.Array, reference: jax.Array) -> jax.Array:
@@ -116,14 +117,8 @@ class StageATask:
     # -- training --------------------------------------------------------------------------------
 
     def grads(
-        self,
-        params: Any,
-        model_state: Any,
-        frozen: dict[str, Any],
-        batch: dict[str, jax.Array],
-        rng: jax.Array,
-        step: jax.Array,
-    ) -> tuple[Any, Any, dict[str, jax.Array]]:
+        self, params: Networks, model_state: Networks, frozen: Networks, batch: Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[Networks, Networks, Metrics]:
         """Gradients of the VQGAN loss and (from adv_start) of the discriminator loss."""
         del rng  # Stage A training is deterministic given the batch.
         loss_cfg = self.config.loss
@@ -211,7 +206,7 @@ class StageATask:
         )
 
     def evaluate(
-        self, params: Any, model_state: Any, frozen: dict, batches: Iterable[dict[str, np.ndarray]]
+        self, params: Networks, model_state: Networks, frozen: Networks, batches: HostBatches
     ) -> dict[str, float]:
         """Mean reconstruction PSNR over the held-out batches, continuous and through the codebook."""
         del frozen

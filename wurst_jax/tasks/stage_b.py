@@ -9,51 +9,29 @@ map is the unconditional input of guidance). The jittered map is resized back to
 map size, so every branch feeds the decoder the same shape.
 """
 
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 
-from wurst_jax import optim
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
-from wurst_jax.models.layers import DTYPES
 from wurst_jax.models.stage_b import WuerstchenDiffNeXt
 from wurst_jax.tasks import conditioning
+from wurst_jax.tasks.base import Batch, HostBatches, Metrics, Networks
 
 
-class StageBTask:
+class StageBTask(conditioning.DecoderTask):
     """The Würstchen v2 decoder (+ a jointly trained effnet) on Stage A latents."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        dtype = DTYPES[config.dtype]
-        self.text = conditioning.TextConditioner(config.text, dtype)
-        self.tokenizer = self.text.tokenizer
-        self.vqgan, self._vqgan_variables = conditioning.load_stage_a(config.stage_a.source)
-        self.effnet = conditioning.SemanticCompressor(config.effnet, dtype)
+        super().__init__(config)
+        c = self.vqgan.latent_channels
         m = config.model
         self.decoder = WuerstchenDiffNeXt(
-            c_in=self.vqgan.latent_channels,
-            c_out=self.vqgan.latent_channels,
-            c_r=m.c_r,
-            patch_size=m.patch_size,
-            c_cond=m.c_cond,
-            c_hidden=tuple(m.c_hidden),
-            nhead=tuple(m.nhead),
-            blocks=tuple(m.blocks),
-            level_config=tuple(m.level_config),
-            inject_effnet=tuple(m.inject_effnet),
-            effnet_embd=self.effnet.channels,
-            clip_embd=self.text.width,
-            kernel_size=m.kernel_size,
-            dropout=m.dropout,
-            remat_policy=m.remat_policy,
-            dtype=dtype,
+            c_in=c, c_out=c, inject_effnet=tuple(m.inject_effnet), clip_embd=self.text.width, **self.unet_fields()
         )
         self._eval_losses = jax.jit(self._held_out_losses)
 
@@ -69,38 +47,16 @@ class StageBTask:
 
     # -- state -----------------------------------------------------------------------------------
 
-    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
-        return conditioning.captioned_batch_spec(self.config)
+    def decoder_input(self) -> jax.Array:
+        size = self.config.input.image_size
+        latents = jax.eval_shape(self.latents, self.frozen_params(), jnp.zeros((1, size, size, 3)))
+        return jnp.zeros(latents.shape)
 
-    def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
-        dec_rng, eff_rng, text_rng = jax.random.split(rng, 3)
-        images = batch['image']
-        latents = jax.eval_shape(self.latents, {'stage_a': self._vqgan_variables}, images)
-        params, state = self.effnet.init(eff_rng)
-        effnet_shape = self.effnet.map_shape(self.effnet.variables(params, state, self.effnet.frozen_params()))
-        params['decoder'] = self.decoder.init(
-            dec_rng,
-            jnp.zeros((1, *latents.shape[1:])),
-            jnp.zeros((1,)),
-            jnp.zeros((1, *effnet_shape)),
-            jnp.zeros((1, self.config.text.max_length, self.text.width)),
-        )['params']
-        if self.text.trainable:
-            params['text'] = self.text.init(text_rng)
+    def init(self, rng: jax.Array, batch: Batch) -> tuple[Networks, Networks]:
+        params, state = super().init(rng, batch)
         if self.config.diffusion.loss_weight == 'adaptive':
             state['loss_buckets'] = schedule.adaptive_init()
         return params, state
-
-    def pretrained_params(self) -> dict[str, Any]:
-        """Stage B always starts from scratch here (only the prior is fine-tuned from released weights,
-        `configs/wuerstchen_v2_prior_finetune.py`)."""
-        return {}
-
-    def frozen_params(self) -> dict[str, Any]:
-        return {'stage_a': self._vqgan_variables, **self.effnet.frozen_params(), **self.text.frozen_params()}
-
-    def optimizer(self) -> optax.GradientTransformation:
-        return optim.adamw(self.config.optimizer, self.config.total_steps)
 
     # -- pieces ----------------------------------------------------------------------------------
 
@@ -113,14 +69,8 @@ class StageBTask:
     # -- training --------------------------------------------------------------------------------
 
     def grads(
-        self,
-        params: Any,
-        model_state: Any,
-        frozen: dict[str, Any],
-        batch: dict[str, jax.Array],
-        rng: jax.Array,
-        step: jax.Array,
-    ) -> tuple[Any, Any, dict[str, jax.Array]]:
+        self, params: Networks, model_state: Networks, frozen: Networks, batch: Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[Networks, Networks, Metrics]:
         del step
         d, e = self.config.diffusion, self.config.effnet
         t_rng, noise_rng, drop_rng, dropout_rng, jitter_rng, zero_rng, sd_rng = jax.random.split(rng, 7)
@@ -170,65 +120,21 @@ class StageBTask:
         out = self.decoder.apply({'params': params['decoder']}, x, t, effnet, cond)
         return diffusion_loss.to_epsilon(self.config.diffusion.prediction, out, x, t)
 
-    def denoiser(self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array):
-        """`denoise(x, t, conditional)` for sample_guided; unconditional = zero map and empty caption."""
-        cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask)
+    def prediction(self, params: Any, x: jax.Array, t: jax.Array, effnet: jax.Array, cond: jax.Array) -> jax.Array:
+        """What sampling steps by: the noise estimate ε̂."""
+        return self.epsilon(params, x, t, effnet, cond)
 
-        def denoise(x, t, conditional):
-            if conditional:
-                return self.epsilon(params, x, t, effnet, cond)
-            return self.epsilon(
-                params, x, t, jnp.concatenate([effnet, jnp.zeros_like(effnet)]), jnp.concatenate([cond, uncond])
-            )
+    def decoder_map(self, effnet: jax.Array) -> jax.Array:
+        """The map as the decoder reads it: the effnet's raw space."""
+        return effnet
 
-        return denoise
-
-    def sample(
-        self,
-        params: Any,
-        frozen: dict,
-        effnet: jax.Array,
-        tokens: jax.Array,
-        mask: jax.Array,
-        rng: jax.Array,
-        *,
-        steps: int | None = None,
-        guidance: float | None = None,
-    ) -> jax.Array:
-        """Images in [-1, 1] from effnet maps [B, h, w, c] (raw space) and captions."""
-        latents = self.sample_latents(params, frozen, effnet, tokens, mask, rng, steps=steps, guidance=guidance)
-        return jnp.clip(self.decode_latents(frozen, latents), -1, 1)
-
-    def sample_latents(
-        self,
-        params: Any,
-        frozen: dict,
-        effnet: jax.Array,
-        tokens: jax.Array,
-        mask: jax.Array,
-        rng: jax.Array,
-        *,
-        steps: int | None = None,
-        guidance: float | None = None,
-    ) -> jax.Array:
-        """`sample` before Stage A decodes: the sampled Stage A latents [B, H/f, W/f, c]."""
-        s = self.config.sample
-        size = self.config.input.image_size
-        f = size // jax.eval_shape(self.latents, frozen, jnp.zeros((1, size, size, 3))).shape[1]
+    def sample_loop(self, predict, rng: jax.Array, batch_size: int, steps: int, guidance: float) -> jax.Array:
+        """Stage A latents [B, H/f, W/f, c] by the configured sampler over `steps` evenly spaced times;
+        `predict(x, t, conditional)` is the guided ε̂."""
         init_rng, rng = jax.random.split(rng)
-        x = jax.random.normal(init_rng, (tokens.shape[0], size // f, size // f, self.vqgan.latent_channels))
-        return samplers.sample_guided(
-            self.denoiser(params, frozen, effnet, tokens, mask),
-            x,
-            rng,
-            samplers.linspace_timesteps(steps or s.decoder_steps),
-            s.decoder_guidance if guidance is None else guidance,
-            self.config.diffusion.sampler,
-        )
-
-    def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
-        """Each image beside Stage B's sample from its effnet map and caption, decoded by Stage A."""
-        return conditioning.visualize_decoder(self, params, model_state, frozen, batch)
+        x = jax.random.normal(init_rng, (batch_size, *self.decoder_input().shape[1:]))
+        timesteps = samplers.linspace_timesteps(steps)
+        return samplers.sample_guided(predict, x, rng, timesteps, guidance, self.config.diffusion.sampler)
 
     def _held_out_losses(self, params: Any, model_state: Any, frozen: dict, batch: dict) -> jax.Array:
         x0 = self.latents(frozen, batch['image'])
@@ -237,7 +143,7 @@ class StageBTask:
         return diffusion_loss.fixed_time_losses(lambda x, t: self.epsilon(params, x, t, effnet, cond), x0)
 
     def evaluate(
-        self, params: Any, model_state: Any, frozen: dict, batches: Iterable[dict[str, np.ndarray]]
+        self, params: Networks, model_state: Networks, frozen: Networks, batches: HostBatches
     ) -> dict[str, float]:
         """Unweighted ε-MSE on held-out images at fixed noise levels and noise."""
         return conditioning.evaluate_held_out(

@@ -13,7 +13,7 @@ The recipe of dome272/Wuerstchen `train_stage_B.py` and `modules.py` (`Paella.ad
   to the next t with the starting indices, under logit guidance and a falling temperature.
 """
 
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +21,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from wurst_jax import optim, sharding
+from wurst_jax import sharding
 from wurst_jax.config_lib import ConfigError, validate_optimizer
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import schedule
-from wurst_jax.models.layers import DTYPES
 from wurst_jax.models.paella import Paella
 from wurst_jax.tasks import conditioning
+from wurst_jax.tasks.base import Batch, HostBatches, Metrics, Networks
 
 SAMPLING_MODES = ('multinomial', 'argmax')
 
@@ -95,15 +95,11 @@ def sample_tokens(
     return jax.lax.scan(step, init, xs)[0]
 
 
-class TokenStageBTask:
+class TokenStageBTask(conditioning.DecoderTask):
     """Würstchen v1's Paella (+ a jointly trained effnet) on Stage A's codebook indices."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        dtype = DTYPES[config.dtype]
-        self.text = conditioning.TextConditioner(config.text, dtype)
-        self.tokenizer = self.text.tokenizer
-        self.vqgan, self._vqgan_variables = conditioning.load_stage_a(config.stage_a.source)
+        super().__init__(config)
         m = config.model
         if m.num_labels != self.vqgan.num_codes:
             raise ConfigError(
@@ -111,26 +107,14 @@ class TokenStageBTask:
                 m.num_labels,
                 f'the codebook size of Stage A ({config.stage_a.source}): {self.vqgan.num_codes}',
             )
-        self.effnet = conditioning.SemanticCompressor(config.effnet, dtype)
         self.decoder = Paella(
             c_in=m.c_in,
             c_out=m.c_in,
             num_labels=m.num_labels,
-            c_r=m.c_r,
-            patch_size=m.patch_size,
-            c_cond=m.c_cond,
-            c_hidden=tuple(m.c_hidden),
-            nhead=tuple(m.nhead),
-            blocks=tuple(m.blocks),
-            level_config=tuple(m.level_config),
-            effnet_embd=self.effnet.channels,
             byt5_embd=self.text.width,
-            kernel_size=m.kernel_size,
-            dropout=m.dropout,
             self_attn=m.self_attn,
             scan_blocks=m.scan_blocks,
-            remat_policy=m.remat_policy,
-            dtype=dtype,
+            **self.unet_fields(),
         )
         self._eval_metrics = jax.jit(self._held_out_metrics)
 
@@ -160,39 +144,12 @@ class TokenStageBTask:
 
     # -- state -----------------------------------------------------------------------------------
 
-    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
-        return conditioning.captioned_batch_spec(self.config)
-
     def token_shape(self) -> tuple[int, int]:
         size = self.config.input.image_size
         return jax.eval_shape(self.targets, {'stage_a': self._vqgan_variables}, jnp.zeros((1, size, size, 3))).shape[1:]
 
-    def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
-        del batch
-        dec_rng, eff_rng, text_rng = jax.random.split(rng, 3)
-        params, state = self.effnet.init(eff_rng)
-        effnet_shape = self.effnet.map_shape(self.effnet.variables(params, state, self.effnet.frozen_params()))
-        params['decoder'] = self.decoder.init(
-            dec_rng,
-            jnp.zeros((1, *self.token_shape()), jnp.int32),
-            jnp.zeros((1,)),
-            jnp.zeros((1, *effnet_shape)),
-            jnp.zeros((1, self.config.text.max_length, self.text.width)),
-        )['params']
-        if self.text.trainable:
-            params['text'] = self.text.init(text_rng)
-        return params, state
-
-    def pretrained_params(self) -> dict[str, Any]:
-        """A token Stage B starts from scratch here (`wurst_jax.convert.load_original(..., 'paella')`
-        reads the released weights for sampling and export)."""
-        return {}
-
-    def frozen_params(self) -> dict[str, Any]:
-        return {'stage_a': self._vqgan_variables, **self.effnet.frozen_params(), **self.text.frozen_params()}
-
-    def optimizer(self) -> optax.GradientTransformation:
-        return optim.adamw(self.config.optimizer, self.config.total_steps)
+    def decoder_input(self) -> jax.Array:
+        return jnp.zeros((1, *self.token_shape()), jnp.int32)
 
     # -- pieces ----------------------------------------------------------------------------------
 
@@ -200,7 +157,7 @@ class TokenStageBTask:
         """Stage A's codebook indices [B, H/4, W/4] of images [B, H, W, 3]."""
         return conditioning.stage_a_tokens(self.vqgan, frozen['stage_a'], images)
 
-    def paella_map(self, raw: jax.Array) -> jax.Array:
+    def decoder_map(self, raw: jax.Array) -> jax.Array:
         """The effnet's raw map -> what Paella reads: v1's EfficientNetEncoder output, (x + 1)/42."""
         return conditioning.scale_latents(raw, 'v2')
 
@@ -241,14 +198,8 @@ class TokenStageBTask:
     # -- training --------------------------------------------------------------------------------
 
     def grads(
-        self,
-        params: Any,
-        model_state: Any,
-        frozen: dict[str, Any],
-        batch: dict[str, jax.Array],
-        rng: jax.Array,
-        step: jax.Array,
-    ) -> tuple[Any, Any, dict[str, jax.Array]]:
+        self, params: Networks, model_state: Networks, frozen: Networks, batch: Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[Networks, Networks, Metrics]:
         del step
         t_rng, noise_rng, drop_rng, map_rng, dropout_rng, sd_rng = jax.random.split(rng, 6)
         images = batch['image']
@@ -262,7 +213,7 @@ class TokenStageBTask:
             raw, bn_updates = self.effnet.map(
                 self.effnet.variables(p, model_state, frozen), images, train=True, rng=sd_rng
             )
-            effnet = self._corrupt_map(map_rng, self.paella_map(raw))
+            effnet = self._corrupt_map(map_rng, self.decoder_map(raw))
             cond = self.text.encode(self.text.params(p, frozen), tokens, token_mask)
             logits = self.logits(p, noised, t, effnet, cond, deterministic=False, rng=dropout_rng)
             loss = token_loss(logits, targets, weight, self.config.loss.label_smoothing)
@@ -277,72 +228,36 @@ class TokenStageBTask:
 
     # -- sampling and evaluation -----------------------------------------------------------------
 
-    def sample_token_map(
+    def prediction(self, params: Any, x: jax.Array, t: jax.Array, effnet: jax.Array, cond: jax.Array) -> jax.Array:
+        """What sampling draws from: Paella's logits."""
+        return self.logits(params, x, t, effnet, cond)
+
+    def sample_loop(
         self,
-        params: Any,
-        frozen: dict,
-        effnet: jax.Array,
-        tokens: jax.Array,
-        mask: jax.Array,
+        predict,
         rng: jax.Array,
-        *,
-        steps: int | None = None,
-        guidance: float | None = None,
+        batch_size: int,
+        steps: int,
+        guidance: float,
         temperature: tuple[float, float] | None = None,
     ) -> jax.Array:
-        """Stage A indices [B, H/4, W/4] sampled from raw effnet maps [B, h, w, c] and captions; the
-        unconditional half of guidance sees a zero map and the empty caption."""
+        """Stage A indices [B, H/4, W/4] by v1's token sampler; `predict(tokens, t, conditional)` gives
+        the guided logits, `temperature` (start, end) falls linearly (sample.decoder_temperature if None)."""
         s = self.config.sample
-        cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask)
-        effnet = self.paella_map(effnet)
-        both_maps, both_states = jnp.concatenate([effnet, jnp.zeros_like(effnet)]), jnp.concatenate([cond, uncond])
-
-        def logits_fn(x, t, conditional):
-            return (
-                self.logits(params, x, t, effnet, cond)
-                if conditional
-                else self.logits(params, x, t, both_maps, both_states)
-            )
-
+        shape = (batch_size, *self.token_shape())
+        temperature = tuple(temperature or s.decoder_temperature)
         return sample_tokens(
-            logits_fn,
-            rng,
-            (tokens.shape[0], *self.token_shape()),
-            self.config.model.num_labels,
-            steps or s.decoder_steps,
-            s.decoder_guidance if guidance is None else guidance,
-            tuple(temperature or s.decoder_temperature),
-            s.decoder_mode,
+            predict, rng, shape, self.config.model.num_labels, steps, guidance, temperature, s.decoder_mode
         )
 
-    def sample(
-        self,
-        params: Any,
-        frozen: dict,
-        effnet: jax.Array,
-        tokens: jax.Array,
-        mask: jax.Array,
-        rng: jax.Array,
-        *,
-        steps: int | None = None,
-        guidance: float | None = None,
-        temperature: tuple[float, float] | None = None,
-    ) -> jax.Array:
-        """Images in [-1, 1] from effnet maps [B, h, w, c] (raw space) and captions."""
-        indices = self.sample_token_map(
-            params, frozen, effnet, tokens, mask, rng, steps=steps, guidance=guidance, temperature=temperature
-        )
-        return jnp.clip(conditioning.stage_a_decode_tokens(self.vqgan, frozen['stage_a'], indices), -1, 1)
-
-    def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
-        """Each image beside Stage B's sample from its effnet map and caption, decoded by Stage A."""
-        return conditioning.visualize_decoder(self, params, model_state, frozen, batch)
+    def decode_latents(self, frozen: dict, indices: jax.Array) -> jax.Array:
+        return conditioning.stage_a_decode_tokens(self.vqgan, frozen['stage_a'], indices)
 
     def _held_out_metrics(self, params: Any, model_state: Any, frozen: dict, batch: dict) -> jax.Array:
         """[2, len(EVAL_TIMES)]: the unweighted cross-entropy and the token accuracy at fixed t, fixed noise."""
         targets = self.targets(frozen, batch['image'])
         raw, _ = self.effnet.map(self.effnet.variables(params, model_state, frozen), batch['image'])
-        effnet = self.paella_map(raw)
+        effnet = self.decoder_map(raw)
         cond = self.text.encode(self.text.params(params, frozen), batch['tokens'], batch['token_mask'])
         out = []
         for i, time in enumerate(diffusion_loss.EVAL_TIMES):
@@ -356,7 +271,7 @@ class TokenStageBTask:
         return jnp.stack(out, axis=1)
 
     def evaluate(
-        self, params: Any, model_state: Any, frozen: dict, batches: Iterable[dict[str, np.ndarray]]
+        self, params: Networks, model_state: Networks, frozen: Networks, batches: HostBatches
     ) -> dict[str, float]:
         """Held-out cross-entropy and token accuracy at fixed re-noising times and noise."""
         keys = self.batch_spec()

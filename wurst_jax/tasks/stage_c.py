@@ -19,12 +19,11 @@ for sampling from prompts.
 """
 
 import os
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from wurst_jax import convert, optim
@@ -37,6 +36,7 @@ from wurst_jax.models.layers import DTYPES, REMAT_POLICIES
 from wurst_jax.models.pixart import PixArtTransformer
 from wurst_jax.models.stage_c import WuerstchenPrior
 from wurst_jax.tasks import conditioning
+from wurst_jax.tasks.base import Batch, HostBatches, Metrics, Networks
 
 LATENT_SPACES = ('effnet', 'stage_a')  # Würstchen's semantic map, or single-stage on Stage A latents
 
@@ -394,14 +394,8 @@ class StageCTask:
         return self.text.encode(text_params, tokens, mask)
 
     def grads(
-        self,
-        params: Any,
-        model_state: Any,
-        frozen: dict[str, Any],
-        batch: dict[str, jax.Array],
-        rng: jax.Array,
-        step: jax.Array,
-    ) -> tuple[Any, Any, dict[str, jax.Array]]:
+        self, params: Networks, model_state: Networks, frozen: Networks, batch: Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[Networks, Networks, Metrics]:
         del step
         d = self.config.diffusion
         t_rng, noise_rng, drop_rng, dropout_rng = jax.random.split(rng, 4)
@@ -455,19 +449,12 @@ class StageCTask:
         return denoise
 
     def sample(
-        self,
-        params: Any,
-        frozen: dict,
-        tokens: jax.Array,
-        mask: jax.Array,
-        rng: jax.Array,
-        *,
-        steps: int | None = None,
-        guidance: float | None = None,
+        self, params: Networks, frozen: Networks, tokens: jax.Array, mask: jax.Array, rng: jax.Array, **kwargs
     ) -> jax.Array:
-        """Stage C latents for the captions, unscaled into the effnet's raw space (or Stage A latents): [B, h, w, c]."""
+        """Stage C latents for the captions, unscaled into the effnet's raw space (or Stage A latents):
+        [B, h, w, c]; keyword arguments (steps, guidance) as `sample_from_states`."""
         cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask)
-        return self.sample_from_states(params, cond, uncond, rng, steps=steps, guidance=guidance)
+        return self.sample_from_states(params, cond, uncond, rng, **kwargs)
 
     def sample_from_states(
         self,
@@ -524,7 +511,7 @@ class StageCTask:
         return diffusion_loss.fixed_time_losses(lambda x, t: self.epsilon(params, x, t, cond, batch), x0)
 
     def evaluate(
-        self, params: Any, model_state: Any, frozen: dict, batches: Iterable[dict[str, np.ndarray]]
+        self, params: Networks, model_state: Networks, frozen: Networks, batches: HostBatches
     ) -> dict[str, float]:
         """Unweighted ε-MSE on held-out images at fixed noise levels and noise."""
         return conditioning.evaluate_held_out(
