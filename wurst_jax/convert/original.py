@@ -96,6 +96,22 @@ def read_checkpoint(path: str, component: str) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in content.items()}
 
 
+# The key parts renamed besides the joined q/k/v: original -> diffusers spelling, and back.
+_TO_DIFFUSERS = {
+    '.attention.attn.out_proj.': '.attention.to_out.0.',
+    'vquantizer.codebook.weight': 'vquantizer.embedding.weight',
+}
+_TO_ORIGINAL = {new: old for old, new in _TO_DIFFUSERS.items()}
+_QKV = ('to_q', 'to_k', 'to_v')
+
+
+def _renamed(key: str, renames: dict[str, str]) -> str:
+    for old, new in renames.items():
+        if old in key:
+            return key.replace(old, new)
+    return key
+
+
 def diffusers_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Original key names -> diffusers key names (split q/k/v, out_proj, codebook)."""
     out = {}
@@ -103,14 +119,10 @@ def diffusers_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         key = key.removeprefix('module.').removeprefix('_orig_mod.')  # DDP / torch.compile wrappers
         if '.attention.attn.in_proj_' in key:
             prefix, leaf = key.split('.attention.attn.in_proj_')
-            for name, part in zip(('to_q', 'to_k', 'to_v'), np.split(value, 3, axis=0)):
+            for name, part in zip(_QKV, np.split(value, 3, axis=0)):
                 out[f'{prefix}.attention.{name}.{leaf}'] = part
-        elif '.attention.attn.out_proj.' in key:
-            out[key.replace('.attention.attn.out_proj.', '.attention.to_out.0.')] = value
-        elif key == 'vquantizer.codebook.weight':
-            out['vquantizer.embedding.weight'] = value
         else:
-            out[key] = value
+            out[_renamed(key, _TO_DIFFUSERS)] = value
     return out
 
 
@@ -118,18 +130,14 @@ def original_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Inverse of `diffusers_names`: q/k/v joined into `attention.attn.in_proj_*`, `out_proj`, `codebook`."""
     out, qkv = {}, {}
     for key, value in state.items():
-        if any(f'.attention.{n}.' in key for n in ('to_q', 'to_k', 'to_v')):
+        if any(f'.attention.{n}.' in key for n in _QKV):
             prefix, rest = key.split('.attention.', 1)
             name, leaf = rest.split('.', 1)
             qkv.setdefault((prefix, leaf), {})[name] = value
-        elif '.attention.to_out.0.' in key:
-            out[key.replace('.attention.to_out.0.', '.attention.attn.out_proj.')] = value
-        elif key == 'vquantizer.embedding.weight':
-            out['vquantizer.codebook.weight'] = value
         else:
-            out[key] = value
+            out[_renamed(key, _TO_ORIGINAL)] = value
     for (prefix, leaf), parts in qkv.items():
-        out[f'{prefix}.attention.attn.in_proj_{leaf}'] = np.concatenate([parts[n] for n in ('to_q', 'to_k', 'to_v')])
+        out[f'{prefix}.attention.attn.in_proj_{leaf}'] = np.concatenate([parts[n] for n in _QKV])
     return out
 
 

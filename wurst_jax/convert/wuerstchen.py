@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wurst_jax.convert.core import Component, register
+from wurst_jax.models.config_fields import read_fields, write_fields
 from wurst_jax.models.paella import Paella
 from wurst_jax.models.stage_a import VQGAN
 from wurst_jax.models.stage_b import WuerstchenDiffNeXt
@@ -27,16 +28,16 @@ _LEAVES = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean', 'var':
 # --- prior ------------------------------------------------------------------------------------
 
 
+# diffusers WuerstchenPrior's config: `nhead` for num_heads, its defaults where they are not the fields' (which
+# are the released v2 prior's), and none of this module's own settings.
+_PRIOR_RENAMES = {'num_heads': 'nhead'}
+_PRIOR_DEFAULTS = dict(c=1280, c_cond=1024, depth=16, num_heads=16)
+_PRIOR_OWN = ('scan_blocks', 'remat_policy', 'pos_embed', 'linear_output', 'dtype')
+
+
 def _prior_from_config(cfg: dict) -> WuerstchenPrior:
-    return WuerstchenPrior(
-        c_in=cfg.get('c_in', 16),
-        c=cfg.get('c', 1280),
-        c_cond=cfg.get('c_cond', 1024),
-        c_r=cfg.get('c_r', 64),
-        depth=cfg.get('depth', 16),
-        num_heads=cfg.get('nhead', 16),
-        dropout=cfg.get('dropout', 0.1),
-    )
+    fields = read_fields(WuerstchenPrior, cfg, skip=_PRIOR_OWN, renames=_PRIOR_RENAMES, defaults=_PRIOR_DEFAULTS)
+    return WuerstchenPrior(**fields)
 
 
 def _prior_config(m: WuerstchenPrior) -> dict:
@@ -45,7 +46,7 @@ def _prior_config(m: WuerstchenPrior) -> dict:
             'a prior with pos_embed or linear_output has no diffusers WuerstchenPrior equivalent; '
             "keep it in this project's checkpoints"
         )
-    return dict(c_in=m.c_in, c=m.c, c_cond=m.c_cond, c_r=m.c_r, depth=m.depth, nhead=m.num_heads, dropout=m.dropout)
+    return write_fields(m, skip=_PRIOR_OWN, renames=_PRIOR_RENAMES)
 
 
 def _prior_inputs(m: WuerstchenPrior) -> tuple:
@@ -76,31 +77,24 @@ def _prior_key(m: WuerstchenPrior, path: tuple[str, ...]) -> str:
 
 # --- decoder ----------------------------------------------------------------------------------
 
-_DECODER_FIELDS = (
-    'c_in',
-    'c_out',
-    'c_r',
-    'patch_size',
-    'c_cond',
-    'c_hidden',
-    'nhead',
-    'blocks',
-    'level_config',
-    'inject_effnet',
-    'effnet_embd',
-    'clip_embd',
-    'kernel_size',
-    'dropout',
-)
+_DECODER_OWN = ('remat_policy', 'dtype')  # this module's own settings, not in diffusers' config
+
+
+def _as_tuples(fields: dict) -> dict:
+    """JSON lists -> the tuples that the modules' sequence fields hold."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
+def _as_lists(fields: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
 
 def _decoder_from_config(cfg: dict) -> WuerstchenDiffNeXt:
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in _DECODER_FIELDS}
-    return WuerstchenDiffNeXt(**fields)
+    return WuerstchenDiffNeXt(**_as_tuples(read_fields(WuerstchenDiffNeXt, cfg, skip=_DECODER_OWN)))
 
 
 def _decoder_config(m: WuerstchenDiffNeXt) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(m, k)) for k in _DECODER_FIELDS)}
+    return _as_lists(write_fields(m, skip=_DECODER_OWN))
 
 
 def _decoder_inputs(m: WuerstchenDiffNeXt) -> tuple:
@@ -150,11 +144,11 @@ def _paella_from_config(cfg: dict) -> Paella:
             f'unknown Paella config field {named}: the fields are the official Paella '
             f"constructor's keyword arguments {list(PAELLA_FIELDS)}"
         )
-    return Paella(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in PAELLA_FIELDS})
+    return Paella(**_as_tuples({k: v for k, v in cfg.items() if k in PAELLA_FIELDS}))
 
 
 def _paella_config(m: Paella) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(m, k)) for k in PAELLA_FIELDS)}
+    return _as_lists({k: getattr(m, k) for k in PAELLA_FIELDS})
 
 
 def _paella_inputs(m: Paella) -> tuple:
@@ -200,32 +194,16 @@ def _paella_unstack(m: Paella, variables: dict) -> dict:
 # --- vqgan ------------------------------------------------------------------------------------
 
 
+# diffusers PaellaVQModel's names of two fields; its defaults are the fields'.
+_VQGAN_RENAMES = {'num_codes': 'num_vq_embeddings', 'pixel_factor': 'up_down_scale_factor'}
+
+
 def _vqgan_from_config(cfg: dict) -> VQGAN:
-    return VQGAN(
-        levels=cfg.get('levels', 2),
-        embed_dim=cfg.get('embed_dim', 384),
-        bottleneck_blocks=cfg.get('bottleneck_blocks', 12),
-        latent_channels=cfg.get('latent_channels', 4),
-        num_codes=cfg.get('num_vq_embeddings', 8192),
-        scale_factor=cfg.get('scale_factor', 0.3764),
-        in_channels=cfg.get('in_channels', 3),
-        out_channels=cfg.get('out_channels', 3),
-        pixel_factor=cfg.get('up_down_scale_factor', 2),
-    )
+    return VQGAN(**read_fields(VQGAN, cfg, skip=('dtype',), renames=_VQGAN_RENAMES))
 
 
 def _vqgan_config(m: VQGAN) -> dict:
-    return dict(
-        in_channels=m.in_channels,
-        out_channels=m.out_channels,
-        up_down_scale_factor=m.pixel_factor,
-        levels=m.levels,
-        bottleneck_blocks=m.bottleneck_blocks,
-        embed_dim=m.embed_dim,
-        latent_channels=m.latent_channels,
-        num_vq_embeddings=m.num_codes,
-        scale_factor=m.scale_factor,
-    )
+    return write_fields(m, skip=('dtype',), renames=_VQGAN_RENAMES)
 
 
 def _vqgan_inputs(m: VQGAN) -> tuple:

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wurst_jax.models import config_fields
 from wurst_jax.models.layers import conv, dense
 
 Dtype = Any
@@ -131,6 +132,20 @@ class CLIPEncoder(nn.Module):
         return tuple(states)
 
 
+def _encoder(tower: nn.Module) -> CLIPEncoder:
+    """The `encoder` of a text or vision tower (called inside the tower's __call__, which it belongs to)."""
+    return CLIPEncoder(
+        tower.hidden_size,
+        tower.intermediate_size,
+        tower.num_hidden_layers,
+        tower.num_attention_heads,
+        tower.hidden_act,
+        tower.layer_norm_eps,
+        tower.dtype,
+        name='encoder',
+    )
+
+
 def _check_activation(hidden_act: str) -> None:
     if hidden_act not in ACTIVATIONS:
         raise ValueError(f'hidden_act {hidden_act!r} is not supported: valid are {sorted(ACTIVATIONS)}')
@@ -178,20 +193,11 @@ class CLIPTextModel(nn.Module):
 
     @classmethod
     def from_hf_config(cls, cfg: dict, **overrides: Any) -> 'CLIPTextModel':
-        """From a transformers CLIPTextConfig dict; an `architectures` of CLIPTextModel means no projection."""
-        with_projection = (cfg.get('architectures') or ['CLIPTextModelWithProjection'])[0] != 'CLIPTextModel'
-        fields = dict(
-            vocab_size=cfg.get('vocab_size', 49408),
-            hidden_size=cfg.get('hidden_size', 512),
-            intermediate_size=cfg.get('intermediate_size', 2048),
-            num_hidden_layers=cfg.get('num_hidden_layers', 12),
-            num_attention_heads=cfg.get('num_attention_heads', 8),
-            max_position_embeddings=cfg.get('max_position_embeddings', 77),
-            hidden_act=cfg.get('hidden_act', 'quick_gelu'),
-            layer_norm_eps=cfg.get('layer_norm_eps', 1e-5),
-            projection_dim=cfg.get('projection_dim', 512) if with_projection else None,
-            eos_token_id=cfg.get('eos_token_id', 49407),
-        )
+        """From a transformers CLIPTextConfig dict (whose defaults are the fields'); an `architectures` of
+        CLIPTextModel means no projection."""
+        fields = config_fields.read_fields(cls, cfg, skip=('dtype',))
+        if (cfg.get('architectures') or ['CLIPTextModelWithProjection'])[0] == 'CLIPTextModel':
+            fields['projection_dim'] = None
         return cls(**{**fields, **overrides})
 
     def hf_config(self) -> dict:
@@ -199,15 +205,7 @@ class CLIPTextModel(nn.Module):
         cfg = dict(
             architectures=['CLIPTextModel' if self.projection_dim is None else 'CLIPTextModelWithProjection'],
             model_type='clip_text_model',
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            max_position_embeddings=self.max_position_embeddings,
-            hidden_act=self.hidden_act,
-            layer_norm_eps=self.layer_norm_eps,
-            eos_token_id=self.eos_token_id,
+            **config_fields.write_fields(self, skip=('projection_dim', 'dtype')),
             attention_dropout=0.0,
         )
         if self.projection_dim is not None:
@@ -231,16 +229,7 @@ class CLIPTextModel(nn.Module):
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
         if attention_mask is not None:
             mask = mask & (attention_mask[:, None, None, :] != 0)
-        states = CLIPEncoder(
-            self.hidden_size,
-            self.intermediate_size,
-            self.num_hidden_layers,
-            self.num_attention_heads,
-            self.hidden_act,
-            self.layer_norm_eps,
-            self.dtype,
-            name='encoder',
-        )(x, mask)
+        states = _encoder(self)(x, mask)
         last = _layer_norm(self.layer_norm_eps, self.dtype, 'final_layer_norm')(states[-1])
         pooled = jnp.take_along_axis(last, self._pool_index(input_ids)[:, None, None], axis=1)[:, 0]
         out = {'last_hidden_state': last, 'hidden_states': states, 'pooler_output': pooled}
@@ -309,36 +298,15 @@ class CLIPVisionModel(nn.Module):
 
     @classmethod
     def from_hf_config(cls, cfg: dict, **overrides: Any) -> 'CLIPVisionModel':
-        """From a transformers CLIPVisionConfig dict."""
-        fields = dict(
-            hidden_size=cfg.get('hidden_size', 768),
-            intermediate_size=cfg.get('intermediate_size', 3072),
-            num_hidden_layers=cfg.get('num_hidden_layers', 12),
-            num_attention_heads=cfg.get('num_attention_heads', 12),
-            image_size=cfg.get('image_size', 224),
-            patch_size=cfg.get('patch_size', 32),
-            num_channels=cfg.get('num_channels', 3),
-            hidden_act=cfg.get('hidden_act', 'quick_gelu'),
-            layer_norm_eps=cfg.get('layer_norm_eps', 1e-5),
-            projection_dim=cfg.get('projection_dim', 512),
-        )
-        return cls(**{**fields, **overrides})
+        """From a transformers CLIPVisionConfig dict (whose defaults are the fields')."""
+        return cls(**{**config_fields.read_fields(cls, cfg, skip=('dtype',)), **overrides})
 
     def hf_config(self) -> dict:
         """The transformers config.json fields (CLIPVisionConfig) of this module."""
         return dict(
             architectures=['CLIPVisionModelWithProjection'],
             model_type='clip_vision_model',
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-            num_channels=self.num_channels,
-            hidden_act=self.hidden_act,
-            layer_norm_eps=self.layer_norm_eps,
-            projection_dim=self.projection_dim,
+            **config_fields.write_fields(self, skip=('dtype',)),
             attention_dropout=0.0,
         )
 
@@ -355,16 +323,7 @@ class CLIPVisionModel(nn.Module):
             images.astype(self.dtype)
         )
         x = _layer_norm(self.layer_norm_eps, self.dtype, 'pre_layrnorm')(x)  # transformers' spelling
-        states = CLIPEncoder(
-            self.hidden_size,
-            self.intermediate_size,
-            self.num_hidden_layers,
-            self.num_attention_heads,
-            self.hidden_act,
-            self.layer_norm_eps,
-            self.dtype,
-            name='encoder',
-        )(x, None)
+        states = _encoder(self)(x, None)
         pooled = _layer_norm(self.layer_norm_eps, self.dtype, 'post_layernorm')(states[-1][:, 0])
         image_embeds = dense(
             self.projection_dim, ('embed', None), use_bias=False, dtype=self.dtype, name='visual_projection'

@@ -39,6 +39,27 @@ def remat(block_cls: type[nn.Module], policy: str, *, deterministic_argnum: int 
     return nn.remat(block_cls, policy=REMAT_POLICIES[policy], static_argnums=static)
 
 
+def scanned(
+    step_cls: type[nn.Module],
+    length: int,
+    num_broadcast: int,
+    remat_policy: str = 'none',
+    *,
+    deterministic_argnum: int | None = None,
+) -> type[nn.Module]:
+    """`step_cls`, a block in nn.scan's (carry, *args) -> (carry, None) form, rematerialised (`remat`) and
+    run `length` times over params stacked on a leading 'layers' axis. Every step draws its own params
+    and dropout rng; the `num_broadcast` arguments after the carry are the same for every step."""
+    return nn.scan(
+        remat(step_cls, remat_policy, deterministic_argnum=deterministic_argnum),
+        variable_axes={'params': 0},
+        split_rngs={'params': True, 'dropout': True},
+        length=length,
+        in_axes=(nn.broadcast,) * num_broadcast,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+    )
+
+
 # Wuerstchen/Paella initialise every Conv/Linear with xavier_uniform and zero bias.
 default_kernel_init = nn.initializers.xavier_uniform()
 
@@ -285,6 +306,30 @@ def gen_r_embedding(r: jax.Array, dim: int = 64, max_positions: int = 10000) -> 
     angles = r[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def cond_mapper(cond: jax.Array, features: int, dtype: Dtype = jnp.float32) -> jax.Array:
+    """The Prior's `cond_mapper` (dome272/Wuerstchen `modules.py`): Linear -> LeakyReLU(0.2) -> Linear, the
+    calling module's Dense `cond_mapper_0` and `cond_mapper_2`, normal(0.02) kernels (Würstchen's init of
+    conditioning mappers)."""
+    init = nn.initializers.normal(0.02)
+    h = dense(features, (None, 'embed'), dtype=dtype, kernel_init=init, name='cond_mapper_0')(cond.astype(dtype))
+    return dense(features, (None, 'embed'), dtype=dtype, kernel_init=init, name='cond_mapper_2')(nn.leaky_relu(h, 0.2))
+
+
+def downscale(x: jax.Array, features: int, dtype: Dtype, name: str) -> jax.Array:
+    """DiffNeXt's and Paella's step down between levels: LN2d, then the 2x2 stride-2 conv `name`."""
+    x = layer_norm_2d(dtype)(x)
+    return conv(features, (2, 2), strides=2, padding='VALID', dtype=dtype, name=name)(x)
+
+
+def upscale(x: jax.Array, features: int, dtype: Dtype, name: str, *, torch_default_init: bool = False) -> jax.Array:
+    """DiffNeXt's and Paella's step up between levels: LN2d, then the 2x2 stride-2 transposed conv `name`
+    (`conv_transpose`'s `torch_default_init`: Paella's)."""
+    x = layer_norm_2d(dtype)(x)
+    return conv_transpose(
+        features, (2, 2), strides=2, torch_padding=0, dtype=dtype, torch_default_init=torch_default_init, name=name
+    )(x)
 
 
 class GlobalResponseNorm(nn.Module):

@@ -27,6 +27,7 @@ block pattern (the first up repeat of a level with a skip aside) are one `nn.sca
 named `{down,up}_blocks_{level}_scan` (`scan_groups` says which torch blocks each holds).
 """
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -39,10 +40,10 @@ from wurst_jax.models import layers
 Dtype = Any
 
 
-class PaellaGroup(nn.Module):
-    """One repeat of a level's block pattern (e.g. 'CTA'): blocks `block_{k}`, without skips."""
+@dataclasses.dataclass(frozen=True)
+class LevelBlocks:
+    """The settings every block of one level is built from: 'C' (ResBlock), 'T' (TimestepBlock), 'A' (AttnBlock)."""
 
-    pattern: str
     channels: int
     num_heads: int
     dropout: float = 0.0
@@ -51,48 +52,38 @@ class PaellaGroup(nn.Module):
     out_init_scale: float = 1.0
     dtype: Dtype = jnp.float32
 
+    def make(self, kind: str, remat_policy: str, name: str) -> nn.Module:
+        c, dropout, dtype = self.channels, self.dropout, self.dtype
+        if kind == 'C':
+            return layers.remat(layers.ResBlock, remat_policy, deterministic_argnum=3)(
+                c,
+                dropout,
+                self.kernel_size,
+                dtype,
+                skip_before_depthwise=True,
+                out_init_scale=self.out_init_scale,
+                name=name,
+            )
+        if kind == 'T':
+            return layers.remat(layers.TimestepBlock, remat_policy)(c, dtype, name=name)
+        if kind == 'A':
+            return layers.remat(layers.AttnBlock, remat_policy, deterministic_argnum=3)(
+                c, self.num_heads, self.self_attn, dropout, dtype, mha_init=True, name=name
+            )
+        raise ValueError(f"level_config block type {kind!r} is not one of 'C', 'T', 'A'")
+
+
+class PaellaGroup(nn.Module):
+    """One repeat of a level's block pattern (e.g. 'CTA'): blocks `block_{k}`, without skips."""
+
+    pattern: str
+    blocks: LevelBlocks
+
     @nn.compact
     def __call__(self, h, r_emb, cond, deterministic):
         for k, kind in enumerate(self.pattern):
-            block = make_block(
-                kind,
-                self.channels,
-                self.num_heads,
-                self.dropout,
-                self.kernel_size,
-                self.self_attn,
-                self.out_init_scale,
-                self.dtype,
-                'none',
-                f'block_{k}',
-            )
-            h = run_block(block, kind, h, r_emb, cond, None, deterministic)
+            h = run_block(self.blocks.make(kind, 'none', f'block_{k}'), kind, h, r_emb, cond, None, deterministic)
         return h, None  # nn.scan's (carry, ys)
-
-
-def make_block(
-    kind: str,
-    c: int,
-    nhead: int,
-    dropout: float,
-    kernel_size: int,
-    self_attn: bool,
-    out_init_scale: float,
-    dtype: Dtype,
-    remat_policy: str,
-    name: str,
-) -> nn.Module:
-    if kind == 'C':
-        return layers.remat(layers.ResBlock, remat_policy, deterministic_argnum=3)(
-            c, dropout, kernel_size, dtype, skip_before_depthwise=True, out_init_scale=out_init_scale, name=name
-        )
-    if kind == 'T':
-        return layers.remat(layers.TimestepBlock, remat_policy)(c, dtype, name=name)
-    if kind == 'A':
-        return layers.remat(layers.AttnBlock, remat_policy, deterministic_argnum=3)(
-            c, nhead, self_attn, dropout, dtype, mha_init=True, name=name
-        )
-    raise ValueError(f"level_config block type {kind!r} is not one of 'C', 'T', 'A'")
 
 
 def run_block(block: nn.Module, kind: str, h, r_emb, cond, skip, deterministic):
@@ -225,50 +216,23 @@ class Paella(nn.Module):
         h = layers.conv(self.c_hidden[0], (1, 1), dtype=dt, kernel_init=embedding_init, name='embedding_1')(h)
         h = layers.layer_norm_2d(dt)(h)
 
+        level_blocks = [
+            LevelBlocks(self.c_hidden[i], self.nhead[i], dropouts[i], self.kernel_size, self.self_attn, out_scale, dt)
+            for i in range(levels)
+        ]
+
         def block(kind, i, name):
-            return make_block(
-                kind,
-                self.c_hidden[i],
-                self.nhead[i],
-                dropouts[i],
-                self.kernel_size,
-                self.self_attn,
-                out_scale,
-                dt,
-                self.remat_policy,
-                name,
-            )
+            return level_blocks[i].make(kind, self.remat_policy, name)
 
         def scanned(i, repeats, name):
-            step = layers.remat(PaellaGroup, self.remat_policy, deterministic_argnum=4)
-            scan = nn.scan(
-                step,
-                variable_axes={'params': 0},
-                split_rngs={'params': True, 'dropout': True},
-                length=repeats,
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                metadata_params={nn.PARTITION_NAME: 'layers'},
-            )
-            return scan(
-                self.level_config[i],
-                self.c_hidden[i],
-                self.nhead[i],
-                dropouts[i],
-                self.kernel_size,
-                self.self_attn,
-                out_scale,
-                dt,
-                name=name,
-            )
+            scan = layers.scanned(PaellaGroup, repeats, 3, self.remat_policy, deterministic_argnum=4)
+            return scan(self.level_config[i], level_blocks[i], name=name)
 
         level_outputs = []  # deepest first, as the up path consumes them
         for i in range(levels):
             index = 0
             if i > 0:
-                h = layers.layer_norm_2d(dt)(h)
-                h = layers.conv(
-                    self.c_hidden[i], (2, 2), strides=2, padding='VALID', dtype=dt, name=f'down_blocks_{i}_0_1'
-                )(h)
+                h = layers.downscale(h, self.c_hidden[i], dt, f'down_blocks_{i}_0_1')
                 index = 1
             if self.scan_blocks and self.blocks[i] > 0:
                 h, _ = scanned(i, self.blocks[i], f'down_blocks_{i}_scan')(h, r_emb, cond, deterministic)
@@ -303,16 +267,7 @@ class Paella(nn.Module):
                         )
                         index += 1
             if i > 0:
-                h = layers.layer_norm_2d(dt)(h)
-                h = layers.conv_transpose(
-                    self.c_hidden[i - 1],
-                    (2, 2),
-                    strides=2,
-                    torch_padding=0,
-                    dtype=dt,
-                    torch_default_init=True,
-                    name=f'up_blocks_{u}_{index}_1',
-                )(h)
+                h = layers.upscale(h, self.c_hidden[i - 1], dt, f'up_blocks_{u}_{index}_1', torch_default_init=True)
 
         h = layers.layer_norm_2d(dt)(h)
         h = layers.conv(self.c_out * p * p, (1, 1), dtype=dt, kernel_init=nn.initializers.zeros_init(), name='clf_1')(h)

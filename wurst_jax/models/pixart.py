@@ -177,14 +177,7 @@ class PixArtTransformer(nn.Module):
 
         block_args = dict(channels=d, num_heads=self.num_heads, dtype=self.dtype)
         if self.scan_blocks:
-            scan = nn.scan(
-                layers.remat(PixArtScanStep, self.remat_policy),
-                variable_axes={'params': 0},
-                split_rngs={'params': True},
-                length=self.depth,
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                metadata_params={nn.PARTITION_NAME: 'layers'},
-            )
+            scan = layers.scanned(PixArtScanStep, self.depth, 3, self.remat_policy)
             tokens, _ = scan(**block_args, name='blocks')(tokens, modulation, text, text_mask)
         else:
             block_cls = layers.remat(PixArtBlock, self.remat_policy)

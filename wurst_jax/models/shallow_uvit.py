@@ -55,13 +55,7 @@ class UViTCore(nn.Module):
     def __call__(self, x: jax.Array, r_emb: jax.Array, text: jax.Array) -> jax.Array:
         """x: [B, h, w, c], r_emb: [B, c_r], text: [B, L, D] -> [B, h, w, c]."""
         h = x + layers.sincos_2d(x.shape[1], x.shape[2], self.c).astype(x.dtype)
-        cond_init = nn.initializers.normal(0.02)  # Würstchen's init of conditioning mappers
-        cond = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, kernel_init=cond_init, name='cond_mapper_0')(
-            text.astype(self.dtype)
-        )
-        cond = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, kernel_init=cond_init, name='cond_mapper_2')(
-            nn.leaky_relu(cond, 0.2)
-        )
+        cond = layers.cond_mapper(text, self.c, self.dtype)
         for k in range(self.depth):
             h = PriorBlock(self.c, self.num_heads, dtype=self.dtype, name=f'blocks_{k}')(h, r_emb, cond)
         return layers.layer_norm_2d(self.dtype)(h)

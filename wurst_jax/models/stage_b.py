@@ -97,10 +97,7 @@ class WuerstchenDiffNeXt(nn.Module):
         for i in range(levels):
             index = 0
             if i > 0:
-                h = layers.layer_norm_2d(dt)(h)
-                h = layers.conv(
-                    self.c_hidden[i], (2, 2), strides=2, padding='VALID', dtype=dt, name=f'down_blocks_{i}_0_1'
-                )(h)
+                h = layers.downscale(h, self.c_hidden[i], dt, f'down_blocks_{i}_0_1')
                 index = 1
             effnet_c = self._effnet_condition(effnet, i, h.shape[1:3]) if self.inject_effnet[i] else None
             for _ in range(self.blocks[i]):
@@ -128,10 +125,7 @@ class WuerstchenDiffNeXt(nn.Module):
                     h = self._run(block, kind, h, r_emb, clip, skip, deterministic)
                     index += 1
             if i > 0:
-                h = layers.layer_norm_2d(dt)(h)
-                h = layers.conv_transpose(
-                    self.c_hidden[i - 1], (2, 2), strides=2, torch_padding=0, dtype=dt, name=f'up_blocks_{u}_{index}_1'
-                )(h)
+                h = layers.upscale(h, self.c_hidden[i - 1], dt, f'up_blocks_{u}_{index}_1')
 
         h = layers.layer_norm_2d(dt)(h)
         h = layers.conv(

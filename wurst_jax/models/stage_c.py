@@ -70,24 +70,11 @@ class WuerstchenPrior(nn.Module):
         h = layers.conv(self.c, (1, 1), dtype=self.dtype, name='projection')(x.astype(self.dtype))
         if self.pos_embed:
             h = h + layers.sincos_2d(h.shape[1], h.shape[2], self.c).astype(self.dtype)
-        cond_init = nn.initializers.normal(0.02)  # Würstchen's init of conditioning mappers
-        c_embed = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, kernel_init=cond_init, name='cond_mapper_0')(
-            cond.astype(self.dtype)
-        )
-        c_embed = layers.dense(self.c, (None, 'embed'), dtype=self.dtype, kernel_init=cond_init, name='cond_mapper_2')(
-            nn.leaky_relu(c_embed, 0.2)
-        )
+        c_embed = layers.cond_mapper(cond, self.c, self.dtype)
         r_emb = layers.gen_r_embedding(r, self.c_r)
         block_args = dict(channels=self.c, num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype)
         if self.scan_blocks:
-            scan = nn.scan(
-                layers.remat(PriorScanStep, self.remat_policy, deterministic_argnum=4),
-                variable_axes={'params': 0},
-                split_rngs={'params': True, 'dropout': True},
-                length=self.depth,
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                metadata_params={nn.PARTITION_NAME: 'layers'},
-            )
+            scan = layers.scanned(PriorScanStep, self.depth, 3, self.remat_policy, deterministic_argnum=4)
             h, _ = scan(**block_args, name='blocks')(h, r_emb, c_embed, deterministic)
         else:
             block_cls = layers.remat(PriorBlock, self.remat_policy, deterministic_argnum=4)

@@ -26,12 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wurst_jax.models import layers
+from wurst_jax.models import config_fields, layers
 
 Dtype = Any
 
 # feed_forward_proj -> (gated, activation), as T5Config reads it ('gated-gelu' means gelu_new).
 FEED_FORWARD = {'relu': (False, jax.nn.relu), 'gated-gelu': (True, lambda x: jax.nn.gelu(x, approximate=True))}
+# T5Config's defaults (transformers `configuration_t5.py`: t5-small's) where they are not the fields' (XXL's).
+_CONFIG_DEFAULTS = dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8, feed_forward_proj='relu')
+_NOT_IN_CONFIG = ('scan_blocks', 'remat_policy', 'dtype')  # this module's own settings
 
 
 def relative_position_buckets(query_length: int, key_length: int, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -232,14 +235,7 @@ class T5Stack(nn.Module):
             dtype=self.dtype,
         )
         if self.scan_blocks:
-            scan = nn.scan(
-                layers.remat(T5ScanStep, self.remat_policy),
-                variable_axes={'params': 0},
-                split_rngs={'params': True},
-                length=self.num_layers,
-                in_axes=(nn.broadcast, nn.broadcast),
-                metadata_params={nn.PARTITION_NAME: 'layers'},
-            )
+            scan = layers.scanned(T5ScanStep, self.num_layers, 2, self.remat_policy)
             x, _ = scan(**block_args, name='block')(x, position_bias, mask)
         else:
             block_cls = layers.remat(T5Block, self.remat_policy)
@@ -276,20 +272,8 @@ class T5Encoder(nn.Module):
         model_type = cfg.get('model_type', 't5')
         if model_type != 't5':
             raise ValueError(f"config model_type {model_type!r} is not a T5 config (model_type 't5')")
-        feed_forward_proj = cfg.get('feed_forward_proj', 'relu')
-        _check_feed_forward(feed_forward_proj)
-        fields = dict(
-            vocab_size=cfg.get('vocab_size', 32128),
-            d_model=cfg.get('d_model', 512),
-            d_kv=cfg.get('d_kv', 64),
-            d_ff=cfg.get('d_ff', 2048),
-            num_layers=cfg.get('num_layers', 6),
-            num_heads=cfg.get('num_heads', 8),
-            relative_attention_num_buckets=cfg.get('relative_attention_num_buckets', 32),
-            relative_attention_max_distance=cfg.get('relative_attention_max_distance', 128),
-            feed_forward_proj=feed_forward_proj,
-            layer_norm_epsilon=cfg.get('layer_norm_epsilon', 1e-6),
-        )
+        fields = config_fields.read_fields(cls, cfg, skip=_NOT_IN_CONFIG, defaults=_CONFIG_DEFAULTS)
+        _check_feed_forward(fields['feed_forward_proj'])
         return cls(**{**fields, **overrides})
 
     def hf_config(self) -> dict:
@@ -297,16 +281,7 @@ class T5Encoder(nn.Module):
         return dict(
             architectures=['T5EncoderModel'],
             model_type='t5',
-            vocab_size=self.vocab_size,
-            d_model=self.d_model,
-            d_kv=self.d_kv,
-            d_ff=self.d_ff,
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            relative_attention_num_buckets=self.relative_attention_num_buckets,
-            relative_attention_max_distance=self.relative_attention_max_distance,
-            feed_forward_proj=self.feed_forward_proj,
-            layer_norm_epsilon=self.layer_norm_epsilon,
+            **config_fields.write_fields(self, skip=_NOT_IN_CONFIG),
             is_encoder_decoder=False,
             use_cache=False,
         )

@@ -72,19 +72,12 @@ class PriorSampler(Protocol):
         """As Task.frozen_params."""
 
     def sample(
-        self,
-        params: Any,
-        frozen: dict[str, Any],
-        tokens: jax.Array,
-        mask: jax.Array,
-        rng: jax.Array,
-        *,
-        steps: int | None = None,
-        guidance: float | None = None,
+        self, params: Any, frozen: dict, tokens: jax.Array, mask: jax.Array, rng: jax.Array, **kwargs
     ) -> jax.Array:
-        """Latents [B, h, w, c] for captions tokens/mask int32 [B, L], in the space Stage B (or Stage A) reads."""
+        """Latents [B, h, w, c] for captions tokens/mask int32 [B, L], in the space Stage B (or Stage A) reads.
+        Keyword arguments: steps and guidance (the config's `sample` section where absent or None)."""
 
-    def decode(self, frozen: dict[str, Any], latents: jax.Array) -> jax.Array:
+    def decode(self, frozen: Networks, latents: jax.Array) -> jax.Array:
         """Images [B, H, W, 3] in [-1, 1] from sampled Stage A latents (space 'stage_a' only)."""
 
 
@@ -98,16 +91,8 @@ class DecoderSampler(Protocol):
         """As Task.frozen_params."""
 
     def sample(
-        self,
-        params: Any,
-        frozen: dict[str, Any],
-        effnet: jax.Array,
-        tokens: jax.Array,
-        mask: jax.Array,
-        rng: jax.Array,
-        *,
-        steps: int | None = None,
-        guidance: float | None = None,
+        self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array, rng: jax.Array, **kwargs
     ) -> jax.Array:
         """Images [B, H, W, 3] in [-1, 1] decoded through Stage A from Stage C's map effnet [B, h, w, c]
-        (the effnet's raw space). A token Stage B (Würstchen v1) also takes `temperature=(start, end)`."""
+        (the effnet's raw space). Keyword arguments as PriorSampler.sample's; a token Stage B (Würstchen v1) also
+        takes `temperature=(start, end)`."""

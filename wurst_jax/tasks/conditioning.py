@@ -1,8 +1,9 @@
 """What the text-conditional families (both Stage Bs, Stage C, the pixel family) share: the text encoder
 (trained with the stage, or frozen from a local CLIP folder), caption dropout for classifier-free
 guidance, the validation of their diffusion, text and optimizer fields, the semantic compressor (trained
-with a Stage B, or frozen), and frozen networks loaded from another run or a weights file (Stage A's
-VQGAN with the latent and token spaces it defines)."""
+with a Stage B, or frozen), frozen networks loaded from another run or a weights file (Stage A's VQGAN
+with the latent and token spaces it defines), and two base classes: `CaptionedTask` (config, text
+encoder, captioned batches, AdamW) and `DecoderTask` (what both Stage Bs add to it)."""
 
 import os
 from typing import Any
@@ -364,7 +365,24 @@ def effnet_latents(effnet: Any, variables: dict, images: jax.Array, size: tuple[
     return effnet.apply(variables, x).astype(jnp.float32)
 
 
-class DecoderTask:
+class CaptionedTask:
+    """Where every text-conditional family starts: its config, the text encoder and tokenizer at the
+    config's dtype, batches of captioned images, and AdamW over its params."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.dtype = DTYPES[config.dtype]
+        self.text = TextConditioner(config.text, self.dtype)
+        self.tokenizer = self.text.tokenizer
+
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        return captioned_batch_spec(self.config)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return optim.adamw(self.config.optimizer, self.config.total_steps)
+
+
+class DecoderTask(CaptionedTask):
     """What both Stage B families (Würstchen v2's diffusion decoder, v1's Paella) share: a frozen Stage A,
     the semantic compressor (trained jointly or frozen), the text encoder, a decoder UNet configured by
     the same `model` fields, and guided sampling that ends in Stage A's decoder. A family sets
@@ -372,10 +390,7 @@ class DecoderTask:
     `decode_latents`."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        self.dtype = DTYPES[config.dtype]
-        self.text = TextConditioner(config.text, self.dtype)
-        self.tokenizer = self.text.tokenizer
+        super().__init__(config)
         self.vqgan, self._vqgan_variables = load_stage_a(config.stage_a.source)
         self.effnet = SemanticCompressor(config.effnet, self.dtype)
 
@@ -385,9 +400,6 @@ class DecoderTask:
         per_level = {f: tuple(m[f]) for f in ('c_hidden', 'nhead', 'blocks', 'level_config')}
         shared = {f: m[f] for f in ('c_r', 'patch_size', 'c_cond', 'kernel_size', 'dropout', 'remat_policy')}
         return dict(**per_level, **shared, effnet_embd=self.effnet.channels, dtype=self.dtype)
-
-    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
-        return captioned_batch_spec(self.config)
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         del batch  # shapes come from the config
@@ -409,9 +421,6 @@ class DecoderTask:
 
     def frozen_params(self) -> dict[str, Any]:
         return {'stage_a': self._vqgan_variables, **self.effnet.frozen_params(), **self.text.frozen_params()}
-
-    def optimizer(self) -> optax.GradientTransformation:
-        return optim.adamw(self.config.optimizer, self.config.total_steps)
 
     def sample(
         self, params: Any, frozen: dict, effnet: jax.Array, tokens: jax.Array, mask: jax.Array, rng: jax.Array, **kwargs

@@ -24,13 +24,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from wurst_jax import checkpoint, growing, optim, sharding
+from wurst_jax import checkpoint, growing, sharding
 from wurst_jax.config_lib import ConfigError, validate_optimizer
 from wurst_jax.data import shapes
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
 from wurst_jax.evaluate import shapes_alignment
-from wurst_jax.models.layers import DTYPES
 from wurst_jax.models.shallow_uvit import GrownUNet, ShallowUViT
 from wurst_jax.tasks import conditioning
 from wurst_jax.tasks.base import Batch, HostBatches, Metrics, Networks
@@ -39,16 +38,13 @@ from wurst_jax.visualize import to_uint8
 PHASES = (1, 2)  # 1: only the new layers train; 2: everything trains
 
 
-class PixelTask:
+class PixelTask(conditioning.CaptionedTask):
     """A pixel-space denoiser and its text encoder, trained on captioned images."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        dtype = DTYPES[config.dtype]
-        self.text = conditioning.TextConditioner(config.text, dtype)
-        self.tokenizer = self.text.tokenizer
+        super().__init__(config)
         m = config.model
-        core = dict(c=m.c, depth=m.depth, num_heads=m.num_heads, c_r=m.c_r, dtype=dtype)
+        core = dict(c=m.c, depth=m.depth, num_heads=m.num_heads, c_r=m.c_r, dtype=self.dtype)
         if m.level_channels:
             self.denoiser = GrownUNet(level_channels=tuple(m.level_channels), **core)
         else:
@@ -98,9 +94,6 @@ class PixelTask:
 
     # -- state -----------------------------------------------------------------------------------
 
-    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
-        return conditioning.captioned_batch_spec(self.config)
-
     def init(self, rng: jax.Array, batch: dict[str, jax.Array] | None = None) -> tuple[Any, Any]:
         del batch  # shapes come from the config
         denoiser_rng, text_rng = jax.random.split(rng)
@@ -121,7 +114,7 @@ class PixelTask:
         return self.text.frozen_params()
 
     def optimizer(self) -> optax.GradientTransformation:
-        tx = optim.adamw(self.config.optimizer, self.config.total_steps)
+        tx = super().optimizer()
         grow = self.config.grow
         if grow.from_workdir and grow.phase == 1:
             return growing.freeze(tx, growing.carried_modules(checkpoint.saved_config(grow.from_workdir)))

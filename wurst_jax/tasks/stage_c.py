@@ -24,15 +24,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
-from wurst_jax import convert, optim
+from wurst_jax import convert
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.convert.dit import pixart_from_dit
 from wurst_jax.data import aspect_buckets, precomputed
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
-from wurst_jax.models.layers import DTYPES, REMAT_POLICIES
+from wurst_jax.models.layers import REMAT_POLICIES
 from wurst_jax.models.pixart import PixArtTransformer
 from wurst_jax.models.stage_c import WuerstchenPrior
 from wurst_jax.tasks import conditioning
@@ -213,23 +212,20 @@ class PixArtBackbone:
 BACKBONES = {'wuerstchen': WuerstchenBackbone, 'pixart': PixArtBackbone}
 
 
-class StageCTask:
+class StageCTask(conditioning.CaptionedTask):
     """The text-conditional prior (Würstchen's or PixArt-α's) on effnet maps or Stage A latents."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        dtype = DTYPES[config.dtype]
-        self.text = conditioning.TextConditioner(config.text, dtype)
-        self.tokenizer = self.text.tokenizer
+        super().__init__(config)
         self.space = config.latents
         if self.space == 'stage_a':
             self.vqgan, self._vqgan_variables = conditioning.load_stage_a(config.stage_a.source)
         else:
-            self.effnet, self._effnet_variables = conditioning.load_effnet(config.effnet.source, dtype)
+            self.effnet, self._effnet_variables = conditioning.load_effnet(config.effnet.source, self.dtype)
         self.backbone = config.model.backbone
         self.micro_conditions = config.model.micro_conditions
         self._backbone = BACKBONES[self.backbone]
-        self.prior, self._pretrained = self._backbone.build(self, config.init.prior, dtype)
+        self.prior, self._pretrained = self._backbone.build(self, config.init.prior, self.dtype)
         self._eval_losses = jax.jit(self._held_out_losses)
 
     def check_bucket_latents(self, patch_size: int) -> None:
@@ -352,9 +348,6 @@ class StageCTask:
     def frozen_params(self) -> dict[str, Any]:
         frozen = {'stage_a': self._vqgan_variables} if self.space == 'stage_a' else {'effnet': self._effnet_variables}
         return {**frozen, **self.text.frozen_params()}
-
-    def optimizer(self) -> optax.GradientTransformation:
-        return optim.adamw(self.config.optimizer, self.config.total_steps)
 
     # -- training --------------------------------------------------------------------------------
 
