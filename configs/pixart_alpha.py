@@ -20,14 +20,18 @@ The denoiser diffuses Stage A latents directly (`latents='stage_a'`, one diffusi
 on its VAE; 4 channels, so the DiT's patch embedding fits). `latents=effnet,effnet=...` trains it on
 Würstchen's 16-channel map instead (no DiT start then: stage 1 starts from scratch).
 
-What is PixArt's (paper §3.1 and App. A.5; the `configs/pixart_config/` files of
-PixArt-alpha/PixArt-alpha): DiT-XL/2 (1152 wide, 28 blocks, 16 heads, patch 2), AdamW at a constant 2e-5
-after 1000 warm-up steps, weight decay 0.03, gradient clipping at 0.01, EMA 0.9999, caption dropout
-10 %, the batch sizes and step counts above, the bucket table. What is ours: a local CLIP text encoder
-(`clip=`, 77 tokens) instead of T5-XXL with 120; the cosine schedule with ε-prediction instead of
-iDDPM's linear β with learned variance (a DiT start's variance half is ignored); AdamW's eps at
-optax's 1e-8, not 1e-10; no √(batch/256) scaling of the learning rate (PixArt's code applies one).
+What is PixArt's (paper §3.1 and App. A.5; the `configs/pixart_config/` files and `train_scripts/train.py`
+of PixArt-alpha/PixArt-alpha): DiT-XL/2 (1152 wide, 28 blocks, 16 heads, patch 2); iDDPM's 1000-step
+linear β process with the learned-range variance of the DiT's second half of output channels and the
+hybrid loss (`diffusion.process='iddpm'`); AdamW (eps 1e-10) at 2e-5 scaled by √(batch/256) (PixArt's
+`auto_lr` rule 'sqrt'), constant after 1000 warm-up steps, weight decay 0.03, gradient clipping at 0.01;
+EMA 0.9999; caption dropout 10 %; the batch sizes and step counts above; the bucket table; sampling with
+DPM-Solver++ at 20 steps and guidance 4.5 (`--prior_sampler=iddpm` for the ancestral sampler). What is
+ours: a local CLIP text encoder (`clip=`, 77 tokens) instead of T5-XXL with 120. The learning rate is
+computed here from the plan's batch: set `--config.optimizer.lr` with `--config.input.batch_size`.
 """
+
+import math
 
 import ml_collections
 
@@ -78,9 +82,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         micro_conditions=arg.stage == 3,
     )
     config.text.update(tokenizer=arg.clip, encoder=arg.clip, dropout=0.1)
-    config.diffusion.update(t_sampling='uniform', loss_weight='none')
+    config.diffusion.update(process='iddpm', prediction='epsilon', sampler='dpm_solver')
     config.sample.update(prior_steps=20, prior_timesteps='linspace', prior_guidance=4.5)
-    config.optimizer.update(lr=2e-5, warmup_steps=1000, schedule='constant', weight_decay=0.03, grad_clip=0.01)
+    lr = 2e-5 * math.sqrt(batch / 256)
+    config.optimizer.update(lr=lr, warmup_steps=1000, schedule='constant', weight_decay=0.03, grad_clip=0.01, eps=1e-10)
     config.ema_decay = 0.9999
     config.eval.update(num_examples=1024, batch_size=64)
     if arg.runlocal:  # the plan's shape at toy size, for tests: the DiT's width comes from its folder

@@ -103,8 +103,14 @@ def test_plan_runs_from_the_dit_start_to_multi_aspect_buckets(plan_folders, tmp_
 
     # Prompts to images through Stage A alone; a run root with stage_c/ only is enough for the
     # sample CLI and the evaluation job.
-    images = Pipeline(str(tmp_path / 'stage3'), None)(['the cat', 'a photo of a dog'], batch_size=2)
+    pipeline = Pipeline(str(tmp_path / 'stage3'), None)
+    images = pipeline(['the cat', 'a photo of a dog'], batch_size=2)
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
+    # iDDPM's ancestral sampler instead of the config's DPM-Solver; a cosine-process sampler is refused.
+    ancestral = pipeline(['the cat', 'a photo of a dog'], batch_size=2, prior_sampler='iddpm')
+    assert ancestral.shape == images.shape and not np.array_equal(ancestral, images)
+    with pytest.raises(ValueError, match="prior_sampler='ddim'"):
+        pipeline(['the cat'], prior_sampler='ddim')
     run_root = tmp_path / 'root'
     run_root.mkdir()
     (run_root / 'stage_c').symlink_to(tmp_path / 'stage3')

@@ -103,6 +103,7 @@ def optimizer_config(
     grad_clip: float = 1.0,
     b1: float = 0.9,
     b2: float = 0.999,
+    eps: float = 1e-8,
 ) -> ml_collections.ConfigDict:
     """AdamW with warm-up then a cosine or constant schedule, and global-norm clipping."""
     return ml_collections.ConfigDict(
@@ -114,6 +115,7 @@ def optimizer_config(
             grad_clip=grad_clip,
             b1=b1,
             b2=b2,
+            eps=eps,
         )
     )
 
@@ -312,6 +314,7 @@ def validate_optimizer(config, field: str) -> None:
     _check(opt.weight_decay >= 0, f'{field}.weight_decay', opt.weight_decay, 'a value >= 0')
     for beta in ('b1', 'b2'):
         _check(0 <= opt[beta] < 1, f'{field}.{beta}', opt[beta], 'a value in [0, 1)')
+    _check(opt.eps > 0, f'{field}.eps', opt.eps, "a positive number (Adam's ε)")
 
 
 def _validate_input(config) -> None:

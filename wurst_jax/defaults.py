@@ -158,6 +158,9 @@ def stage_c() -> ml_collections.ConfigDict:
     )
     config.text = _text()
     config.diffusion = _diffusion()
+    # 'iddpm': PixArt-α's discrete process (PixArt backbone only); num_steps its length, sampler then
+    # 'dpm_solver' or 'iddpm'.
+    config.diffusion.update(process='cosine', num_steps=1000)
     config.sample = ml_collections.ConfigDict(
         dict(prior_steps=60, prior_timesteps='stage_c_default', prior_guidance=4.0)
     )

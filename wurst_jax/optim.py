@@ -21,7 +21,7 @@ def lr_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Sched
 
 def adamw(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     """AdamW on float32 master weights, clipped by global norm first when opt.grad_clip > 0."""
-    tx = optax.adamw(lr_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+    tx = optax.adamw(lr_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
     if opt.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
     return tx

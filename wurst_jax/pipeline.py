@@ -99,7 +99,14 @@ class Pipeline:
     @functools.partial(
         jax.jit,
         static_argnums=(0,),
-        static_argnames=('prior_steps', 'decoder_steps', 'prior_guidance', 'decoder_guidance', 'decoder_temperature'),
+        static_argnames=(
+            'prior_steps',
+            'decoder_steps',
+            'prior_guidance',
+            'decoder_guidance',
+            'decoder_temperature',
+            'prior_sampler',
+        ),
     )
     def _generate(
         self,
@@ -118,6 +125,7 @@ class Pipeline:
         prior_guidance,
         decoder_guidance,
         decoder_temperature,
+        prior_sampler,
     ):
         # One key per prompt, so the images do not depend on how prompts are batched.
         def one(p_tok, p_mask, d_tok, d_mask, key):
@@ -130,6 +138,7 @@ class Pipeline:
                 prior_key,
                 steps=prior_steps,
                 guidance=prior_guidance,
+                sampler=prior_sampler,
             )
             if self.single_stage:  # the prior sampled Stage A latents
                 return self.prior_task.decode(prior_frozen, effnet)[0]
@@ -159,11 +168,17 @@ class Pipeline:
         prior_guidance: float | None = None,
         decoder_guidance: float | None = None,
         decoder_temperature: tuple[float, float] | None = None,
+        prior_sampler: str | None = None,
         first_index: int = 0,
     ) -> np.ndarray:
         """uint8 images [N, H, W, 3] for the prompts, in order. `first_index` is the position of
         prompts[0] in a longer list that is split across callers: it keeps each image the same.
-        `decoder_temperature` (start, end) is a token Stage B's (Würstchen v1) sampling temperature."""
+        `decoder_temperature` (start, end) is a token Stage B's (Würstchen v1) sampling temperature;
+        `prior_sampler` one of the prior's `sampler_choices` (None: its config's)."""
+        if prior_sampler and prior_sampler not in self.prior_task.sampler_choices:
+            raise ValueError(
+                f'prior_sampler={prior_sampler!r}: this Stage C samples with one of {self.prior_task.sampler_choices}'
+            )
         if decoder_temperature is not None and 'decoder_temperature' not in (
             self.decoder_task.config.sample if self.decoder_task else {}
         ):
@@ -179,6 +194,7 @@ class Pipeline:
             prior_guidance=c_sample.prior_guidance if prior_guidance is None else prior_guidance,
             decoder_guidance=b_sample.get('decoder_guidance') if decoder_guidance is None else decoder_guidance,
             decoder_temperature=None if decoder_temperature is None else tuple(decoder_temperature),
+            prior_sampler=prior_sampler or None,
         )
         devices = self.mesh.size
         batch_size = -(-batch_size // devices) * devices  # a multiple of the device count

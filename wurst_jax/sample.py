@@ -1,5 +1,6 @@
 """python -m wurst_jax.sample --workdir=DIR --prompts=FILE --out=OUT [--seed=0] [--batch_size=8]
    [--prior_steps=N] [--decoder_steps=N] [--prior_guidance=W] [--decoder_guidance=W] [--decoder_temperature=START,END]
+   [--prior_sampler=NAME]
 
 Generates one image per line of FILE with the stages trained under DIR (DIR/stage_c, DIR/stage_b,
 and the Stage A that DIR/stage_b names; `python -m wurst_jax.demo` makes such a DIR). Writes
@@ -23,6 +24,11 @@ _PRIOR_STEPS = flags.DEFINE_integer('prior_steps', None, 'Stage C steps (default
 _DECODER_STEPS = flags.DEFINE_integer('decoder_steps', None, 'Stage B steps (default: the Stage B config).')
 _PRIOR_GUIDANCE = flags.DEFINE_float('prior_guidance', None, 'Stage C CFG scale (default: config).')
 _DECODER_GUIDANCE = flags.DEFINE_float('decoder_guidance', None, 'Stage B CFG scale (default: config).')
+_PRIOR_SAMPLER = flags.DEFINE_string(
+    'prior_sampler',
+    '',
+    "Stage C sampler, e.g. ddpm, ddim; with PixArt-α's iDDPM dpm_solver or iddpm (default: config).",
+)
 _DECODER_TEMPERATURE = flags.DEFINE_string(
     'decoder_temperature',
     '',
@@ -64,6 +70,7 @@ def main(argv):
         prior_guidance=_PRIOR_GUIDANCE.value,
         decoder_guidance=_DECODER_GUIDANCE.value,
         decoder_temperature=temperature,
+        prior_sampler=_PRIOR_SAMPLER.value or None,
     )
     write_images(images, prompts, _OUT.value)
     print(f'wrote {len(images)} images and grid.png to {_OUT.value}')

@@ -33,11 +33,15 @@ def to_epsilon(prediction: str, out: jax.Array, x_t: jax.Array, t: jax.Array) ->
     return schedule.epsilon_from_v(out, x_t, t) if prediction == 'v' else out
 
 
-def fixed_time_losses(denoise, x0: jax.Array, seed: int = 0) -> jax.Array:
-    """Unweighted ε-MSE of `denoise(x_t, t) -> ε̂` at each of EVAL_TIMES with fixed noise: [len(EVAL_TIMES)]."""
+def fixed_time_losses(
+    denoise, x0: jax.Array, seed: int = 0, times=EVAL_TIMES, add_noise=schedule.add_noise
+) -> jax.Array:
+    """Unweighted ε-MSE of `denoise(x_t, t) -> ε̂` at each of `times` with fixed noise: [len(times)].
+    `add_noise(x0, noise, t)` is the process's forward noising (the cosine schedule's by default; a
+    discrete process passes its integer steps as `times`)."""
     out = []
-    for i, time in enumerate(EVAL_TIMES):
+    for i, time in enumerate(times):
         noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), x0.shape, jnp.float32)
-        t = jnp.full((x0.shape[0],), time, jnp.float32)
-        out.append(jnp.mean((denoise(schedule.add_noise(x0, noise, t), t) - noise) ** 2))
+        t = jnp.full((x0.shape[0],), time, jnp.asarray(time).dtype)
+        out.append(jnp.mean((denoise(add_noise(x0, noise, t), t) - noise) ** 2))
     return jnp.stack(out)

@@ -18,6 +18,7 @@ With `input.precomputed` (`python -m wurst_jax.precompute`) batches carry the sc
 for sampling from prompts.
 """
 
+import functools
 import os
 from typing import Any
 
@@ -26,11 +27,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from wurst_jax import convert
-from wurst_jax.config_lib import ConfigError
+from wurst_jax.config_lib import ConfigError, validate_optimizer
 from wurst_jax.convert.dit import pixart_from_dit
 from wurst_jax.data import aspect_buckets, precomputed
+from wurst_jax.diffusion import dpm_solver, iddpm, samplers, schedule
 from wurst_jax.diffusion import loss as diffusion_loss
-from wurst_jax.diffusion import samplers, schedule
 from wurst_jax.models.layers import REMAT_POLICIES
 from wurst_jax.models.pixart import PixArtTransformer
 from wurst_jax.models.stage_c import WuerstchenPrior
@@ -38,10 +39,16 @@ from wurst_jax.tasks import conditioning
 from wurst_jax.tasks.base import Batch, HostBatches, Metrics, Networks
 
 LATENT_SPACES = ('effnet', 'stage_a')  # Würstchen's semantic map, or single-stage on Stage A latents
+# 'cosine': continuous t in [0, 1] (Würstchen's); 'iddpm': improved DDPM's 1000 linear-β steps with a
+# learned variance and the hybrid loss (PixArt-α's).
+PROCESSES = ('cosine', 'iddpm')
+IDDPM_SAMPLERS = ('dpm_solver', 'iddpm')  # DPM-Solver++(2M), or iDDPM's ancestral steps
 
 
 class WuerstchenBackbone:
     """Würstchen's prior (`models/stage_c.py`): times in [0, 1] as they are, dropout in its blocks."""
+
+    TIME_SCALE = 1.0  # our t in [0, 1] -> the network's time input
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
@@ -118,6 +125,8 @@ class PixArtBackbone:
         m = config.model
         if m.c % 4:
             raise ConfigError('model.c', m.c, "a multiple of 4 for PixArt's 2-D sin-cos positions")
+        if config.diffusion.process == 'iddpm' and config.diffusion.prediction != 'epsilon':
+            raise ConfigError('diffusion.prediction', config.diffusion.prediction, "'epsilon' with process='iddpm'")
         if not (isinstance(m.patch_size, int) and m.patch_size > 0):
             raise ConfigError('model.patch_size', m.patch_size, 'a positive integer for PixArt')
 
@@ -134,7 +143,7 @@ class PixArtBackbone:
         if not source:
             module = PixArtTransformer(
                 in_channels=c,
-                out_channels=c,
+                out_channels=2 * c if task.iddpm else c,
                 num_heads=m.num_heads,
                 head_dim=m.c // m.num_heads,
                 depth=m.depth,
@@ -167,13 +176,14 @@ class PixArtBackbone:
                 'its size and aspect embeddings take a third of the width each',
             )
         found = (module.in_channels, module.caption_channels, module.use_additional_conditions)
-        if found != (c, width, micro) or module.out_channels not in (c, 2 * c):
+        outs = (2 * c,) if task.iddpm else (c, 2 * c)  # iDDPM reads the learned-variance half
+        if found != (c, width, micro) or module.out_channels not in outs:
             raise ConfigError(
                 'init.prior',
                 source,
-                f'a DiT/PixArt with in_channels={c} (the latent channels; out_channels {c} or '
-                f'{2 * c} with learned variance), caption_channels={width} and '
-                f'use_additional_conditions={micro} (model.micro_conditions); '
+                f'a DiT/PixArt with in_channels={c} (the latent channels; out_channels in {outs}, '
+                f'{2 * c} with learned variance, which diffusion.process=iddpm needs), caption_channels={width} '
+                f'and use_additional_conditions={micro} (model.micro_conditions); '
                 f'it has {found} and out_channels={module.out_channels}',
             )
         if task.config.input.aspect_buckets:
@@ -204,8 +214,7 @@ class PixArtBackbone:
         micro: tuple | None,
     ) -> jax.Array:
         del dropout_rng  # no dropout in PixArt's blocks
-        out = module.apply({'params': params}, x, PixArtBackbone.TIME_SCALE * t, cond, None, *(micro or ()))
-        return out[..., : x.shape[-1]]  # a DiT start's learned-variance half is not trained here
+        return module.apply({'params': params}, x, t, cond, None, *(micro or ()))
 
 
 # model.backbone -> its adapter: how the denoiser is built, initialised and called.
@@ -223,6 +232,10 @@ class StageCTask(conditioning.CaptionedTask):
         else:
             self.effnet, self._effnet_variables = conditioning.load_effnet(config.effnet.source, self.dtype)
         self.backbone = config.model.backbone
+        d = config.diffusion
+        # iDDPM's discrete process (PixArt-α): integer steps, the network's second half of channels the variance.
+        self.iddpm = iddpm.make_schedule(iddpm.linear_betas(d.num_steps)) if d.process == 'iddpm' else None
+        self.sampler_choices = IDDPM_SAMPLERS if self.iddpm else samplers.SAMPLERS
         self.micro_conditions = config.model.micro_conditions
         self._backbone = BACKBONES[self.backbone]
         self.prior, self._pretrained = self._backbone.build(self, config.init.prior, self.dtype)
@@ -263,6 +276,18 @@ class StageCTask(conditioning.CaptionedTask):
         if backbone not in BACKBONES:
             raise ConfigError('model.backbone', backbone, f'one of {sorted(BACKBONES)}')
         BACKBONES[backbone].validate(config)
+        d = config.diffusion
+        if d.process not in PROCESSES:
+            raise ConfigError('diffusion.process', d.process, f'one of {PROCESSES}')
+        if d.process == 'iddpm':
+            if backbone != 'pixart':
+                raise ConfigError(
+                    'diffusion.process', d.process, "'cosine' for the Würstchen prior (iDDPM is PixArt's)"
+                )
+            if d.sampler not in IDDPM_SAMPLERS:
+                raise ConfigError('diffusion.sampler', d.sampler, f'one of {IDDPM_SAMPLERS} with process=iddpm')
+            if not (isinstance(d.num_steps, int) and d.num_steps > 1):
+                raise ConfigError('diffusion.num_steps', d.num_steps, 'an integer > 1 (PixArt-α: 1000)')
         space = config.latents
         if space not in LATENT_SPACES:
             raise ConfigError('latents', space, f'one of {LATENT_SPACES}')
@@ -301,7 +326,11 @@ class StageCTask(conditioning.CaptionedTask):
                 raise ConfigError('input.precomputed', config.input.precomputed, f'a precompute output folder ({e})')
         if config.latent_scaling not in conditioning.LATENT_SCALINGS:
             raise ConfigError('latent_scaling', config.latent_scaling, f'one of {conditioning.LATENT_SCALINGS}')
-        conditioning.validate_diffusion(config)
+        if d.process == 'iddpm':
+            conditioning.validate_text(config.text)
+            validate_optimizer(config, 'optimizer')
+        else:
+            conditioning.validate_diffusion(config)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -390,6 +419,8 @@ class StageCTask(conditioning.CaptionedTask):
         self, params: Networks, model_state: Networks, frozen: Networks, batch: Batch, rng: jax.Array, step: jax.Array
     ) -> tuple[Networks, Networks, Metrics]:
         del step
+        if self.iddpm is not None:
+            return self._iddpm_grads(params, model_state, frozen, batch, rng)
         d = self.config.diffusion
         t_rng, noise_rng, drop_rng, dropout_rng = jax.random.split(rng, 4)
         x0 = jax.lax.stop_gradient(self.batch_latents(frozen, batch))
@@ -410,6 +441,26 @@ class StageCTask(conditioning.CaptionedTask):
             new_state = {'loss_buckets': schedule.adaptive_update(model_state['loss_buckets'], t, raw)}
         return grads, new_state, dict(loss=loss, mse=jnp.mean(raw))
 
+    def _iddpm_grads(
+        self, params: Networks, model_state: Networks, frozen: Networks, batch: Batch, rng: jax.Array
+    ) -> tuple[Networks, Networks, Metrics]:
+        """PixArt-α's step: t uniform over the steps, the hybrid loss L_simple + L_vb (iDDPM §3.1)."""
+        sched = self.iddpm
+        t_rng, noise_rng, drop_rng, dropout_rng = jax.random.split(rng, 4)
+        x0 = jax.lax.stop_gradient(self.batch_latents(frozen, batch))
+        t = iddpm.sample_t(t_rng, x0.shape[0], sched.num_steps)
+        noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+        x_t = iddpm.q_sample(sched, x0, t, noise)
+
+        def loss_fn(p):
+            cond = self.batch_text(p, frozen, batch, drop_rng)
+            out = self.prior_output(p['prior'], x_t, t, cond, dropout_rng, self.micro(batch, x0.shape[0]))
+            loss, terms = iddpm.hybrid_loss(sched, out.astype(jnp.float32), x0, x_t, t, noise)
+            return jnp.mean(loss), terms
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, model_state, dict(loss=loss, mse=jnp.mean(terms['mse']), vb=jnp.mean(terms['vb']))
+
     # -- sampling and evaluation -----------------------------------------------------------------
 
     def prior_output(
@@ -421,16 +472,23 @@ class StageCTask(conditioning.CaptionedTask):
         dropout_rng: jax.Array | None = None,
         micro: tuple | None = None,
     ) -> jax.Array:
-        """The backbone's raw prediction (ε or v) for noisy maps x at times t in [0, 1]; `micro` are
-        PixArtMS's size conditions (`self.micro`)."""
-        return self._backbone.apply(self.prior, prior_params, x, t, cond, dropout_rng, micro)
+        """The backbone's raw prediction for noisy maps x [B, h, w, c] at times t [B]: ε or v at t in [0, 1],
+        or with iDDPM ε and the variance values [B, h, w, 2c] at integer steps; `micro` are PixArtMS's size
+        conditions (`self.micro`)."""
+        if self.iddpm is not None:
+            return self._backbone.apply(self.prior, prior_params, x, t.astype(jnp.float32), cond, dropout_rng, micro)
+        t_in = self._backbone.TIME_SCALE * t
+        out = self._backbone.apply(self.prior, prior_params, x, t_in, cond, dropout_rng, micro)
+        return out[..., : x.shape[-1]]  # a DiT start's learned-variance half is not trained here
 
     def epsilon(
         self, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array, batch: dict[str, jax.Array] | None = None
     ) -> jax.Array:
-        """The prior's noise estimate ε̂ (converted from v̂ when diffusion.prediction='v'); a batch gives
-        the size micro-conditions, if any."""
+        """The prior's noise estimate ε̂ (converted from v̂ when diffusion.prediction='v'; iDDPM's first
+        half of channels); a batch gives the size micro-conditions, if any."""
         out = self.prior_output(params['prior'], x, t, cond, micro=self.micro(batch, x.shape[0]))
+        if self.iddpm is not None:
+            return out[..., : x.shape[-1]]
         return diffusion_loss.to_epsilon(self.config.diffusion.prediction, out, x, t)
 
     def denoiser(self, params: Any, cond: jax.Array, uncond: jax.Array):
@@ -458,26 +516,53 @@ class StageCTask(conditioning.CaptionedTask):
         *,
         steps: int | None = None,
         guidance: float | None = None,
+        sampler: str | None = None,
     ) -> jax.Array:
-        """`sample` given the text states of the captions and of the empty caption."""
+        """`sample` given the text states of the captions and of the empty caption; `steps`, `guidance`
+        and `sampler` default to the config's."""
         s = self.config.sample
         h, w, c = self.latent_shape()
         init_rng, rng = jax.random.split(rng)
         x = jax.random.normal(init_rng, (cond.shape[0], h, w, c), jnp.float32)
+        guidance = s.prior_guidance if guidance is None else guidance
+        sampler = sampler or self.config.diffusion.sampler
+        if self.iddpm is not None:
+            x = self._sample_iddpm(params, cond, uncond, x, rng, steps or s.prior_steps, guidance, sampler)
+            return conditioning.unscale_latents(x, self.config.latent_scaling)
         timesteps = (
             samplers.default_stage_c_timesteps()
             if s.prior_timesteps == 'stage_c_default'
             else samplers.linspace_timesteps(steps or s.prior_steps)
         )
-        x = samplers.sample_guided(
-            self.denoiser(params, cond, uncond),
-            x,
-            rng,
-            timesteps,
-            s.prior_guidance if guidance is None else guidance,
-            self.config.diffusion.sampler,
-        )
+        x = samplers.sample_guided(self.denoiser(params, cond, uncond), x, rng, timesteps, guidance, sampler)
         return conditioning.unscale_latents(x, self.config.latent_scaling)
+
+    def _sample_iddpm(
+        self, params: Any, cond: jax.Array, uncond: jax.Array, x: jax.Array, rng, steps: int, guidance: float, sampler
+    ) -> jax.Array:
+        """iDDPM-process sampling from noise x [B, h, w, c]: DPM-Solver++(2M) over `steps` (diffusers'
+        PixArtAlphaPipeline) or iDDPM's ancestral steps respaced to `steps` (PixArt-α's `p_sample_loop`).
+        Guidance mixes the ε halves of one doubled call; the variance is the conditional half's."""
+        c = x.shape[-1]
+
+        def predict(x, t):
+            if guidance == 1.0:
+                return self.prior_output(params['prior'], x, t, cond, micro=self.micro(None, x.shape[0]))
+            both = self.prior_output(
+                params['prior'],
+                jnp.concatenate([x, x]),
+                jnp.concatenate([t, t]),
+                jnp.concatenate([cond, uncond]),
+                micro=self.micro(None, 2 * x.shape[0]),
+            )
+            out_c, out_u = jnp.split(both.astype(jnp.float32), 2)
+            eps = samplers.guidance(out_u[..., :c], out_c[..., :c], guidance)
+            return jnp.concatenate([eps, out_c[..., c:]], axis=-1)
+
+        if sampler == 'dpm_solver':
+            timesteps = dpm_solver.timesteps(steps, self.iddpm.num_steps)
+            return dpm_solver.sample(lambda x, t: predict(x, t)[..., :c], x, self.iddpm.alphas_cumprod, timesteps)
+        return iddpm.ancestral_sample(predict, x, rng, iddpm.respace(self.iddpm.betas, steps))
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
         """The effnet map of each image beside the map sampled from its caption (first 3 channels);
@@ -501,7 +586,13 @@ class StageCTask(conditioning.CaptionedTask):
         del model_state
         x0 = self.batch_latents(frozen, batch)
         cond = self.batch_text(params, frozen, batch)
-        return diffusion_loss.fixed_time_losses(lambda x, t: self.epsilon(params, x, t, cond, batch), x0)
+        denoise = functools.partial(self.epsilon, params, cond=cond, batch=batch)
+        if self.iddpm is None:
+            return diffusion_loss.fixed_time_losses(denoise, x0)
+        steps = self.iddpm.num_steps  # the same fractions of the process, as its integer steps
+        times = tuple(round(e * (steps - 1)) for e in diffusion_loss.EVAL_TIMES)
+        add_noise = lambda x0, noise, t: iddpm.q_sample(self.iddpm, x0, t, noise)
+        return diffusion_loss.fixed_time_losses(denoise, x0, times=times, add_noise=add_noise)
 
     def evaluate(
         self, params: Networks, model_state: Networks, frozen: Networks, batches: HostBatches
