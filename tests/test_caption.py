@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_module
-from wurst_jax import caption
-from wurst_jax.data import image_folder
+from wurst_jax.data import image_folder, vlm_captions
 
 SPECIAL = ['<unk>', '<pad>', '<s>', '</s>', '<image>']
 WORDS = 'USER: ASSISTANT: Describe this image and its style in a very detailed manner'.split()
@@ -100,7 +99,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def captioner(model_dir):
     """The job's captioner over the tiny model, counting the images it is given."""
-    inner = caption.load_captioner(str(model_dir), caption.DEFAULT_PROMPT, MAX_NEW_TOKENS)
+    inner = vlm_captions.load_captioner(str(model_dir), vlm_captions.DEFAULT_PROMPT, MAX_NEW_TOKENS)
 
     def counted(images):
         counted.images += len(images)
@@ -169,19 +168,19 @@ def test_cli_captions_every_readable_image_once_in_what_image_folder_ingests(ima
     assert sorted(s.path.relative_to(images).as_posix() for s in scan.skipped) == sorted(UNREADABLE)
 
     # The in-process job over the same model writes the same captions (greedy decoding, batch size aside).
-    again = caption.caption_shard(images, images / 'again.jsonl', captioner, batch_size=2)
+    again = vlm_captions.caption_shard(images, images / 'again.jsonl', captioner, batch_size=2)
     assert again.written == 7 and (images / 'again.jsonl').read_text() == out.read_text()
 
 
 def test_a_rerun_resumes_and_a_cut_off_line_is_captioned_again(images, captioner):
     out = images / 'captions.jsonl'
-    first = caption.caption_shard(images, out, captioner, batch_size=4)
+    first = vlm_captions.caption_shard(images, out, captioner, batch_size=4)
     assert (first.written, first.resumed, len(first.skipped), first.merged) == (7, 0, 2, True)
     expected = out.read_text()
-    shard = caption.ShardPaths(out, 0, 1).jsonl
+    shard = vlm_captions.ShardPaths(out, 0, 1).jsonl
 
     before = captioner.images
-    second = caption.caption_shard(images, out, captioner, batch_size=4)
+    second = vlm_captions.caption_shard(images, out, captioner, batch_size=4)
     assert (second.written, second.resumed, captioner.images - before) == (0, 7, 0)
     assert out.read_text() == expected
 
@@ -189,7 +188,7 @@ def test_a_rerun_resumes_and_a_cut_off_line_is_captioned_again(images, captioner
     text = shard.read_text().splitlines(keepends=True)
     shard.write_text(''.join(text[:2] + text[3:-1]) + text[-1][: len(text[-1]) // 2])
     before = captioner.images
-    third = caption.caption_shard(images, out, captioner, batch_size=4)
+    third = vlm_captions.caption_shard(images, out, captioner, batch_size=4)
     assert (third.written, third.resumed, captioner.images - before) == (2, 5, 2)
     assert out.read_text() == expected
     assert sorted(shard.read_text().splitlines()) == expected.splitlines()  # Appended after the kept lines.
@@ -197,19 +196,21 @@ def test_a_rerun_resumes_and_a_cut_off_line_is_captioned_again(images, captioner
 
 def test_two_processes_merge_to_the_single_process_output(images, tmp_path, captioner):
     single = tmp_path / 'single.jsonl'
-    caption.caption_shard(images, single, captioner, batch_size=2)
+    vlm_captions.caption_shard(images, single, captioner, batch_size=2)
     out = tmp_path / 'out' / 'captions.jsonl'
     out.parent.mkdir()
 
-    first = caption.caption_shard(images, out, captioner, batch_size=2, index=1, count=2)
+    first = vlm_captions.caption_shard(images, out, captioner, batch_size=2, index=1, count=2)
     assert not first.merged and not out.exists()  # Shard 0 is not done yet.
-    second = caption.caption_shard(images, out, captioner, batch_size=2, index=0, count=2)
+    second = vlm_captions.caption_shard(images, out, captioner, batch_size=2, index=0, count=2)
     assert second.merged and first.written + second.written == 7
     assert out.read_text() == single.read_text()
-    assert json.loads(caption.skipped_report(out).read_text()) == json.loads(caption.skipped_report(single).read_text())
-    shard_files = [{r['file'] for r in lines(caption.ShardPaths(out, i, 2).jsonl)} for i in range(2)]
+    assert json.loads(vlm_captions.skipped_report(out).read_text()) == json.loads(
+        vlm_captions.skipped_report(single).read_text()
+    )
+    shard_files = [{r['file'] for r in lines(vlm_captions.ShardPaths(out, i, 2).jsonl)} for i in range(2)]
     assert not shard_files[0] & shard_files[1]
-    every_other = caption.shard_files(sorted(READABLE + UNREADABLE), 0, 2)
+    every_other = vlm_captions.shard_files(sorted(READABLE + UNREADABLE), 0, 2)
     assert sorted(shard_files[0]) == [f for f in every_other if f in READABLE]
 
     # --merge alone rebuilds OUT from the shards; a new image makes them stale, so it refuses.
@@ -218,31 +219,33 @@ def test_two_processes_merge_to_the_single_process_output(images, tmp_path, capt
     assert merged.returncode == 0 and 'merged 2 shards: 7 captions' in merged.stdout, merged.stderr[-3000:]
     assert out.read_text() == single.read_text()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / 'new.png')
-    assert caption.merge(images, out, 2) is None
-    assert caption.pending_shards(out, 2, caption.list_images(images)) == [0, 1]
+    assert vlm_captions.merge(images, out, 2) is None
+    assert vlm_captions.pending_shards(out, 2, vlm_captions.list_images(images)) == [0, 1]
 
 
 def test_empty_captions_are_counted_not_written(images, tmp_path):
     out = tmp_path / 'captions.jsonl'
-    result = caption.caption_shard(images, out, lambda batch: ['' if b.size == (24, 40) else ' x ' for b in batch], 3)
+    result = vlm_captions.caption_shard(
+        images, out, lambda batch: ['' if b.size == (24, 40) else ' x ' for b in batch], 3
+    )
     assert result.written == 6 and result.skipped['a.png'] == 'empty caption' and len(result.skipped) == 3
     assert [r['file'] for r in lines(out)] == sorted(set(READABLE) - {'a.png'})
     assert all(r['caption'] == 'x' for r in lines(out))
-    assert json.loads(caption.skipped_report(out).read_text())['skipped']['a.png'] == 'empty caption'
+    assert json.loads(vlm_captions.skipped_report(out).read_text())['skipped']['a.png'] == 'empty caption'
 
 
 def test_the_prompt_uses_the_chat_template_or_llava_1_5s_format():
-    assert caption.chat_prompt(tiny_processor(), 'Say.') == 'USER: <image>\nSay. ASSISTANT:'
-    assert caption.chat_prompt(tiny_processor(chat_template=None), 'Say.') == 'USER: <image>\nSay. ASSISTANT:'
-    assert caption.DEFAULT_PROMPT == 'Describe this image and its style in a very detailed manner'
+    assert vlm_captions.chat_prompt(tiny_processor(), 'Say.') == 'USER: <image>\nSay. ASSISTANT:'
+    assert vlm_captions.chat_prompt(tiny_processor(chat_template=None), 'Say.') == 'USER: <image>\nSay. ASSISTANT:'
+    assert vlm_captions.DEFAULT_PROMPT == 'Describe this image and its style in a very detailed manner'
 
 
 def test_without_torch_the_module_imports_and_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` now raises ImportError.
     with pytest.raises(ImportError, match=r'pip install -e \.\[caption\]'):
-        caption.load_captioner('unused', caption.DEFAULT_PROMPT, 8)
+        vlm_captions.load_captioner('unused', vlm_captions.DEFAULT_PROMPT, 8)
 
 
 def test_process_index_outside_the_count_is_an_error():
     with pytest.raises(ValueError, match='process_index 2'):
-        caption.shard_files(['a', 'b'], 2, 2)
+        vlm_captions.shard_files(['a', 'b'], 2, 2)
