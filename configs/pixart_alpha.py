@@ -9,26 +9,37 @@ three Stage C runs, each starting from the one before (`init=` its workdir):
            table) and PixArtMS's size and aspect micro-conditions (their embedders start fresh),
            batch 2560, 100k steps.
 
-  python -m wurst_jax.main --config=configs/pixart_alpha.py:stage=1,dit=/models/DiT-XL-2-256,clip=/models/clip-vit-l,stage_a=/models/vqgan \
+  python -m wurst_jax.main --config=configs/pixart_alpha.py:stage=1,dit=/models/DiT-XL-2-256,t5=/models/t5-v1_1-xxl,stage_a=/models/vqgan \
       --workdir=/ckpt/pixart1 --config.input.dataset=imagenet_captions --config.input.data_dir=/data/tfds
-  python -m wurst_jax.main --config=configs/pixart_alpha.py:stage=2,init=/ckpt/pixart1,clip=...,stage_a=... \
+  python -m wurst_jax.main --config=configs/pixart_alpha.py:stage=2,init=/ckpt/pixart1,t5=...,stage_a=... \
       --workdir=/ckpt/pixart2 --config.input.dataset=sam_llava
-  python -m wurst_jax.main --config=configs/pixart_alpha.py:stage=3,init=/ckpt/pixart2,clip=...,stage_a=... \
+  python -m wurst_jax.main --config=configs/pixart_alpha.py:stage=3,init=/ckpt/pixart2,t5=...,stage_a=... \
       --workdir=/ckpt/pixart3 --config.input.dataset=aesthetic
+
+Fine-tuning a released model: `stage=2` (or 3) with `init=` a PixArt-XL-2 `.pth` or diffusers
+transformer folder. `t5=` is a local transformers T5 encoder folder with its `tokenizer.json` (e.g.
+PixArt-alpha's `t5-v1_1-xxl`, saved once by transformers if it holds only `spiece.model`);
+`clip=FOLDER` conditions on a CLIP text encoder instead. Precompute the T5 states once, as PixArt-α's
+`tools/extract_features.py` does, so the step never runs T5:
+`python -m wurst_jax.precompute --config=configs/pixart_alpha.py:stage=2,t5=...,stage_a=... --dtype=bfloat16`,
+then `--config.input.precomputed=DIR`.
 
 The denoiser diffuses Stage A latents directly (`latents='stage_a'`, one diffusion stage as PixArt
 on its VAE; 4 channels, so the DiT's patch embedding fits). `latents=effnet,effnet=...` trains it on
 Würstchen's 16-channel map instead (no DiT start then: stage 1 starts from scratch).
 
-What is PixArt's (paper §3.1 and App. A.5; the `configs/pixart_config/` files and `train_scripts/train.py`
-of PixArt-alpha/PixArt-alpha): DiT-XL/2 (1152 wide, 28 blocks, 16 heads, patch 2); iDDPM's 1000-step
+What is PixArt's (paper §2.4, §3.1 and App. A.5; the `configs/pixart_config/` files and `train_scripts/train.py`
+of PixArt-alpha/PixArt-alpha): DiT-XL/2 (1152 wide, 28 blocks, 16 heads, patch 2); T5-XXL's states of 120 tokens with their
+padding mask in the cross-attention; iDDPM's 1000-step
 linear β process with the learned-range variance of the DiT's second half of output channels and the
 hybrid loss (`diffusion.process='iddpm'`); AdamW (eps 1e-10) at 2e-5 scaled by √(batch/256) (PixArt's
 `auto_lr` rule 'sqrt'), constant after 1000 warm-up steps, weight decay 0.03, gradient clipping at 0.01;
 EMA 0.9999; caption dropout 10 %; the batch sizes and step counts above; the bucket table; sampling with
 DPM-Solver++ at 20 steps and guidance 4.5 (`--prior_sampler=iddpm` for the ancestral sampler). What is
-ours: a local CLIP text encoder (`clip=`, 77 tokens) instead of T5-XXL with 120. The learning rate is
-computed here from the plan's batch: set `--config.optimizer.lr` with `--config.input.batch_size`.
+ours: dropped captions become the empty caption's T5 states (PixArt-α puts a fixed random
+`y_embedding` in their place, which diffusers' pipeline never uses: it samples with the empty caption's). The
+learning rate is computed here from the plan's batch: set `--config.optimizer.lr` with
+`--config.input.batch_size`.
 """
 
 import math
@@ -47,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         stage=1,
         dit='',
         init='',
+        t5='',
         clip='',
         stage_a='',
         latents='stage_a',
@@ -81,7 +93,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         remat_policy='dots',
         micro_conditions=arg.stage == 3,
     )
-    config.text.update(tokenizer=arg.clip, encoder=arg.clip, dropout=0.1)
+    if arg.clip:  # a CLIP text encoder instead of PixArt's T5
+        config.text.update(tokenizer=arg.clip, encoder=arg.clip, dropout=0.1)
+    else:  # T5-v1.1-XXL's states of 120 tokens with their mask (PixArt-α §2.4)
+        config.text.update(architecture='t5', tokenizer=arg.t5, encoder=arg.t5, max_length=120, dropout=0.1)
     config.diffusion.update(process='iddpm', prediction='epsilon', sampler='dpm_solver')
     config.sample.update(prior_steps=20, prior_timesteps='linspace', prior_guidance=4.5)
     lr = 2e-5 * math.sqrt(batch / 256)

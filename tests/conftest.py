@@ -367,6 +367,49 @@ def tiny_clip_folder(path, hidden_size: int = 32) -> None:
     randomise(transformers.CLIPTextModel(config), seed=0).save_pretrained(path)
 
 
+T5_TEST_WORDS = ['a', 'photo', 'of', 'the', 'cat', 'dog', 'on', 'red', 'blue', 'sitting', 'mat']
+
+
+def tiny_t5_tokenizer_folder(path) -> None:
+    """A Unigram over whole words and letters, pre-tokenised and post-processed as T5's tokenizer.json:
+    <pad>=0, </s>=1, <unk>=2, `</s>` appended."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = [('<pad>', 0.0), ('</s>', 0.0), ('<unk>', 0.0), ('\u2581', -2.0)]
+    vocab += [('\u2581' + w, -3.0 - 0.1 * i) for i, w in enumerate(T5_TEST_WORDS)]
+    vocab += [(c, -6.0) for c in 'abcdefghijklmnopqrst']
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='always')]
+    )
+    tokenizer.decoder = decoders.Metaspace(replacement='\u2581', prepend_scheme='always')
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single='$A </s>', pair='$A </s> $B </s>', special_tokens=[('</s>', 1)]
+    )
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in ('<pad>', '</s>', '<unk>')])
+    os.makedirs(path, exist_ok=True)
+    tokenizer.save(os.path.join(path, 'tokenizer.json'))
+
+
+def tiny_t5_folder(path, d_model: int = 32) -> None:
+    """A random two-layer transformers T5 encoder (gated-GELU, as T5 v1.1) with the tokenizer above."""
+    import transformers
+
+    from torch_reference import randomise
+
+    tiny_t5_tokenizer_folder(path)
+    config = transformers.T5Config(
+        vocab_size=64,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj='gated-gelu',
+    )
+    randomise(transformers.T5EncoderModel(config), seed=0).save_pretrained(path)
+
+
 def random_variables(module, *inputs):
     """Random values in the shapes of module.init (running variances positive), without running init
     (slow on CPU for many small convs)."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
-from torch_reference import TOL, nchw, randomise, rel_err
+from torch_reference import TOL, nchw, original_pixart_state, randomise, rel_err
 from wurst_jax import convert
 from wurst_jax.convert.dit import pixart_from_dit
 
@@ -129,51 +129,6 @@ def test_pixart_round_trip_and_scanned_blocks(tmp_path):
     np.testing.assert_allclose(
         flax_forward(scanned, scanned_vars, inputs), flax_forward(module, variables, inputs), rtol=1e-5, atol=1e-6
     )
-
-
-def original_pixart_state(ref: PixArtTransformer2DModel, seed: int) -> dict:
-    """ref's weights under the module names of PixArt-alpha's own code (q/k/v fused, as its attention
-    holds them), with its two non-weight tensors: the positions buffer and the null caption."""
-    names = {
-        'pos_embed.proj.': 'x_embedder.proj.',
-        'adaln_single.linear.': 't_block.1.',
-        'adaln_single.emb.timestep_embedder.linear_': 't_embedder.mlp.',
-        'adaln_single.emb.resolution_embedder.linear_': 'csize_embedder.mlp.',
-        'adaln_single.emb.aspect_ratio_embedder.linear_': 'ar_embedder.mlp.',
-        'caption_projection.linear_': 'y_embedder.y_proj.fc',
-        'proj_out.': 'final_layer.linear.',
-        'scale_shift_table': 'final_layer.scale_shift_table',
-    }
-    mlp_index = {'1': '0', '2': '2'}  # nn.Sequential(Linear, SiLU, Linear)
-    state, out = ref.state_dict(), {}
-    for key, value in state.items():
-        if key.startswith('transformer_blocks.'):
-            continue
-        for new, old in names.items():
-            if key.startswith(new):
-                rest = key[len(new) :]
-                if old.endswith('mlp.'):
-                    rest = mlp_index[rest[0]] + rest[1:]
-                out[old + rest] = value
-                break
-        else:
-            raise AssertionError(f'unmapped diffusers key {key}')
-    for i in range(len(ref.transformer_blocks)):
-        d, o = f'transformer_blocks.{i}.', f'blocks.{i}.'
-        out[o + 'scale_shift_table'] = state[d + 'scale_shift_table']
-        for leaf in ('weight', 'bias'):
-            out[f'{o}attn.qkv.{leaf}'] = torch.cat([state[f'{d}attn1.to_{n}.{leaf}'] for n in 'qkv'])
-            out[f'{o}attn.proj.{leaf}'] = state[f'{d}attn1.to_out.0.{leaf}']
-            out[f'{o}cross_attn.q_linear.{leaf}'] = state[f'{d}attn2.to_q.{leaf}']
-            out[f'{o}cross_attn.kv_linear.{leaf}'] = torch.cat([state[f'{d}attn2.to_{n}.{leaf}'] for n in 'kv'])
-            out[f'{o}cross_attn.proj.{leaf}'] = state[f'{d}attn2.to_out.0.{leaf}']
-            out[f'{o}mlp.fc1.{leaf}'] = state[f'{d}ff.net.0.proj.{leaf}']
-            out[f'{o}mlp.fc2.{leaf}'] = state[f'{d}ff.net.2.{leaf}']
-    out['pos_embed'] = ref.pos_embed.pos_embed.clone()  # diffusers' own positions at the base grid
-    out['y_embedder.y_embedding'] = torch.randn(
-        7, ref.config.caption_channels, generator=torch.Generator().manual_seed(seed)
-    )
-    return out
 
 
 @pytest.mark.parametrize('name', list(CONFIGS))

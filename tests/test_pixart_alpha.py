@@ -1,6 +1,10 @@
-"""PixArt-α's diffusion in the Stage C task (`diffusion.process='iddpm'`): DPM-Solver++ sampling equal to
-diffusers' PixArtAlphaPipeline denoising loop on the same weights, text states and noise; the hybrid-loss
-step and its held-out loss; the configs it refuses."""
+"""PixArt-α in the Stage C task: iDDPM's diffusion (`diffusion.process='iddpm'`) with DPM-Solver++ sampling
+equal to diffusers' PixArtAlphaPipeline denoising loop on the same weights, text states and noise; the
+hybrid-loss step and its held-out loss; the configs it refuses; and a fine-tune as a user starts one, from
+an original `.pth` and a T5 encoder folder, its masked T5 states equal to transformers' in that loop."""
+
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +12,15 @@ import numpy as np
 import optax
 import pytest
 import torch
+import transformers
 from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
-from conftest import load_config
-from torch_reference import nchw, nhwc, randomise, rel_err
-from wurst_jax import tasks
+from conftest import REPO, load_config, tiny_t5_folder
+from torch_reference import nchw, nhwc, original_pixart_state, randomise, rel_err
+from wurst_jax import checkpoint, tasks, train
 from wurst_jax.config_lib import ConfigError
+from wurst_jax.data import input_pipeline
+from wurst_jax.pipeline import Pipeline
 
 TEXT_WIDTH = 32  # configs/shapes.py:runlocal's trained text encoder
 
@@ -28,7 +35,8 @@ def iddpm_config(vqgan_folder, prior_folder=''):
     return config
 
 
-def random_pixart_folder(path, out_channels: int = 8):
+def random_pixart(out_channels: int = 8) -> PixArtTransformer2DModel:
+    """A random two-block PixArt on 8x8x4 latents reading TEXT_WIDTH-wide text states."""
     model = PixArtTransformer2DModel(
         num_attention_heads=2,
         attention_head_dim=12,
@@ -45,13 +53,19 @@ def random_pixart_folder(path, out_channels: int = 8):
     randomise(model, seed=0, scale=0.1)
     with torch.no_grad():
         model.pos_embed.pos_embed.copy_(positions)
+    return model
+
+
+def random_pixart_folder(path, out_channels: int = 8) -> PixArtTransformer2DModel:
+    model = random_pixart(out_channels)
     model.save_pretrained(path)
     return model
 
 
-def pixart_pipeline_loop(model, latents, cond, uncond, steps: int, guidance: float) -> np.ndarray:
+def pixart_pipeline_loop(model, latents, cond, uncond, steps: int, guidance: float, masks=None) -> np.ndarray:
     """diffusers' PixArtAlphaPipeline.__call__ denoising loop (`output_type='latent'`), with the
-    DPMSolverMultistepScheduler configuration of PixArt-alpha's released pipelines."""
+    DPMSolverMultistepScheduler configuration of PixArt-alpha's released pipelines; `masks` are the
+    (cond, uncond) T5 attention masks."""
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=1000,
         beta_start=1e-4,
@@ -66,11 +80,13 @@ def pixart_pipeline_loop(model, latents, cond, uncond, steps: int, guidance: flo
     scheduler.set_timesteps(steps)
     x = nchw(latents)
     states = torch.from_numpy(np.concatenate([uncond, cond]))
+    mask = None if masks is None else torch.from_numpy(np.concatenate([masks[1], masks[0]]))
     with torch.no_grad():
         for t in scheduler.timesteps:
             out = model(
                 torch.cat([x, x]),
                 encoder_hidden_states=states,
+                encoder_attention_mask=mask,
                 timestep=t.expand(2 * x.shape[0]),
                 added_cond_kwargs={'resolution': None, 'aspect_ratio': None},
             ).sample
@@ -160,3 +176,77 @@ def test_iddpm_refuses_what_it_cannot_train(tiny_stage_folders, tmp_path):
     random_pixart_folder(tmp_path / 'no_variance', out_channels=4)
     message = error(iddpm_config(tiny_stage_folders['vqgan'], tmp_path / 'no_variance'))
     assert 'config.init.prior' in message and 'learned variance' in message
+
+
+def test_fine_tune_from_an_original_checkpoint_and_a_t5_folder(tiny_stage_folders, tmp_path):
+    """configs/pixart_alpha.py at stage 2 from PixArt-alpha's `.pth` layout and a transformers T5 folder:
+    the converted model samples what diffusers' pipeline loop samples from transformers' T5 states and
+    masks; padded tokens are masked; T5 states precomputed in bfloat16 with their masks train the same
+    step as T5 in the step; two training steps on them, then images from prompts."""
+    tiny_t5_folder(tmp_path / 't5', d_model=TEXT_WIDTH)
+    reference = random_pixart()
+    torch.save({'state_dict': original_pixart_state(reference, seed=0)}, tmp_path / 'PixArt.pth')
+    arg = f'stage=2,runlocal,init={tmp_path}/PixArt.pth,t5={tmp_path}/t5,stage_a={tiny_stage_folders["vqgan"]}'
+    config = load_config('pixart_alpha', arg)
+    # 32 px images: Stage A's 8x8 latents, the checkpoint's grid.
+    config.input.update(dataset='shapes', image_size=32, data_dir=str(tmp_path / 'data'))
+    config.input.shapes.update(num_train=16, num_test=8)
+    tasks.validate(config)
+    task = tasks.create(config)
+    assert task.text.masked and config.text.max_length == 120
+    params, frozen = task.pretrained_params(), task.frozen_params()
+
+    prompts = ['a photo of the cat', 'the dog on a red mat']
+    tokens = task.tokenizer(prompts)
+    cond, uncond = task.text.encode_for_guidance(params, frozen, tokens['input_ids'], tokens['attention_mask'])
+    t5 = transformers.T5EncoderModel.from_pretrained(tmp_path / 't5')
+    empty = task.tokenizer([''] * len(prompts))
+    with torch.no_grad():
+        ref_cond, ref_uncond = (
+            t5(
+                input_ids=torch.from_numpy(t['input_ids']).long(), attention_mask=torch.from_numpy(t['attention_mask'])
+            ).last_hidden_state.numpy()
+            for t in (tokens, empty)
+        )
+    key = jax.random.key(5)
+    latents = np.asarray(jax.random.normal(jax.random.split(key)[0], (2, *task.latent_shape())))
+    ours = jax.jit(lambda p, c, u, k: task.sample_from_states(p, c, u, k, steps=8, guidance=4.5))(
+        params, cond, uncond, key
+    )
+    masks = (tokens['attention_mask'], empty['attention_mask'])
+    ref = pixart_pipeline_loop(reference, latents, ref_cond, ref_uncond, 8, 4.5, masks)
+    assert rel_err(ours, ref) < 1e-4, rel_err(ours, ref)
+    unmasked = pixart_pipeline_loop(reference, latents, ref_cond, ref_uncond, 8, 4.5)
+    assert rel_err(ours, unmasked) > 100 * rel_err(ours, ref)  # attending to the padding differs: masks were read
+
+    images = next(
+        input_pipeline.create_eval_iterator(config.input, split='train', batch_size=8, tokenizer=task.tokenizer)
+    )
+    command = [sys.executable, '-m', 'wurst_jax.precompute', f'--config=configs/pixart_alpha.py:{arg}']
+    command += [f'--config.input.{k}={v}' for k, v in (('dataset', 'shapes'), ('image_size', 32))]
+    command += [f'--config.input.data_dir={tmp_path / "data"}', f'--out={tmp_path / "pre"}', '--dtype=bfloat16']
+    command += ['--config.input.shapes.num_train=16', '--config.input.shapes.num_test=8', '--batch_size=8']
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pre_config = config.copy_and_resolve_references()
+    pre_config.input.precomputed = str(tmp_path / 'pre')
+    tasks.validate(pre_config)
+    pre_task = tasks.create(pre_config)
+    assert set(pre_task.batch_spec()) == {'latents', 'text_states', 'text_mask'}
+    records = next(input_pipeline.create_eval_iterator(pre_config.input, split='train', batch_size=8))
+    states = task.text.encode(frozen['text'], jnp.asarray(images['tokens']), jnp.asarray(images['token_mask']))
+    np.testing.assert_array_equal(records['text_mask'], images['token_mask'])
+    np.testing.assert_allclose(records['text_states'], states.states, rtol=1e-2, atol=1e-2)  # bfloat16
+    keys = ('image', 'tokens', 'token_mask'), ('latents', 'text_states', 'text_mask')
+    losses = [
+        t.grads(params, {}, frozen, {k: jnp.asarray(b[k]) for k in ks}, jax.random.key(1), 0)[2]['loss']
+        for t, b, ks in ((task, images, keys[0]), (pre_task, records, keys[1]))
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+
+    workdir = str(tmp_path / 'run')
+    train.train_and_evaluate(pre_config, workdir)
+    _, state = checkpoint.load_trained(workdir)
+    assert set(state['params']) == {'prior'}  # T5 stays frozen, outside the checkpoint
+    images = Pipeline(workdir, None)(prompts, batch_size=2)
+    assert images.shape == (2, 32, 32, 3) and images.std() > 0

@@ -13,9 +13,8 @@ import torch
 import transformers
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from conftest import tiny_clip_tokenizer_folder
+from conftest import tiny_clip_tokenizer_folder, tiny_t5_tokenizer_folder
 from torch_reference import TOL, randomise, rel_err
 from wurst_jax import convert
 from wurst_jax.convert import core
@@ -288,7 +287,6 @@ def test_bad_folders_name_the_problem(tmp_path):
 
 # --- tokenizer ---------------------------------------------------------------------------------
 
-WORDS = ['a', 'photo', 'of', 'the', 'cat', 'dog', 'on', 'red', 'blue', 'sitting', 'mat']
 TEXTS = [
     'a photo of the cat',
     'the   dog on a red mat',
@@ -298,30 +296,12 @@ TEXTS = [
 ]
 
 
-def _tiny_t5_tokenizer_json(path) -> None:
-    """A Unigram over whole words and letters, pre-tokenised and post-processed as T5's tokenizer.json:
-    <pad>=0, </s>=1, <unk>=2, `</s>` appended."""
-    vocab = [('<pad>', 0.0), ('</s>', 0.0), ('<unk>', 0.0), ('\u2581', -2.0)]
-    vocab += [('\u2581' + w, -3.0 - 0.1 * i) for i, w in enumerate(WORDS)] + [(c, -6.0) for c in 'abcdefghijklmnopqrst']
-    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='always')]
-    )
-    tokenizer.decoder = decoders.Metaspace(replacement='\u2581', prepend_scheme='always')
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single='$A </s>', pair='$A </s> $B </s>', special_tokens=[('</s>', 1)]
-    )
-    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in ('<pad>', '</s>', '<unk>')])
-    os.makedirs(path, exist_ok=True)
-    tokenizer.save(os.path.join(path, 'tokenizer.json'))
-
-
 @pytest.mark.parametrize('max_length', [120, 6])
 def test_t5_tokenizer_matches_transformers(tmp_path, max_length):
     """A bare tokenizer.json folder, and the same saved by transformers (tokenizer_config.json names
     <pad>): both give T5TokenizerFast's ids and mask, pieces then </s> then <pad> = 0, truncation
     keeping the </s>."""
-    _tiny_t5_tokenizer_json(tmp_path / 'bare')
+    tiny_t5_tokenizer_folder(tmp_path / 'bare')
     reference = transformers.T5TokenizerFast.from_pretrained(tmp_path / 'bare', extra_ids=0)
     expected = reference(TEXTS, padding='max_length', max_length=max_length, truncation=True)
     reference.save_pretrained(tmp_path / 'saved')

@@ -120,11 +120,18 @@ def optimizer_config(
     )
 
 
-def word_text_config(vocabulary, *, width: int, layers: int) -> ml_collections.ConfigDict:
-    """A small CLIP-architecture text encoder trained with the stage over a closed vocabulary of
-    words (`tokenizer='words'`), with per-sample caption dropout for classifier-free guidance."""
+def word_text_config(vocabulary, *, width: int, layers: int, architecture: str = 'clip') -> ml_collections.ConfigDict:
+    """A small text encoder trained with the stage over a closed vocabulary of words
+    (`tokenizer='words'`), CLIP's architecture or T5's (gated-GELU, as T5 v1.1), with per-sample
+    caption dropout for classifier-free guidance."""
+    if architecture == 't5':
+        encoder = dict(d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=layers, num_heads=4)
+    else:
+        encoder = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, hidden_act='gelu')
+        encoder.update(num_attention_heads=4)
     return ml_collections.ConfigDict(
         dict(
+            architecture=architecture,
             tokenizer='words',
             vocabulary=vocabulary,
             max_length=16,
@@ -132,15 +139,7 @@ def word_text_config(vocabulary, *, width: int, layers: int) -> ml_collections.C
             hidden_state='last',
             dropout=0.1,
             dropout_mode='sample',
-            encoder_config=ml_collections.ConfigDict(
-                dict(
-                    hidden_size=width,
-                    intermediate_size=4 * width,
-                    num_hidden_layers=layers,
-                    num_attention_heads=4,
-                    hidden_act='gelu',
-                )
-            ),
+            encoder_config=ml_collections.ConfigDict(encoder),
         )
     )
 

@@ -27,10 +27,12 @@ def _common(family: str, *, lr: float) -> ml_collections.ConfigDict:
 
 
 def _text() -> ml_collections.ConfigDict:
-    """A CLIP text encoder read from a local folder (its tokenizer beside it), or trained with the
-    stage over a word list (`tokenizer='words'`); captions dropped for classifier-free guidance."""
+    """A CLIP text encoder (or T5's, `architecture='t5'`) read from a local folder (its tokenizer beside
+    it), or trained with the stage over a word list (`tokenizer='words'`); captions dropped for
+    classifier-free guidance."""
     return ml_collections.ConfigDict(
         dict(
+            architecture='clip',
             tokenizer='',
             vocabulary=[],
             max_length=77,

@@ -1,9 +1,10 @@
-"""Stage C's frozen inputs, computed once: effnet latents and (for a frozen text encoder) text states.
+"""Stage C's frozen inputs, computed once: effnet (or Stage A) latents and, for a frozen text encoder,
+text states (with their padding mask for a T5 encoder, as PixArt-α's `tools/extract_features.py`).
 
   python -m wurst_jax.precompute --config=configs/stage_c.py:clip=...,effnet=... [--out=DIR]
       [--splits=train,test] [--batch_size=64] [--dtype=float32|bfloat16]
 
-Runs the config's semantic compressor (and a frozen CLIP) over every image of each split, centre-
+Runs the config's semantic compressor (and a frozen text encoder) over every image of each split, centre-
 cropped as for evaluation, and writes the ArrayRecord files and metadata.json that
 `wurst_jax/data/precomputed.py` describes; each JAX process writes every N-th example to its own file.
 DIR defaults to `stage_c_precomputed` next to the dataset's own ArrayRecord files. Train on it with
@@ -43,7 +44,7 @@ def default_out(config: ml_collections.ConfigDict) -> str:
 
 
 def encode_fn(task):
-    """jitted images [-1, 1], tokens, mask -> (latents, text states or None)."""
+    """jitted images [-1, 1], tokens, mask -> (latents, text states (MaskedStates of T5) or None)."""
     frozen = task.frozen_params()
     text_frozen = not task.text.trainable
 
@@ -87,7 +88,10 @@ def write_split(task, config: ml_collections.ConfigDict, split: str, out: str, b
                 'latents': np.asarray(latents[i]).astype(dtype),
             }
             if states is not None:
-                record['text_states'] = np.asarray(states[i]).astype(dtype)
+                text, mask = states if task.text.masked else (states, None)
+                record['text_states'] = np.asarray(text[i]).astype(dtype)
+                if mask is not None:
+                    record['text_mask'] = np.asarray(mask[i]).astype(np.uint8)
             writer.write(serialization.msgpack_serialize(record))
         written += n
     writer.close()

@@ -25,7 +25,7 @@ import flax.linen as nn
 import numpy as np
 from safetensors.numpy import save_file
 
-from wurst_jax.convert import core
+from wurst_jax.convert import core, pixart
 
 # The released Würstchen v2 networks; `config` arguments override single fields.
 RELEASED_CONFIGS = {
@@ -36,9 +36,6 @@ RELEASED_CONFIGS = {
     # Würstchen v1's Stage B: train_stage_B.py builds `Paella(byt5_embd=1024)` (CLIP-H text states); the other
     # fields are the official constructor's defaults, which the Flax Paella's are.
     'paella': dict(byt5_embd=1024),
-    # PixArt-XL-2-1024-MS.pth; the 512 / 256 files: {'sample_size': 64 / 32, 'use_additional_conditions': False,
-    # 'interpolation_scale': 1}, and the loader names the interpolation_scale if the file's positions disagree.
-    'pixart': dict(sample_size=128, interpolation_scale=2, caption_channels=4096, in_channels=4, out_channels=8),
 }
 _ENTRIES = {
     'prior': ('ema_state_dict', 'state_dict'),
@@ -168,16 +165,18 @@ def load_original(path: str, component: str, config: dict | None = None, **modul
         raise FileNotFoundError(f'{path} not found: expected an original {component} checkpoint file')
     comp = core.component(component)
     state = diffusers_names(read_checkpoint(path, component))
-    module = comp.from_config(
-        {**RELEASED_CONFIGS.get(component, {}), **_fields_of_file(component, state), **(config or {})}
-    )
+    released, config = RELEASED_CONFIGS.get(component, {}), config or {}
+    fields = _fields_of_file(component, state, {**released, **config})
+    module = comp.from_config({**released, **fields, **config})
     if module_overrides:
         module = module.clone(**module_overrides)
     return module, core.variables_from_state_dict(module, component, state)
 
 
-def _fields_of_file(component: str, state: dict[str, np.ndarray]) -> dict:
+def _fields_of_file(component: str, state: dict[str, np.ndarray], config: dict) -> dict:
     """Config fields that the released files of one component differ in, read off the tensors."""
+    if component == 'pixart':  # all of its architecture but the head count
+        return pixart.original_fields(state, config.get('num_attention_heads', 16))
     if component == 'effnet':  # Würstchen's mapper BatchNorm is affine, Stable Cascade's (affine=False) is not
         fields = {'mapper_affine': 'mapper.1.weight' in state}
         # torchvision's features: stem, the stages, the head conv. V2-S has 6 stages (head backbone.7), V2-L 7

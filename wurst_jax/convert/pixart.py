@@ -5,15 +5,18 @@ timestep / size MLPs and `t_block` live under `adaln_single` (`adaln_single.emb.
 `adaln_single.linear`), `pos_embed_proj` <-> `pos_embed.proj`, and Sequential indices come back
 (`to_out.0`, `ff.net.0.proj`, `ff.net.2`, `caption_projection.linear_1`).
 
-Original PixArt `.pth` files (`load_diffusers('PixArt-XL-2-512x512.pth', 'pixart')`, or
-`convert.original.load_original(path, 'pixart', config)` for fields other than the 1024-MS model's)
-carry the names of PixArt-alpha's own modules; `original_to_diffusers` renames them the way diffusers'
-converter does, splitting the fused `attn.qkv` and `cross_attn.kv_linear`. Two tensors of those
-files are not weights: `pos_embed`, the fixed positions, is checked against the ones the module
-computes (a mismatch names the `interpolation_scale` the file was made with), and
+Original PixArt `.pth` files (`load_diffusers('PixArt-XL-2-512x512.pth', 'pixart')`) have their
+architecture read off their tensors (`original_fields`) but for the head count: 16, as the released XL-2
+files, or `convert.original.load_original(path, 'pixart', {'num_attention_heads': n})`. They carry
+the names of PixArt-alpha's own modules; `original_to_diffusers` renames them the way diffusers'
+converter does, splitting the fused `attn.qkv` and `cross_attn.kv_linear`. Two tensors of those files
+are not weights: `pos_embed`, the fixed positions, gives the base grid and the `interpolation_scale`
+(and is checked against the ones the module computes), and
 `y_embedder.y_embedding`, the fixed random caption that replaced dropped captions in training, is
 dropped as diffusers' converter drops it (sampling uses the empty caption's states instead).
 """
+
+import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -139,6 +142,7 @@ _FUSED = {
     'cross_attn.kv_linear.': ('attn2.to_k.', 'attn2.to_v.'),
 }
 _NOT_WEIGHTS = ('pos_embed', 'y_embedder.y_embedding')
+_INTERPOLATION_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # diffusers' converter: 0.5, 1 and 2 at 256, 512, 1024 px
 
 
 def _rename(key: str, table: dict[str, str]) -> str | None:
@@ -178,6 +182,37 @@ def original_to_diffusers(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     return out
 
 
+def original_fields(state: dict[str, np.ndarray], num_heads: int) -> dict:
+    """The diffusers config fields of an original PixArt state dict, read off its tensors: all but the
+    head count (16 in the released XL-2 files), which splits the width. {} for diffusers names."""
+    if 'x_embedder.proj.weight' not in state:
+        return {}
+    width, in_channels, patch, _ = state['x_embedder.proj.weight'].shape
+    if width % num_heads:
+        raise ValueError(f'PixArt checkpoint width {width} is not a multiple of num_attention_heads={num_heads}')
+    fields = dict(
+        in_channels=in_channels,
+        out_channels=state['final_layer.linear.weight'].shape[0] // patch**2,
+        num_layers=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')),
+        patch_size=patch,
+        num_attention_heads=num_heads,
+        attention_head_dim=width // num_heads,
+        cross_attention_dim=width,
+        caption_channels=state['y_embedder.y_proj.fc1.weight'].shape[1],
+        use_additional_conditions='csize_embedder.mlp.0.weight' in state,
+    )
+    if 'pos_embed' in state:  # the base grid, and the interpolation scale whose positions these are
+        stored = np.asarray(state['pos_embed']).reshape(-1, width)
+        grid = math.isqrt(stored.shape[0])
+        fields['sample_size'] = grid * patch
+        module = _from_config(fields)
+        for scale in _INTERPOLATION_SCALES:
+            if np.allclose(stored, module.clone(interpolation_scale=scale).positions(grid, grid), atol=1e-4):
+                fields['interpolation_scale'] = scale
+                break
+    return fields
+
+
 def _check_positions(module: PixArtTransformer, state: dict[str, np.ndarray]) -> None:
     """The file's fixed positions must be the module's: else its sample_size / interpolation_scale differ."""
     if 'pos_embed' not in state:
@@ -193,7 +228,7 @@ def _check_positions(module: PixArtTransformer, state: dict[str, np.ndarray]) ->
     if not np.allclose(stored, ours, atol=1e-4):
         scales = [
             s
-            for s in (0.25, 0.5, 1.0, 2.0, 4.0)
+            for s in _INTERPOLATION_SCALES
             if np.allclose(stored, module.clone(interpolation_scale=s).positions(base, base), atol=1e-4)
         ]
         raise ValueError(

@@ -2,7 +2,7 @@
 
 A folder holds `{split}-{process:05d}-of-{N:05d}.array_record` files of msgpack dicts (id, caption,
 latents [h, w, c] scaled as config.latent_scaling says, and text_states [L, D] for a frozen text
-encoder) and metadata.json with the config fields they depend on.
+encoder, with text_mask [L] (1 for a real token) for a T5 one) and metadata.json with the config fields they depend on.
 """
 
 import json
@@ -90,4 +90,6 @@ def decode_record(record: bytes) -> dict:
     for key in ('latents', 'text_states'):
         if key in example:
             example[key] = np.asarray(example[key], np.float32)
+    if 'text_mask' in example:
+        example['text_mask'] = np.asarray(example['text_mask'], np.int32)
     return example

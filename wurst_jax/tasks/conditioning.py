@@ -6,7 +6,7 @@ with the latent and token spaces it defines), and two base classes: `CaptionedTa
 encoder, captioned batches, AdamW) and `DecoderTask` (what both Stage Bs add to it)."""
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +23,30 @@ from wurst_jax.models.effnet import EFFNET_ARCHS, EfficientNetEncoder
 from wurst_jax.models.layers import DTYPES, REMAT_POLICIES
 from wurst_jax.models.resize import resize
 from wurst_jax.models.stage_a import VQGAN
+from wurst_jax.models.t5 import T5Encoder
 from wurst_jax.tokenizer import create_tokenizer
 
 HIDDEN_STATES = ('last', 'penultimate')  # Würstchen: after the final LN; Stable Cascade: hidden_states[-1]
 DROPOUT_MODES = ('batch', 'sample')
+# CLIP's text transformer (Würstchen, Stable Cascade), or T5's encoder with its padding mask (PixArt-α).
+TEXT_ARCHITECTURES = ('clip', 't5')
+_CONVERTED_NAMES = {'clip': 'clip_text', 't5': 't5_encoder'}  # wurst_jax.convert's component names
 
 
-def validate_text(text: ml_collections.ConfigDict) -> None:
+class MaskedStates(NamedTuple):
+    """A T5 encoder's text conditioning: the states and which of them are real tokens, as PixArt-α's
+    cross-attention reads them (padded keys masked)."""
+
+    states: jax.Array  # [B, L, D]
+    mask: jax.Array  # [B, L] bool
+
+
+def validate_text(text: ml_collections.ConfigDict, architectures: tuple[str, ...] = ('clip',)) -> None:
+    """config.text; `architectures` are the text encoders the family's denoiser can read."""
+    if text.architecture not in architectures:
+        raise ConfigError('text.architecture', text.architecture, f'one of {architectures} for this model')
+    if text.architecture == 't5' and text.hidden_state != 'last':
+        raise ConfigError('text.hidden_state', text.hidden_state, "'last' for a T5 encoder")
     if text.hidden_state not in HIDDEN_STATES:
         raise ConfigError('text.hidden_state', text.hidden_state, f'one of {HIDDEN_STATES}')
     if text.dropout_mode not in DROPOUT_MODES:
@@ -44,42 +61,57 @@ def validate_text(text: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             'text.encoder',
             text.encoder,
-            "'train', or a local transformers CLIP text folder (config.json + model.safetensors)",
+            f"'train', or a local transformers {text.architecture.upper()} text encoder folder (config.json + "
+            '*.safetensors)',
         )
     if text.tokenizer not in ('bytes', 'words') and not os.path.isfile(os.path.join(text.tokenizer, 'tokenizer.json')):
         raise ConfigError('text.tokenizer', text.tokenizer, "'bytes', 'words', or a local folder with tokenizer.json")
 
 
 class TextConditioner:
-    """Tokenizer + CLIP text encoder; `trainable` when config.text.encoder == 'train'.
+    """Tokenizer + text encoder (CLIP's, or T5's giving `MaskedStates`); `trainable` when
+    config.text.encoder == 'train'.
 
-    config.text: tokenizer ('bytes', 'words' of text.vocabulary, or a local CLIP folder), max_length,
-    encoder ('train' or a local transformers CLIP text folder, used frozen), encoder_config (the CLIP
-    fields of a trained encoder), hidden_state, dropout and dropout_mode (caption -> "" for CFG).
+    config.text: architecture ('clip' or 't5'), tokenizer ('bytes', 'words' of text.vocabulary, or a
+    local model folder), max_length, encoder ('train' or a local transformers text encoder folder, used
+    frozen), encoder_config (the CLIPTextConfig / T5Config fields of a trained encoder), hidden_state,
+    dropout and dropout_mode (caption -> "" for CFG).
     """
 
     def __init__(self, text: ml_collections.ConfigDict, dtype: Any = jnp.float32):
         self.config = text
+        self.masked = text.architecture == 't5'
         self.tokenizer = create_tokenizer(text.tokenizer, text.max_length, text.vocabulary)
         self.trainable = text.encoder == 'train'
         if self.trainable:
-            self.module = CLIPTextModel(
-                vocab_size=self.tokenizer.vocab_size,
-                max_position_embeddings=text.max_length,
-                eos_token_id=self.tokenizer.eos_token_id,
-                projection_dim=None,
-                dtype=dtype,
-                **text.encoder_config.to_dict(),
-            )
-            self._frozen = None
+            self.module, self._frozen = self._trained_module(dtype), None
         else:
-            self.module, self._frozen = convert.load_diffusers(text.encoder, 'clip_text', dtype=dtype)
+            name = _CONVERTED_NAMES[text.architecture]
+            self.module, self._frozen = convert.load_diffusers(text.encoder, name, dtype=dtype)
         empty = self.tokenizer([''])
         self.empty_tokens, self.empty_mask = empty['input_ids'][0], empty['attention_mask'][0]
 
+    def _trained_module(self, dtype: Any) -> CLIPTextModel | T5Encoder:
+        fields = self.config.encoder_config.to_dict()
+        if self.masked:
+            return T5Encoder(vocab_size=self.tokenizer.vocab_size, dtype=dtype, **fields)
+        return CLIPTextModel(
+            vocab_size=self.tokenizer.vocab_size,
+            max_position_embeddings=self.config.max_length,
+            eos_token_id=self.tokenizer.eos_token_id,
+            projection_dim=None,
+            dtype=dtype,
+            **fields,
+        )
+
     @property
     def width(self) -> int:
-        return self.module.hidden_size
+        return self.module.d_model if self.masked else self.module.hidden_size
+
+    def placeholder(self, batch: int = 1) -> jax.Array | MaskedStates:
+        """Zero states of `batch` captions (what shapes a denoiser's init), masked like a T5 encoder's."""
+        states = jnp.zeros((batch, self.config.max_length, self.width))
+        return MaskedStates(states, jnp.ones(states.shape[:2], bool)) if self.masked else states
 
     def init(self, rng: jax.Array) -> Any:
         return self.module.init(rng, jnp.zeros((1, self.config.max_length), jnp.int32))['params']
@@ -92,9 +124,11 @@ class TextConditioner:
         """The encoder's params: trained ones from the stage's params, else the frozen ones."""
         return params['text'] if self.trainable else frozen['text']
 
-    def encode(self, params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-        """[B, L] tokens -> [B, L, width] states (the configured hidden state)."""
+    def encode(self, params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array | MaskedStates:
+        """[B, L] tokens -> [B, L, width] states (the configured hidden state); T5's with their mask."""
         out = self.module.apply({'params': params}, tokens, mask)
+        if self.masked:
+            return MaskedStates(out, mask.astype(bool))
         return out['last_hidden_state'] if self.config.hidden_state == 'last' else out['hidden_states'][-1]
 
     def _dropped(self, rng: jax.Array, batch: int) -> jax.Array:
@@ -111,21 +145,38 @@ class TextConditioner:
             jnp.where(drop, jnp.asarray(self.empty_mask), mask),
         )
 
-    def drop_states(self, rng: jax.Array, states: jax.Array, text_params: Any) -> jax.Array:
-        """Caption dropout for CFG on precomputed [B, L, D] states of a frozen encoder."""
-        return jnp.where(self._dropped(rng, states.shape[0])[:, :, None], self.empty_states(text_params), states)
+    def drop_states(self, rng: jax.Array, states: Any, text_params: Any) -> Any:
+        """Caption dropout for CFG on precomputed [B, L, D] states (with their mask) of a frozen encoder."""
+        drop = self._dropped(rng, batch_size(states))
+        return jax.tree.map(
+            lambda e, s: jnp.where(drop.reshape(drop.shape + (1,) * (s.ndim - 2)), e, s),
+            self.empty_states(text_params),
+            states,
+        )
 
-    def empty_states(self, text_params: Any) -> jax.Array:
+    def empty_states(self, text_params: Any) -> jax.Array | MaskedStates:
         """[1, L, D] states of the empty caption: what dropped captions and the unconditional half see."""
         return self.encode(text_params, jnp.asarray(self.empty_tokens)[None], jnp.asarray(self.empty_mask)[None])
 
-    def encode_for_guidance(
-        self, params: Any, frozen: dict, tokens: jax.Array, mask: jax.Array
-    ) -> tuple[jax.Array, jax.Array]:
+    def unconditional(self, text_params: Any, cond: Any) -> Any:
+        """The empty caption's states, one per caption of `cond`: the unconditional half of guidance."""
+        return jax.tree.map(lambda e, c: jnp.broadcast_to(e, c.shape), self.empty_states(text_params), cond)
+
+    def encode_for_guidance(self, params: Any, frozen: dict, tokens: jax.Array, mask: jax.Array) -> tuple[Any, Any]:
         """(states of the captions, states of the empty caption): the two halves of guidance."""
         text_params = self.params(params, frozen)
         cond = self.encode(text_params, tokens, mask)
-        return cond, jnp.broadcast_to(self.empty_states(text_params), cond.shape)
+        return cond, self.unconditional(text_params, cond)
+
+
+def batch_size(cond: Any) -> int:
+    """The number of captions in text conditioning (states, or `MaskedStates`)."""
+    return jax.tree.leaves(cond)[0].shape[0]
+
+
+def concat_halves(cond: Any, uncond: Any) -> Any:
+    """[conditional; unconditional] text conditioning, for one doubled call of a guided denoiser."""
+    return jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
 
 
 # The families whose runs hold a Stage B (and the effnet it trained): Würstchen v2's and v1's.
@@ -221,9 +272,9 @@ def evaluate_held_out(losses_fn, params: Any, model_state: Any, frozen: dict, ba
     return result
 
 
-def validate_diffusion(config: ml_collections.ConfigDict) -> None:
-    """The fields Stage B and Stage C share: diffusion, text and optimizer."""
-    validate_text(config.text)
+def validate_diffusion(config: ml_collections.ConfigDict, text_architectures: tuple[str, ...] = ('clip',)) -> None:
+    """The fields Stage B and Stage C share: diffusion, text (of `text_architectures`) and optimizer."""
+    validate_text(config.text, text_architectures)
     validate_optimizer(config, 'optimizer')
     d = config.diffusion
     if d.t_sampling not in schedule.T_SAMPLING:

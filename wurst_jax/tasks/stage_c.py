@@ -49,6 +49,7 @@ class WuerstchenBackbone:
     """Würstchen's prior (`models/stage_c.py`): times in [0, 1] as they are, dropout in its blocks."""
 
     TIME_SCALE = 1.0  # our t in [0, 1] -> the network's time input
+    TEXT_ARCHITECTURES = ('clip',)  # its cross-attention has no key mask
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
@@ -119,6 +120,7 @@ class PixArtBackbone:
     units, no dropout; PixArtMS's size and aspect micro-conditions with model.micro_conditions."""
 
     TIME_SCALE = 1000.0  # our t in [0, 1] -> PixArt's timestep units
+    TEXT_ARCHITECTURES = conditioning.TEXT_ARCHITECTURES  # CLIP's states, or T5's with their padding mask
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
@@ -165,6 +167,9 @@ class PixArtBackbone:
         elif convert.core.read_class_name(source) == 'DiTTransformer2DModel':
             module, variables = pixart_from_dit(source, caption_channels=width, **options)
             pretrained = {'prior': variables['params']}
+        elif os.path.isfile(source):  # an original .pth: its architecture from its tensors, the heads from ours
+            module, variables = convert.load_original(source, 'pixart', {'num_attention_heads': m.num_heads}, **options)
+            pretrained = {'prior': variables['params']}
         else:
             module, variables = convert.load_diffusers(source, 'pixart', **options)
             pretrained = {'prior': variables['params']}
@@ -201,7 +206,8 @@ class PixArtBackbone:
     def init(
         module: PixArtTransformer, rng: jax.Array, x: jax.Array, t: jax.Array, cond: jax.Array, micro: tuple | None
     ) -> Any:
-        return module.init(rng, x, t, cond, *(() if micro is None else (None, *micro)))['params']
+        states, mask = _states_and_mask(cond)
+        return module.init(rng, x, t, states, mask, *(micro or ()))['params']
 
     @staticmethod
     def apply(
@@ -214,7 +220,12 @@ class PixArtBackbone:
         micro: tuple | None,
     ) -> jax.Array:
         del dropout_rng  # no dropout in PixArt's blocks
-        return module.apply({'params': params}, x, t, cond, None, *(micro or ()))
+        return module.apply({'params': params}, x, t, *_states_and_mask(cond), *(micro or ()))
+
+
+def _states_and_mask(cond: Any) -> tuple[jax.Array, jax.Array | None]:
+    """PixArt's (text states, key mask or None) from a CLIP encoder's states or a T5 encoder's MaskedStates."""
+    return tuple(cond) if isinstance(cond, conditioning.MaskedStates) else (cond, None)
 
 
 # model.backbone -> its adapter: how the denoiser is built, initialised and called.
@@ -327,10 +338,10 @@ class StageCTask(conditioning.CaptionedTask):
         if config.latent_scaling not in conditioning.LATENT_SCALINGS:
             raise ConfigError('latent_scaling', config.latent_scaling, f'one of {conditioning.LATENT_SCALINGS}')
         if d.process == 'iddpm':
-            conditioning.validate_text(config.text)
+            conditioning.validate_text(config.text, BACKBONES[backbone].TEXT_ARCHITECTURES)
             validate_optimizer(config, 'optimizer')
         else:
-            conditioning.validate_diffusion(config)
+            conditioning.validate_diffusion(config, BACKBONES[backbone].TEXT_ARCHITECTURES)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -342,6 +353,8 @@ class StageCTask(conditioning.CaptionedTask):
             spec.update({k: v for k, v in conditioning.captioned_batch_spec(self.config).items() if k != 'image'})
         else:
             spec['text_states'] = ((self.config.text.max_length, self.text.width), jnp.float32)
+            if self.text.masked:
+                spec['text_mask'] = ((self.config.text.max_length,), jnp.int32)
         return spec
 
     def latent_shape(self) -> tuple[int, int, int]:
@@ -358,12 +371,8 @@ class StageCTask(conditioning.CaptionedTask):
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         prior_rng, text_rng = jax.random.split(rng)
         h, w, c = self.latent_shape()
-        cond = jnp.zeros((1, self.config.text.max_length, self.text.width))
-        params = {
-            'prior': self._backbone.init(
-                self.prior, prior_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), cond, self.micro(None, 1)
-            )
-        }
+        x, t, cond = jnp.zeros((1, h, w, c)), jnp.zeros((1,)), self.text.placeholder()
+        params = {'prior': self._backbone.init(self.prior, prior_rng, x, t, cond, self.micro(None, 1))}
         if self.text.trainable:
             params['text'] = self.text.init(text_rng)
         state = {'loss_buckets': schedule.adaptive_init()} if self.config.diffusion.loss_weight == 'adaptive' else {}
@@ -409,6 +418,8 @@ class StageCTask(conditioning.CaptionedTask):
         text_params = self.text.params(params, frozen)
         if 'text_states' in batch:
             states = batch['text_states']
+            if self.text.masked:
+                states = conditioning.MaskedStates(states, batch['text_mask'].astype(bool))
             return states if drop_rng is None else self.text.drop_states(drop_rng, states, text_params)
         tokens, mask = batch['tokens'], batch['token_mask']
         if drop_rng is not None:
@@ -495,7 +506,7 @@ class StageCTask(conditioning.CaptionedTask):
         """`denoise(x, t, conditional)` for samplers.sample_guided: None = [conditional; unconditional] halves."""
 
         def denoise(x, t, conditional):
-            return self.epsilon(params, x, t, cond if conditional else jnp.concatenate([cond, uncond]))
+            return self.epsilon(params, x, t, cond if conditional else conditioning.concat_halves(cond, uncond))
 
         return denoise
 
@@ -523,7 +534,7 @@ class StageCTask(conditioning.CaptionedTask):
         s = self.config.sample
         h, w, c = self.latent_shape()
         init_rng, rng = jax.random.split(rng)
-        x = jax.random.normal(init_rng, (cond.shape[0], h, w, c), jnp.float32)
+        x = jax.random.normal(init_rng, (conditioning.batch_size(cond), h, w, c), jnp.float32)
         guidance = s.prior_guidance if guidance is None else guidance
         sampler = sampler or self.config.diffusion.sampler
         if self.iddpm is not None:
@@ -552,7 +563,7 @@ class StageCTask(conditioning.CaptionedTask):
                 params['prior'],
                 jnp.concatenate([x, x]),
                 jnp.concatenate([t, t]),
-                jnp.concatenate([cond, uncond]),
+                conditioning.concat_halves(cond, uncond),
                 micro=self.micro(None, 2 * x.shape[0]),
             )
             out_c, out_u = jnp.split(both.astype(jnp.float32), 2)
@@ -570,8 +581,8 @@ class StageCTask(conditioning.CaptionedTask):
         del model_state
         real = conditioning.unscale_latents(self.batch_latents(frozen, batch), self.config.latent_scaling)
         if 'text_states' in batch:
-            cond = batch['text_states']
-            uncond = jnp.broadcast_to(self.text.empty_states(frozen['text']), cond.shape)
+            cond = self.batch_text(params, frozen, batch)
+            uncond = self.text.unconditional(frozen['text'], cond)
             fake = self.sample_from_states(params, cond, uncond, jax.random.key(0))
         else:
             fake = self.sample(params, frozen, batch['tokens'], batch['token_mask'], jax.random.key(0))
