@@ -3,8 +3,9 @@
   python bench/full_size_models.py /tmp/v2_models
 
 makes clip_bigg (CLIP ViT-bigG/14 text, Würstchen v2 Stage C), clip_h (CLIP ViT-H/14 text, v2
-Stage B), effnet (EfficientNetV2-S encoder) and vqgan (the f4 Paella VQGAN), each holding only
-config.json, and prints the config arguments that name them. No weights are written or needed.
+Stage B), effnet (EfficientNetV2-S encoder), vqgan (the f4 Paella VQGAN) and t5_xxl (T5-v1.1-XXL's
+encoder, PixArt-α's text encoder), each holding only config.json, and prints the config arguments
+that name them. No weights are written or needed.
 """
 
 import os
@@ -14,6 +15,7 @@ from wurst_jax.convert import core
 from wurst_jax.models.clip import CLIPTextModel
 from wurst_jax.models.effnet import EfficientNetEncoder
 from wurst_jax.models.stage_a import VQGAN
+from wurst_jax.models.t5 import T5Encoder
 
 
 def _clip(width: int, layers: int, heads: int) -> CLIPTextModel:
@@ -34,6 +36,7 @@ MODELS = {
     'clip_h': (_clip(1024, 24, 16), 'clip_text'),
     'effnet': (EfficientNetEncoder(c_latent=16), 'effnet'),
     'vqgan': (VQGAN(), 'vqgan'),
+    't5_xxl': (T5Encoder(), 't5_encoder'),  # the defaults are T5-v1.1-XXL's
 }
 
 
@@ -42,6 +45,7 @@ def main(out: str) -> None:
         core.write_config(module, os.path.join(out, name), component)
     print(f'configs/stage_c.py:clip={out}/clip_bigg,effnet={out}/effnet')
     print(f'configs/stage_b.py:vqgan={out}/vqgan,effnet={out}/effnet,clip={out}/clip_h')
+    print(f'configs/pixart_alpha.py:stage=2,t5={out}/t5_xxl,stage_a={out}/vqgan')
 
 
 if __name__ == '__main__':

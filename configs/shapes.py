@@ -6,6 +6,7 @@
   python -m wurst_jax.main --config=configs/shapes.py:stage=c --workdir=workdirs/shapes/stage_c
   python -m wurst_jax.main --config=configs/shapes.py:stage=c,backbone=pixart --workdir=workdirs/shapes/stage_c_pixart
   python -m wurst_jax.main --config=configs/shapes.py:stage=c,backbone=pixart,latents=stage_a --workdir=workdirs/shapes/single
+  python -m wurst_jax.main --config=configs/shapes.py:stage=c,backbone=pixart,latents=stage_a,pixart_recipe --workdir=workdirs/shapes/recipe
 
 `root=DIR` says where the earlier stages' workdirs are (DIR/stage_a, DIR/stage_b; default
 workdirs/shapes); `python -m wurst_jax.demo` runs all three with `demo`, the step budgets that fit
@@ -14,6 +15,9 @@ compressor jointly (no ImageNet weights ship offline) and Stage C diffuses its 8
 64 px image, predicting v with a linear output head (`latents=stage_a`: a single diffusion stage on
 Stage A's 16x16x4 latents, no Stage B). Both train their own small CLIP-architecture text encoder over
 the grammar's words, so no vocabulary file is needed. Images are never flipped for B and C: the captions say left and right.
+`pixart_recipe` trains PixArt-α's DiT as PixArt-α was trained, at toy size: a small T5 encoder (trained
+with the stage, since no T5 weights ship offline), iDDPM's linear-β process with the learned variance
+and the hybrid loss, ε-prediction, DPM-Solver++ at 20 steps.
 `runlocal` shrinks everything for tests.
 """
 
@@ -29,10 +33,13 @@ DEMO_STEPS = {'a': 800, 'b': 1300, 'c': 2500}
 SHAPES_EFFNET = [('fused', 1, 3, 1, 16, 16, 1), ('fused', 4, 3, 2, 16, 32, 1), ('mb', 4, 3, 2, 32, 48, 1)]
 
 
-def text_config(runlocal: bool) -> ml_collections.ConfigDict:
+def text_config(runlocal: bool, architecture: str = 'clip') -> ml_collections.ConfigDict:
     """The text encoder over the grammar's words, trained with the stage."""
     return config_lib.word_text_config(
-        shapes.caption_vocabulary(), width=32 if runlocal else 64, layers=1 if runlocal else 2
+        shapes.caption_vocabulary(),
+        width=32 if runlocal else 64,
+        layers=1 if runlocal else 2,
+        architecture=architecture,
     )
 
 
@@ -93,7 +100,7 @@ def _stage_b_tokens(root: str, runlocal: bool) -> ml_collections.ConfigDict:
     return config
 
 
-def _stage_c(root: str, runlocal: bool, backbone: str, latents: str) -> ml_collections.ConfigDict:
+def _stage_c(root: str, runlocal: bool, backbone: str, latents: str, pixart_recipe: bool) -> ml_collections.ConfigDict:
     config = defaults.stage_c()
     config.total_steps = 3000
     config.input = config_lib.input_config('shapes', image_size=64, batch_size=32)
@@ -107,12 +114,16 @@ def _stage_c(root: str, runlocal: bool, backbone: str, latents: str) -> ml_colle
         config.model.depth = 3
     if latents == 'stage_a':  # single-stage on the 16x16x4 Stage A latents: 2x2 patches, again 64 tokens
         config.model.patch_size = 2
-    config.text = text_config(runlocal)
+    config.text = text_config(runlocal, 't5' if pixart_recipe else 'clip')
     # v-prediction, unweighted: at high noise v ≈ −x0, so the layout the caption sets is what those steps
     # are scored on. With ε-prediction (P2) the same 2000-step demo placed shapes at chance (position
     # 0.16 on 200 fresh prompts); with v, 0.63.
     config.diffusion.update(prediction='v', loss_weight='none')
     config.sample.update(prior_steps=20, prior_timesteps='linspace')
+    if pixart_recipe:
+        if backbone != 'pixart':
+            raise config_lib.ConfigError('<arg>.pixart_recipe', True, "backbone=pixart: the recipe is PixArt-α's")
+        config.diffusion.update(process='iddpm', prediction='epsilon', sampler='dpm_solver')
     config.optimizer.update(lr=1e-3, warmup_steps=100)
     config.eval.grid_columns = 2
     if runlocal:
@@ -131,13 +142,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         backbone='wuerstchen',
         latents='effnet',
         tokens=False,
+        pixart_recipe=False,
     )
     if arg.stage == 'a':
         config = _stage_a(arg.runlocal)
     elif arg.stage == 'b':
         config = _stage_b_tokens(arg.root, arg.runlocal) if arg.tokens else _stage_b(arg.root, arg.runlocal)
     elif arg.stage == 'c':
-        config = _stage_c(arg.root, arg.runlocal, arg.backbone, arg.latents)
+        config = _stage_c(arg.root, arg.runlocal, arg.backbone, arg.latents, arg.pixart_recipe)
     else:
         raise config_lib.ConfigError('<arg>.stage', arg.stage, "one of 'a', 'b', 'c'")
     config.eval.batch_size = 64

@@ -93,7 +93,8 @@ def test_precompute_equals_the_encoders_and_trains(finetune_arg, tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ['metadata.json', 'train-00000-of-00001.array_record']
+    names = ['empty_caption.msgpack', 'metadata.json', 'train-00000-of-00001.array_record']
+    assert sorted(p.name for p in out.iterdir()) == names
 
     config = _small_run_config(finetune_arg, tmp_path / 'data')
     task = tasks.create(config)
@@ -119,8 +120,13 @@ def test_precompute_equals_the_encoders_and_trains(finetune_arg, tmp_path):
     grads, _, metrics = task.grads(
         params, model_state, frozen, as_jnp(images, ('image', 'tokens', 'token_mask')), rng, 0
     )
+    # The run on records never reads the CLIP weights: dropped captions take the stored empty caption's states.
+    pre_frozen = pre_task.frozen_params()
+    assert 'text' not in pre_frozen
+    empty = task.text.empty_states(frozen['text'])
+    np.testing.assert_allclose(pre_frozen['text_empty'], empty, rtol=1e-5, atol=1e-6)
     pre_grads, _, pre_metrics = pre_task.grads(
-        params, model_state, frozen, as_jnp(records, ('latents', 'text_states')), rng, 0
+        params, model_state, pre_frozen, as_jnp(records, ('latents', 'text_states')), rng, 0
     )
     np.testing.assert_allclose(pre_metrics['loss'], metrics['loss'], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), pre_grads, grads)

@@ -237,10 +237,15 @@ def test_fine_tune_from_an_original_checkpoint_and_a_t5_folder(tiny_stage_folder
     states = task.text.encode(frozen['text'], jnp.asarray(images['tokens']), jnp.asarray(images['token_mask']))
     np.testing.assert_array_equal(records['text_mask'], images['token_mask'])
     np.testing.assert_allclose(records['text_states'], states.states, rtol=1e-2, atol=1e-2)  # bfloat16
+    pre_frozen = pre_task.frozen_params()  # no T5 weights: the empty caption's states and mask, stored once
+    empty = task.text.empty_states(frozen['text'])
+    assert 'text' not in pre_frozen and pre_frozen['text_empty'].states.shape == empty.states.shape
+    np.testing.assert_array_equal(pre_frozen['text_empty'].mask, empty.mask)
+    np.testing.assert_allclose(pre_frozen['text_empty'].states, empty.states, rtol=1e-2, atol=1e-2)  # bfloat16
     keys = ('image', 'tokens', 'token_mask'), ('latents', 'text_states', 'text_mask')
     losses = [
-        t.grads(params, {}, frozen, {k: jnp.asarray(b[k]) for k in ks}, jax.random.key(1), 0)[2]['loss']
-        for t, b, ks in ((task, images, keys[0]), (pre_task, records, keys[1]))
+        t.grads(params, {}, f, {k: jnp.asarray(b[k]) for k in ks}, jax.random.key(1), 0)[2]['loss']
+        for t, f, b, ks in ((task, frozen, images, keys[0]), (pre_task, pre_frozen, records, keys[1]))
     ]
     assert losses[1] == pytest.approx(losses[0], rel=2e-2)
 

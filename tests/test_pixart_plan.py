@@ -10,7 +10,7 @@ import pytest
 from diffusers import DiTTransformer2DModel
 from PIL import Image
 
-from conftest import load_config, random_variables, tiny_clip_folder
+from conftest import load_config, random_variables, tiny_t5_folder
 from torch_reference import randomise
 from wurst_jax import checkpoint, config_lib, convert, tasks, train
 from wurst_jax.convert.dit import pixart_from_dit
@@ -21,7 +21,7 @@ from wurst_jax.pipeline import Pipeline, needs_stage_b
 
 @pytest.fixture(scope='module')
 def plan_folders(tmp_path_factory):
-    """Tiny local folders: a random DiT (4 latent channels), a random f4 VQGAN, a CLIP text encoder, and
+    """Tiny local folders: a random DiT (4 latent channels), a random f4 VQGAN, a T5 text encoder, and
     captioned images of three shapes: 8 landscape (h/w 0.5), 8 portrait (2.0) and 8 square."""
     root = tmp_path_factory.mktemp('plan')
     dit = DiTTransformer2DModel(
@@ -40,7 +40,7 @@ def plan_folders(tmp_path_factory):
     convert.save_diffusers(
         vqgan, random_variables(vqgan, np.zeros((1, 16, 16, 3), np.float32)), str(root / 'vqgan'), 'vqgan'
     )
-    tiny_clip_folder(root / 'clip')
+    tiny_t5_folder(root / 't5')
     images = root / 'images'
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -53,7 +53,7 @@ def plan_folders(tmp_path_factory):
 def plan_config(root, stage: int, init: str = ''):
     init = f',init={init}' if init else ''
     config = load_config(
-        'pixart_alpha', f'stage={stage},runlocal,dit={root}/dit,clip={root}/clip,stage_a={root}/vqgan{init}'
+        'pixart_alpha', f'stage={stage},runlocal,dit={root}/dit,t5={root}/t5,stage_a={root}/vqgan{init}'
     )
     config.input.update(
         dataset='image_folder',

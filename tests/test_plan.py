@@ -13,14 +13,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from absl import app
 
 from conftest import REPO, load_config
-from wurst_jax import lowering, plan, sharding
+from wurst_jax import lowering, plan, sharding, tasks
 from wurst_jax.convert import core
 from wurst_jax.models.clip import CLIPTextModel
 from wurst_jax.models.effnet import EfficientNetEncoder
+from wurst_jax.models.stage_a import VQGAN
 from wurst_jax.models.stage_b import WuerstchenDiffNeXt
 from wurst_jax.models.stage_c import WuerstchenPrior
+from wurst_jax.models.t5 import T5Encoder
 
 
 @pytest.fixture(scope='module')
@@ -192,3 +195,34 @@ def test_cli_refuses_a_bad_mesh_and_an_unknown_topology(stage_c_arg):
         timeout=300,
     )
     assert unknown.returncode != 0 and "--topology='v99:1x1' could not be built" in unknown.stderr
+
+
+def test_pixart_plan_with_t5_in_the_step_and_on_precomputed_states(tmp_path):
+    """configs/pixart_alpha.py planned twice: with the frozen T5 encoding captions in the step, and on
+    precomputed latents and T5 states (what `wurst_jax.precompute` writes). The trained state is the
+    same; only the first holds T5's weights and runs it."""
+    t5 = T5Encoder(vocab_size=64, d_model=64, d_kv=16, d_ff=1024, num_layers=2, num_heads=4)
+    core.write_config(t5, str(tmp_path / 't5'), 't5_encoder')
+    vqgan = VQGAN(levels=2, embed_dim=8, bottleneck_blocks=1, latent_channels=4, num_codes=16)
+    core.write_config(vqgan, str(tmp_path / 'vqgan'), 'vqgan')
+    arg = f'stage=2,runlocal,t5={tmp_path / "t5"},stage_a={tmp_path / "vqgan"}'
+
+    def planned(precomputed: bool):
+        config = plan.plan_config(load_config('pixart_alpha', arg), {}, 0)
+        tasks.validate(config)
+        if precomputed:
+            plan.on_precomputed_records(config)
+        return plan.plan(config, jax.devices()[:1])
+
+    with_t5, precomputed = planned(False), planned(True)
+    t5_params = sum(
+        x.size for x in jax.tree.leaves(jax.eval_shape(t5.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    )
+    assert with_t5['params'] == precomputed['params']
+    # The batch of 8 x 120 float32 states on records is smaller than T5's weights in float32.
+    states_bytes = 8 * 120 * 64 * 4
+    assert with_t5['argument_bytes'] - precomputed['argument_bytes'] >= 4 * t5_params - states_bytes
+    assert with_t5['flops'] > precomputed['flops']
+    config = plan.plan_config(load_config('pixart_alpha', arg.replace('stage=2', 'stage=3')), {}, 0)
+    with pytest.raises(app.UsageError, match='without aspect buckets'):
+        plan.on_precomputed_records(config)

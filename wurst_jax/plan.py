@@ -11,7 +11,9 @@ With --topology (v5p:4x4x4, v5e:4x4, v6e:4x4, ...) the real TPU compiler builds 
 `pip install "jax[tpu]"` first; TPU_SKIP_MDS_QUERY=1 is set here, libtpu's warnings about
 hostnames are harmless. Frozen networks' model folders need only their config.json: weights are
 never read (`convert.shapes_only`), and a frozen text encoder's tokenizer is replaced by bytes,
-which changes no shape.
+which changes no shape. `--precomputed` plans the step a run on `wurst_jax.precompute`'s records
+takes (Stage C: latents and frozen text states in the batch, neither Stage A nor the text encoder in
+the step); no records need to exist.
 """
 
 import json
@@ -31,10 +33,14 @@ _TOPOLOGY = flags.DEFINE_string('topology', '', 'A TPU slice to compile for, e.g
 _DEVICE_GIB = flags.DEFINE_float(
     'device_gib', 0.0, 'Memory of one device in GiB, to say whether the step fits (0: no verdict).'
 )
+_PRECOMPUTED = flags.DEFINE_bool(
+    'precomputed', False, "Plan the step on precomputed records (input.precomputed) instead of the config's input."
+)
 _OUT = flags.DEFINE_string('out', '', 'Also write the figures (bytes, FLOPs, seconds) to this JSON file.')
 flags.mark_flags_as_required(['config'])
 
 GIB = 2**30
+PLANNED_RECORDS = '<planned precomputed records>'
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -60,6 +66,14 @@ def plan_config(config, mesh_sizes: dict[str, int], batch: int):
     if config.get('text') and config.text.encoder != 'train':
         config.text.tokenizer = 'bytes'
     return config
+
+
+def on_precomputed_records(config) -> None:
+    """Makes a validated config read precomputed records: the step then takes latents and frozen text
+    states as its batch. Set after validation, as the plan needs the batch's shapes, not the records."""
+    if config.model_family != 'stage_c' or config.input.aspect_buckets:
+        raise app.UsageError('--precomputed: only Stage C reads precomputed records, and only without aspect buckets')
+    config.input.precomputed = PLANNED_RECORDS
 
 
 def plan(config, devices) -> dict[str, float]:
@@ -125,6 +139,8 @@ def main(argv):
         tasks.validate(config)
     except config_lib.ConfigError as e:
         raise SystemExit(f'Invalid config: {e}') from None
+    if _PRECOMPUTED.value:
+        on_precomputed_records(config)
     import jax
 
     if _TOPOLOGY.value:

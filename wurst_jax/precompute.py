@@ -139,6 +139,12 @@ def precompute(
         'counts_process_0': counts,
     }
     if jax.process_index() == 0:
+        if not task.text.trainable:
+            empty = task.text.empty_states(task.frozen_params()['text'])
+            states, mask = empty if task.text.masked else (empty, None)
+            mask = None if mask is None else np.asarray(mask[0])
+            precomputed.write_empty_caption(out, np.asarray(states[0]).astype(np_dtype), mask)
+        # Last: a folder with metadata.json is complete.
         with open(os.path.join(out, precomputed.METADATA), 'w') as f:
             json.dump(metadata, f, indent=1)
     return metadata

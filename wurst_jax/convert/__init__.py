@@ -15,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 
 from wurst_jax.convert import clip, effnet, inception, pixart, t5, wuerstchen  # noqa: F401  (they register components)
-from wurst_jax.convert.core import COMPONENTS, load_folder, save_diffusers, shapes_only
+from wurst_jax.convert.core import COMPONENTS, load_folder, reading_shapes_only, save_diffusers, shapes_only
 from wurst_jax.convert.original import load_original, save_original
 
 
@@ -27,4 +27,12 @@ def load_diffusers(path: str, name: str, **module_overrides: Any) -> tuple[nn.Mo
     return load_folder(path, name, **module_overrides)
 
 
-__all__ = ['COMPONENTS', 'load_diffusers', 'load_original', 'save_diffusers', 'save_original', 'shapes_only']
+__all__ = [
+    'COMPONENTS',
+    'load_diffusers',
+    'load_original',
+    'reading_shapes_only',
+    'save_diffusers',
+    'save_original',
+    'shapes_only',
+]

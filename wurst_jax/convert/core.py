@@ -99,6 +99,11 @@ def shapes_only():
         _SHAPES_ONLY = previous
 
 
+def reading_shapes_only() -> bool:
+    """Whether a `shapes_only()` block is open: what stands for data is then any value of its shape."""
+    return _SHAPES_ONLY
+
+
 def register(name: str, component: Component) -> None:
     COMPONENTS[name] = component
 

@@ -2,7 +2,9 @@
 
 A folder holds `{split}-{process:05d}-of-{N:05d}.array_record` files of msgpack dicts (id, caption,
 latents [h, w, c] scaled as config.latent_scaling says, and text_states [L, D] for a frozen text
-encoder, with text_mask [L] (1 for a real token) for a T5 one) and metadata.json with the config fields they depend on.
+encoder, with text_mask [L] (1 for a real token) for a T5 one), metadata.json with the config fields they
+depend on and, for a frozen encoder, empty_caption.msgpack: the empty caption's states (and mask), which
+caption dropout and guidance put in place of a caption's, so that training never runs the encoder.
 """
 
 import json
@@ -15,6 +17,7 @@ from flax import serialization
 from wurst_jax.config_lib import ConfigError
 
 METADATA = 'metadata.json'
+EMPTY_CAPTION = 'empty_caption.msgpack'
 # The config fields the records depend on: training checks them against its own config.
 FINGERPRINT_FIELDS = (
     'effnet.source',
@@ -81,6 +84,29 @@ def check_matches(config: ml_collections.ConfigDict) -> None:
                 f'{made_with.get(field)!r}, the value input.precomputed='
                 f'{config.input.precomputed} was made with (or precompute again with this config)',
             )
+
+
+def write_empty_caption(folder: str, states: np.ndarray, mask: np.ndarray | None) -> None:
+    """The empty caption's text states [L, D] (and T5's mask [L]) as the records store theirs."""
+    example = {'text_states': states} if mask is None else {'text_states': states, 'text_mask': mask.astype(np.uint8)}
+    with open(os.path.join(folder, EMPTY_CAPTION), 'wb') as f:
+        f.write(serialization.msgpack_serialize(example))
+
+
+def read_empty_caption(folder: str) -> dict[str, np.ndarray]:
+    """{'text_states': float32 [L, D], and 'text_mask': int32 [L] of a T5 encoder} of the empty caption."""
+    path = os.path.join(folder, EMPTY_CAPTION)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing: the records were written without the empty caption's text states, which "
+            'training on them needs for caption dropout; run `python -m wurst_jax.precompute` again'
+        )
+    with open(path, 'rb') as f:
+        example = serialization.msgpack_restore(f.read())
+    out = {'text_states': np.asarray(example['text_states'], np.float32)}
+    if 'text_mask' in example:
+        out['text_mask'] = np.asarray(example['text_mask'], np.int32)
+    return out
 
 
 def decode_record(record: bytes) -> dict:

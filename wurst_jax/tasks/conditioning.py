@@ -5,6 +5,7 @@ with a Stage B, or frozen), frozen networks loaded from another run or a weights
 with the latent and token spaces it defines), and two base classes: `CaptionedTask` (config, text
 encoder, captioned batches, AdamW) and `DecoderTask` (what both Stage Bs add to it)."""
 
+import contextlib
 import os
 from typing import Any, NamedTuple
 
@@ -75,10 +76,11 @@ class TextConditioner:
     config.text: architecture ('clip' or 't5'), tokenizer ('bytes', 'words' of text.vocabulary, or a
     local model folder), max_length, encoder ('train' or a local transformers text encoder folder, used
     frozen), encoder_config (the CLIPTextConfig / T5Config fields of a trained encoder), hidden_state,
-    dropout and dropout_mode (caption -> "" for CFG).
+    dropout and dropout_mode (caption -> "" for CFG). `load_weights=False` reads only a frozen
+    encoder's config.json: for runs on its precomputed states, which never run it.
     """
 
-    def __init__(self, text: ml_collections.ConfigDict, dtype: Any = jnp.float32):
+    def __init__(self, text: ml_collections.ConfigDict, dtype: Any = jnp.float32, load_weights: bool = True):
         self.config = text
         self.masked = text.architecture == 't5'
         self.tokenizer = create_tokenizer(text.tokenizer, text.max_length, text.vocabulary)
@@ -87,7 +89,8 @@ class TextConditioner:
             self.module, self._frozen = self._trained_module(dtype), None
         else:
             name = _CONVERTED_NAMES[text.architecture]
-            self.module, self._frozen = convert.load_diffusers(text.encoder, name, dtype=dtype)
+            with contextlib.nullcontext() if load_weights else convert.shapes_only():
+                self.module, self._frozen = convert.load_diffusers(text.encoder, name, dtype=dtype)
         empty = self.tokenizer([''])
         self.empty_tokens, self.empty_mask = empty['input_ids'][0], empty['attention_mask'][0]
 
@@ -145,14 +148,11 @@ class TextConditioner:
             jnp.where(drop, jnp.asarray(self.empty_mask), mask),
         )
 
-    def drop_states(self, rng: jax.Array, states: Any, text_params: Any) -> Any:
-        """Caption dropout for CFG on precomputed [B, L, D] states (with their mask) of a frozen encoder."""
+    def drop_states(self, rng: jax.Array, states: Any, empty: Any) -> Any:
+        """Caption dropout for CFG on precomputed [B, L, D] states (with their mask) of a frozen encoder:
+        a dropped caption's become `empty`, the empty caption's [1, L, D] states."""
         drop = self._dropped(rng, batch_size(states))
-        return jax.tree.map(
-            lambda e, s: jnp.where(drop.reshape(drop.shape + (1,) * (s.ndim - 2)), e, s),
-            self.empty_states(text_params),
-            states,
-        )
+        return jax.tree.map(lambda e, s: jnp.where(drop.reshape(drop.shape + (1,) * (s.ndim - 2)), e, s), empty, states)
 
     def empty_states(self, text_params: Any) -> jax.Array | MaskedStates:
         """[1, L, D] states of the empty caption: what dropped captions and the unconditional half see."""
@@ -160,7 +160,7 @@ class TextConditioner:
 
     def unconditional(self, text_params: Any, cond: Any) -> Any:
         """The empty caption's states, one per caption of `cond`: the unconditional half of guidance."""
-        return jax.tree.map(lambda e, c: jnp.broadcast_to(e, c.shape), self.empty_states(text_params), cond)
+        return broadcast_to_captions(self.empty_states(text_params), cond)
 
     def encode_for_guidance(self, params: Any, frozen: dict, tokens: jax.Array, mask: jax.Array) -> tuple[Any, Any]:
         """(states of the captions, states of the empty caption): the two halves of guidance."""
@@ -172,6 +172,11 @@ class TextConditioner:
 def batch_size(cond: Any) -> int:
     """The number of captions in text conditioning (states, or `MaskedStates`)."""
     return jax.tree.leaves(cond)[0].shape[0]
+
+
+def broadcast_to_captions(empty: Any, cond: Any) -> Any:
+    """One caption's [1, L, D] states (or MaskedStates), repeated for each caption of `cond`."""
+    return jax.tree.map(lambda e, c: jnp.broadcast_to(e, c.shape), empty, cond)
 
 
 def concat_halves(cond: Any, uncond: Any) -> Any:
@@ -190,6 +195,8 @@ def trained_run(
     `step` (the newest checkpoint by default), on one device whatever topology saved it; the optimizer
     state and the training params are not read."""
     config, state = checkpoint.load_trained(source, step, parts=('ema_params', 'model_state'))
+    if config.get('input') and config.input.get('precomputed'):  # sampling encodes prompts, reads no records
+        config.input.precomputed = ''
     families = (family,) if isinstance(family, str) else family
     if config.model_family not in families:
         raise ConfigError('source', source, f'a workdir of a {" or ".join(families)} run, not {config.model_family}')
@@ -420,10 +427,10 @@ class CaptionedTask:
     """Where every text-conditional family starts: its config, the text encoder and tokenizer at the
     config's dtype, batches of captioned images, and AdamW over its params."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, load_text_weights: bool = True):
         self.config = config
         self.dtype = DTYPES[config.dtype]
-        self.text = TextConditioner(config.text, self.dtype)
+        self.text = TextConditioner(config.text, self.dtype, load_text_weights)
         self.tokenizer = self.text.tokenizer
 
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -14,8 +14,10 @@ The effnet is frozen (from a Stage B run that trained it jointly, or from a conv
 file); the text encoder is trained with the prior or frozen from a local CLIP folder. The map is
 scaled as configured (`latent_scaling='v2'`: (x + 1)/42, Würstchen v2's space) before noising.
 With `input.precomputed` (`python -m wurst_jax.precompute`) batches carry the scaled maps as
-`latents` and a frozen encoder's `text_states`, and the step runs neither encoder; they stay loaded
-for sampling from prompts.
+`latents` and a frozen encoder's `text_states`, and the step runs neither encoder: a frozen text
+encoder's weights are not even read (caption dropout and guidance use the empty caption's states the
+records came with), as PixArt-α trains on T5 features extracted once. Sampling a trained run from
+prompts loads the encoder again.
 """
 
 import functools
@@ -236,7 +238,11 @@ class StageCTask(conditioning.CaptionedTask):
     """The text-conditional prior (Würstchen's or PixArt-α's) on effnet maps or Stage A latents."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        super().__init__(config)
+        self.text_precomputed = bool(config.input.precomputed) and config.text.encoder != 'train'
+        super().__init__(config, load_text_weights=not self.text_precomputed)
+        if self.text_precomputed:  # a plan (shapes only) reads no records: any states of their shape
+            planned = convert.reading_shapes_only()
+            self._empty_caption = self.text.placeholder() if planned else self._read_empty_caption()
         self.space = config.latents
         if self.space == 'stage_a':
             self.vqgan, self._vqgan_variables = conditioning.load_stage_a(config.stage_a.source)
@@ -251,6 +257,14 @@ class StageCTask(conditioning.CaptionedTask):
         self._backbone = BACKBONES[self.backbone]
         self.prior, self._pretrained = self._backbone.build(self, config.init.prior, self.dtype)
         self._eval_losses = jax.jit(self._held_out_losses)
+
+    def _read_empty_caption(self) -> jax.Array | conditioning.MaskedStates:
+        """[1, L, D] states of the empty caption (with T5's mask) that input.precomputed came with."""
+        empty = precomputed.read_empty_caption(self.config.input.precomputed)
+        states = jnp.asarray(empty['text_states'])[None]
+        if not self.text.masked:
+            return states
+        return conditioning.MaskedStates(states, jnp.asarray(empty['text_mask'], bool)[None])
 
     def check_bucket_latents(self, patch_size: int) -> None:
         """Every aspect bucket's latent sides must be whole PixArt patches. Checked here, from shapes
@@ -385,7 +399,8 @@ class StageCTask(conditioning.CaptionedTask):
 
     def frozen_params(self) -> dict[str, Any]:
         frozen = {'stage_a': self._vqgan_variables} if self.space == 'stage_a' else {'effnet': self._effnet_variables}
-        return {**frozen, **self.text.frozen_params()}
+        text = {'text_empty': self._empty_caption} if self.text_precomputed else self.text.frozen_params()
+        return {**frozen, **text}
 
     # -- training --------------------------------------------------------------------------------
 
@@ -415,12 +430,12 @@ class StageCTask(conditioning.CaptionedTask):
 
     def batch_text(self, params: Any, frozen: dict, batch: dict[str, jax.Array], drop_rng: jax.Array | None = None):
         """The prior's text conditioning of the batch, with caption dropout when `drop_rng` is given."""
-        text_params = self.text.params(params, frozen)
         if 'text_states' in batch:
             states = batch['text_states']
             if self.text.masked:
                 states = conditioning.MaskedStates(states, batch['text_mask'].astype(bool))
-            return states if drop_rng is None else self.text.drop_states(drop_rng, states, text_params)
+            return states if drop_rng is None else self.text.drop_states(drop_rng, states, frozen['text_empty'])
+        text_params = self.text.params(params, frozen)
         tokens, mask = batch['tokens'], batch['token_mask']
         if drop_rng is not None:
             tokens, mask = self.text.drop(drop_rng, tokens, mask)
@@ -582,7 +597,7 @@ class StageCTask(conditioning.CaptionedTask):
         real = conditioning.unscale_latents(self.batch_latents(frozen, batch), self.config.latent_scaling)
         if 'text_states' in batch:
             cond = self.batch_text(params, frozen, batch)
-            uncond = self.text.unconditional(frozen['text'], cond)
+            uncond = conditioning.broadcast_to_captions(frozen['text_empty'], cond)
             fake = self.sample_from_states(params, cond, uncond, jax.random.key(0))
         else:
             fake = self.sample(params, frozen, batch['tokens'], batch['token_mask'], jax.random.key(0))
