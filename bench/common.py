@@ -65,7 +65,7 @@ from wurst_jax.models.clip import CLIPTextModel  # noqa: E402
 from wurst_jax.models.effnet import EfficientNetEncoder  # noqa: E402
 from wurst_jax.models.stage_a import VQGAN  # noqa: E402
 
-STAGES = ('a', 'b', 'c')
+STAGES = ('a', 'b', 'c', 'pixart')
 SIZES = ('tiny', 'small', 'full')
 
 
@@ -166,10 +166,14 @@ def shapes_config(stage: str, size: str, root: str) -> ml_collections.ConfigDict
 def preset_config(stage: str, size: str, root: str | None = None) -> ml_collections.ConfigDict:
     """The config `--stage`/`--size` name; config-only model folders go under `root` (a temp dir)."""
     root = root or tempfile.mkdtemp(prefix='wurst_bench_')
+    if size == 'full' and stage != 'c':
+        raise ValueError(f'--size=full exists for stage c only, not {stage}')
     if stage == 'c':
         return stage_c_config(size, root)
-    if size == 'full':
-        raise ValueError(f'--size=full exists for stage c only, not {stage}')
+    if stage == 'pixart':  # PixArt-α's DiT as the Stage C model of `size`, 2x2 patches of the map
+        config = stage_c_config(size, root)
+        config.model.update(backbone='pixart', patch_size=2)
+        return config
     return shapes_config(stage, size, root)
 
 

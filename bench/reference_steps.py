@@ -108,6 +108,30 @@ def prior_step(
     return _trainer(model, config.optimizer, config.ema_decay, loss_fn, config.dtype == 'bfloat16'), model
 
 
+def pixart_step(
+    config: ml_collections.ConfigDict, module_config: dict, latent_shape: tuple[int, int, int], batch_size: int
+) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:
+    """diffusers PixArtTransformer2DModel (`module_config`: our DiT's, as `wurst_jax.convert` writes it)
+    on precomputed latents and text states, ε-prediction as our cosine-process Stage C."""
+    from diffusers import PixArtTransformer2DModel
+
+    dev = device()
+    h, w, c_in = latent_shape
+    model = _training(PixArtTransformer2DModel(**module_config), config.model.remat_policy)
+    gen = torch.Generator(dev).manual_seed(0)
+    x0 = torch.randn(batch_size, c_in, h, w, device=dev, generator=gen)
+    width = module_config['caption_channels']
+    cond = torch.randn(batch_size, config.text.max_length, width, device=dev, generator=gen)
+    no_micro = {'resolution': None, 'aspect_ratio': None}
+
+    def loss_fn():
+        x_t, t, noise, weight = _noised(x0)
+        eps = model(x_t, encoder_hidden_states=cond, timestep=t * 1000, added_cond_kwargs=no_micro).sample
+        return (weight * ((eps.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+    return _trainer(model, config.optimizer, config.ema_decay, loss_fn, config.dtype == 'bfloat16'), model
+
+
 def vqgan_step(
     config: ml_collections.ConfigDict, batch_size: int
 ) -> tuple[Callable[[], torch.Tensor], torch.nn.Module]:

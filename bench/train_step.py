@@ -2,32 +2,32 @@
 one JSON object on the last line.
 
   python bench/train_step.py --stage=c --size=small              # the calibration model, float32
-  python bench/train_step.py --stage={a,b,c} --size={tiny,small} [--steps=20] [--torch=false]
-                             [--attention_kernel=auto|blocked|einsum|dot_product_attention]
-  python bench/train_step.py --stage=c --size=full --dtype=bfloat16 --batch=32 --attention=cudnn   # a GPU
+  python bench/train_step.py --stage={a,b,c,pixart} --size={tiny,small} [--steps=20] [--torch=false]
+                             [--attention_kernel=auto|blocked|cudnn|einsum|dot_product_attention]
+  python bench/train_step.py --stage=c --size=full --dtype=bfloat16 --batch=32 --attention_kernel=cudnn   # a GPU
   python bench/train_step.py --config=configs/shapes.py:stage=a [--config.FIELD=VALUE]   # any config, ours only
 
 `--stage/--size` name presets (bench/common.py): Stage C is configs/stage_c.py on precomputed
 latents and text states (tiny: c 64, small: c 256 depth 4 8 heads batch 8 at 24x24 with 77x256
-conditioning, full: the config's 1B prior), Stage A and B are configs/shapes.py (`runlocal` for
-tiny). `--set=FIELD=VALUE` changes a preset's field (`--set=model.remat_policy=none`).
+conditioning, full: the config's 1B prior), PixArt the same with PixArt-α's DiT of that size (2x2
+patches), Stage A and B are configs/shapes.py (`runlocal` for tiny). `--set=FIELD=VALUE` changes a
+preset's field (`--set=model.remat_policy=none`).
 
 Ours: `wurst_jax.lowering.lower_train_step` of the config, compiled once, median of `--steps` after
 warm-up. The reference: the same network in diffusers (WuerstchenPrior, WuerstchenDiffNeXt,
-PaellaVQModel) with the same config, batch, AdamW, clipping, EMA and dtype (reference_steps.py),
-timed in the same process just before ours (its memory freed first), or alternating with ours step
-by step with `--interleave` (see the flag for the OpenMP caveat). `speedup` = torch
-step / our step; `flop_utilisation` = XLA's model FLOPs per step (`lowering.step_flops`) / our step /
-the matmul peak measured in this process for the compute dtype. On a GPU `mfu` is against the
-H100's dense bf16 peak, 989 TFLOP/s.
+PixArtTransformer2DModel, PaellaVQModel) with the same config, batch, AdamW, clipping, EMA and
+dtype (reference_steps.py), timed in the same process just before ours (its memory freed first), or
+alternating with ours step by step with `--interleave` (see the flag for the OpenMP caveat).
+`speedup` = torch step / our step; `flop_utilisation` = XLA's model FLOPs per step
+(`lowering.step_flops`) / our step / the matmul peak measured in this process for the compute dtype.
+On a GPU `mfu` is against the H100's dense bf16 peak, 989 TFLOP/s.
 
-Stage B is not like for like: our step also encodes the batch with the frozen VQGAN and trains the
-effnet and text encoder with the decoder (configs/shapes.py), the reference trains the decoder on
-given latents, maps and text states; its `speedup` is a lower bound for ours.
+Stage B trains the decoder alone on given Stage A latents, effnet maps and text states on both sides
+(bench/decoder_only.py): what WuerstchenDiffNeXt is given, not the whole step of configs/shapes.py,
+which also encodes the images and trains the effnet and the text encoder (`--config=` times that).
 """
 
 import contextlib
-import functools
 import gc
 import sys
 import time
@@ -40,8 +40,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import common
+import decoder_only
 from wurst_jax import convert, lowering, sharding, tasks, train_state
 from wurst_jax.models import kernels
+from wurst_jax.models.layers import DTYPES
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config to time (ours only); else --stage/--size.')
 _STAGE = flags.DEFINE_enum('stage', 'c', common.STAGES, 'Preset stage.')
@@ -71,18 +73,11 @@ _PROFILE = flags.DEFINE_string(
     'If set, trace 3 more steps of ours there (jax.profiler, '
     'with a Perfetto file) and report the ops that took longest.',
 )
-_ATTENTION = flags.DEFINE_enum(
-    'attention',
-    'default',
-    ['default', 'xla', 'cudnn'],
-    'jax.nn.dot_product_attention implementation (cudnn: flash attention on a GPU); '
-    'not default: the attention kernel is dot_product_attention.',
-)
 _KERNEL = flags.DEFINE_enum(
     'attention_kernel',
     'auto',
     ('auto',) + kernels.ATTENTION_KERNELS,
-    'layers.Attention kernel (auto: blocked on XLA:CPU, else dot_product_attention).',
+    'layers.Attention kernel (auto: blocked on XLA:CPU, cudnn on a GPU in bfloat16, else dot_product_attention).',
 )
 
 H100_DENSE_BF16_TFLOPS = 989.0
@@ -90,18 +85,6 @@ H100_DENSE_BF16_TFLOPS = 989.0
 
 def progress(message: str) -> None:
     print(f'[bench {time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
-
-
-def padded_attention(attention, implementation: str, q, k, v, *args, **kwargs):
-    """jax.nn.dot_product_attention with the given implementation; for cuDNN the keys and values
-    are zero-padded to a multiple of 64 and masked by length (cuDNN's flash attention refuses the
-    prior's 576 x 653 = self + 77 text tokens)."""
-    if implementation == 'cudnn' and k.shape[1] % 64:
-        length = k.shape[1]
-        pad = ((0, 0), (0, -length % 64), (0, 0), (0, 0))
-        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-        kwargs['key_value_seq_lengths'] = jnp.full((k.shape[0],), length, jnp.int32)
-    return attention(q, k, v, *args, implementation=implementation, **kwargs)
 
 
 def build_config():
@@ -159,18 +142,14 @@ def build_reference(config, task):
     import reference_steps
 
     bs = config.input.batch_size
+    if config.model_family == 'stage_c' and config.model.backbone == 'pixart':
+        module_config = convert.core.component('pixart').to_config(task.prior)
+        return reference_steps.pixart_step(config, module_config, task.latent_shape(), bs)
     if config.model_family == 'stage_c':
         return reference_steps.prior_step(config, task.text.width, task.latent_shape(), bs)
     if config.model_family == 'stage_a':
         return reference_steps.vqgan_step(config, bs)
-    latents = jax.eval_shape(
-        task.latents,
-        {'stage_a': task.frozen_params()['stage_a']},
-        jax.ShapeDtypeStruct((1, config.input.image_size, config.input.image_size, 3), jnp.float32),
-    )
-    effnet_params, effnet_state = jax.eval_shape(task.effnet.init, jax.random.key(0))
-    effnet_shape = task.effnet.map_shape(task.effnet.variables(effnet_params, effnet_state, task.frozen_params()))
-    return reference_steps.decoder_step(config, task.text.width, latents.shape[1:], effnet_shape, bs)
+    return reference_steps.decoder_step(config, task.text_shape[1], task.latent_shape, task.effnet_shape, bs)
 
 
 def reference_info(model) -> dict:
@@ -204,21 +183,20 @@ def time_reference(config, task) -> dict:
 
 
 def main(_):
-    with common.attention_kernel('dot_product_attention' if _ATTENTION.value != 'default' else _KERNEL.value):
+    with common.attention_kernel(_KERNEL.value):
         run()
 
 
 def run():
-    default_attention = jax.nn.dot_product_attention
     if _DEPTHWISE.value != 'auto':
         kernels.depthwise_kernel = lambda: _DEPTHWISE.value
-    if _ATTENTION.value != 'default':
-        jax.nn.dot_product_attention = functools.partial(padded_attention, default_attention, _ATTENTION.value)
     config, preset = build_config()
     mesh = sharding.create_mesh(config.mesh)
     rules = tuple(tuple(r) for r in config.sharding_rules)
     with convert.shapes_only() if preset else contextlib.nullcontext():
         task = tasks.create(config)
+    if preset and config.model_family == 'stage_b':  # like for like: the decoder alone, on given inputs
+        task = decoder_only.DecoderOnlyTask(task)
     frozen = task.frozen_params()
     if preset:
         frozen = materialise(frozen)
@@ -226,12 +204,11 @@ def run():
     progress(f'task built on {jax.devices()[0]}')
 
     result = dict(
-        stage=config.model_family,
+        stage=_STAGE.value if preset else config.model_family,
         size=_SIZE.value if preset else 'config',
         batch_size=bs,
         dtype=config.dtype,
-        attention=_ATTENTION.value,
-        attention_kernel=kernels.attention_kernel(),
+        attention_kernel=kernels.attention_kernel(DTYPES[config.dtype]),
         depthwise=kernels.depthwise_kernel(),
     )
     interleave = preset and _TORCH.value and _INTERLEAVE.value
@@ -265,7 +242,6 @@ def run():
     progress(f'compiled in {compile_s:.1f} s')
     # The FLOP count's twin (scanned / remat configs) is lowered for a CPU from the model as written;
     # a plain config is counted as lowered (the shifted and grouped depthwise convs differ by < 0.1 %).
-    jax.nn.dot_product_attention = default_attention
     flops = lowering.step_flops(config, lowered) / mesh.size
     progress(f'{flops:.4g} FLOP per step')
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -39,6 +39,8 @@ def test_depthwise_conv_equals_grouped_nn_conv(monkeypatch, padding, kernel, per
 
 @pytest.mark.parametrize('tile_bytes', [2**22, 448])  # one block of queries; two of 8 rows, 2 padded
 def test_attention_kernels_agree(monkeypatch, tile_bytes):
+    """Every kernel gives the same output and gradients, with right-padded keys masked. 'cudnn' here is
+    its GPU path on XLA's attention: 7 keys zero-padded to 64, masked by each row's length."""
     x = jax.random.normal(jax.random.key(0), (2, 14, 16))
     kv = jax.random.normal(jax.random.key(1), (2, 7, 12))
     mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3])
@@ -52,11 +54,11 @@ def test_attention_kernels_agree(monkeypatch, tile_bytes):
         return jnp.sum(jnp.sin(module.apply(variables, x, kv, mask=mask)))
 
     outputs, grads = {}, {}
-    for kernel in ('einsum', 'blocked', 'dot_product_attention'):
-        monkeypatch.setattr(kernels, 'attention_kernel', lambda kernel=kernel: kernel)
-        outputs[kernel] = module.apply(variables, x, kv, mask=mask)
-        grads[kernel] = jax.grad(loss, argnums=(0, 1, 2))(variables, x, kv)
-    for kernel in ('einsum', 'blocked'):
+    for kernel in kernels.ATTENTION_KERNELS:
+        with kernels.forced_attention_kernel(kernel):
+            outputs[kernel] = module.apply(variables, x, kv, mask=mask)
+            grads[kernel] = jax.grad(loss, argnums=(0, 1, 2))(variables, x, kv)
+    for kernel in ('einsum', 'blocked', 'cudnn'):
         np.testing.assert_allclose(outputs[kernel], outputs['dot_product_attention'], rtol=1e-5, atol=1e-6)
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
@@ -67,6 +69,41 @@ def test_attention_kernels_agree(monkeypatch, tile_bytes):
     changed = kv.at[1, 4:].add(3.0)
     np.testing.assert_allclose(module.apply(variables, x, changed, mask=mask)[1], outputs['blocked'][1], atol=1e-6)
     assert not np.allclose(module.apply(variables, x, changed)[1], outputs['blocked'][1], atol=1e-3)
+
+
+def test_padded_attention_pads_keys_to_the_cudnn_multiple_and_masks_by_length(monkeypatch):
+    """The keys reach jax.nn.dot_product_attention padded to a multiple of 64, with each row's length;
+    653 keys (Würstchen's 576 image + 77 text tokens) give 704, and the padding is never attended."""
+    q = jax.random.normal(jax.random.key(0), (2, 6, 2, 8))
+    k, v = (jax.random.normal(jax.random.key(i), (2, 653, 2, 8)) for i in (1, 2))
+    mask = jnp.arange(653)[None] < jnp.array([[653], [100]])
+    seen = {}
+    call = jax.nn.dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.update(keys=k.shape[1], lengths=kwargs['key_value_seq_lengths'], implementation=kwargs['implementation'])
+        return call(q, k, v, **kwargs)
+
+    monkeypatch.setattr(jax.nn, 'dot_product_attention', spy)
+    out = kernels.padded_attention(q, k, v, mask)
+    assert seen['keys'] == 704 and seen['implementation'] == 'xla'
+    np.testing.assert_array_equal(seen['lengths'], [653, 100])
+    logits = jnp.where(mask[:, None, None], jnp.einsum('btnh,bsnh->bnts', q, k) / np.sqrt(8), -jnp.inf)
+    plain = jnp.einsum('bnts,bsnh->btnh', jax.nn.softmax(logits, axis=-1), v)
+    np.testing.assert_allclose(out, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_dropout_is_on_the_output_projection():
+    """Training with dropout zeroes whole output features and scales the rest by 1 / (1 - p), as
+    diffusers' Attention does after `to_out`; the attention itself (any kernel) is the eval one."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 16))
+    module = layers.Attention(16, 2, dropout=0.5)
+    variables = module.init(jax.random.key(1), x, x)
+    eval_out = module.apply(variables, x, x)
+    train_out = module.apply(variables, x, x, deterministic=False, rngs={'dropout': jax.random.key(2)})
+    dropped = np.asarray(train_out) == 0
+    assert 0.3 < dropped.mean() < 0.7
+    np.testing.assert_allclose(np.asarray(train_out)[~dropped], 2 * np.asarray(eval_out)[~dropped], rtol=1e-5)
 
 
 def test_blocked_attention_with_every_key_masked_matches_the_plain_form():

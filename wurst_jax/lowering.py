@@ -12,6 +12,7 @@ import optax
 
 from wurst_jax import convert, sharding, tasks
 from wurst_jax.models import kernels
+from wurst_jax.models.layers import DTYPES
 from wurst_jax.tasks.base import Task
 from wurst_jax.train_state import TrainState, create_train_state, example_batch, train_step
 
@@ -82,16 +83,17 @@ def step_flops(config: ml_collections.ConfigDict, lowered: jax.stages.Lowered) -
 
     XLA counts a loop body once and counts rematerialised work again, so a step whose blocks are an
     nn.scan, whose batch is accumulated over micro-batches, whose blocks are rematerialised or whose
-    attention is blocked (`kernels.blocked_attention`, a loop over query blocks) is counted from its
-    plain twin; that twin, and a step lowered for a TPU topology (which gives no count here), are
-    lowered from shapes alone on one CPU device: seconds, nothing compiled or loaded.
+    attention is blocked (`kernels.blocked_attention`, a loop over query blocks) or cuDNN's (a custom
+    call XLA does not count) is counted from its plain twin; that twin, and a step lowered for a TPU
+    topology (which gives no count here), are lowered from shapes alone on one CPU device: seconds,
+    nothing compiled or loaded.
     """
     model = config.get('model', {})
     plain = (
         not model.get('scan_blocks', False)
         and model.get('remat_policy', 'none') == 'none'
         and config.grad_accum_steps == 1
-        and kernels.attention_kernel() != 'blocked'
+        and kernels.attention_kernel(DTYPES[config.dtype]) not in ('blocked', 'cudnn')  # a loop; a custom call
     )
     cost = (lowered.cost_analysis() or {}) if plain else {}
     if 'flops' not in cost:

@@ -1,7 +1,8 @@
-"""XLA:CPU's faster forms of two operations the networks use, chosen by backend: the depthwise
-convolution as a sum of shifted, channel-scaled copies, and attention one block of queries at a time
-(flash attention's scheme). Each has a custom VJP; `python bench/depthwise.py` and
-`python bench/attention.py` time them against the plain forms."""
+"""The backends' faster forms of two operations the networks use, chosen by backend: on XLA:CPU the
+depthwise convolution as a sum of shifted, channel-scaled copies and attention one block of queries
+at a time (flash attention's scheme), each with a custom VJP (`python bench/depthwise.py` and
+`python bench/attention.py` time them against the plain forms); on a GPU in bfloat16, cuDNN's flash
+attention with the keys padded to the length it takes."""
 
 import contextlib
 import functools
@@ -52,18 +53,44 @@ def shifted_depthwise_bwd(residuals, d_out):
 shifted_depthwise.defvjp(shifted_depthwise_fwd, shifted_depthwise_bwd)
 
 
-ATTENTION_KERNELS = ('blocked', 'dot_product_attention', 'einsum')
+ATTENTION_KERNELS = ('blocked', 'cudnn', 'dot_product_attention', 'einsum')
+# cuDNN's flash attention refuses key lengths such as Würstchen's 576 image + 77 text tokens; padded
+# to a multiple of 64 (and masked by length) it takes them.
+CUDNN_KEY_MULTIPLE = 64
 _forced_attention_kernel: list[str] = []
 
 
-def attention_kernel() -> str:
-    """How `Attention` computes softmax(q kᵀ) v without dropout: 'blocked' (`blocked_attention`) on
-    XLA:CPU, where it is about 2x faster than the whole score matrix (`python bench/attention.py`), and
-    'dot_product_attention' elsewhere (XLA's fused attention, cuDNN's on request). 'einsum', the plain
-    form, is what dropout on the probabilities needs. `forced_attention_kernel` overrides the choice."""
+def attention_kernel(dtype=jnp.float32, head_dim: int = 64) -> str:
+    """How `Attention` computes softmax(q kᵀ) v for compute `dtype` and `head_dim`: 'blocked'
+    (`blocked_attention`) on XLA:CPU, where it is about 2x faster than the whole score matrix
+    (`python bench/attention.py`); 'cudnn' (`padded_attention` by cuDNN's flash attention) on a GPU
+    in bfloat16 or float16 with a head size cuDNN takes (a multiple of 8, at most 128);
+    'dot_product_attention' (XLA's) otherwise. 'einsum' is the plain form, whose FLOPs XLA counts.
+    `forced_attention_kernel` overrides the choice."""
     if _forced_attention_kernel:
         return _forced_attention_kernel[-1]
-    return 'blocked' if jax.default_backend() == 'cpu' else 'dot_product_attention'
+    backend = jax.default_backend()
+    if backend == 'cpu':
+        return 'blocked'
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if backend == 'gpu' and half and head_dim % 8 == 0 and head_dim <= 128:
+        return 'cudnn'
+    return 'dot_product_attention'
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """softmax(q kᵀ / √d) v with the keys and values zero-padded to a multiple of CUDNN_KEY_MULTIPLE
+    and masked by length: cuDNN's flash attention on a GPU, XLA's attention on other backends (the
+    same padding and lengths, which is what the CPU tests check).
+
+    q: [B, T, N, D], k/v: [B, S, N, D], mask: [B, S] right padding (each row ones, then zeros, as
+    a tokenizer pads text: T5's mask), read as each row's length."""
+    b, s = k.shape[:2]
+    lengths = jnp.full((b,), s, jnp.int32) if mask is None else jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    pad = ((0, 0), (0, -s % CUDNN_KEY_MULTIPLE), (0, 0), (0, 0))
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    implementation = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
 
 
 @contextlib.contextmanager

@@ -425,9 +425,11 @@ class Attention(nn.Module):
         k = split(dense(c, ('embed', 'heads'), dtype=self.dtype, kernel_init=qkv_init, name='to_k')(kv))
         v = split(dense(c, ('embed', 'heads'), dtype=self.dtype, kernel_init=qkv_init, name='to_v')(kv))
         mask = None if mask is None else mask.astype(bool)
-        kernel = kernels.attention_kernel() if deterministic or self.dropout == 0 else 'einsum'
+        kernel = kernels.attention_kernel(self.dtype, c // heads)
         if kernel == 'blocked':
             out = kernels.blocked_attention(q, k, v, mask)
+        elif kernel == 'cudnn':
+            out = kernels.padded_attention(q, k, v, mask)
         elif kernel == 'dot_product_attention':
             out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None, :])
         else:
@@ -435,12 +437,13 @@ class Attention(nn.Module):
             if mask is not None:
                 logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
             probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-            if not deterministic and self.dropout > 0:  # attention-probability dropout, as torch's MHA
-                probs = nn.Dropout(self.dropout)(probs, deterministic=False)
             out = jnp.einsum('bnts,bsnh->btnh', probs.astype(v.dtype), v)
         out = out.reshape(x.shape[0], x.shape[1], c)
         out_init = nn.initializers.zeros_init() if self.zero_init_out else default_kernel_init
-        return dense(c, ('heads', 'embed'), dtype=self.dtype, kernel_init=out_init, name='to_out')(out)
+        out = dense(c, ('heads', 'embed'), dtype=self.dtype, kernel_init=out_init, name='to_out')(out)
+        # Dropout on the output projection, as diffusers' Attention (`to_out[1]`), not on the
+        # probabilities as torch's MultiheadAttention: every kernel, the fused ones too, can train with it.
+        return nn.Dropout(self.dropout)(out, deterministic=deterministic or self.dropout == 0)
 
 
 class AttnBlock(nn.Module):
