@@ -14,28 +14,10 @@ import scipy.stats
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
+from torch_reference import PIXART_DPM
 from wurst_jax.diffusion import dpm_solver, iddpm
 
 B, H, W, C = 2, 3, 4, 4
-# PixArt-alpha/PixArt-XL-2-1024-MS scheduler/scheduler_config.json; final_sigmas_type is absent there, so
-# diffusers' default 'zero' applies.
-PIXART_DPM = dict(
-    num_train_timesteps=1000,
-    beta_start=1e-4,
-    beta_end=0.02,
-    beta_schedule='linear',
-    algorithm_type='dpmsolver++',
-    solver_order=2,
-    solver_type='midpoint',
-    prediction_type='epsilon',
-    lower_order_final=True,
-    euler_at_final=False,
-    timestep_spacing='linspace',
-    steps_offset=0,
-    thresholding=False,
-    use_karras_sigmas=False,
-    lambda_min_clipped=-float('inf'),
-)
 
 
 def to_nchw(x):

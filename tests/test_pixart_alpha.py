@@ -16,7 +16,7 @@ import transformers
 from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
 from conftest import REPO, load_config, tiny_t5_folder
-from torch_reference import nchw, nhwc, original_pixart_state, randomise, rel_err
+from torch_reference import PIXART_DPM, nchw, nhwc, original_pixart_state, randomise, rel_err
 from wurst_jax import checkpoint, tasks, train
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.data import input_pipeline
@@ -66,17 +66,7 @@ def pixart_pipeline_loop(model, latents, cond, uncond, steps: int, guidance: flo
     """diffusers' PixArtAlphaPipeline.__call__ denoising loop (`output_type='latent'`), with the
     DPMSolverMultistepScheduler configuration of PixArt-alpha's released pipelines; `masks` are the
     (cond, uncond) T5 attention masks."""
-    scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000,
-        beta_start=1e-4,
-        beta_end=0.02,
-        beta_schedule='linear',
-        algorithm_type='dpmsolver++',
-        solver_order=2,
-        solver_type='midpoint',
-        lower_order_final=True,
-        prediction_type='epsilon',
-    )
+    scheduler = DPMSolverMultistepScheduler(**PIXART_DPM)
     scheduler.set_timesteps(steps)
     x = nchw(latents)
     states = torch.from_numpy(np.concatenate([uncond, cond]))

@@ -5,6 +5,25 @@ import numpy as np
 import torch
 
 TOL = 1e-5  # max |flax - torch| / max |torch|
+# PixArt-alpha/PixArt-XL-2-1024-MS scheduler/scheduler_config.json; final_sigmas_type is absent there, so
+# diffusers' default 'zero' applies.
+PIXART_DPM = dict(
+    num_train_timesteps=1000,
+    beta_start=1e-4,
+    beta_end=0.02,
+    beta_schedule='linear',
+    algorithm_type='dpmsolver++',
+    solver_order=2,
+    solver_type='midpoint',
+    prediction_type='epsilon',
+    lower_order_final=True,
+    euler_at_final=False,
+    timestep_spacing='linspace',
+    steps_offset=0,
+    thresholding=False,
+    use_karras_sigmas=False,
+    lambda_min_clipped=-float('inf'),
+)
 
 
 def randomise(model: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn.Module:
