@@ -89,9 +89,7 @@ def write_split(task, config: ml_collections.ConfigDict, split: str, out: str, b
             }
             if states is not None:
                 text, mask = states if task.text.masked else (states, None)
-                record['text_states'] = np.asarray(text[i]).astype(dtype)
-                if mask is not None:
-                    record['text_mask'] = np.asarray(mask[i]).astype(np.uint8)
+                record.update(precomputed.text_fields(text[i], None if mask is None else mask[i], dtype))
             writer.write(serialization.msgpack_serialize(record))
         written += n
     writer.close()
@@ -142,8 +140,7 @@ def precompute(
         if not task.text.trainable:
             empty = task.text.empty_states(task.frozen_params()['text'])
             states, mask = empty if task.text.masked else (empty, None)
-            mask = None if mask is None else np.asarray(mask[0])
-            precomputed.write_empty_caption(out, np.asarray(states[0]).astype(np_dtype), mask)
+            precomputed.write_empty_caption(out, states[0], None if mask is None else mask[0], np_dtype)
         # Last: a folder with metadata.json is complete.
         with open(os.path.join(out, precomputed.METADATA), 'w') as f:
             json.dump(metadata, f, indent=1)

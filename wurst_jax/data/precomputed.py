@@ -86,11 +86,18 @@ def check_matches(config: ml_collections.ConfigDict) -> None:
             )
 
 
-def write_empty_caption(folder: str, states: np.ndarray, mask: np.ndarray | None) -> None:
+def text_fields(states: np.ndarray, mask: np.ndarray | None, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """One caption's stored text: states [L, D] in `dtype`, and T5's mask [L] as uint8."""
+    fields = {'text_states': np.asarray(states).astype(dtype)}
+    if mask is not None:
+        fields['text_mask'] = np.asarray(mask).astype(np.uint8)
+    return fields
+
+
+def write_empty_caption(folder: str, states: np.ndarray, mask: np.ndarray | None, dtype: np.dtype) -> None:
     """The empty caption's text states [L, D] (and T5's mask [L]) as the records store theirs."""
-    example = {'text_states': states} if mask is None else {'text_states': states, 'text_mask': mask.astype(np.uint8)}
     with open(os.path.join(folder, EMPTY_CAPTION), 'wb') as f:
-        f.write(serialization.msgpack_serialize(example))
+        f.write(serialization.msgpack_serialize(text_fields(states, mask, dtype)))
 
 
 def read_empty_caption(folder: str) -> dict[str, np.ndarray]:
@@ -102,20 +109,21 @@ def read_empty_caption(folder: str) -> dict[str, np.ndarray]:
             'training on them needs for caption dropout; run `python -m wurst_jax.precompute` again'
         )
     with open(path, 'rb') as f:
-        example = serialization.msgpack_restore(f.read())
-    out = {'text_states': np.asarray(example['text_states'], np.float32)}
-    if 'text_mask' in example:
-        out['text_mask'] = np.asarray(example['text_mask'], np.int32)
-    return out
+        return _as_arrays(serialization.msgpack_restore(f.read()))
 
 
-def decode_record(record: bytes) -> dict:
-    """A stored record as a dict of numpy arrays (float32 features) and the caption str."""
-    example = serialization.msgpack_restore(record)
-    example['caption'] = str(example['caption'])
+def _as_arrays(example: dict) -> dict:
+    """Stored features as float32 arrays, a T5 mask as int32."""
     for key in ('latents', 'text_states'):
         if key in example:
             example[key] = np.asarray(example[key], np.float32)
     if 'text_mask' in example:
         example['text_mask'] = np.asarray(example['text_mask'], np.int32)
+    return example
+
+
+def decode_record(record: bytes) -> dict:
+    """A stored record as a dict of numpy arrays (float32 features) and the caption str."""
+    example = _as_arrays(serialization.msgpack_restore(record))
+    example['caption'] = str(example['caption'])
     return example
