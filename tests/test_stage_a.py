@@ -170,3 +170,44 @@ def test_bfloat16_compute_keeps_float32_params(tiny_shapes_config):
     _, _, metrics32 = jax.jit(tasks.create(config).grads)(params, state, {}, batch, jax.random.key(2), jnp.int32(0))
     assert float(metrics['mse']) != float(metrics32['mse'])
     assert abs(float(metrics['mse']) - float(metrics32['mse'])) < 0.05 * float(metrics32['mse'])
+
+
+def test_evaluation_reports_the_latent_std(tiny_shapes_config):
+    """Stage A's evaluation gives the std of h over every entry of the held-out batches: what
+    stage_a.scale_factor is set to for unit-variance latents."""
+    task = tasks.create(tiny_shapes_config)
+    params, state = nn.meta.unbox(task.init(jax.random.key(0), {'image': jnp.zeros((1, 16, 16, 3))}))
+    batches = [
+        {'image': np.asarray(jax.random.uniform(jax.random.key(i), (n, 16, 16, 3), minval=-1, maxval=1))}
+        for i, n in ((1, 3), (2, 5))
+    ]
+    metrics = task.evaluate(params, state, {}, batches)
+    variables = {'params': params['vqgan'], **state['vqgan']}
+    h = np.concatenate([task.vqgan.apply(variables, b['image'], method=VQGAN.encode) for b in batches])
+    assert metrics['num_images'] == 8
+    np.testing.assert_allclose(metrics['latent_std'], h.std(), rtol=1e-4)
+    assert metrics['psnr'] > 0 and metrics['psnr_quantized'] > 0
+
+
+def test_stage_a_scale_factor_divides_the_latents_and_decodes_them_back(tiny_stage_folders):
+    """stage_a.scale_factor replaces the VQGAN's own divisor for the stages after it (0 keeps it), the
+    decoder multiplying by the same factor; a negative one is refused by name."""
+    import ml_collections
+
+    from wurst_jax.config_lib import ConfigError
+    from wurst_jax.tasks import conditioning
+
+    images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+    spaces = {}
+    for factor in (0.0, 0.25):
+        stage_a = ml_collections.ConfigDict(dict(source=str(tiny_stage_folders['vqgan']), scale_factor=factor))
+        conditioning.validate_stage_a(stage_a)
+        vqgan, variables = conditioning.load_stage_a(stage_a)
+        latents = conditioning.stage_a_latents(vqgan, variables, images)
+        spaces[factor] = vqgan, latents, conditioning.stage_a_decode(vqgan, variables, latents)
+    own = spaces[0.0][0].scale_factor
+    assert own == VQGAN.scale_factor
+    np.testing.assert_allclose(spaces[0.25][1], spaces[0.0][1] * own / 0.25, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(spaces[0.25][2], spaces[0.0][2], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match='stage_a.scale_factor'):
+        conditioning.validate_stage_a(ml_collections.ConfigDict(dict(source=stage_a.source, scale_factor=-1.0)))

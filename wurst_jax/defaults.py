@@ -75,12 +75,18 @@ def stage_a() -> ml_collections.ConfigDict:
     return config
 
 
+def _stage_a_source() -> ml_collections.ConfigDict:
+    """A frozen Stage A: `source` (a workdir or converted vqgan) and the latents' divisor `scale_factor`
+    (0: the VQGAN's own; the std of its h gives unit-variance latents, as LDM's `scale_by_std`)."""
+    return ml_collections.ConfigDict(dict(source='', scale_factor=0.0))
+
+
 def _decoder(family: str, effnet: dict, model: dict) -> ml_collections.ConfigDict:
     """What both Stage Bs' defaults hold: Stage A's source, the semantic compressor, the UNet's fields
     and the text encoder. The effnet's `arch` (torchvision's architecture) or, when it lists them,
     `stages` (type, expand, kernel, stride, in, out, layers) are read only with `effnet.source='train'`."""
     config = _common(family, lr=1e-4)
-    config.stage_a = ml_collections.ConfigDict(dict(source=''))
+    config.stage_a = _stage_a_source()
     trained = dict(stages=[], last_channels=1280, c_latent=16, stochastic_depth=0.2)
     config.effnet = ml_collections.ConfigDict({**trained, **effnet})
     unet = dict(c_r=64, patch_size=2, c_cond=1024, kernel_size=3, dropout=0.1, remat_policy='none')
@@ -139,7 +145,7 @@ def stage_c() -> ml_collections.ConfigDict:
     config = _common('stage_c', lr=1e-4)
     config.latents = 'effnet'
     config.latent_scaling = 'v2'  # Würstchen's (x + 1) / 42 of the map; 'none' leaves it as it is
-    config.stage_a = ml_collections.ConfigDict(dict(source=''))  # read with latents='stage_a'
+    config.stage_a = _stage_a_source()  # read with latents='stage_a'
     config.effnet = ml_collections.ConfigDict(dict(source='', image_size=768))
     config.init = ml_collections.ConfigDict(dict(prior=''))  # weights to start from: a folder, file or workdir
     config.model = ml_collections.ConfigDict(

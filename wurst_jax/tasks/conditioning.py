@@ -203,15 +203,33 @@ def trained_run(
     return config, state['ema_params'], state['model_state']
 
 
-def load_stage_a(source: str) -> tuple[VQGAN, dict]:
-    """(VQGAN, frozen variables) from a Stage A workdir or a converted vqgan folder/file."""
+def load_stage_a(stage_a: ml_collections.ConfigDict) -> tuple[VQGAN, dict]:
+    """(VQGAN, frozen variables) from `stage_a.source`, a Stage A workdir or a converted vqgan folder/file,
+    dividing its latents by `stage_a.scale_factor` where that is set."""
+    source = stage_a.source
     if os.path.isdir(os.path.join(source, 'checkpoints')):
         config, params, model_state = trained_run(source, 'stage_a')
         vqgan = VQGAN(**config.model.to_dict(), dtype=DTYPES[config.dtype])
-        return vqgan, network_variables(params, model_state, 'vqgan')
-    if not os.path.exists(source):
+        variables = network_variables(params, model_state, 'vqgan')
+    elif os.path.exists(source):
+        vqgan, variables = convert.load_diffusers(source, 'vqgan')
+    else:
         raise ConfigError('stage_a.source', source, 'a Stage A workdir, a vqgan model folder or checkpoint file')
-    return convert.load_diffusers(source, 'vqgan')
+    if stage_a.scale_factor:
+        vqgan = vqgan.clone(scale_factor=stage_a.scale_factor)
+    return vqgan, variables
+
+
+def validate_stage_a(stage_a: ml_collections.ConfigDict) -> None:
+    """A frozen Stage A's source exists and its latents' divisor is 0 (the VQGAN's own) or positive."""
+    if not os.path.exists(stage_a.source):
+        raise ConfigError('stage_a.source', stage_a.source, 'a Stage A workdir, a vqgan model folder or checkpoint')
+    if not (isinstance(stage_a.scale_factor, (int, float)) and stage_a.scale_factor >= 0):
+        raise ConfigError(
+            'stage_a.scale_factor',
+            stage_a.scale_factor,
+            "0 (the VQGAN's own) or a positive divisor of its latents, e.g. the latent_std of its evaluation",
+        )
 
 
 def stage_a_latents(vqgan: VQGAN, variables: dict, images: jax.Array) -> jax.Array:
@@ -314,12 +332,7 @@ def validate_stage_b(config: ml_collections.ConfigDict, per_level: tuple[str, ..
             config.input.image_size,
             f'a multiple of {unit} (Stage A f4 x patch size x 2**(levels - 1))',
         )
-    if not os.path.exists(config.stage_a.source):
-        raise ConfigError(
-            'stage_a.source',
-            config.stage_a.source,
-            'a Stage A workdir, a vqgan model folder or a vqgan checkpoint file',
-        )
+    validate_stage_a(config.stage_a)
     validate_effnet(config.effnet)
 
 
@@ -449,7 +462,7 @@ class DecoderTask(CaptionedTask):
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        self.vqgan, self._vqgan_variables = load_stage_a(config.stage_a.source)
+        self.vqgan, self._vqgan_variables = load_stage_a(config.stage_a)
         self.effnet = SemanticCompressor(config.effnet, self.dtype)
 
     def unet_fields(self) -> dict[str, Any]:

@@ -39,7 +39,7 @@ class StageATask:
         self.disc = Discriminator(c_hidden=config.disc.c_hidden, depth=config.disc.depth, dtype=dtype)
         self.use_perceptual = config.loss.perceptual_weight > 0
         self.vgg = VGG16Features()
-        self._eval_psnr = jax.jit(self._psnr_pair)  # compiled once, reused at every evaluation
+        self._eval_images = jax.jit(self._image_metrics)  # compiled once, reused at every evaluation
         self.tokenizer = None  # Stage A reads no captions
 
     @staticmethod
@@ -184,12 +184,10 @@ class StageATask:
 
     # -- samples and evaluation ------------------------------------------------------------------
 
-    def reconstruct(self, params: Any, model_state: Any, images: jax.Array, *, quantize: bool = False) -> jax.Array:
-        """images [B, H, W, 3] -> reconstructions; continuous latents unless quantize (Würstchen v2 use)."""
+    def reconstruct(self, params: Any, model_state: Any, images: jax.Array) -> jax.Array:
+        """images [B, H, W, 3] -> reconstructions from the continuous latents (as Würstchen v2 uses them)."""
         variables = {'params': params['vqgan'], **model_state['vqgan']}
         latent = self.vqgan.apply(variables, images, method=VQGAN.encode)
-        if quantize:
-            latent = self.vqgan.apply(variables, latent, method=VQGAN.quantize)[0]
         return self.vqgan.apply(variables, latent, method=VQGAN.decode)
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
@@ -198,22 +196,33 @@ class StageATask:
         recon = self.reconstruct(params, model_state, batch['image'])
         return jnp.concatenate([batch['image'], jnp.clip(recon, -1, 1)], axis=2)
 
-    def _psnr_pair(self, params: Any, model_state: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Per-image PSNR of continuous and codebook reconstructions: ([B], [B])."""
+    def _image_metrics(self, params: Any, model_state: Any, images: jax.Array) -> tuple[jax.Array, ...]:
+        """Per-image PSNR of continuous and codebook reconstructions and the mean and mean square of the
+        latent h: four [B] arrays."""
+        variables = {'params': params['vqgan'], **model_state['vqgan']}
+        h = self.vqgan.apply(variables, images, method=VQGAN.encode)
+        codes = self.vqgan.apply(variables, h, method=VQGAN.quantize)[0]
+        h32 = h.astype(jnp.float32)
         return (
-            psnr(self.reconstruct(params, model_state, images), images),
-            psnr(self.reconstruct(params, model_state, images, quantize=True), images),
+            psnr(self.vqgan.apply(variables, h, method=VQGAN.decode), images),
+            psnr(self.vqgan.apply(variables, codes, method=VQGAN.decode), images),
+            jnp.mean(h32, axis=(1, 2, 3)),
+            jnp.mean(jnp.square(h32), axis=(1, 2, 3)),
         )
 
     def evaluate(
         self, params: Networks, model_state: Networks, frozen: Networks, batches: HostBatches
     ) -> dict[str, float]:
-        """Mean reconstruction PSNR over the held-out batches, continuous and through the codebook."""
+        """Mean reconstruction PSNR over the held-out batches, continuous and through the codebook, and
+        the std of the latent h over all its entries: the `stage_a.scale_factor` that gives the stages
+        after it unit-variance latents (LDM's `scale_by_std`)."""
         del frozen
-        cont, quant = [], []
-        for batch in batches:
-            a, b = sharding.to_host(self._eval_psnr(params, model_state, jnp.asarray(batch['image'])))
-            cont.append(a)
-            quant.append(b)
-        cont, quant = np.concatenate(cont), np.concatenate(quant)
-        return dict(psnr=float(cont.mean()), psnr_quantized=float(quant.mean()), num_images=len(cont))
+        per_image = [sharding.to_host(self._eval_images(params, model_state, jnp.asarray(b['image']))) for b in batches]
+        cont, quant, mean, mean_square = (np.concatenate(column) for column in zip(*per_image))
+        latent_std = np.sqrt(max(mean_square.mean() - mean.mean() ** 2, 0.0))
+        return dict(
+            psnr=float(cont.mean()),
+            psnr_quantized=float(quant.mean()),
+            latent_std=float(latent_std),
+            num_images=len(cont),
+        )

@@ -245,7 +245,7 @@ class StageCTask(conditioning.CaptionedTask):
             self._empty_caption = self.text.placeholder() if planned else self._read_empty_caption()
         self.space = config.latents
         if self.space == 'stage_a':
-            self.vqgan, self._vqgan_variables = conditioning.load_stage_a(config.stage_a.source)
+            self.vqgan, self._vqgan_variables = conditioning.load_stage_a(config.stage_a)
         else:
             self.effnet, self._effnet_variables = conditioning.load_effnet(config.effnet.source, self.dtype)
         self.backbone = config.model.backbone
@@ -317,17 +317,12 @@ class StageCTask(conditioning.CaptionedTask):
         if space not in LATENT_SPACES:
             raise ConfigError('latents', space, f'one of {LATENT_SPACES}')
         if space == 'stage_a':
-            if not os.path.exists(config.stage_a.source):
-                raise ConfigError(
-                    'stage_a.source',
-                    config.stage_a.source,
-                    'a Stage A workdir, a vqgan model folder or checkpoint file (latents=stage_a)',
-                )
+            conditioning.validate_stage_a(config.stage_a)
             if config.latent_scaling != 'none':
                 raise ConfigError(
                     'latent_scaling',
                     config.latent_scaling,
-                    "'none' with latents='stage_a' (Stage A latents are scaled by the VQGAN's scale_factor)",
+                    "'none' with latents='stage_a' (Stage A latents are divided by stage_a.scale_factor)",
                 )
         elif not os.path.exists(config.effnet.source):
             raise ConfigError(
