@@ -1,6 +1,6 @@
 """The per-backend kernels of models/layers.py compute the same thing whichever is chosen: the depthwise
-conv against flax's grouped nn.Conv, attention's einsum and blocked forms against jax.nn.dot_product_attention;
-BatchNorm's train step against torch's BatchNorm2d."""
+conv against flax's grouped nn.Conv, the 4x4 stride-2 transposed conv against torch's, attention's einsum
+and blocked forms against jax.nn.dot_product_attention; BatchNorm's train step against torch's BatchNorm2d."""
 
 import flax.linen as nn
 import jax
@@ -35,6 +35,33 @@ def test_depthwise_conv_equals_grouped_nn_conv(monkeypatch, padding, kernel, per
         jax.grad(loss, argnums=(1, 2))(ours, variables, x), jax.grad(loss, argnums=(1, 2))(reference, variables, x)
     ):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+
+
+@pytest.mark.parametrize('kernel', ['phases', 'lax'])
+def test_conv_transpose_kernels_match_torch_forward_and_backward(monkeypatch, kernel):
+    """ConvTranspose2d(k=4, stride=2, padding=1), the VQGAN's upsampling, by either kernel: torch's output
+    and its gradients for the input, kernel and bias; params shaped as nn.ConvTranspose's."""
+    monkeypatch.setattr(kernels, 'conv_transpose_kernel', lambda: kernel)
+    x = np.random.default_rng(0).standard_normal((2, 5, 7, 6)).astype(np.float32)
+    ref = torch.nn.ConvTranspose2d(6, 4, 4, stride=2, padding=1)
+    module = layers.conv_transpose(4, (4, 4), strides=2, torch_padding=1)
+    flax_twin = nn.ConvTranspose(4, (4, 4), (2, 2), ((2, 2), (2, 2)), transpose_kernel=True)
+    shapes = jax.tree.map(jnp.shape, nn.meta.unbox(module.init(jax.random.key(0), x)))
+    assert shapes == jax.tree.map(jnp.shape, flax_twin.init(jax.random.key(0), x))
+    params = {'kernel': ref.weight.detach().numpy().transpose(2, 3, 1, 0), 'bias': ref.bias.detach().numpy()}
+
+    x_torch = nchw(x).requires_grad_()
+    out = ref(x_torch)
+    torch.sin(out).sum().backward()
+
+    def loss(params, x):
+        return jnp.sum(jnp.sin(module.apply({'params': params}, x)))
+
+    np.testing.assert_allclose(module.apply({'params': params}, x), nhwc(out), rtol=1e-4, atol=1e-5)
+    d_params, d_x = jax.grad(loss, argnums=(0, 1))(params, x)
+    np.testing.assert_allclose(d_x, nhwc(x_torch.grad), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_params['kernel'], ref.weight.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_params['bias'], ref.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('tile_bytes', [2**22, 448])  # one block of queries; two of 8 rows, 2 padded

@@ -1,8 +1,9 @@
-"""The backends' faster forms of two operations the networks use, chosen by backend: on XLA:CPU the
+"""The backends' faster forms of three operations the networks use, chosen by backend: on XLA:CPU the
 depthwise convolution as a sum of shifted, channel-scaled copies and attention one block of queries
-at a time (flash attention's scheme), each with a custom VJP (`python bench/depthwise.py` and
-`python bench/attention.py` time them against the plain forms); on a GPU in bfloat16, cuDNN's flash
-attention with the keys padded to the length it takes."""
+at a time (flash attention's scheme), each with a custom VJP, and the 4x4 stride-2 transposed conv as
+a 3x3 conv to its four output phases (`python bench/depthwise.py`, `python bench/attention.py` and
+`python bench/conv_transpose.py` time them against the plain forms); on a GPU in bfloat16, cuDNN's
+flash attention with the keys padded to the length it takes."""
 
 import contextlib
 import functools
@@ -51,6 +52,33 @@ def shifted_depthwise_bwd(residuals, d_out):
 
 
 shifted_depthwise.defvjp(shifted_depthwise_fwd, shifted_depthwise_bwd)
+
+
+def conv_transpose_kernel() -> str:
+    """How `ConvTranspose` runs torch's ConvTranspose2d(k=4, stride=2, padding=1): 'phases'
+    (`phase_conv_transpose`) on XLA:CPU, whose transposed-conv kernel gradient is about 3x slower
+    fwd + bwd (`python bench/conv_transpose.py`), 'lax' (lax.conv_transpose) elsewhere."""
+    return 'phases' if jax.default_backend() == 'cpu' else 'lax'
+
+
+# Output row 2m + phase of ConvTranspose2d(k=4, stride=2, padding=1) reads input rows m - 1, m, m + 1
+# through these kernel rows (4: none): 2m gets x[m - 1]·w3 + x[m]·w1, 2m + 1 gets x[m]·w2 + x[m + 1]·w0.
+_PHASE_TAPS = ((3, 1, 4), (4, 2, 0))
+
+
+def phase_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """torch's ConvTranspose2d(k=4, stride=2, padding=1) without bias as one 3x3 stride-1 conv to the
+    2 x 2 output phases, then depth-to-space: the same sums, no zero-dilated input.
+
+    x: [B, H, W, C], kernel: [4, 4, O, C] (lax.conv_transpose's with transpose_kernel=True) -> [B, 2H, 2W, O]."""
+    b, h, w, _ = x.shape
+    o = kernel.shape[2]
+    taps = jnp.array(_PHASE_TAPS)
+    padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))  # row and column 4: zeros
+    phases = padded[taps[:, :, None, None], taps[None, None, :, :]]  # [ph, dh, pw, dw, O, C]
+    phases = phases.transpose(1, 3, 5, 0, 2, 4).reshape(3, 3, kernel.shape[3], 4 * o)
+    y = jax.lax.conv_general_dilated(x, phases, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y.reshape(b, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, o)
 
 
 ATTENTION_KERNELS = ('blocked', 'cudnn', 'dot_product_attention', 'einsum')

@@ -10,7 +10,7 @@ them onto the device mesh with the rules in the config. Logical names used:
 """
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -145,6 +145,40 @@ class DepthwiseConv(nn.Module):
         return out + bias
 
 
+class ConvTranspose(nn.Module):
+    """torch.nn.ConvTranspose2d(k, stride, padding=p), with nn.ConvTranspose(transpose_kernel=True)'s
+    params: 'kernel' [kh, kw, out, in], 'bias' [out].
+
+    torch's transposed conv is the gradient of a conv: flipped kernel and padding k - 1 - p on each
+    side, which lax.conv_transpose's `transpose_kernel=True` and explicit padding reproduce. The
+    VQGAN's k=4, stride=2, p=1 runs as `kernels.phase_conv_transpose` where `kernels.conv_transpose_kernel`
+    chooses it."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: int
+    torch_padding: int
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = default_kernel_init
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (*self.kernel_size, self.features, x.shape[-1])
+        kernel = self.param(
+            'kernel', nn.with_logical_partitioning(self.kernel_init, (None, None, 'conv_out', 'conv_in')), shape
+        )
+        bias = self.param('bias', nn.with_logical_partitioning(self.bias_init, ('conv_out',)), (self.features,))
+        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        phases = self.kernel_size == (4, 4) and self.strides == 2 and self.torch_padding == 1
+        if phases and kernels.conv_transpose_kernel() == 'phases':
+            y = kernels.phase_conv_transpose(x, kernel)
+        else:
+            pads = tuple((k - 1 - self.torch_padding,) * 2 for k in self.kernel_size)
+            y = jax.lax.conv_transpose(x, kernel, (self.strides,) * 2, pads, transpose_kernel=True)
+        return y + bias
+
+
 def conv_transpose(
     features: int,
     kernel_size: Sequence[int],
@@ -154,16 +188,10 @@ def conv_transpose(
     dtype: Dtype = jnp.float32,
     torch_default_init: bool = False,
     name: str | None = None,
-) -> nn.ConvTranspose:
-    """torch.nn.ConvTranspose2d(k, stride, padding=p) as a Flax ConvTranspose.
-
-    torch's transposed conv is the gradient of a conv: flipped kernel and padding k - 1 - p
-    on each side, which `transpose_kernel=True` and explicit padding reproduce. The kernel is
-    [kh, kw, out, in]. `torch_default_init`: ConvTranspose2d's own init (kaiming_uniform(a=√5), i.e.
-    uniform ±1/√fan_in for kernel and bias, fan_in = out·kh·kw), which Paella keeps (its xavier init
-    pass touches only Conv2d/Linear); otherwise xavier_uniform and a zero bias.
-    """
-    pads = tuple((k - 1 - torch_padding, k - 1 - torch_padding) for k in kernel_size)
+) -> ConvTranspose:
+    """`ConvTranspose` with xavier_uniform and a zero bias, or with `torch_default_init` ConvTranspose2d's
+    own init (kaiming_uniform(a=√5), i.e. uniform ±1/√fan_in for kernel and bias, fan_in = out·kh·kw),
+    which Paella keeps (its xavier init pass touches only Conv2d/Linear)."""
     kernel_init, bias_init = default_kernel_init, nn.initializers.zeros_init()
     if torch_default_init:
         kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
@@ -173,18 +201,7 @@ def conv_transpose(
             bound = 1 / math.sqrt(shape[0] * receptive)
             return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-    return nn.ConvTranspose(
-        features,
-        tuple(kernel_size),
-        strides=(strides, strides),
-        padding=pads,
-        transpose_kernel=True,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, 'conv_out', 'conv_in')),
-        bias_init=nn.with_logical_partitioning(bias_init, ('conv_out',)),
-        name=name,
-    )
+    return ConvTranspose(features, tuple(kernel_size), strides, torch_padding, dtype, kernel_init, bias_init, name=name)
 
 
 def shard_batch(x: jax.Array) -> jax.Array:
