@@ -226,6 +226,38 @@ def median_times_interleaved(
     return [statistics.median(t) for t in times]
 
 
+def torch_fwd_bwd(module: Any, x: Any, d_out: Any) -> Callable[[], Any]:
+    """A step running torch `module` on `x` (requires_grad) and back from `d_out`; returns x's grad."""
+
+    def step():
+        module.zero_grad()
+        x.grad = None
+        module(x).backward(d_out)
+        return x.grad
+
+    return step
+
+
+def kernel_times_ms(
+    shapes: dict[str, tuple[int, ...]],
+    jax_step: Callable[[str, tuple[int, ...]], Callable[[], Any]],
+    torch_step: Callable[[tuple[int, ...]], Callable[[], Any]],
+    kinds: tuple[str, ...],
+    steps: int,
+) -> dict[str, Any]:
+    """ms per fwd + bwd at each named shape: each JAX kernel in `kinds` (timed in turns) and torch's."""
+    result = {}
+    for name, shape in shapes.items():
+        # torch on its own first: its OpenMP threads slow down after JAX steps (bench/README.md).
+        torch_s = median_time(torch_step(shape), lambda y: float(y.sum()), steps, 2)
+        fns = [jax_step(kind, shape) for kind in kinds]
+        times = median_times_interleaved([(fn, jax.block_until_ready) for fn in fns], steps)
+        result[name] = {kind: round(t * 1e3, 2) for kind, t in zip([*kinds, 'torch'], [*times, torch_s])}
+        result[name]['shape'] = list(shape)
+    result['unit'] = 'ms per fwd + bwd'
+    return result
+
+
 def profile_top_ops(
     step: Callable[[], Any], logdir: str, hlo_text: str = '', steps: int = 3, top: int = 15
 ) -> dict[str, Any]:

@@ -46,27 +46,12 @@ def torch_step(shape):
     conv = torch.nn.ConvTranspose2d(c, o, 4, stride=2, padding=1)
     x = torch.randn(b, c, h, w, requires_grad=True)
     d_out = torch.randn(b, o, 2 * h, 2 * w)
-
-    def step():
-        conv.zero_grad()
-        x.grad = None
-        conv(x).backward(d_out)
-        return x.grad
-
-    return step
+    return common.torch_fwd_bwd(conv, x, d_out)
 
 
 def main(_):
     torch.set_num_threads(2)
-    result = {}
-    for name, shape in SHAPES.items():
-        # torch on its own first: its OpenMP threads slow down after JAX steps (bench/README.md).
-        torch_s = common.median_time(torch_step(shape), lambda y: float(y.sum()), _STEPS.value, 2)
-        steps = {kind: jax_step(kind, shape) for kind in ('lax', 'phases')}
-        times = common.median_times_interleaved([(fn, jax.block_until_ready) for fn in steps.values()], _STEPS.value)
-        result[name] = {kind: round(s * 1e3, 2) for kind, s in zip([*steps, 'torch'], [*times, torch_s])}
-        result[name]['shape'] = list(shape)
-    result['unit'] = 'ms per fwd + bwd'
+    result = common.kernel_times_ms(SHAPES, jax_step, torch_step, ('lax', 'phases'), _STEPS.value)
     result['chosen'] = kernels.conv_transpose_kernel()
     result.update(common.machine())
     print(json.dumps(result))

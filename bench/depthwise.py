@@ -19,6 +19,7 @@ import common
 from wurst_jax.models import kernels, layers
 
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed rounds (each runs every kernel once).')
+KINDS = ('grouped', 'shifted', 'shifted_autodiff')
 SHAPES = {'stage_c_small': (8, 24, 24, 256), 'stage_a_64px': (8, 64, 64, 32), 'stage_a_32px': (8, 32, 32, 64)}
 
 
@@ -56,27 +57,14 @@ def torch_step(shape):
     conv = torch.nn.Conv2d(c, c, 3, padding=1, groups=c)
     x = torch.randn(b, c, h, w, requires_grad=True)
     d_out = torch.randn(b, c, h, w)
-
-    def step():
-        conv.zero_grad()
-        x.grad = None
-        conv(x).backward(d_out)
-        return x.grad
-
-    return step
+    return common.torch_fwd_bwd(conv, x, d_out)
 
 
 def main(_):
     torch.set_num_threads(2)
-    result = {}
-    for name, shape in SHAPES.items():
-        # torch on its own first: its OpenMP threads slow down after JAX steps (bench/README.md).
-        torch_s = common.median_time(torch_step(shape), lambda y: float(y.sum()), _STEPS.value, 2)
-        steps = {kind: jax_step(kind, shape) for kind in ('grouped', 'shifted', 'shifted_autodiff')}
-        times = common.median_times_interleaved([(fn, jax.block_until_ready) for fn in steps.values()], _STEPS.value)
-        result[name] = {kind: round(s * 1e3, 2) for kind, s in zip([*steps, 'torch'], [*times, torch_s])}
-        result[name]['shape'] = list(shape)
-    result['unit'] = 'ms per fwd + bwd'
+    result = common.kernel_times_ms(
+        SHAPES, jax_step, torch_step, ('grouped', 'shifted', 'shifted_autodiff'), _STEPS.value
+    )
     result['chosen'] = kernels.depthwise_kernel()
     result.update(common.machine())
     print(json.dumps(result))
