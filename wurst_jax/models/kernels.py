@@ -56,8 +56,8 @@ shifted_depthwise.defvjp(shifted_depthwise_fwd, shifted_depthwise_bwd)
 
 def conv_transpose_kernel() -> str:
     """How `ConvTranspose` runs torch's ConvTranspose2d(k=4, stride=2, padding=1): 'phases'
-    (`phase_conv_transpose`) on XLA:CPU, whose transposed-conv kernel gradient is about 3x slower
-    fwd + bwd (`python bench/conv_transpose.py`), 'lax' (lax.conv_transpose) elsewhere."""
+    (`phase_conv_transpose`) on XLA:CPU, where lax's transposed conv is 4-5x slower fwd + bwd
+    (`python bench/conv_transpose.py`), 'lax' (lax.conv_transpose) elsewhere."""
     return 'phases' if jax.default_backend() == 'cpu' else 'lax'
 
 
