@@ -1,35 +1,28 @@
-"""Greedy growing on the built-in `shapes` dataset: a core trained at 16 px, grown to 64 px, against
-the same 64 px UNet trained from scratch with the same training FLOPs (Vasconcelos et al., "Greedy
-Growing Enables High-Resolution Pixel-Based Diffusion Models", arXiv:2405.16759).
+"""Greedy growing on the built-in `shapes` dataset (Vasconcelos et al., "Greedy Growing Enables
+High-Resolution Pixel-Based Diffusion Models", arXiv:2405.16759), testing the paper's two claims:
+a deeper core aligns text better, and growing a pretrained core needs less high-resolution data.
 
-  python -m wurst_jax.main --config=configs/growing.py:arm=core --workdir=workdirs/growing/core
-  python -m wurst_jax.main --config=configs/growing.py:arm=grow --workdir=workdirs/growing/grow  # reads core
-  python -m wurst_jax.main --config=configs/growing.py:arm=scratch --workdir=workdirs/growing/scratch
+  # Core scaling: 32 px Shallow-UViT cores of 2, 4 and 8 blocks, equal steps, unlimited 32 px data.
+  python -m wurst_jax.main --config=configs/growing.py:arm=core,depth=2 --workdir=workdirs/growing/core_d2
+  # Growth: the depth-4 core grown to a 64 px UNet; phase 1 (core frozen), then phase 2 (all trained).
+  python -m wurst_jax.main --config=configs/growing.py:arm=grow,data=scarce --workdir=workdirs/growing/grow_scarce_p1
+  python -m wurst_jax.main --config=configs/growing.py:arm=grow,data=scarce,phase=2 \
+      --workdir=workdirs/growing/grow_scarce_p2
+  # The same UNet from scratch on the same 64 px data, for the grown model's total FLOPs (core included).
+  python -m wurst_jax.main --config=configs/growing.py:arm=scratch,data=scarce --workdir=workdirs/growing/scratch_scarce
 
-`root=DIR` says where the core run is (DIR/core; default workdirs/growing). `arm=grow,phase=2` trains
-the grown model end to end (the core unfrozen). Each run's final eval.jsonl holds the held-out loss
-and the shapes alignment of EVAL_PROMPTS fresh captions (`alignment_*`).
+`data=scarce` limits the 64 px set to SCARCE_IMAGES captioned images, repeated; `data=ample` gives
+20000 (more than any arm's steps x batch), as the cores always have. `root=DIR` says where the runs
+read their sources (DIR/core_d4, DIR/grow_{data}_p1; default workdirs/growing). Each run's final
+eval.jsonl holds the held-out loss and the shapes alignment of EVAL_PROMPTS fresh captions
+(`alignment_*`).
 
-The core is a Shallow-UViT at 16 px (2x2 patches: an 8x8 core grid); the grown and scratch models are
+The core is a Shallow-UViT at 32 px (4x4 patches: an 8x8 core grid); the grown and scratch models are
 UNets at 64 px with three 2x levels down to the same 8x8 grid around a core of the same shape.
-Step counts: `python bench/growing_flops.py` lowers each arm's train step and prints XLA's FLOPs per
-step (`lowering.step_flops`); STEPS holds the core and grow budgets chosen to fit the 2-core machine and
-the scratch budget that gives it the same total. `runlocal` shrinks everything for tests.
-
-Result (2 shared CPU cores, batch 16, EMA params, 200 fresh captions, DDIM 20 steps, guidance 4):
-
-  arm      FLOP/step  steps  total FLOP  wall*   colour  position  shape  all correct  held-out loss
-  core     7.906e9    1500   11.86e12    7 m     0.288   0.023     0.010  0.000        0.0173 (16 px)
-  grow     1.539e10    400    6.16e12   10 m     0.197   0.039     0.026  0.000        0.0571
-  scratch  1.541e10   1170   18.03e12   19 m     0.362   0.097     0.026  0.010        0.0250
-  (core + grow = 18.01e12 FLOP, scratch 18.03e12: equal within 0.1 %; * wall clock with start-up,
-  compiles and the final eval, sharing the machine with other jobs)
-
-At this budget the 64 px UNet trained from scratch beats the grown one on every figure: 400 frozen-core
-steps leave the new full-resolution layers rendering speckled blobs (samples_0000400.png), and the
-16 px core's layout (position 0.02 at 16 px, where objects are 4 px) is weak to begin with. The
-grown phase-1 step costs as much as a scratch step (XLA still computes the core's weight gradients,
-which the optimizer then zeroes).
+`python bench/growing_flops.py` lowers each arm's train step and prints XLA's FLOPs per step
+(`lowering.step_flops`); STEPS holds the budgets chosen to fit the 2-core machine, the scratch one
+giving it the grown model's total (core + phase 1 + phase 2). `runlocal` shrinks everything for tests.
+Measured results and commands: README.md, "Greedy growing (pixel space)".
 """
 
 import ml_collections
@@ -38,10 +31,13 @@ from wurst_jax import config_lib, defaults
 from wurst_jax.data import shapes
 
 ARMS = ('core', 'grow', 'scratch')
-CORE_SIZE, FINAL_SIZE = 16, 64
+CORE_DEPTHS = (2, 4, 8)
+GROWN_CORE_DEPTH = 4
+DATA = {'scarce': 512, 'ample': 20000}  # 64 px training images
+CORE_SIZE, FINAL_SIZE = 32, 64
 LEVEL_CHANNELS = (64, 32, 16)  # from the 8x8 core outward: 16, 32, 64 px
-STEPS = {'core': 1500, 'grow': 400, 'scratch': 1170}
-EVAL_PROMPTS = 200
+STEPS = {'core': 600, 'grow_phase1': 100, 'grow_phase2': 150, 'scratch': 548}
+EVAL_PROMPTS = 128
 
 
 def text_config(runlocal: bool) -> ml_collections.ConfigDict:
@@ -51,23 +47,41 @@ def text_config(runlocal: bool) -> ml_collections.ConfigDict:
     )
 
 
+def grow_source(arg: ml_collections.ConfigDict) -> str:
+    """The run an arm starts from: phase 1 grows the core, phase 2 continues phase 1; '' for none."""
+    if arg.arm != 'grow':
+        return ''
+    return f'{arg.root}/core_d{GROWN_CORE_DEPTH}' if arg.phase == 1 else f'{arg.root}/grow_{arg.data}_p1'
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, arm='core', root='workdirs/growing', phase=1, runlocal=False)
+    arg = config_lib.parse_arg(
+        arg, arm='core', depth=GROWN_CORE_DEPTH, phase=1, data='ample', root='workdirs/growing', runlocal=False
+    )
     if arg.arm not in ARMS:
         raise config_lib.ConfigError('<arg>.arm', arg.arm, f'one of {ARMS}')
+    if arg.data not in DATA:
+        raise config_lib.ConfigError('<arg>.data', arg.data, f'one of {sorted(DATA)}')
+    if arg.arm == 'core' and arg.depth not in CORE_DEPTHS:
+        raise config_lib.ConfigError('<arg>.depth', arg.depth, f'one of {CORE_DEPTHS}')
     config = defaults.pixel()
-    config.total_steps = STEPS[arg.arm]
+    config.total_steps = STEPS[f'grow_phase{arg.phase}' if arg.arm == 'grow' else arg.arm]
     size = CORE_SIZE if arg.arm == 'core' else FINAL_SIZE
     config.input = config_lib.input_config('shapes', image_size=size, batch_size=16)
-    config.model.level_channels = () if arg.arm == 'core' else LEVEL_CHANNELS
-    config.grow.update(from_workdir=f'{arg.root}/core' if arg.arm == 'grow' else '', phase=arg.phase)
+    config.input.shapes.num_train = DATA['ample'] if arg.arm == 'core' else DATA[arg.data]
+    config.input.shapes.num_test = 64
+    config.model.update(
+        depth=arg.depth if arg.arm == 'core' else GROWN_CORE_DEPTH,
+        patch_size=CORE_SIZE // 8,
+        level_channels=() if arg.arm == 'core' else LEVEL_CHANNELS,
+    )
+    config.grow.update(from_workdir=grow_source(arg), phase=arg.phase)
     config.text = text_config(arg.runlocal)
     # The resolution shift is relative to 64 px: the final model is noised as Simple Diffusion's base,
-    # the 16 px core with logSNR + 2·log 4, since its pixels hold the same objects with 16x fewer samples.
+    # the 32 px core with logSNR + 2·log 2, since its pixels hold the same objects with 4x fewer samples.
     config.diffusion.schedule_base = 64.0
-    config.optimizer.warmup_steps = 100
-    config.eval.update(num_examples=64, batch_size=50, grid_columns=2, alignment_prompts=EVAL_PROMPTS)
-    config.input.shapes.num_test = 64
+    config.optimizer.warmup_steps = 50
+    config.eval.update(num_examples=64, batch_size=64, grid_columns=2, alignment_prompts=EVAL_PROMPTS)
     config.image_every_steps = config.checkpoint_every_steps = 1000
     config.eval_every_steps = 0  # at the end only
 

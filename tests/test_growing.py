@@ -192,3 +192,41 @@ def test_growing_from_an_incompatible_run_is_a_config_error(core_run, tmp_path):
         tasks.validate(wrong_grid)
     with pytest.raises(config_lib.ConfigError, match=r'grow\.from_workdir.*no checkpoint'):
         tasks.validate(runlocal('grow', tmp_path, from_workdir=str(tmp_path / 'missing')))
+
+
+def test_phase1_step_computes_no_weight_gradients_for_the_frozen_core(core_run, tmp_path):
+    """Phase 1's compiled step is cheaper than phase 2's by the frozen core's weight gradients."""
+    flops = {}
+    for phase in (1, 2):
+        config = runlocal('grow', tmp_path, from_workdir=core_run[0], phase=phase)
+        config.mesh.update(data=1, fsdp=1, tensor=1)
+        mesh = sharding.create_mesh(config.mesh, jax.devices('cpu')[:1])
+        lowered, _ = lowering.lower_from_shapes(config, mesh)
+        flops[phase] = lowering.step_flops(config, lowered)
+    assert flops[1] < 0.97 * flops[2], flops
+    params = {'core': {'w': jnp.ones(3)}, 'text': {'w': jnp.ones(3)}, 'exit': {'w': jnp.ones(3)}}
+    grads = jax.grad(
+        lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(growing.stop_frozen_gradients(p, ('core',))))
+    )(params)
+    assert float(jnp.abs(grads['core']['w']).sum()) == 0 and float(jnp.abs(grads['text']['w']).sum()) == 0
+    np.testing.assert_array_equal(grads['exit']['w'], 2 * np.ones(3))
+
+
+def test_phase2_continues_a_phase1_run_with_every_param_and_trains_the_core(grown_run, tmp_path):
+    config = runlocal('grow', tmp_path, from_workdir=grown_run[0], phase=2)
+    tasks.validate(config)
+    task = tasks.create(config)
+    carried = task.pretrained_params()
+    source = checkpoint.load_params(grown_run[0], ema=True)
+    assert set(carried) == set(source)
+    jax.tree.map(np.testing.assert_array_equal, carried, source)
+    assert growing.frozen_modules(config) == ()
+    params = nn.meta.unbox(jax.eval_shape(task.init, jax.random.PRNGKey(0))[0])
+    assert jax.tree.structure(params) == jax.tree.structure(jax.device_get(source))
+    config.optimizer.update(schedule='constant', warmup_steps=0)
+    tx = task.optimizer()
+    ones = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), params)
+    updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(ones, ones)
+    assert all(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates['core']))
+    with pytest.raises(config_lib.ConfigError, match=r'grow\.phase=1.*phase 1 would freeze all of it'):
+        tasks.validate(runlocal('grow', tmp_path, from_workdir=grown_run[0], phase=1))

@@ -8,8 +8,11 @@ outer levels and the new entry/exit start from their init. Growing again (16 →
 levels grown before and adds the next one outward (`models/shallow_uvit.py` names levels from the core).
 
 `grow.phase` 1 trains only the new layers: `freeze` routes the carried params to `optax.set_to_zero`,
-so they are bit-identical after any number of steps (and so is their EMA, see `train_state.ema_update`);
-gradients still flow through the frozen core into the new encoder levels. Phase 2 trains everything.
+so they are bit-identical after any number of steps (and so is their EMA, see `train_state.ema_update`),
+and the task differentiates through `stop_frozen_gradients`, so the compiled step computes no weight
+gradient for them (XLA drops that work); gradients still flow through the frozen core into the new
+encoder levels. Phase 2 trains everything: grown from the core directly, or continuing a phase-1 run
+(`grow.from_workdir` names a run of the same UNet, every param of which is carried).
 """
 
 from typing import Any
@@ -38,6 +41,12 @@ def carried_modules(source_config: ml_collections.ConfigDict) -> tuple[str, ...]
     return ('core',) + tuple(f'{part}_{k}' for k in levels for part in ('encoder', 'down', 'up', 'decoder'))
 
 
+def continues(config: ml_collections.ConfigDict, source_config: ml_collections.ConfigDict) -> bool:
+    """Whether `config` builds the source run's own UNet (phase 2 after phase 1) rather than growing it."""
+    levels = tuple(config.model.level_channels)
+    return bool(levels) and tuple(source_config.model.level_channels) == levels
+
+
 def check_growable(config: ml_collections.ConfigDict, source_config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError (field grow.from_workdir) unless `config`'s model can be grown from the source run."""
     source = config.grow.from_workdir
@@ -62,6 +71,14 @@ def check_growable(config: ml_collections.ConfigDict, source_config: ml_collecti
             'a run with the same text encoder config (config.text), since the encoder is carried with the core',
         )
     source_levels, levels = tuple(source_config.model.level_channels), tuple(config.model.level_channels)
+    if continues(config, source_config):
+        if config.grow.phase != 2:
+            raise ConfigError(
+                'grow.phase',
+                config.grow.phase,
+                '2: the source run has this UNet already, so phase 1 would freeze all of it',
+            )
+        return
     if len(levels) <= len(source_levels) or levels[: len(source_levels)] != source_levels:
         raise ConfigError(
             'model.level_channels',
@@ -79,17 +96,40 @@ def check_growable(config: ml_collections.ConfigDict, source_config: ml_collecti
 
 def carried_params(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The EMA params of config.grow.from_workdir's run that the grown model takes over, by top-level name."""
-    source_config, state = checkpoint.load_trained(config.grow.from_workdir)
+    source_config, state = checkpoint.load_trained(config.grow.from_workdir, parts=('ema_params',))
     check_growable(config, source_config)
+    if continues(config, source_config):
+        return dict(state['ema_params'])
     names = carried_modules(source_config) + (('text',) if 'text' in state['ema_params'] else ())
     return {name: state['ema_params'][name] for name in names}
+
+
+def frozen_modules(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The top-level modules a phase-1 run of `config` keeps fixed (with the text encoder); () otherwise."""
+    if not (config.grow.from_workdir and config.grow.phase == 1):
+        return ()
+    return carried_modules(checkpoint.saved_config(config.grow.from_workdir))
+
+
+def _is_frozen(path, frozen: tuple[str, ...]) -> bool:
+    return path[0].key == 'text' or path[0].key in frozen
+
+
+def stop_frozen_gradients(params: Any, frozen: tuple[str, ...]) -> Any:
+    """`params` with the frozen leaves behind `lax.stop_gradient`: their weight gradients are zeros known
+    at trace time, so XLA removes the matmuls and convolutions that would compute them."""
+    if not frozen:
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: jax.lax.stop_gradient(p) if _is_frozen(path, frozen) else p, params
+    )
 
 
 def frozen_labels(params: Any, frozen_modules: tuple[str, ...]) -> Any:
     """'frozen' for the leaves of the text encoder and of the modules in `frozen_modules`, else 'trained'."""
 
     def label(path, _):
-        return 'frozen' if path[0].key == 'text' or path[0].key in frozen_modules else 'trained'
+        return 'frozen' if _is_frozen(path, frozen_modules) else 'trained'
 
     return jax.tree_util.tree_map_with_path(label, params)
 

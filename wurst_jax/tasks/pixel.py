@@ -58,6 +58,7 @@ class PixelTask(conditioning.CaptionedTask):
         )
         self._eval_losses = jax.jit(self._held_out_losses)
         self._sample_images = jax.jit(self.sample)
+        self._frozen_modules = growing.frozen_modules(config)  # phase 1 of a grown run; else ()
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
@@ -115,10 +116,7 @@ class PixelTask(conditioning.CaptionedTask):
 
     def optimizer(self) -> optax.GradientTransformation:
         tx = super().optimizer()
-        grow = self.config.grow
-        if grow.from_workdir and grow.phase == 1:
-            return growing.freeze(tx, growing.carried_modules(checkpoint.saved_config(grow.from_workdir)))
-        return tx
+        return growing.freeze(tx, self._frozen_modules) if self._frozen_modules else tx
 
     # -- training --------------------------------------------------------------------------------
 
@@ -143,6 +141,7 @@ class PixelTask(conditioning.CaptionedTask):
         tokens, mask = self.text.drop(drop_rng, batch['tokens'], batch['token_mask'])
 
         def loss_fn(p):
+            p = growing.stop_frozen_gradients(p, self._frozen_modules)
             text = self.text.encode(self.text.params(p, frozen), tokens, mask)
             return diffusion_loss.epsilon_loss(self.denoiser_output(p, x_t, t, text), v, t, 'none')
 
