@@ -55,9 +55,20 @@ def grow_source(arg: ml_collections.ConfigDict) -> str:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(
-        arg, arm='core', depth=GROWN_CORE_DEPTH, phase=1, data='ample', root='workdirs/growing', runlocal=False
-    )
+    arg = config_lib.parse_arg(arg, arm='core', depth=0, phase=1, data='', root='workdirs/growing', runlocal=False)
+    # depth is the core's (grow and scratch always build on the depth-4 core); data the 64 px set's.
+    if arg.arm != 'core' and arg.depth:
+        raise config_lib.ConfigError(
+            '<arg>.depth',
+            arg.depth,
+            f'only arm=core takes a depth (arm={arg.arm} grows the depth-{GROWN_CORE_DEPTH} core)',
+        )
+    if arg.arm == 'core' and arg.data:
+        raise config_lib.ConfigError(
+            '<arg>.data', arg.data, 'only arm=grow and arm=scratch take data= (cores always see unlimited data)'
+        )
+    arg.depth = arg.depth or GROWN_CORE_DEPTH
+    arg.data = arg.data or 'ample'
     if arg.arm not in ARMS:
         raise config_lib.ConfigError('<arg>.arm', arg.arm, f'one of {ARMS}')
     if arg.data not in DATA:

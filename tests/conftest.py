@@ -324,6 +324,52 @@ def tiny_shapes_config(tmp_path):
     return config
 
 
+@pytest.fixture(scope='session')
+def finetune_arg(tmp_path_factory):
+    """configs/wuerstchen_v2_prior_finetune.py's (and its LoRA twin's) argument string naming tiny random
+    folders made here: a diffusers prior, a transformers CLIP text encoder with its tokenizer, an
+    effnet, and eight captioned images."""
+    import numpy as np
+    import torch
+    from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
+    from PIL import Image
+
+    from torch_reference import randomise
+    from wurst_jax.convert import core
+    from wurst_jax.models.effnet import EfficientNetEncoder
+
+    tmp_path = tmp_path_factory.mktemp('finetune')
+    prior_dir, clip_dir, effnet_dir, images = (tmp_path / n for n in ('prior', 'clip', 'effnet', 'images'))
+    tiny_clip_folder(clip_dir)
+    prior = randomise(WuerstchenPrior(c_in=4, c=16, c_cond=32, c_r=8, depth=2, nhead=2, dropout=0.0), seed=1)
+    with torch.no_grad():
+        prior.out[1].weight.mul_(0.05)
+    prior.save_pretrained(prior_dir)
+    effnet = EfficientNetEncoder(
+        stages=(('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)), last_channels=16, c_latent=4
+    )
+    core.save_diffusers(
+        effnet, random_variables(effnet, np.zeros((1, 32, 32, 3), np.float32)), str(effnet_dir), 'effnet'
+    )
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f'{i}.png')
+        (images / f'{i}.txt').write_text(['the cat', 'a photo of a dog'][i % 2])
+    return f'prior={prior_dir},clip={clip_dir},effnet={effnet_dir},images={images},batch=8,res=32,steps=2'
+
+
+def small_prior_run_config(name: str, arg: str, data_dir):
+    """configs/<name>.py:<arg> (the prior fine-tune or its LoRA twin) logging, sampling and saving every step."""
+    config = load_config(name, arg)
+    config.input.data_dir = str(data_dir)
+    config.optimizer.warmup_steps = 0
+    config.eval.update(num_examples=8, batch_size=8, num_grid_images=2, grid_columns=2)
+    config.sample.update(prior_steps=2, prior_timesteps='linspace')
+    config.log_every_steps = config.image_every_steps = config.checkpoint_every_steps = 1
+    return config
+
+
 CLIP_TEST_WORDS = ['the', 'cat', 'photo', 'of', 'a', 'dog']
 
 

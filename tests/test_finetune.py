@@ -9,55 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
-from PIL import Image
 
-from conftest import REPO, load_config, random_variables, tiny_clip_folder
-from torch_reference import randomise
+from conftest import REPO, small_prior_run_config
 from wurst_jax import checkpoint, config_lib, convert, tasks, train
-from wurst_jax.convert import core
 from wurst_jax.data import input_pipeline
-from wurst_jax.models.effnet import EfficientNetEncoder
-
-
-@pytest.fixture(scope='module')
-def finetune_arg(tmp_path_factory):
-    """The fine-tune config's argument string naming tiny random checkpoint folders made here."""
-    tmp_path = tmp_path_factory.mktemp('finetune')
-    prior_dir, clip_dir, effnet_dir, images = (tmp_path / n for n in ('prior', 'clip', 'effnet', 'images'))
-    tiny_clip_folder(clip_dir)
-    prior = randomise(WuerstchenPrior(c_in=4, c=16, c_cond=32, c_r=8, depth=2, nhead=2, dropout=0.0), seed=1)
-    with torch.no_grad():
-        prior.out[1].weight.mul_(0.05)
-    prior.save_pretrained(prior_dir)
-    effnet = EfficientNetEncoder(
-        stages=(('fused', 1, 3, 1, 8, 8, 1), ('mb', 2, 3, 2, 8, 16, 1)), last_channels=16, c_latent=4
-    )
-    core.save_diffusers(
-        effnet, random_variables(effnet, np.zeros((1, 32, 32, 3), np.float32)), str(effnet_dir), 'effnet'
-    )
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f'{i}.png')
-        (images / f'{i}.txt').write_text(['the cat', 'a photo of a dog'][i % 2])
-    return f'prior={prior_dir},clip={clip_dir},effnet={effnet_dir},images={images},batch=8,res=32,steps=2'
-
-
-def _small_run_config(arg, data_dir):
-    config = load_config('wuerstchen_v2_prior_finetune', arg)
-    config.input.data_dir = str(data_dir)
-    config.optimizer.warmup_steps = 0
-    config.eval.update(num_examples=8, batch_size=8, num_grid_images=2, grid_columns=2)
-    config.sample.update(prior_steps=2, prior_timesteps='linspace')
-    config.log_every_steps = config.image_every_steps = config.checkpoint_every_steps = 1
-    return config
 
 
 def test_prior_finetune_from_diffusers_folders(finetune_arg, tmp_path):
     prior_dir = finetune_arg.split(',')[0].removeprefix('prior=')
-    config = _small_run_config(finetune_arg, tmp_path / 'data')
+    config = small_prior_run_config('wuerstchen_v2_prior_finetune', finetune_arg, tmp_path / 'data')
     tasks.validate(config)
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
@@ -96,13 +56,13 @@ def test_precompute_equals_the_encoders_and_trains(finetune_arg, tmp_path):
     names = ['empty_caption.msgpack', 'metadata.json', 'train-00000-of-00001.array_record']
     assert sorted(p.name for p in out.iterdir()) == names
 
-    config = _small_run_config(finetune_arg, tmp_path / 'data')
+    config = small_prior_run_config('wuerstchen_v2_prior_finetune', finetune_arg, tmp_path / 'data')
     task = tasks.create(config)
     frozen = task.frozen_params()
     images = next(
         input_pipeline.create_eval_iterator(config.input, split='train', batch_size=8, tokenizer=task.tokenizer)
     )
-    pre_config = _small_run_config(finetune_arg, tmp_path / 'data')
+    pre_config = small_prior_run_config('wuerstchen_v2_prior_finetune', finetune_arg, tmp_path / 'data')
     pre_config.input.precomputed = str(out)
     tasks.validate(pre_config)
     pre_task = tasks.create(pre_config)

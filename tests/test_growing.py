@@ -194,6 +194,16 @@ def test_growing_from_an_incompatible_run_is_a_config_error(core_run, tmp_path):
         tasks.validate(runlocal('grow', tmp_path, from_workdir=str(tmp_path / 'missing')))
 
 
+@pytest.mark.parametrize(
+    'arg, field', [('arm=grow,depth=8', 'depth'), ('arm=scratch,depth=2', 'depth'), ('arm=core,data=scarce', 'data')]
+)
+def test_an_argument_the_arm_does_not_take_is_a_config_error(arg, field):
+    with pytest.raises(config_lib.ConfigError, match=rf'<arg>\.{field}=.*only arm='):
+        load_config('growing', arg)
+    assert load_config('growing', 'arm=grow,data=scarce').input.shapes.num_train == 512
+    assert load_config('growing', 'arm=core,depth=8').model.depth == 8
+
+
 def test_phase1_step_computes_no_weight_gradients_for_the_frozen_core(core_run, tmp_path):
     """Phase 1's compiled step is cheaper than phase 2's by the frozen core's weight gradients."""
     flops = {}

@@ -72,6 +72,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.image_every_steps = 5000
     config.eval_every_steps = 10_000  # 0: evaluate only at the end of training
+    # Low-rank adapters on a frozen base (`wurst_jax.lora`); rank 0 trains the networks themselves.
+    # targets: comma-separated preset names (lora.PRESETS) or regular expressions over param paths;
+    # base: the trained run (workdir) whose EMA weights are the base, '' for the family's init (e.g. init.prior).
+    config.lora = ml_collections.ConfigDict(
+        dict(rank=0, alpha=8.0, dropout=0.0, targets='attention', base='', base_dtype='float32')
+    )
     config.max_nonfinite_steps = 20  # stop after this many skipped (non-finite) steps in a row
     config.record_batch_ids = False  # write each step's example ids to workdir/batch_ids.txt
     config.profile = ml_collections.ConfigDict(dict(first_step=10, num_steps=0))  # 0 steps: off

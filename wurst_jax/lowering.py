@@ -41,15 +41,15 @@ def lower_train_step(
     batch: dict[str, Any] | None = None,
 ) -> jax.stages.Lowered:
     """train_step lowered for the config's global batch over the mesh (or for the shapes of `batch`,
-    e.g. an aspect bucket's); `frozen` may be arrays or ShapeDtypeStructs. The state is donated: its
-    buffers are reused for the new state."""
+    e.g. an aspect bucket's); `frozen` may be arrays or ShapeDtypeStructs, either with their shardings.
+    The state is donated: its buffers are reused for the new state."""
     rules = tuple(tuple(r) for r in config.sharding_rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     batch = batch or example_batch(task, config.input.batch_size, abstract=True)
     batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in batch.items()}
     step_fn = jax.jit(
         functools.partial(train_step, task, tx, config),
-        in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
+        in_shardings=(state_sharding, batch_sharding, jax.tree.map(lambda a: a.sharding, frozen)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
     )
@@ -70,11 +70,14 @@ def lower_from_shapes(
     with convert.shapes_only():
         task = tasks.create(config)
     tx = task.optimizer()
-    _, abstract_state, state_sharding = abstract_train_state(
-        config, task, tx, mesh, tuple(tuple(r) for r in config.sharding_rules)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    _, abstract_state, state_sharding = abstract_train_state(config, task, tx, mesh, rules)
+    boxed = task.frozen_params()
+    frozen = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        sharding.logical_shardings(boxed, mesh, rules),
     )
-    replicated = sharding.replicated(mesh)
-    frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), task.frozen_params())
     return lower_train_step(config, task, tx, mesh, abstract_state, state_sharding, frozen), abstract_state
 
 

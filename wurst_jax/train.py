@@ -150,8 +150,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start_step = int(state.step)
 
     # -- Compiled step -----------------------------------------------------------------------------
-    # Frozen networks are read from local files once, and passed to every step, never saved.
-    frozen = jax.device_put(task.frozen_params(), sharding.replicated(mesh))
+    # Frozen networks are read from local files once, and passed to every step, never saved: replicated,
+    # except those boxed with logical axes (a LoRA base), sharded as params are.
+    if isinstance(task, tasks.LoraTask):
+        task.check_base(workdir)
+    frozen = task.frozen_params()
+    frozen = jax.device_put(nn.meta.unbox(frozen), sharding.logical_shardings(frozen, mesh, rules))
     lowered = lower_train_step(config, task, tx, mesh, abstract_state, state_sharding, frozen)
     t0 = time.time()
     # One executable per batch shape: a single one, or one per aspect bucket as batches arrive.

@@ -7,10 +7,11 @@ else (mesh, optimizer state, EMA, checkpoints, logging) is shared in wurst_jax.t
 
 import ml_collections
 
-from wurst_jax import config_lib, defaults
+from wurst_jax import config_lib, defaults, lora
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.tasks import conditioning, pixel, stage_a, stage_b, stage_b_tokens, stage_c
 from wurst_jax.tasks.base import Task
+from wurst_jax.tasks.lora_task import LoraTask, as_trained
 
 FAMILIES = {
     'stage_a': stage_a.StageATask,
@@ -33,6 +34,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _family(config)
     defaults.check_known_fields(config)
     config_lib.validate(config)
+    lora.validate(config)
     _family(config).validate(config)
 
 
@@ -40,9 +42,13 @@ def load_trained(source: str, family: str | tuple[str, ...], step: int | None = 
     """(task, EMA params, model_state) of a trained run of `family` in workdir `source` at `step`
     (the newest checkpoint by default): what sampling and evaluation use."""
     config, params, model_state = conditioning.trained_run(source, family, step)
-    return create(config), params, model_state
+    task = create(config)
+    if isinstance(task, LoraTask):  # adapters: sampled and evaluated as the base merged with them
+        task, params = as_trained(task, params)
+    return task, params, model_state
 
 
 def create(config: ml_collections.ConfigDict) -> Task:
-    """The task object for config.model_family."""
-    return _family(config)(config)
+    """The task object for config.model_family; with config.lora.rank, its adapters on a frozen base."""
+    task = _family(config)(config)
+    return LoraTask(task) if config.lora.rank else task

@@ -1,0 +1,165 @@
+"""LoRA (configs/wuerstchen_v2_prior_lora.py on tiny random folders): adapters start as a no-op, train
+alone on a frozen base whose weight gradients the compiled step drops, resume exactly, refuse a changed
+base, and export to what diffusers' load_lora_weights reads."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import traverse_util
+
+from conftest import small_prior_run_config
+from wurst_jax import checkpoint, config_lib, lora, lowering, sharding, tasks, train
+from wurst_jax.tasks.lora_task import BASE
+from wurst_jax.train_state import example_batch
+
+
+def lora_config(finetune_arg, tmp_path, **lora_fields):
+    config = small_prior_run_config('wuerstchen_v2_prior_lora', finetune_arg, tmp_path / 'data')
+    config.lora.update(lora_fields)
+    return config
+
+
+def random_batch(task, size: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for k, v in example_batch(task, size).items():
+        batch[k] = (
+            jnp.asarray(rng.uniform(-1, 1, v.shape), v.dtype) if v.dtype == jnp.float32 else jnp.ones(v.shape, v.dtype)
+        )
+    return batch
+
+
+@pytest.fixture(scope='module')
+def lora_task(finetune_arg, tmp_path_factory):
+    config = lora_config(finetune_arg, tmp_path_factory.mktemp('lora'))
+    tasks.validate(config)
+    task = tasks.create(config)
+    params, model_state = jax.jit(task.init)(jax.random.PRNGKey(0), example_batch(task, 1))
+    return task, nn.meta.unbox(params), model_state, nn.meta.unbox(task.frozen_params())
+
+
+def prior_out(task, prior_params, seed=0):
+    x = jax.random.normal(jax.random.PRNGKey(seed), (2, 8, 8, 4))
+    cond = jax.random.normal(jax.random.PRNGKey(seed + 1), (2, 77, 32))
+    return task.inner.prior.apply({'params': prior_params}, x, jnp.array([0.3, 0.8]), cond)
+
+
+def test_adapters_start_as_the_base_and_merge_into_the_same_function(lora_task):
+    task, params, _, frozen = lora_task
+    base = frozen[BASE]
+    attached = lora.attach(base, params['lora'])
+    with lora.adapted(task.scale):
+        np.testing.assert_array_equal(prior_out(task, attached['prior']), prior_out(task, base['prior']))
+    # Trained adapters (random lora_b): the low-rank branch changes the output, and merging it into
+    # the kernels gives the same function.
+    trained = jax.tree.map(
+        lambda a: a if a.ndim < 3 else 0.3 * jax.random.normal(jax.random.PRNGKey(a.size), a.shape), params['lora']
+    )
+    with lora.adapted(task.scale):
+        adapted = prior_out(task, lora.attach(base, trained)['prior'])
+    merged = prior_out(task, lora.merge(base, trained, task.scale)['prior'])
+    assert float(jnp.abs(adapted - prior_out(task, base['prior'])).max()) > 1e-3
+    np.testing.assert_allclose(adapted, merged, atol=1e-5, rtol=1e-5)
+
+
+def test_step_gradients_are_the_adapters_only_and_the_loss_is_the_bases(lora_task):
+    task, params, model_state, frozen = lora_task
+    batch, rng = random_batch(task, 2), jax.random.PRNGKey(3)
+    grads, _, metrics = jax.jit(task.grads)(params, model_state, frozen, batch, rng, 0)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    inner_frozen = {k: v for k, v in frozen.items() if k != BASE}
+    _, _, base_metrics = jax.jit(task.inner.grads)(frozen[BASE], model_state, inner_frozen, batch, rng, 0)
+    assert float(metrics['loss']) == float(base_metrics['loss'])
+    flat = traverse_util.flatten_dict(grads)
+    # lora_b starts at zero, so lora_a's gradient is zero at first; lora_b's is not.
+    assert all(float(jnp.abs(g).max()) > 0 for k, g in flat.items() if k[-1] == lora.B)
+
+
+def test_compiled_step_has_no_base_weight_gradients(finetune_arg, tmp_path):
+    """Full fine-tune minus LoRA FLOPs is the prior's weight gradients: about one forward pass of it."""
+    flops, memory = {}, {}
+    for name in ('wuerstchen_v2_prior_finetune', 'wuerstchen_v2_prior_lora'):
+        config = small_prior_run_config(name, finetune_arg, tmp_path / 'data')
+        config.mesh.update(data=1, fsdp=1, tensor=1)
+        lowered, _ = lowering.lower_from_shapes(config, sharding.create_mesh(config.mesh, jax.devices('cpu')[:1]))
+        flops[name] = lowering.step_flops(config, lowered)
+        memory[name] = lowered.compile().memory_analysis()
+    task = tasks.create(small_prior_run_config('wuerstchen_v2_prior_lora', finetune_arg, tmp_path / 'data'))
+    x = jnp.zeros((config.input.batch_size, 8, 8, 4))
+    cond = jnp.zeros((config.input.batch_size, 77, 32))
+    forward = jax.jit(lambda p: task.inner.prior.apply({'params': p}, x, jnp.zeros((x.shape[0],)), cond))
+    prior_forward = forward.lower(nn.meta.unbox(task.frozen_params())[BASE]['prior']).cost_analysis()['flops']
+    saved = flops['wuerstchen_v2_prior_finetune'] - flops['wuerstchen_v2_prior_lora']
+    assert 0.9 * prior_forward < saved < 1.2 * prior_forward, (flops, prior_forward)
+    # No optimizer state or updated params for the base: the step's outputs are the adapters' state.
+    full, low = memory['wuerstchen_v2_prior_finetune'], memory['wuerstchen_v2_prior_lora']
+    assert low.output_size_in_bytes < 0.25 * full.output_size_in_bytes
+
+
+@pytest.mark.parametrize(
+    'fields, match',
+    [
+        (dict(rank=64), r'lora\.rank=64.*at most min\(in, out\) = 16'),
+        (dict(targets='nothing_like_this'), r'lora\.targets.*match kernel paths'),
+        (dict(targets='prior/.*/depthwise/kernel'), r'lora\.targets.*dense or 1x1 conv kernels'),
+        (dict(alpha=0.0), r'lora\.alpha'),
+        (dict(base_dtype='float16'), r'lora\.base_dtype'),
+    ],
+)
+def test_bad_lora_fields_are_config_errors(finetune_arg, tmp_path, fields, match):
+    config = lora_config(finetune_arg, tmp_path, **fields)
+    with pytest.raises(config_lib.ConfigError, match=match):
+        tasks.validate(config)
+        jax.eval_shape(tasks.create(config).init, jax.random.PRNGKey(0), example_batch(tasks.create(config), 1))
+
+
+def test_a_base_of_another_shape_is_refused_naming_it(finetune_arg, lora_task, tmp_path):
+    task, _, _, frozen = lora_task
+    wrong = jax.tree.map(np.asarray, frozen[BASE])
+    wrong['prior']['projection']['kernel'] = np.zeros((1, 1, 4, 8), np.float32)
+    other = tmp_path / 'other'
+    manager = checkpoint.create_manager(str(other / 'checkpoints'), max_to_keep=1)
+    manager.save(
+        1,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave({'ema_params': wrong}), config=ocp.args.JsonSave(task.config.to_dict())
+        ),
+    )
+    manager.wait_until_finished()
+    config = lora_config(finetune_arg, tmp_path, base=str(other))
+    with pytest.raises(config_lib.ConfigError, match=r'lora\.base.*other shapes.*prior/projection/kernel'):
+        tasks.create(config).frozen_params()
+
+
+def test_lora_run_trains_adapters_resumes_exactly_and_refuses_a_changed_base(finetune_arg, lora_task, tmp_path):
+    base_prior = jax.tree.map(np.asarray, lora_task[3][BASE])
+    straight = lora_config(finetune_arg, tmp_path)
+    straight.total_steps = 3
+    train.train_and_evaluate(straight, str(tmp_path / 'straight'))
+    _, state = checkpoint.load_trained(str(tmp_path / 'straight'))
+    assert set(state['params']) == {'lora'} and set(state['ema_params']) == {'lora'}
+    assert any(float(np.abs(b).max()) > 0 for b in jax.tree.leaves(state['params']['lora']))
+    assert (tmp_path / 'straight' / 'lora_base.json').exists()
+
+    resumed = lora_config(finetune_arg, tmp_path)
+    resumed.total_steps = 2
+    train.train_and_evaluate(resumed, str(tmp_path / 'resumed'))
+    resumed.total_steps = 3
+    train.train_and_evaluate(resumed, str(tmp_path / 'resumed'))
+    _, again = checkpoint.load_trained(str(tmp_path / 'resumed'))
+    for part in ('params', 'ema_params', 'opt_state'):
+        jax.tree.map(np.testing.assert_array_equal, again[part], state[part])
+
+    # Sampling and evaluation see the base merged with the EMA adapters; the base files are untouched.
+    task, merged, _ = tasks.load_trained(str(tmp_path / 'straight'), 'stage_c')
+    expect = lora.merge(base_prior, state['ema_params']['lora'], lora.scale(straight))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), merged, expect)
+    jax.tree.map(np.testing.assert_array_equal, lora_task[0].base(), base_prior)
+
+    changed = lora_config(finetune_arg, tmp_path, base_dtype='bfloat16')  # another base: its bytes differ
+    changed.total_steps = 4
+    with pytest.raises(config_lib.ConfigError, match=r'lora\.base.*the base this run.*trained on'):
+        train.train_and_evaluate(changed, str(tmp_path / 'straight'))
