@@ -16,6 +16,7 @@ NEEDS_LOCAL_FILES = {
     'stage_c': 'effnet.source',
     'pixart_alpha': 'stage_a.source',
     'wuerstchen_v2_prior_finetune': 'input.folder',
+    'wuerstchen_v2_prior_lora': 'input.folder',
     'stage_b_v1': 'stage_a.source',
 }
 

@@ -2,6 +2,9 @@
 alone on a frozen base whose weight gradients the compiled step drops, resume exactly, refuse a changed
 base, and export to what diffusers' load_lora_weights reads."""
 
+import json
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,9 @@ import pytest
 from flax import traverse_util
 
 from conftest import small_prior_run_config
-from wurst_jax import checkpoint, config_lib, lora, lowering, sharding, tasks, train
+from wurst_jax import checkpoint, config_lib, export, lora, lowering, sharding, tasks, train
+from wurst_jax.convert import core
+from wurst_jax.convert import lora as lora_format
 from wurst_jax.tasks.lora_task import BASE
 from wurst_jax.train_state import example_batch
 
@@ -134,15 +139,25 @@ def test_a_base_of_another_shape_is_refused_naming_it(finetune_arg, lora_task, t
         tasks.create(config).frozen_params()
 
 
-def test_lora_run_trains_adapters_resumes_exactly_and_refuses_a_changed_base(finetune_arg, lora_task, tmp_path):
+@pytest.fixture(scope='module')
+def lora_run(finetune_arg, tmp_path_factory):
+    """(workdir, config) of a 3-step LoRA run of the tiny prior."""
+    root = tmp_path_factory.mktemp('lora_run')
+    config = lora_config(finetune_arg, root)
+    config.total_steps = 3
+    train.train_and_evaluate(config, str(root / 'run'))
+    return str(root / 'run'), config
+
+
+def test_lora_run_trains_adapters_resumes_exactly_and_refuses_a_changed_base(
+    finetune_arg, lora_task, lora_run, tmp_path
+):
     base_prior = jax.tree.map(np.asarray, lora_task[3][BASE])
-    straight = lora_config(finetune_arg, tmp_path)
-    straight.total_steps = 3
-    train.train_and_evaluate(straight, str(tmp_path / 'straight'))
-    _, state = checkpoint.load_trained(str(tmp_path / 'straight'))
+    workdir, straight = lora_run
+    _, state = checkpoint.load_trained(workdir)
     assert set(state['params']) == {'lora'} and set(state['ema_params']) == {'lora'}
     assert any(float(np.abs(b).max()) > 0 for b in jax.tree.leaves(state['params']['lora']))
-    assert (tmp_path / 'straight' / 'lora_base.json').exists()
+    assert os.path.exists(os.path.join(workdir, 'lora_base.json'))
 
     resumed = lora_config(finetune_arg, tmp_path)
     resumed.total_steps = 2
@@ -154,7 +169,7 @@ def test_lora_run_trains_adapters_resumes_exactly_and_refuses_a_changed_base(fin
         jax.tree.map(np.testing.assert_array_equal, again[part], state[part])
 
     # Sampling and evaluation see the base merged with the EMA adapters; the base files are untouched.
-    task, merged, _ = tasks.load_trained(str(tmp_path / 'straight'), 'stage_c')
+    _, merged, _ = tasks.load_trained(workdir, 'stage_c')
     expect = lora.merge(base_prior, state['ema_params']['lora'], lora.scale(straight))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), merged, expect)
     jax.tree.map(np.testing.assert_array_equal, lora_task[0].base(), base_prior)
@@ -162,4 +177,64 @@ def test_lora_run_trains_adapters_resumes_exactly_and_refuses_a_changed_base(fin
     changed = lora_config(finetune_arg, tmp_path, base_dtype='bfloat16')  # another base: its bytes differ
     changed.total_steps = 4
     with pytest.raises(config_lib.ConfigError, match=r'lora\.base.*the base this run.*trained on'):
-        train.train_and_evaluate(changed, str(tmp_path / 'straight'))
+        train.train_and_evaluate(changed, str(tmp_path / 'resumed'))
+
+
+def test_export_loads_in_diffusers_with_the_same_outputs(finetune_arg, lora_run, tmp_path):
+    """The adapter file through WuerstchenPriorPipeline.load_lora_weights, the merged export through
+    from_pretrained, and ours, give the same prior output; the file reads back to the same adapters."""
+    import torch
+    from diffusers import DDPMWuerstchenScheduler
+    from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior, WuerstchenPriorPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    workdir, config = lora_run
+    folders = dict(item.split('=') for item in finetune_arg.split(','))
+    export.export(workdir, str(tmp_path / 'adapter'))
+    export.export(workdir, str(tmp_path / 'merged'), merge=True)
+    pipe = WuerstchenPriorPipeline(
+        tokenizer=CLIPTokenizer.from_pretrained(folders['clip']),
+        text_encoder=CLIPTextModel.from_pretrained(folders['clip']),
+        prior=WuerstchenPrior.from_pretrained(folders['prior']),
+        scheduler=DDPMWuerstchenScheduler(),
+    )
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6, 8, 4)).astype(np.float32)
+    r, c = np.array([0.2, 0.7], np.float32), rng.standard_normal((2, 5, 32)).astype(np.float32)
+
+    def torch_prior(prior):
+        with torch.no_grad():
+            out = prior(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(r), torch.from_numpy(c))
+        return out.numpy().transpose(0, 2, 3, 1)
+
+    before = torch_prior(pipe.prior)
+    pipe.load_lora_weights(str(tmp_path / 'adapter'))
+    with_lora = torch_prior(pipe.prior)
+    task, merged, _ = tasks.load_trained(workdir, 'stage_c')
+    ours = np.asarray(jax.jit(task.prior.apply)({'params': merged['prior']}, x, r, c))
+    assert float(np.abs(with_lora - before).max()) > 1e-4  # the adapters are trained: the file changes the prior
+    np.testing.assert_allclose(with_lora, ours, atol=1e-5, rtol=1e-5)
+    # Each folder of the merged export loads with its class's from_pretrained (diffusers 0.42's
+    # WuerstchenPriorPipeline.from_pretrained cannot resolve the deprecated WuerstchenPrior class by itself).
+    merged = tmp_path / 'merged'
+    merged_pipe = WuerstchenPriorPipeline(
+        tokenizer=CLIPTokenizer.from_pretrained(merged / 'tokenizer'),
+        text_encoder=CLIPTextModel.from_pretrained(merged / 'text_encoder'),
+        prior=WuerstchenPrior.from_pretrained(merged / 'prior'),
+        scheduler=DDPMWuerstchenScheduler.from_pretrained(merged / 'scheduler'),
+    )
+    assert json.loads((merged / 'model_index.json').read_text())['latent_mean'] == 42.0
+    np.testing.assert_allclose(torch_prior(merged_pipe.prior), with_lora, atol=1e-5, rtol=1e-5)
+
+    lora_task = tasks.create(config)
+    state = core.read_safetensors(str(tmp_path / 'adapter' / lora_format.LORA_WEIGHTS))
+    base = lora_task.base()['prior']
+    read = lora_format.from_diffusers(task.prior, 'prior', base, state, 'prior')
+    trained = checkpoint.load_params(workdir, ema=True)['lora']['prior']
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7),
+        lora.merge(base, read, 1.0),
+        lora.merge(base, trained, lora_task.scale),
+    )
+    with pytest.raises(ValueError, match=r'no prior\.\*\.lora_A'):
+        lora_format.from_diffusers(task.prior, 'prior', base, {'unet.x.lora_A.weight': np.zeros(1)}, 'prior')

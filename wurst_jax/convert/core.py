@@ -168,19 +168,30 @@ def variables_from_state_dict(module: nn.Module, name: str, state: dict[str, np.
             f'{name} weights do not match the module: missing {missing}, '
             f'unexpected {unexpected}, wrong shape {mismatched}'
         )
-    variables = traverse_util.unflatten_dict(out)
-    if flat_module is not module:
-        variables = comp.stack(module, variables) if comp.stack else _stack_blocks(variables, module.depth)
-    return variables
+    return scanned_variables(module, name, traverse_util.unflatten_dict(out))
+
+
+def unscanned_variables(module: nn.Module, name: str, variables: dict) -> tuple[nn.Module, dict]:
+    """(the module without scan_blocks, its variables): a scanned module's stacked blocks split per block."""
+    flat_module = _unscanned(module)
+    if flat_module is module:
+        return module, variables
+    comp, variables = component(name), nn.meta.unbox(variables)
+    return flat_module, comp.unstack(module, variables) if comp.unstack else _unstack_blocks(variables, module.depth)
+
+
+def scanned_variables(module: nn.Module, name: str, variables: dict) -> dict:
+    """Inverse of `unscanned_variables`: the unscanned module's variables stacked as `module` holds them."""
+    if _unscanned(module) is module:
+        return variables
+    comp = component(name)
+    return comp.stack(module, variables) if comp.stack else _stack_blocks(variables, module.depth)
 
 
 def state_dict_from_variables(module: nn.Module, name: str, variables: dict) -> dict[str, np.ndarray]:
     """The torch-named state dict (diffusers/transformers layout) of Flax variables."""
     comp = component(name)
-    flat_module = _unscanned(module)
-    if flat_module is not module:
-        variables = nn.meta.unbox(variables)
-        variables = comp.unstack(module, variables) if comp.unstack else _unstack_blocks(variables, module.depth)
+    flat_module, variables = unscanned_variables(module, name, variables)
     flat = traverse_util.flatten_dict(nn.meta.unbox(variables))
     return {
         comp.torch_key(flat_module, path): np.ascontiguousarray(comp.to_torch(np.asarray(v, np.float32), path))

@@ -23,7 +23,6 @@ from wurst_jax import checkpoint, convert, lora
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.models.layers import DTYPES
 from wurst_jax.tasks.base import Task
-from wurst_jax.train_state import example_batch
 
 BASE = 'lora_base'  # the frozen entry holding the base networks
 RECORD = 'lora_base.json'  # in the workdir: where the base came from and its content hash
@@ -45,7 +44,8 @@ class LoraTask:
     def __init__(self, inner: Task):
         self.inner, self.config, self.tokenizer = inner, inner.config, inner.tokenizer
         self.scale = lora.scale(self.config)
-        self._boxed = jax.eval_shape(inner.init, jax.random.PRNGKey(0), example_batch(inner, 1, abstract=True))[0]
+        example = {k: jax.ShapeDtypeStruct((1, *shape), dtype) for k, (shape, dtype) in inner.batch_spec().items()}
+        self._boxed = jax.eval_shape(inner.init, jax.random.PRNGKey(0), example)[0]
         lora.target_kernels(nn.meta.unbox(self._boxed), self.config.lora.targets)  # a pattern matching nothing
         self._base = None
         self._shapes_only = convert.reading_shapes_only()  # a plan: the base's shapes, nothing read
