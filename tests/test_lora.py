@@ -13,8 +13,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
-from conftest import small_prior_run_config
-from wurst_jax import checkpoint, config_lib, export, lora, lowering, sharding, tasks, train
+from conftest import run_module, small_prior_run_config
+from wurst_jax import checkpoint, config_lib, lora, lowering, sharding, tasks, train
 from wurst_jax.convert import core
 from wurst_jax.convert import lora as lora_format
 from wurst_jax.tasks.lora_task import BASE
@@ -190,8 +190,9 @@ def test_export_loads_in_diffusers_with_the_same_outputs(finetune_arg, lora_run,
 
     workdir, config = lora_run
     folders = dict(item.split('=') for item in finetune_arg.split(','))
-    export.export(workdir, str(tmp_path / 'adapter'))
-    export.export(workdir, str(tmp_path / 'merged'), merge=True)
+    for out, merge in (('adapter', '--nomerge'), ('merged', '--merge')):  # the CLI, in its own process (absl flags)
+        result = run_module('wurst_jax.export', f'--workdir={workdir}', f'--out={tmp_path / out}', merge)
+        assert result.returncode == 0, result.stderr[-3000:]
     pipe = WuerstchenPriorPipeline(
         tokenizer=CLIPTokenizer.from_pretrained(folders['clip']),
         text_encoder=CLIPTextModel.from_pretrained(folders['clip']),
