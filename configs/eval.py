@@ -39,5 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.prior_guidance = -1.0  # negative: the Stage C config's
     config.decoder_guidance = -1.0  # negative: the Stage B config's
     config.decoder_temperature = ''  # 'START,END' for a token Stage B (Würstchen v1); '': its config's
+    config.negative_prompt = ''  # the unconditional caption of guidance in both stages; '': the empty caption
+    config.height = 0  # image size in px; 0: the stages' trained size (any size they make, non-square too)
+    config.width = 0
     config.num_grid_images = 16
     return config

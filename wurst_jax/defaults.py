@@ -107,6 +107,7 @@ def stage_b() -> ml_collections.ConfigDict:
         inject_effnet=[False, True, True, True],
     )
     config = _decoder('stage_b', effnet, levels)
+    config.init = ml_collections.ConfigDict(dict(decoder=''))  # a decoder to start from: a diffusers folder
     config.diffusion = _diffusion()
     config.sample = ml_collections.ConfigDict(dict(decoder_steps=12, decoder_guidance=0.0))
     return config

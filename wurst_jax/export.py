@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from wurst_jax import checkpoint, convert, lora, tasks
 from wurst_jax.convert import core
 from wurst_jax.convert import lora as lora_format
-from wurst_jax.models.stage_c import WuerstchenPrior
+from wurst_jax.tasks import formats
 from wurst_jax.tasks.lora_task import LoraTask
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained run, or a root of stage_a/, stage_b/, stage_c/ runs.')
@@ -34,20 +34,6 @@ _MERGE = flags.DEFINE_bool('merge', False, 'A LoRA run: write the base with the 
 flags.mark_flags_as_required(['workdir', 'out'])
 
 STAGES = ('stage_a', 'stage_b', 'stage_c')
-
-
-def diffusers_network(task) -> tuple[str, object, str, str]:
-    """(network name, module, converter component, folder name) of a family's trained network; the
-    folder name is also the pipeline's name for it, the prefix of its LoRA keys."""
-    family = task.config.model_family
-    if family == 'stage_c':
-        component = 'prior' if isinstance(task.prior, WuerstchenPrior) else 'pixart'
-        return 'prior', task.prior, component, 'prior' if component == 'prior' else 'transformer'
-    if family == 'stage_b':
-        return 'decoder', task.decoder, 'decoder', 'decoder'
-    if family == 'stage_a':
-        return 'vqgan', task.vqgan, 'vqgan', 'vqgan'
-    raise ValueError(f"a {family} run has no diffusers format: keep it in this project's checkpoints")
 
 
 def _write_prior_pipeline(config: ml_collections.ConfigDict, out: str) -> None:
@@ -90,7 +76,7 @@ def export_run(workdir: str, out: str, merge: bool = False) -> list[str]:
     task = tasks.create(config)
     params = jax.device_get(checkpoint.load_params(workdir, ema=True))
     inner = task.inner if isinstance(task, LoraTask) else task
-    network, module, component, folder = diffusers_network(inner)
+    network, module, component, folder = formats.diffusers_network(inner)
     os.makedirs(out, exist_ok=True)
     if isinstance(task, LoraTask) and not merge:
         base = task.base()[network]

@@ -7,6 +7,7 @@ holds (alpha / r) · lora_b: the file is the same function whoever reads it. Rea
 entry (kohya's) and scales lora_B by alpha / r.
 """
 
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +19,15 @@ from wurst_jax.convert import core
 
 LORA_WEIGHTS = 'pytorch_lora_weights.safetensors'  # the name load_lora_weights looks for in a folder
 _SUFFIX = '.weight'
+
+
+def read(path: str) -> dict[str, np.ndarray]:
+    """The state dict of a LoRA file, or of the LORA_WEIGHTS file in folder `path` (as load_lora_weights
+    takes either); a missing or unreadable file is an error naming it."""
+    file = os.path.join(path, LORA_WEIGHTS) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f'{path}: no LoRA file (give a .safetensors file, or a folder holding {LORA_WEIGHTS})')
+    return core.read_safetensors(file)
 
 
 def _kernel_path(path: tuple[str, ...]) -> tuple[str, ...]:

@@ -63,6 +63,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError('clip_score', config.clip_score, f'one of {clip_metrics.CONVENTIONS}')
     if config.batch_size <= 0:
         raise ConfigError('batch_size', config.batch_size, 'a positive number of images')
+    for field in ('height', 'width'):
+        if config[field] < 0:
+            raise ConfigError(field, config[field], "a number of pixels, or 0 for the stages' trained size")
 
 
 class Scorers:
@@ -138,6 +141,9 @@ def _sampling_options(config: ml_collections.ConfigDict) -> dict:
         prior_guidance=None if config.prior_guidance < 0 else config.prior_guidance,
         decoder_guidance=None if config.decoder_guidance < 0 else config.decoder_guidance,
         decoder_temperature=decoder_temperature(config.decoder_temperature),
+        negative_prompt=config.negative_prompt or None,
+        height=config.height or None,
+        width=config.width or None,
     )
 
 

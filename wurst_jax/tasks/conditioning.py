@@ -162,11 +162,21 @@ class TextConditioner:
         """The empty caption's states, one per caption of `cond`: the unconditional half of guidance."""
         return broadcast_to_captions(self.empty_states(text_params), cond)
 
-    def encode_for_guidance(self, params: Any, frozen: dict, tokens: jax.Array, mask: jax.Array) -> tuple[Any, Any]:
-        """(states of the captions, states of the empty caption): the two halves of guidance."""
+    def encode_for_guidance(
+        self,
+        params: Any,
+        frozen: dict,
+        tokens: jax.Array,
+        mask: jax.Array,
+        negative: tuple[jax.Array, jax.Array] | None = None,
+    ) -> tuple[Any, Any]:
+        """(states of the captions, states of the unconditional caption): the two halves of guidance.
+        The unconditional caption is the empty one, or `negative` (tokens, mask) [1, L]: a negative prompt."""
         text_params = self.params(params, frozen)
         cond = self.encode(text_params, tokens, mask)
-        return cond, self.unconditional(text_params, cond)
+        if negative is None:
+            return cond, self.unconditional(text_params, cond)
+        return cond, broadcast_to_captions(self.encode(text_params, *negative), cond)
 
 
 def batch_size(cond: Any) -> int:
@@ -457,8 +467,8 @@ class DecoderTask(CaptionedTask):
     """What both Stage B families (Würstchen v2's diffusion decoder, v1's Paella) share: a frozen Stage A,
     the semantic compressor (trained jointly or frozen), the text encoder, a decoder UNet configured by
     the same `model` fields, and guided sampling that ends in Stage A's decoder. A family sets
-    `self.decoder` and defines `decoder_input`, `decoder_map`, `prediction`, `sample_loop` and
-    `decode_latents`."""
+    `self.decoder` and defines `decoder_input(image_hw=None)` (one example of what it denoises, for
+    images of image_hw), `decoder_map`, `prediction`, `sample_loop` and `decode_latents`."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -486,8 +496,7 @@ class DecoderTask(CaptionedTask):
         return params, state
 
     def pretrained_params(self) -> dict[str, Any]:
-        """A Stage B starts from scratch here (`wurst_jax.convert` reads released weights for sampling
-        and export)."""
+        """{}: a Stage B family starts from scratch unless it overrides this (v2's `init.decoder`)."""
         return {}
 
     def frozen_params(self) -> dict[str, Any]:
@@ -512,13 +521,16 @@ class DecoderTask(CaptionedTask):
         *,
         steps: int | None = None,
         guidance: float | None = None,
+        negative: tuple[jax.Array, jax.Array] | None = None,
+        image_hw: tuple[int, int] | None = None,
         **options,
     ) -> jax.Array:
-        """What Stage A decodes, sampled from raw effnet maps [B, h, w, c] and captions by the family's
-        `sample_loop` (`options` are its own, e.g. v1's temperature); the unconditional half of guidance
-        sees a zero map and the empty caption."""
+        """What Stage A decodes into images of image_hw (a square input.image_size by default), sampled
+        from raw effnet maps [B, h, w, c] and captions by the family's `sample_loop` (`options` are its
+        own, e.g. v1's temperature); the unconditional half of guidance sees a zero map and the empty
+        caption, or `negative` (tokens, mask) [1, L]."""
         s = self.config.sample
-        cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask)
+        cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask, negative)
         effnet = self.decoder_map(effnet)
         halves = jnp.concatenate([effnet, jnp.zeros_like(effnet)]), jnp.concatenate([cond, uncond])
 
@@ -526,7 +538,8 @@ class DecoderTask(CaptionedTask):
             return self.prediction(params, x, t, *((effnet, cond) if conditional else halves))
 
         guidance = s.decoder_guidance if guidance is None else guidance
-        return self.sample_loop(predict, rng, tokens.shape[0], steps or s.decoder_steps, guidance, **options)
+        shape = (tokens.shape[0], *self.decoder_input(image_hw).shape[1:])
+        return self.sample_loop(predict, rng, shape, steps or s.decoder_steps, guidance, **options)
 
     def visualize(self, params: Any, model_state: Any, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
         """Each image beside Stage B's sample from its effnet map and caption, decoded by Stage A."""

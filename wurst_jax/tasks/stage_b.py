@@ -9,12 +9,14 @@ map is the unconditional input of guidance). The jittered map is resized back to
 map size, so every branch feeds the decoder the same shape.
 """
 
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from wurst_jax import convert
 from wurst_jax.config_lib import ConfigError
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.diffusion import samplers, schedule
@@ -28,12 +30,32 @@ class StageBTask(conditioning.DecoderTask):
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        c = self.vqgan.latent_channels
-        m = config.model
-        self.decoder = WuerstchenDiffNeXt(
-            c_in=c, c_out=c, inject_effnet=tuple(m.inject_effnet), clip_embd=self.text.width, **self.unet_fields()
-        )
+        self.decoder, self._pretrained = self._build_decoder(config.init.decoder)
         self._eval_losses = jax.jit(self._held_out_losses)
+
+    def _build_decoder(self, source: str) -> tuple[WuerstchenDiffNeXt, dict[str, Any]]:
+        """(decoder, pretrained params): fresh from config.model, or, fine-tuning, a converted decoder's
+        architecture and weights (e.g. the released v2 Stage B, diffusers' WuerstchenDiffNeXt folder)."""
+        c, m = self.vqgan.latent_channels, self.config.model
+        if not source:
+            decoder = WuerstchenDiffNeXt(
+                c_in=c, c_out=c, inject_effnet=tuple(m.inject_effnet), clip_embd=self.text.width, **self.unet_fields()
+            )
+            return decoder, {}
+        decoder, variables = convert.load_diffusers(
+            source, 'decoder', dropout=m.dropout, remat_policy=m.remat_policy, dtype=self.dtype
+        )
+        want = dict(c_in=c, c_out=c, clip_embd=self.text.width, effnet_embd=self.effnet.channels)
+        have = {k: getattr(decoder, k) for k in want}
+        if have != want:
+            raise ConfigError(
+                'init.decoder', source, f'a decoder for this Stage A, text encoder and effnet, {want}; it has {have}'
+            )
+        return decoder, {'decoder': variables['params']}
+
+    def pretrained_params(self) -> dict[str, Any]:
+        """The decoder config.init.decoder starts from ({} from scratch)."""
+        return self._pretrained
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
@@ -43,14 +65,16 @@ class StageBTask(conditioning.DecoderTask):
             raise ConfigError('effnet.dropout', e.dropout, 'a probability in [0, 1)')
         if not e.resize_jitter or any(not 0 < f <= 1 for f in e.resize_jitter):
             raise ConfigError('effnet.resize_jitter', e.resize_jitter, 'a non-empty list of factors in (0, 1]')
+        if config.init.decoder and not os.path.exists(config.init.decoder):
+            raise ConfigError('init.decoder', config.init.decoder, "a converted decoder's folder, or '' to start fresh")
         conditioning.validate_diffusion(config)
 
     # -- state -----------------------------------------------------------------------------------
 
-    def decoder_input(self) -> jax.Array:
+    def decoder_input(self, image_hw: tuple[int, int] | None = None) -> jax.Array:
         size = self.config.input.image_size
-        latents = jax.eval_shape(self.latents, self.frozen_params(), jnp.zeros((1, size, size, 3)))
-        return jnp.zeros(latents.shape)
+        images = jax.ShapeDtypeStruct((1, *(image_hw or (size, size)), 3), jnp.float32)
+        return jnp.zeros(jax.eval_shape(self.latents, self.frozen_params(), images).shape)
 
     def init(self, rng: jax.Array, batch: Batch) -> tuple[Networks, Networks]:
         params, state = super().init(rng, batch)
@@ -128,11 +152,11 @@ class StageBTask(conditioning.DecoderTask):
         """The map as the decoder reads it: the effnet's raw space."""
         return effnet
 
-    def sample_loop(self, predict, rng: jax.Array, batch_size: int, steps: int, guidance: float) -> jax.Array:
-        """Stage A latents [B, H/f, W/f, c] by the configured sampler over `steps` evenly spaced times;
-        `predict(x, t, conditional)` is the guided ε̂."""
+    def sample_loop(self, predict, rng: jax.Array, shape: tuple[int, ...], steps: int, guidance: float) -> jax.Array:
+        """Stage A latents `shape` [B, H/f, W/f, c] by the configured sampler over `steps` evenly spaced
+        times; `predict(x, t, conditional)` is the guided ε̂."""
         init_rng, rng = jax.random.split(rng)
-        x = jax.random.normal(init_rng, (batch_size, *self.decoder_input().shape[1:]))
+        x = jax.random.normal(init_rng, shape)
         timesteps = samplers.linspace_timesteps(steps)
         return samplers.sample_guided(predict, x, rng, timesteps, guidance, self.config.diffusion.sampler)
 

@@ -144,12 +144,10 @@ class TokenStageBTask(conditioning.DecoderTask):
 
     # -- state -----------------------------------------------------------------------------------
 
-    def token_shape(self) -> tuple[int, int]:
+    def decoder_input(self, image_hw: tuple[int, int] | None = None) -> jax.Array:
         size = self.config.input.image_size
-        return jax.eval_shape(self.targets, {'stage_a': self._vqgan_variables}, jnp.zeros((1, size, size, 3))).shape[1:]
-
-    def decoder_input(self) -> jax.Array:
-        return jnp.zeros((1, *self.token_shape()), jnp.int32)
+        images = jax.ShapeDtypeStruct((1, *(image_hw or (size, size)), 3), jnp.float32)
+        return jnp.zeros(jax.eval_shape(self.targets, {'stage_a': self._vqgan_variables}, images).shape, jnp.int32)
 
     # -- pieces ----------------------------------------------------------------------------------
 
@@ -236,15 +234,14 @@ class TokenStageBTask(conditioning.DecoderTask):
         self,
         predict,
         rng: jax.Array,
-        batch_size: int,
+        shape: tuple[int, int, int],
         steps: int,
         guidance: float,
         temperature: tuple[float, float] | None = None,
     ) -> jax.Array:
-        """Stage A indices [B, H/4, W/4] by v1's token sampler; `predict(tokens, t, conditional)` gives
-        the guided logits, `temperature` (start, end) falls linearly (sample.decoder_temperature if None)."""
+        """Stage A indices `shape` [B, H/4, W/4] by v1's token sampler; `predict(tokens, t, conditional)`
+        gives the guided logits, `temperature` (start, end) falls linearly (sample.decoder_temperature if None)."""
         s = self.config.sample
-        shape = (batch_size, *self.token_shape())
         temperature = tuple(temperature or s.decoder_temperature)
         return sample_tokens(
             predict, rng, shape, self.config.model.num_labels, steps, guidance, temperature, s.decoder_mode

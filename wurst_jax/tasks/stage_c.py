@@ -366,10 +366,10 @@ class StageCTask(conditioning.CaptionedTask):
                 spec['text_mask'] = ((self.config.text.max_length,), jnp.int32)
         return spec
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(h, w, c) of the Stage C latents of square input.image_size images (a bucket's differ)."""
+    def latent_shape(self, image_hw: tuple[int, int] | None = None) -> tuple[int, int, int]:
+        """(h, w, c) of the Stage C latents of images of image_hw (square input.image_size by default)."""
         size = self.config.input.image_size
-        images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+        images = jax.ShapeDtypeStruct((1, *(image_hw or (size, size)), 3), jnp.float32)
         return jax.eval_shape(lambda v, x: self.latents(v, x), self.frozen_params(), images).shape[1:]
 
     def effnet_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
@@ -410,14 +410,18 @@ class StageCTask(conditioning.CaptionedTask):
         """Images in [-1, 1] from sampled Stage A latents (latents='stage_a': no Stage B)."""
         return conditioning.stage_a_decode(self.vqgan, frozen['stage_a'], latents)
 
-    def micro(self, batch: dict[str, jax.Array] | None, batch_size: int) -> tuple[jax.Array, jax.Array] | None:
-        """PixArtMS's (image size [B, 2], aspect ratio [B, 1]): the batch's, else a square input.image_size."""
+    def micro(
+        self, batch: dict[str, jax.Array] | None, batch_size: int, image_hw: tuple[int, int] | None = None
+    ) -> tuple[jax.Array, jax.Array] | None:
+        """PixArtMS's (image size (h, w) [B, 2], aspect ratio h / w [B, 1]): the batch's, else those of
+        image_hw (a square input.image_size by default)."""
         if not self.micro_conditions:
             return None
         if batch is not None and 'original_size' in batch:
             return batch['original_size'], batch['aspect_ratio']
-        size = float(self.config.input.image_size)
-        return jnp.full((batch_size, 2), size), jnp.ones((batch_size, 1))
+        size = self.config.input.image_size
+        h, w = image_hw or (size, size)
+        return jnp.tile(jnp.array([[h, w]], jnp.float32), (batch_size, 1)), jnp.full((batch_size, 1), h / w)
 
     def batch_latents(self, frozen: dict, batch: dict[str, jax.Array]) -> jax.Array:
         """x0: the batch's precomputed latents, or the effnet map of its images."""
@@ -503,29 +507,45 @@ class StageCTask(conditioning.CaptionedTask):
         return out[..., : x.shape[-1]]  # a DiT start's learned-variance half is not trained here
 
     def epsilon(
-        self, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array, batch: dict[str, jax.Array] | None = None
+        self,
+        params: Any,
+        x: jax.Array,
+        t: jax.Array,
+        cond: jax.Array,
+        batch: dict[str, jax.Array] | None = None,
+        image_hw: tuple[int, int] | None = None,
     ) -> jax.Array:
         """The prior's noise estimate ε̂ (converted from v̂ when diffusion.prediction='v'; iDDPM's first
-        half of channels); a batch gives the size micro-conditions, if any."""
-        out = self.prior_output(params['prior'], x, t, cond, micro=self.micro(batch, x.shape[0]))
+        half of channels); a batch, else image_hw, gives the size micro-conditions, if any."""
+        out = self.prior_output(params['prior'], x, t, cond, micro=self.micro(batch, x.shape[0], image_hw))
         if self.iddpm is not None:
             return out[..., : x.shape[-1]]
         return diffusion_loss.to_epsilon(self.config.diffusion.prediction, out, x, t)
 
-    def denoiser(self, params: Any, cond: jax.Array, uncond: jax.Array):
+    def denoiser(self, params: Any, cond: jax.Array, uncond: jax.Array, image_hw: tuple[int, int] | None = None):
         """`denoise(x, t, conditional)` for samplers.sample_guided: None = [conditional; unconditional] halves."""
 
         def denoise(x, t, conditional):
-            return self.epsilon(params, x, t, cond if conditional else conditioning.concat_halves(cond, uncond))
+            halves = cond if conditional else conditioning.concat_halves(cond, uncond)
+            return self.epsilon(params, x, t, halves, image_hw=image_hw)
 
         return denoise
 
     def sample(
-        self, params: Networks, frozen: Networks, tokens: jax.Array, mask: jax.Array, rng: jax.Array, **kwargs
+        self,
+        params: Networks,
+        frozen: Networks,
+        tokens: jax.Array,
+        mask: jax.Array,
+        rng: jax.Array,
+        *,
+        negative: tuple[jax.Array, jax.Array] | None = None,
+        **kwargs,
     ) -> jax.Array:
         """Stage C latents for the captions, unscaled into the effnet's raw space (or Stage A latents):
-        [B, h, w, c]; keyword arguments (steps, guidance) as `sample_from_states`."""
-        cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask)
+        [B, h, w, c]; `negative` (tokens, mask) [1, L] is the unconditional half's caption (the empty
+        caption's by default); other keyword arguments as `sample_from_states`."""
+        cond, uncond = self.text.encode_for_guidance(params, frozen, tokens, mask, negative)
         return self.sample_from_states(params, cond, uncond, rng, **kwargs)
 
     def sample_from_states(
@@ -538,28 +558,40 @@ class StageCTask(conditioning.CaptionedTask):
         steps: int | None = None,
         guidance: float | None = None,
         sampler: str | None = None,
+        image_hw: tuple[int, int] | None = None,
     ) -> jax.Array:
-        """`sample` given the text states of the captions and of the empty caption; `steps`, `guidance`
-        and `sampler` default to the config's."""
+        """`sample` given the text states of the captions and of the unconditional caption; `steps`,
+        `guidance` and `sampler` default to the config's, `image_hw` (the images' size the latents are
+        for) to a square input.image_size."""
         s = self.config.sample
-        h, w, c = self.latent_shape()
+        h, w, c = self.latent_shape(image_hw)
         init_rng, rng = jax.random.split(rng)
         x = jax.random.normal(init_rng, (conditioning.batch_size(cond), h, w, c), jnp.float32)
         guidance = s.prior_guidance if guidance is None else guidance
         sampler = sampler or self.config.diffusion.sampler
         if self.iddpm is not None:
-            x = self._sample_iddpm(params, cond, uncond, x, rng, steps or s.prior_steps, guidance, sampler)
+            x = self._sample_iddpm(params, cond, uncond, x, rng, steps or s.prior_steps, guidance, sampler, image_hw)
             return conditioning.unscale_latents(x, self.config.latent_scaling)
         timesteps = (
             samplers.default_stage_c_timesteps()
             if s.prior_timesteps == 'stage_c_default'
             else samplers.linspace_timesteps(steps or s.prior_steps)
         )
-        x = samplers.sample_guided(self.denoiser(params, cond, uncond), x, rng, timesteps, guidance, sampler)
+        denoise = self.denoiser(params, cond, uncond, image_hw)
+        x = samplers.sample_guided(denoise, x, rng, timesteps, guidance, sampler)
         return conditioning.unscale_latents(x, self.config.latent_scaling)
 
     def _sample_iddpm(
-        self, params: Any, cond: jax.Array, uncond: jax.Array, x: jax.Array, rng, steps: int, guidance: float, sampler
+        self,
+        params: Any,
+        cond: jax.Array,
+        uncond: jax.Array,
+        x: jax.Array,
+        rng,
+        steps: int,
+        guidance: float,
+        sampler,
+        image_hw: tuple[int, int] | None,
     ) -> jax.Array:
         """iDDPM-process sampling from noise x [B, h, w, c]: DPM-Solver++(2M) over `steps` (diffusers'
         PixArtAlphaPipeline) or iDDPM's ancestral steps respaced to `steps` (PixArt-α's `p_sample_loop`).
@@ -568,13 +600,13 @@ class StageCTask(conditioning.CaptionedTask):
 
         def predict(x, t):
             if guidance == 1.0:
-                return self.prior_output(params['prior'], x, t, cond, micro=self.micro(None, x.shape[0]))
+                return self.prior_output(params['prior'], x, t, cond, micro=self.micro(None, x.shape[0], image_hw))
             both = self.prior_output(
                 params['prior'],
                 jnp.concatenate([x, x]),
                 jnp.concatenate([t, t]),
                 conditioning.concat_halves(cond, uncond),
-                micro=self.micro(None, 2 * x.shape[0]),
+                micro=self.micro(None, 2 * x.shape[0], image_hw),
             )
             out_c, out_u = jnp.split(both.astype(jnp.float32), 2)
             eps = samplers.guidance(out_u[..., :c], out_c[..., :c], guidance)
