@@ -15,6 +15,8 @@ compressor jointly (no ImageNet weights ship offline) and Stage C diffuses its 8
 64 px image, predicting v with a linear output head (`latents=stage_a`: a single diffusion stage on
 Stage A's 16x16x4 latents, no Stage B). Both train their own small CLIP-architecture text encoder over
 the grammar's words, so no vocabulary file is needed. Images are never flipped for B and C: the captions say left and right.
+`hold_out=COLOUR` draws no scene with that colour (the word is never seen), `only=COLOUR` only scenes
+that name it (configs/lora_shapes.py teaches a held-out word with these).
 `pixart_recipe` trains PixArt-α's DiT as PixArt-α was trained, at toy size: a small T5 encoder (trained
 with the stage, since no T5 weights ship offline), iDDPM's linear-β process with the learned variance
 and the hybrid loss, ε-prediction, DPM-Solver++ at 20 steps, on Stage A latents scaled to std 4.3.
@@ -148,7 +150,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         latents='effnet',
         tokens=False,
         pixart_recipe=False,
+        hold_out='',
+        only='',
     )
+    for field in ('hold_out', 'only'):
+        if arg[field] and arg[field] not in shapes.COLOURS:
+            raise config_lib.ConfigError(
+                f'<arg>.{field}', arg[field], f'one of the shapes colours {list(shapes.COLOURS)}'
+            )
+    if arg.only and arg.only == arg.hold_out:
+        raise config_lib.ConfigError('<arg>.only', arg.only, 'a colour other than hold_out: no scene would fit both')
     if arg.stage == 'a':
         config = _stage_a(arg.runlocal)
     elif arg.stage == 'b':
@@ -174,11 +185,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.total_steps = 6
         config.input.image_size = 16 if arg.stage == 'a' else 32
         config.input.batch_size = 8
-        config.input.shapes = ml_collections.ConfigDict(dict(num_train=64, num_test=16, seed=0))
+        config.input.shapes.update(num_train=64, num_test=16, seed=0)
         config.optimizer.warmup_steps = 1
         config.eval.update(num_examples=16, batch_size=8, num_grid_images=4)
         config.log_every_steps = 2
         config.image_every_steps = config.checkpoint_every_steps = 3
         if arg.stage != 'a':
             config.effnet.image_size = 32
+    config.input.shapes.update(hold_out=arg.hold_out, only=arg.only)
     return config

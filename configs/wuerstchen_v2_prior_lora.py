@@ -12,7 +12,6 @@ expressions over param paths, e.g. targets=attention,feed_forward). `--config.lo
 holds the frozen prior in bfloat16.
 """
 
-import importlib.util
 import os
 
 import ml_collections
@@ -22,19 +21,11 @@ from wurst_jax import config_lib
 LORA_ARGS = dict(rank=4, alpha=4.0, targets='attention')
 
 
-def finetune_config(arg: str) -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'wuerstchen_v2_prior_finetune.py')
-    spec = importlib.util.spec_from_file_location('wuerstchen_v2_prior_finetune', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    items = [item for item in (arg or '').split(',') if item]
-    ours = [item for item in items if item.partition('=')[0] in LORA_ARGS]
-    lora = config_lib.parse_arg(','.join(ours), **LORA_ARGS)
-    config = finetune_config(','.join(item for item in items if item not in ours))
+    ours, rest = config_lib.split_arg(arg, LORA_ARGS)
+    lora = config_lib.parse_arg(ours, **LORA_ARGS)
+    here = os.path.dirname(os.path.abspath(__file__))
+    config = config_lib.load_config_file(f'{here}/wuerstchen_v2_prior_finetune.py:{rest}')
     config.lora.update(rank=lora.rank, alpha=lora.alpha, targets=lora.targets)
     config.optimizer.update(lr=1e-4, weight_decay=1e-2)
     return config

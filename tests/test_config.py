@@ -17,7 +17,9 @@ NEEDS_LOCAL_FILES = {
     'pixart_alpha': 'stage_a.source',
     'wuerstchen_v2_prior_finetune': 'input.folder',
     'wuerstchen_v2_prior_lora': 'input.folder',
+    'wuerstchen_v2_decoder_lora': 'input.folder',
     'stage_b_v1': 'stage_a.source',
+    'lora_shapes': 'stage_a.source',  # the Stage A run the experiment's commands train first
 }
 
 

@@ -1,6 +1,7 @@
 """LoRA (configs/wuerstchen_v2_prior_lora.py on tiny random folders): adapters start as a no-op, train
 alone on a frozen base whose weight gradients the compiled step drops, resume exactly, refuse a changed
-base, and export to what diffusers' load_lora_weights reads."""
+base, and export to what diffusers' load_lora_weights reads; a LoRA file starts a run, and
+configs/wuerstchen_v2_decoder_lora.py trains adapters on a converted Stage B decoder."""
 
 import json
 import os
@@ -13,8 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
-from conftest import run_module, small_prior_run_config
-from wurst_jax import checkpoint, config_lib, lora, lowering, sharding, tasks, train
+from conftest import load_config, run_module, small_prior_run_config
+from wurst_jax import checkpoint, config_lib, convert, lora, lowering, sharding, tasks, train
 from wurst_jax.convert import core
 from wurst_jax.convert import lora as lora_format
 from wurst_jax.tasks.lora_task import BASE
@@ -239,3 +240,91 @@ def test_export_loads_in_diffusers_with_the_same_outputs(finetune_arg, lora_run,
     )
     with pytest.raises(ValueError, match=r'no prior\.\*\.lora_A'):
         lora_format.from_diffusers(task.prior, 'prior', base, {'unet.x.lora_A.weight': np.zeros(1)}, 'prior')
+
+
+def test_a_run_starts_from_a_lora_file(finetune_arg, lora_run, tmp_path):
+    """lora.init_from: the adapters of a file (here one written from a trained run) are where a new run
+    starts, as the same function; a file of another rank or other targets is refused naming the field."""
+    from safetensors.numpy import save_file
+
+    workdir, config = lora_run
+    task = tasks.create(config)
+    base, trained = task.base()['prior'], checkpoint.load_params(workdir, ema=True)['lora']['prior']
+    file = str(tmp_path / 'trained.safetensors')
+    save_file(lora_format.to_diffusers(task.inner.prior, 'prior', base, trained, task.scale, 'prior'), file)
+
+    started = lora_config(finetune_arg, tmp_path, init_from=file, alpha=2.0)  # another alpha: the same function
+    started.total_steps, started.optimizer.lr = 1, 1e-12  # one step that moves nothing measurable
+    loaded = tasks.create(started).pretrained_params()['lora']['prior']
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+        lora.merge(base, loaded, lora.scale(started)),
+        lora.merge(base, trained, task.scale),
+    )
+    train.train_and_evaluate(started, str(tmp_path / 'started'))
+    _, state = checkpoint.load_trained(str(tmp_path / 'started'))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), state['params']['lora']['prior'], loaded)
+
+    for fields, match in (
+        (dict(rank=2), r'lora\.rank=2.*the rank of the adapters in lora\.init_from, \[4\]'),
+        (dict(targets='feed_forward'), r'lora\.targets.*every module lora\.init_from adapts'),
+    ):
+        with pytest.raises(config_lib.ConfigError, match=match):
+            tasks.create(lora_config(finetune_arg, tmp_path, init_from=file, **fields)).pretrained_params()
+    for fields, match in (
+        (dict(init_from=str(tmp_path / 'missing.safetensors')), r'lora\.init_from.*an existing LoRA file'),
+        (dict(init_from=file, rank=0), r"lora\.init_from.*set lora\.rank to the file's rank"),
+    ):
+        with pytest.raises(config_lib.ConfigError, match=match):
+            tasks.validate(lora_config(finetune_arg, tmp_path, **fields))
+
+
+def test_stage_b_lora_config_trains_adapters_on_a_converted_decoder(finetune_arg, tiny_stage_folders, tmp_path):
+    """configs/wuerstchen_v2_decoder_lora.py: the base is the decoder of a diffusers folder, the run trains
+    and saves adapters only, and they convert to decoder.* LoRA keys and back."""
+    folders = dict(item.split('=') for item in finetune_arg.split(','))
+    arg = (
+        f'vqgan={tiny_stage_folders["vqgan"]},effnet={tiny_stage_folders["effnet"]},clip={folders["clip"]},'
+        f'images={folders["images"]},batch=8,res=32,steps=1'
+    )
+
+    def tiny(decoder_folder=''):
+        config = load_config('wuerstchen_v2_decoder_lora', f'{arg},decoder={decoder_folder}' if decoder_folder else arg)
+        config.dtype, config.input.data_dir = 'float32', str(tmp_path / 'data')
+        config.model.update(c_hidden=[16, 32], nhead=[-1, 2], blocks=[1, 1], level_config=['CT', 'CTA'])
+        config.model.update(inject_effnet=[False, True], c_cond=16, c_r=8, dropout=0.0, remat_policy='none')
+        config.optimizer.warmup_steps = 0
+        config.eval.update(num_examples=8, batch_size=8, num_grid_images=2, grid_columns=2)
+        config.sample.decoder_steps = 2
+        config.log_every_steps = config.image_every_steps = config.checkpoint_every_steps = 1
+        return config
+
+    fresh = tasks.create(tiny())  # the architecture to save, from config.model
+    params = nn.meta.unbox(jax.jit(fresh.inner.init)(jax.random.PRNGKey(3), example_batch(fresh, 1))[0])
+    convert.save_diffusers(fresh.inner.decoder, {'params': params['decoder']}, str(tmp_path / 'decoder'), 'decoder')
+
+    config = tiny(str(tmp_path / 'decoder'))
+    tasks.validate(config)
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    _, state = checkpoint.load_trained(str(tmp_path / 'run'))
+    assert set(state['params']) == {'lora'} and set(state['params']['lora']) == {'decoder'}
+    assert any('to_q' in '/'.join(k) for k in traverse_util.flatten_dict(state['params']['lora']))
+    record = json.loads((tmp_path / 'run' / 'lora_base.json').read_text())
+    assert record['source'] == str(tmp_path / 'decoder')
+    task = tasks.create(config)
+    jax.tree.map(np.testing.assert_allclose, task.base()['decoder'], params['decoder'])
+
+    trained = state['ema_params']['lora']['decoder']
+    file = lora_format.to_diffusers(
+        task.inner.decoder, 'decoder', task.base()['decoder'], trained, task.scale, 'decoder'
+    )
+    assert file and all(k.startswith('decoder.') for k in file)
+    read = lora_format.from_diffusers(task.inner.decoder, 'decoder', task.base()['decoder'], file, 'decoder')
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+        lora.merge(task.base()['decoder'], read, 1.0),
+        lora.merge(task.base()['decoder'], trained, task.scale),
+    )
+    bad = tiny(str(tmp_path / 'missing'))
+    with pytest.raises(config_lib.ConfigError, match=r'init\.decoder.*a converted decoder'):
+        tasks.validate(bad)

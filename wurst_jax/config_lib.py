@@ -53,6 +53,14 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return parsed
 
 
+def split_arg(arg: str | None, keys) -> tuple[str, str]:
+    """('key=value,...' items whose key is in `keys`, the other items): a config's own argument apart from
+    the one it passes on to the config file it builds on."""
+    items = [item for item in (arg or '').split(',') if item]
+    ours = [item for item in items if item.partition('=')[0] in keys]
+    return ','.join(ours), ','.join(item for item in items if item not in ours)
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Fields every experiment has: seed, mesh, sharding, precision, logging, checkpoints."""
     config = ml_collections.ConfigDict()
@@ -74,9 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 10_000  # 0: evaluate only at the end of training
     # Low-rank adapters on a frozen base (`wurst_jax.lora`); rank 0 trains the networks themselves.
     # targets: comma-separated preset names (lora.PRESETS) or regular expressions over param paths;
-    # base: the trained run (workdir) whose EMA weights are the base, '' for the family's init (e.g. init.prior).
+    # base: the trained run (workdir) whose EMA weights are the base, '' for the family's init (e.g. init.prior);
+    # init_from: a LoRA file (peft-style keys, as wurst_jax.export writes) the adapters start from.
     config.lora = ml_collections.ConfigDict(
-        dict(rank=0, alpha=8.0, dropout=0.0, targets='attention', base='', base_dtype='float32')
+        dict(rank=0, alpha=8.0, dropout=0.0, targets='attention', base='', base_dtype='float32', init_from='')
     )
     config.max_nonfinite_steps = 20  # stop after this many skipped (non-finite) steps in a row
     config.record_batch_ids = False  # write each step's example ids to workdir/batch_ids.txt
@@ -161,7 +170,8 @@ def input_config(
             folder='',
             train_split='train',
             eval_split='test',
-            shapes=ml_collections.ConfigDict(dict(num_train=20000, num_test=512, seed=0)),
+            # hold_out: a colour no scene draws; only: a colour every scene names ('' for neither).
+            shapes=ml_collections.ConfigDict(dict(num_train=20000, num_test=512, seed=0, hold_out='', only='')),
             image_size=image_size,
             resize=resize,
             crop=crop,

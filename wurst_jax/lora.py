@@ -10,6 +10,7 @@ parameter names alone. `merge` folds adapters into the kernels (sampling, export
 """
 
 import contextlib
+import os
 import re
 from typing import Any
 
@@ -50,12 +51,16 @@ def scale(config: ml_collections.ConfigDict) -> float:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """ConfigError for the first bad field of `config.lora` (rank 0: no adapters, every field ignored)."""
+    """ConfigError for the first bad field of `config.lora` (rank 0: no adapters, the other fields unused)."""
     lora = config.lora
     if not (isinstance(lora.rank, int) and lora.rank >= 0):
         raise ConfigError('lora.rank', lora.rank, 'an integer >= 0 (0: train the whole network)')
     if not lora.rank:
+        if lora.init_from:
+            raise ConfigError('lora.init_from', lora.init_from, "empty, or set lora.rank to the file's rank too")
         return
+    if lora.init_from and not os.path.exists(lora.init_from):
+        raise ConfigError('lora.init_from', lora.init_from, 'an existing LoRA file, or a folder holding one')
     if not lora.alpha > 0:
         raise ConfigError('lora.alpha', lora.alpha, 'a positive number (the branch is scaled by alpha / rank)')
     if not 0 <= lora.dropout < 1:

@@ -42,6 +42,8 @@ def builtin_builder(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
             num_train=input_config.shapes.num_train,
             num_test=input_config.shapes.num_test,
             seed=input_config.shapes.seed,
+            hold_out=input_config.shapes.hold_out,
+            only=input_config.shapes.only,
         )
         return shapes.Shapes(config=config, data_dir=data_dir)
     if name == 'photos':

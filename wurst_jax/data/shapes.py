@@ -2,6 +2,8 @@
 
 Every image holds one or two objects on a #202020 background; the caption names each object's
 colour, shape and position, so text-image alignment can be scored exactly with `parse_caption`.
+A colour can be held out (no scene draws it: a word the model never sees) or required (every scene
+names it: a small set teaching that word); both redraw a stream's scenes until they fit.
 """
 
 import dataclasses
@@ -124,17 +126,37 @@ def sample_objects(rng: np.random.Generator) -> list[SceneObject]:
     return [SceneObject(names[c], SHAPES[s], POSITIONS[p]) for c, s, p in zip(colours, shapes, positions)]
 
 
+def check_colour(colour: str) -> None:
+    """ValueError unless `colour` is '' (no filter) or one of COLOURS."""
+    if colour and colour not in COLOURS:
+        raise ValueError(f'shapes colour {colour!r} is not one of {list(COLOURS)}')
+
+
+def scene_objects(rng: np.random.Generator, hold_out: str = '', only: str = '') -> list[SceneObject]:
+    """`sample_objects` redrawn until no object is `hold_out` and (unless `only` is '') one is `only`:
+    rejection keeps the stream's distribution, conditioned on the filter; with neither, its first draw."""
+    check_colour(hold_out)
+    check_colour(only)
+    if only and only == hold_out:
+        raise ValueError(f'shapes only={only!r} is the held-out colour: no scene would fit')
+    while True:
+        objects = sample_objects(rng)
+        colours = {o.colour for o in objects}
+        if hold_out not in colours and (not only or only in colours):
+            return objects
+
+
 EVAL_CAPTION_SEED = 7919  # a caption stream the training split (seed 0) never draws from
 
 
-def fresh_captions(count: int, seed: int = EVAL_CAPTION_SEED) -> list[str]:
+def fresh_captions(count: int, seed: int = EVAL_CAPTION_SEED, hold_out: str = '', only: str = '') -> list[str]:
     """`count` captions of the stream `seed`, for scoring text alignment on prompts not trained on."""
-    return [caption_for(sample_objects(np.random.default_rng([seed, i]))) for i in range(count)]
+    return [caption_for(scene_objects(np.random.default_rng([seed, i]), hold_out, only)) for i in range(count)]
 
 
-def make_example(seed: int, index: int, image_size: int) -> tuple[np.ndarray, str]:
+def make_example(seed: int, index: int, image_size: int, hold_out: str = '', only: str = '') -> tuple[np.ndarray, str]:
     """Example `index` of the stream `seed`: (image uint8 [S, S, 3], caption)."""
-    objects = sample_objects(np.random.default_rng([seed, index]))
+    objects = scene_objects(np.random.default_rng([seed, index]), hold_out, only)
     return render_scene(objects, image_size), caption_for(objects)
 
 
@@ -146,16 +168,29 @@ class ShapesConfig(tfds.core.BuilderConfig):
     num_train: int = 20000
     num_test: int = 256
     seed: int = 0
+    hold_out: str = ''  # a colour no scene of either split draws
+    only: str = ''  # a colour every scene of either split names
 
 
-def shapes_config(*, image_size: int, num_train: int, num_test: int, seed: int) -> ShapesConfig:
-    """A ShapesConfig named after its settings, e.g. 's64_n20000_t256_seed0'."""
+def shapes_config(
+    *, image_size: int, num_train: int, num_test: int, seed: int, hold_out: str = '', only: str = ''
+) -> ShapesConfig:
+    """A ShapesConfig named after its settings, e.g. 's64_n20000_t256_seed0', or with a colour filter
+    's64_n20000_t256_seed0_without_magenta' / '..._only_magenta' (the unfiltered names are unchanged,
+    so datasets already prepared stay valid)."""
+    check_colour(hold_out)
+    check_colour(only)
+    name = f's{image_size}_n{num_train}_t{num_test}_seed{seed}'
+    name += f'_without_{hold_out}' if hold_out else ''
+    name += f'_only_{only}' if only else ''
     return ShapesConfig(
-        name=f's{image_size}_n{num_train}_t{num_test}_seed{seed}',
+        name=name,
         image_size=image_size,
         num_train=num_train,
         num_test=num_test,
         seed=seed,
+        hold_out=hold_out,
+        only=only,
     )
 
 
@@ -176,5 +211,5 @@ class Shapes(CaptionedImageBuilder):
     def _generate_examples(self, start: int, count: int):
         cfg = self.builder_config
         for index in range(start, start + count):
-            image, caption = make_example(cfg.seed, index, cfg.image_size)
+            image, caption = make_example(cfg.seed, index, cfg.image_size, cfg.hold_out, cfg.only)
             yield index, {'image': encode_png(image), 'caption': caption, 'id': index}
