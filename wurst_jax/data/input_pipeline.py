@@ -42,8 +42,9 @@ def builtin_builder(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
             num_train=input_config.shapes.num_train,
             num_test=input_config.shapes.num_test,
             seed=input_config.shapes.seed,
-            hold_out=input_config.shapes.hold_out,
-            only=input_config.shapes.only,
+            # Absent from configs (and saved runs) that set input.shapes before the filters existed.
+            hold_out=input_config.shapes.get('hold_out', ''),
+            only=input_config.shapes.get('only', ''),
         )
         return shapes.Shapes(config=config, data_dir=data_dir)
     if name == 'photos':
