@@ -14,7 +14,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from wurst_jax.convert import clip, effnet, inception, pixart, t5, wuerstchen  # noqa: F401  (they register components)
+from wurst_jax.convert import clip, effnet, inception, pixart, stable_cascade, t5, wuerstchen  # noqa: F401  (they register components)
 from wurst_jax.convert.core import COMPONENTS, load_folder, reading_shapes_only, save_diffusers, shapes_only
 from wurst_jax.convert.original import load_original, save_original
 

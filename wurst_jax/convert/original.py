@@ -13,8 +13,10 @@ entry holds the network depends on the file:
   effnet_encoder.safetensors (SC)          effnet    flat (mapper BatchNorm without affine, read off the file)
   PixArt-XL-2-*.pth (PixArt-alpha)         pixart    'state_dict_ema' or 'state_dict' (names: convert/pixart.py)
 
-Stable Cascade's Stage B/C UNets (`stage_b*.safetensors`, `stage_c*.safetensors`) are another
-architecture (StableCascadeUNet), not converted here. `save_original` writes Flax variables back as a flat
+  stage_c*.safetensors (SC, _lite, _bf16)  stable_cascade_unet   flat (released size read off the file)
+  stage_b*.safetensors (SC, _lite, _bf16)  stable_cascade_unet   flat
+
+`save_original` writes Flax variables back as a flat
 `.safetensors` state dict in the original names (what the official modules' load_state_dict takes).
 """
 
@@ -25,7 +27,7 @@ import flax.linen as nn
 import numpy as np
 from safetensors.numpy import save_file
 
-from wurst_jax.convert import core, pixart
+from wurst_jax.convert import core, pixart, stable_cascade
 
 # The released Würstchen v2 networks; `config` arguments override single fields.
 RELEASED_CONFIGS = {
@@ -184,4 +186,6 @@ def _fields_of_file(component: str, state: dict[str, np.ndarray], config: dict) 
         if 'backbone.8.0.weight' in state and 'backbone.9.0.weight' not in state:
             fields['effnet'] = 'efficientnet_v2_l'
         return fields
+    if component == 'stable_cascade_unet':
+        return stable_cascade.released_fields(state)
     return {}

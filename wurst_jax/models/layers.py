@@ -399,21 +399,23 @@ class ResBlock(nn.Module):
 
 
 class TimestepBlock(nn.Module):
-    """FiLM by the time embedding: x * (1 + a) + b with (a, b) = Dense(2C)(r_emb)."""
+    """FiLM by the time embedding: x * (1 + a) + b with (a, b) = Dense(2C)(r_emb).
+
+    With `conds` (Stable Cascade's 'sca', 'crp'), r_emb is [emb(r), emb(cond_1), ...] side by side and
+    each chunk has its own Dense (`mapper`, `mapper_{cond}`); their (a, b) are summed."""
 
     channels: int
     dtype: Dtype = jnp.float32
+    conds: Sequence[str] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, r_emb: jax.Array) -> jax.Array:
-        # Zero init: the modulation starts as the identity (Würstchen's init).
-        ab = dense(
-            2 * self.channels,
-            (None, 'embed'),
-            dtype=self.dtype,
-            kernel_init=nn.initializers.zeros_init(),
-            name='mapper',
-        )(r_emb)
+        names = ['mapper'] + [f'mapper_{c}' for c in self.conds]
+        ab = 0
+        for name, chunk in zip(names, jnp.split(r_emb, len(names), axis=-1)):
+            # Zero init for `mapper`: the modulation starts as the identity (Würstchen's init).
+            init = nn.initializers.zeros_init() if name == 'mapper' else default_kernel_init
+            ab = ab + dense(2 * self.channels, (None, 'embed'), dtype=self.dtype, kernel_init=init, name=name)(chunk)
         a, b = jnp.split(ab[:, None, None, :], 2, axis=-1)
         return x * (1 + a) + b
 

@@ -1,0 +1,199 @@
+"""Stable Cascade's UNet against diffusers' StableCascadeUNet: both configurations, conversion both ways,
+the original files, and the released sizes."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import torch
+from diffusers.models import StableCascadeUNet as TorchUNet
+from safetensors.numpy import save_file
+
+from torch_reference import TOL, nchw, nhwc, randomise, rel_err
+from wurst_jax import convert
+from wurst_jax.convert.original import original_names
+from wurst_jax.models.stable_cascade import RELEASED, StableCascadeUNet
+
+RES, TIME, ATTN = 'SDCascadeResBlock', 'SDCascadeTimestepBlock', 'SDCascadeAttnBlock'
+
+PRIOR = dict(  # Stage C's layout: two levels at one resolution, text + pooled text + image tokens
+    in_channels=6,
+    out_channels=6,
+    timestep_ratio_embedding_dim=16,
+    conditioning_dim=24,
+    block_out_channels=(16, 24),
+    num_attention_heads=(2, 3),
+    down_num_layers_per_block=(1, 2),
+    up_num_layers_per_block=(2, 1),
+    down_blocks_repeat_mappers=(1, 1),
+    up_blocks_repeat_mappers=(1, 1),
+    block_types_per_layer=((RES, TIME, ATTN), (RES, TIME, ATTN)),
+    clip_text_in_channels=10,
+    clip_text_pooled_in_channels=12,
+    clip_image_in_channels=8,
+    clip_seq=2,
+    dropout=(0.1, 0.1),
+    timestep_conditioning_type=('sca', 'crp'),
+    switch_level=(False,),
+)
+DECODER = dict(  # Stage B's layout: effnet and pixels mappers, k2/s2 steps, repeated levels on the way up
+    in_channels=4,
+    out_channels=4,
+    timestep_ratio_embedding_dim=16,
+    patch_size=2,
+    conditioning_dim=20,
+    block_out_channels=(8, 12, 16),
+    num_attention_heads=(0, 2, 4),
+    down_num_layers_per_block=(1, 1, 2),
+    up_num_layers_per_block=(2, 1, 1),
+    down_blocks_repeat_mappers=(1, 2, 1),
+    up_blocks_repeat_mappers=(3, 2, 2),
+    block_types_per_layer=((RES, TIME), (RES, TIME, ATTN), (RES, TIME, ATTN)),
+    clip_text_pooled_in_channels=12,
+    clip_seq=3,
+    effnet_in_channels=5,
+    pixel_mapper_in_channels=3,
+    dropout=(0.0, 0.1, 0.1),
+    timestep_conditioning_type=('sca',),
+)
+RESAMPLED = dict(
+    PRIOR, block_out_channels=(16, 16), num_attention_heads=(2, 2), switch_level=(True,)
+)  # switch_level's bilinear resizes
+
+
+def _torch_unet(cfg: dict) -> TorchUNet:
+    return TorchUNet(**{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()})
+
+
+def _torch_model(cfg: dict, seed: int) -> TorchUNet:
+    return randomise(_torch_unet(cfg), seed=seed)
+
+
+def _inputs(cfg: dict, rng, batch: int, height: int, width: int) -> dict[str, np.ndarray]:
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    inputs = dict(
+        x=normal(batch, height, width, cfg['in_channels']),
+        r=np.linspace(0.01, 1.0, batch).astype(np.float32),  # at r ~ 1 the embedding's angles reach 1e4 rad
+        clip_text_pooled=normal(batch, 1, cfg['clip_text_pooled_in_channels']),
+    )
+    if cfg.get('clip_text_in_channels'):
+        inputs.update(clip_text=normal(batch, 5, cfg['clip_text_in_channels']))
+        inputs.update(clip_img=normal(batch, 2, cfg['clip_image_in_channels']))
+    if cfg.get('effnet_in_channels'):
+        inputs.update(effnet=normal(batch, 3, 5, cfg['effnet_in_channels']))
+    return inputs
+
+
+def _torch_outputs(model: TorchUNet, inputs: dict, **extra) -> np.ndarray:
+    to_torch = lambda k, v: nchw(v) if k in ('x', 'effnet', 'pixels') else torch.from_numpy(v)
+    args = {k: to_torch(k, v) for k, v in {**inputs, **extra}.items()}
+    args['sample'], args['timestep_ratio'] = args.pop('x'), args.pop('r')
+    with torch.no_grad():
+        return nhwc(model(**args).sample)
+
+
+def _ours(module, variables, inputs: dict, **extra) -> np.ndarray:
+    args = {**inputs, **extra}
+    return np.asarray(jax.jit(lambda v, a: module.apply(v, **a))(variables, args))
+
+
+@pytest.mark.parametrize(
+    'cfg, size',
+    [(PRIOR, (6, 10)), (DECODER, (16, 24)), (DECODER, (20, 12)), (RESAMPLED, (8, 12))],
+    ids=['stage_c', 'stage_b', 'stage_b_odd_levels', 'switch_level_resize'],
+)
+def test_matches_diffusers(tmp_path, cfg, size):
+    """Non-square latents; (20, 12) halves to an odd 5 x 3 at the deepest level, so the way up resizes to the skips."""
+    ref = _torch_model(cfg, seed=3)
+    ref.save_pretrained(tmp_path)
+    module, variables = convert.load_diffusers(str(tmp_path), 'stable_cascade_unet')
+    inputs = _inputs(cfg, np.random.default_rng(4), 3, *size)
+    assert rel_err(_ours(module, variables, inputs), _torch_outputs(ref, inputs)) <= TOL
+    if cfg is DECODER:  # the pixel map when given, not the zeros default
+        pixels = np.random.default_rng(5).standard_normal((3, 8, 8, 3)).astype(np.float32)
+        expected = _torch_outputs(ref, inputs, pixels=pixels)
+        assert rel_err(_ours(module, variables, inputs, pixels=pixels), expected) <= TOL
+
+
+def test_sca_and_crp_conditions_match_diffusers(tmp_path):
+    # diffusers reads the extra conditions with `cond or zeros`, which takes one value only: batch 1.
+    ref = _torch_model(PRIOR, seed=6)
+    ref.save_pretrained(tmp_path)
+    module, variables = convert.load_diffusers(str(tmp_path), 'stable_cascade_unet')
+    inputs = _inputs(PRIOR, np.random.default_rng(7), 1, 4, 4)
+    extra = dict(sca=np.array([0.3], np.float32), crp=np.array([0.8], np.float32))
+    ours = _ours(module, variables, inputs, **extra)
+    assert rel_err(ours, _torch_outputs(ref, inputs, **extra)) <= TOL
+    assert not np.allclose(ours, _ours(module, variables, inputs))  # the conditions do enter
+
+
+def test_round_trip_loads_in_diffusers(tmp_path):
+    """Flax -> diffusers folder: diffusers computes the same; folder -> Flax is bit-exact."""
+    module = StableCascadeUNet(**DECODER)
+    inputs = _inputs(DECODER, np.random.default_rng(8), 2, 8, 16)
+    variables = nn.meta.unbox(module.init(jax.random.key(0), **inputs))
+    # Random everywhere: init zeroes the head and the FiLM mappers, which would hide mistakes.
+    leaves, tree = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    variables = jax.tree.unflatten(tree, [np.array(0.2 * jax.random.normal(k, x.shape)) for k, x in zip(keys, leaves)])
+    convert.save_diffusers(module, variables, str(tmp_path / 'unet'), 'stable_cascade_unet')
+    ref = TorchUNet.from_pretrained(tmp_path / 'unet').eval()
+    assert rel_err(_ours(module, variables, inputs), _torch_outputs(ref, inputs)) <= TOL
+    back_module, back = convert.load_diffusers(str(tmp_path / 'unet'), 'stable_cascade_unet')
+    assert back_module == module
+    jax.tree.map(np.testing.assert_array_equal, back, variables)
+
+
+@pytest.mark.parametrize('cfg', [PRIOR, DECODER], ids=['stage_c', 'stage_b'])
+def test_original_file_loads(tmp_path, cfg):
+    """A stage_c/stage_b file in the official names (joined in_proj; Stage B's `clip_mapper`) gives the same network."""
+    ref = _torch_model(cfg, seed=9)
+    state = original_names({k: v.numpy() for k, v in ref.state_dict().items()})
+    if cfg is DECODER:
+        state['clip_mapper.weight'] = state.pop('clip_txt_pooled_mapper.weight')
+        state['clip_mapper.bias'] = state.pop('clip_txt_pooled_mapper.bias')
+    assert any('attention.attn.in_proj_weight' in k for k in state)
+    path = str(tmp_path / 'stage.safetensors')
+    save_file(state, path)
+    module, variables = convert.load_original(path, 'stable_cascade_unet', config=cfg)
+    inputs = _inputs(cfg, np.random.default_rng(10), 2, 8, 8)
+    assert rel_err(_ours(module, variables, inputs), _torch_outputs(ref, inputs)) <= TOL
+
+
+# Parameters of the released files (Stability-AI/StableCascade stage_{c,b}{,_lite}.safetensors).
+RELEASED_COUNTS = {
+    'stage_c': 3_589_103_632,
+    'stage_c_lite': 1_030_785_040,
+    'stage_b': 1_562_941_136,
+    'stage_b_lite': 699_471_248,
+}
+
+
+@pytest.mark.parametrize('name', sorted(RELEASED))
+def test_released_sizes_count_as_diffusers(name):
+    cfg = RELEASED[name]
+    module = StableCascadeUNet(**cfg)
+    inputs = convert.core.COMPONENTS['stable_cascade_unet'].example_inputs(module)
+    shapes = jax.eval_shape(lambda k: module.init(k, *inputs), jax.random.key(0))
+    ours = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes['params'])))
+    with torch.device('meta'):
+        theirs = sum(p.numel() for p in _torch_unet(cfg).parameters())
+    assert ours == theirs == RELEASED_COUNTS[name]
+
+
+def test_bad_conditioning_is_named():
+    module = StableCascadeUNet(**PRIOR)
+    inputs = _inputs(PRIOR, np.random.default_rng(11), 1, 4, 4)
+    with pytest.raises(ValueError, match='clip_text and clip_img together'):
+        module.init(jax.random.key(0), **{**inputs, 'clip_img': None})
+    decoder = StableCascadeUNet(**DECODER)
+    with pytest.raises(ValueError, match='clip_text_in_channels'):
+        decoder.init(
+            jax.random.key(0),
+            **_inputs(DECODER, np.random.default_rng(12), 1, 8, 8),
+            **{'clip_text': inputs['clip_text'], 'clip_img': inputs['clip_img']},
+        )
+    with pytest.raises(ValueError, match='up_num_layers_per_block has 1 entries'):
+        StableCascadeUNet(**{**PRIOR, 'up_num_layers_per_block': (1,)}).init(jax.random.key(0), **inputs)
+    with pytest.raises(ValueError, match='without effnet_in_channels'):
+        module.init(jax.random.key(0), **inputs, effnet=np.zeros((1, 2, 2, 5), np.float32))
