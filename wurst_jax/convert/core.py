@@ -140,6 +140,32 @@ def _unstack_blocks(variables: dict, depth: int) -> dict:
     return {**variables, 'params': params}
 
 
+def stack_scan_groups(module: nn.Module, variables: dict) -> dict:
+    """Unscanned variables (`up_blocks_1_3`, ...) -> those of the scan_blocks module, whose `scan_groups()`
+    lists (scan module name, torch prefix, first torch index, repeats, blocks per repeat): the groups'
+    blocks `block_k` stacked on a leading axis."""
+    params = dict(variables['params'])
+    for scan_name, prefix, first, repeats, per in module.scan_groups():
+        params[scan_name] = {
+            f'block_{k}': jax.tree.map(
+                lambda *xs: np.stack(xs), *[params.pop(f'{prefix}_{first + g * per + k}') for g in range(repeats)]
+            )
+            for k in range(per)
+        }
+    return {**variables, 'params': params}
+
+
+def unstack_scan_groups(module: nn.Module, variables: dict) -> dict:
+    """Inverse of `stack_scan_groups`."""
+    params = dict(variables['params'])
+    for scan_name, prefix, first, repeats, per in module.scan_groups():
+        stacked = params.pop(scan_name)
+        for g in range(repeats):
+            for k in range(per):
+                params[f'{prefix}_{first + g * per + k}'] = jax.tree.map(lambda x: x[g], stacked[f'block_{k}'])
+    return {**variables, 'params': params}
+
+
 def variables_from_state_dict(module: nn.Module, name: str, state: dict[str, np.ndarray]) -> dict:
     """Flax variables of `module` from a torch-named state dict; every missing, unexpected or
     wrongly shaped tensor is named in one error."""

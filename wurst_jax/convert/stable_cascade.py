@@ -12,12 +12,12 @@ calls `clip_txt_pooled_mapper` (diffusers `loaders/single_file_utils.py`
 import jax.numpy as jnp
 import numpy as np
 
-from wurst_jax.convert.core import Component, register
+from wurst_jax.convert.core import Component, register, stack_scan_groups, unstack_scan_groups
 from wurst_jax.convert.wuerstchen import BLOCK_MODULES
 from wurst_jax.models.config_fields import read_fields, write_fields
 from wurst_jax.models.stable_cascade import RELEASED, StableCascadeUNet
 
-_OWN = ('remat_policy', 'dtype')  # this module's own settings, not in diffusers' config
+_OWN = ('scan_blocks', 'remat_policy', 'dtype')  # this module's own settings, not in diffusers' config
 _LEAVES = {'kernel': 'weight', 'scale': 'weight'}
 # Top-level modules whose name continues with Sequential / ModuleList indices.
 _PREFIXES = (
@@ -98,5 +98,15 @@ def released_fields(state: dict[str, np.ndarray]) -> dict:
 
 register(
     'stable_cascade_unet',
-    Component('StableCascadeUNet', 'diffusers', _from_config, _config, _inputs, _key, prepare_state=_diffusers_state),
+    Component(
+        'StableCascadeUNet',
+        'diffusers',
+        _from_config,
+        _config,
+        _inputs,
+        _key,
+        prepare_state=_diffusers_state,
+        stack=stack_scan_groups,
+        unstack=unstack_scan_groups,
+    ),
 )

@@ -11,11 +11,9 @@ so each table only turns a Flax path into the torch key: Sequential indices back
 import difflib
 import re
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from wurst_jax.convert.core import Component, register
+from wurst_jax.convert.core import Component, register, stack_scan_groups, unstack_scan_groups
 from wurst_jax.models.config_fields import read_fields, write_fields
 from wurst_jax.models.paella import Paella
 from wurst_jax.models.stage_a import VQGAN
@@ -168,29 +166,6 @@ def _paella_key(m: Paella, path: tuple[str, ...]) -> str:
     return '.'.join([top] + [BLOCK_MODULES.get(n, n) for n in inner] + [leaf])
 
 
-def _paella_stack(m: Paella, variables: dict) -> dict:
-    """Unscanned Paella variables (`up_blocks_1_3`, ...) -> scan_blocks ones (`up_blocks_1_scan/block_k`)."""
-    params = dict(variables['params'])
-    for scan_name, prefix, first, repeats, per in m.scan_groups():
-        params[scan_name] = {
-            f'block_{k}': jax.tree.map(
-                lambda *xs: np.stack(xs), *[params.pop(f'{prefix}_{first + g * per + k}') for g in range(repeats)]
-            )
-            for k in range(per)
-        }
-    return {**variables, 'params': params}
-
-
-def _paella_unstack(m: Paella, variables: dict) -> dict:
-    params = dict(variables['params'])
-    for scan_name, prefix, first, repeats, per in m.scan_groups():
-        stacked = params.pop(scan_name)
-        for g in range(repeats):
-            for k in range(per):
-                params[f'{prefix}_{first + g * per + k}'] = jax.tree.map(lambda x: x[g], stacked[f'block_{k}'])
-    return {**variables, 'params': params}
-
-
 # --- vqgan ------------------------------------------------------------------------------------
 
 
@@ -250,7 +225,7 @@ register(
         _paella_config,
         _paella_inputs,
         _paella_key,
-        stack=_paella_stack,
-        unstack=_paella_unstack,
+        stack=stack_scan_groups,
+        unstack=unstack_scan_groups,
     ),
 )

@@ -15,6 +15,7 @@ Fields are diffusers' config keys; module names are its module paths with dots a
 (`down_blocks_1_3` is `down_blocks.1.3`), so conversion is a rename.
 """
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -74,6 +75,55 @@ def _resize_to(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return x if tuple(x.shape[1:3]) == tuple(size) else resize(x, size, 'bilinear').astype(x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class LevelBlocks:
+    """What the blocks of one level share; `make` builds one of them."""
+
+    types: tuple[str, ...]
+    channels: int
+    num_heads: int
+    dropout: float
+    self_attn: bool
+    kernel_size: int
+    conds: tuple[str, ...]
+    out_init_scale: float
+    dtype: Dtype
+
+    def make(self, kind: str, remat_policy: str, name: str) -> nn.Module:
+        c, dt = self.channels, self.dtype
+        if kind == RES:
+            return layers.remat(layers.ResBlock, remat_policy, deterministic_argnum=3)(
+                c, self.dropout, self.kernel_size, dt, out_init_scale=self.out_init_scale, name=name
+            )
+        if kind == TIMESTEP:
+            return layers.remat(layers.TimestepBlock, remat_policy)(c, dt, self.conds, name=name)
+        return layers.remat(layers.AttnBlock, remat_policy, deterministic_argnum=3)(
+            c, self.num_heads, self.self_attn, self.dropout, dt, name=name
+        )
+
+
+def run_block(block: nn.Module, kind: str, h, r_emb, clip, skip, deterministic):
+    if kind == RES:
+        if skip is not None:  # an odd size halved and doubled comes back one short: resize to the skip
+            h = _resize_to(h, skip.shape[1:3])
+        return block(h, skip, deterministic)
+    if kind == TIMESTEP:
+        return block(h, r_emb)
+    return block(h, clip, deterministic)
+
+
+class CascadeGroup(nn.Module):
+    """One pass of a level's block list (`block_{k}`), without skips: the step that scan_blocks repeats."""
+
+    blocks: LevelBlocks
+
+    @nn.compact
+    def __call__(self, h, r_emb, clip, deterministic):
+        for k, kind in enumerate(self.blocks.types):
+            h = run_block(self.blocks.make(kind, 'none', f'block_{k}'), kind, h, r_emb, clip, None, deterministic)
+        return h, None  # nn.scan's (carry, ys)
+
+
 class StableCascadeUNet(nn.Module):
     """x: [B, H, W, in_channels] noisy latents, r: [B] time ratio, clip_text_pooled: [B, N, pooled] (or [B, pooled])
     -> ε [B, H, W, out_channels]. Stage C also takes clip_text [B, L, text] with clip_img [B, M, image] (both or
@@ -103,7 +153,8 @@ class StableCascadeUNet(nn.Module):
     self_attn: bool | Sequence[bool] = True
     timestep_conditioning_type: Sequence[str] = ('sca', 'crp')
     switch_level: Sequence[bool] | None = None
-    remat_policy: str = 'none'  # per block: one of layers.REMAT_POLICIES
+    scan_blocks: bool = False  # each level's repeated block lists as one nn.scan (compiles once per level)
+    remat_policy: str = 'none'  # per block (per scanned pass with scan_blocks): one of layers.REMAT_POLICIES
     dtype: Dtype = jnp.float32
 
     def _check_fields(self) -> None:
@@ -131,29 +182,59 @@ class StableCascadeUNet(nn.Module):
     def _per_level(self, value) -> tuple:
         return (value,) * len(self.block_out_channels) if isinstance(value, (bool, int, float)) else tuple(value)
 
-    def _blocks(self, level: int, count: int, prefix: str) -> list[tuple[str, nn.Module]]:
-        c, dt, policy = self.block_out_channels[level], self.dtype, self.remat_policy
-        dropout, self_attn = self._per_level(self.dropout)[level], self._per_level(self.self_attn)[level]
+    def _level(self, level: int) -> LevelBlocks:
         # The official init scales every ResBlock's last Linear by sqrt(1 / down blocks of all levels).
-        out_scale = (1 / sum(self.down_num_layers_per_block)) ** 0.5
-        blocks = []
-        for _ in range(count):
-            for kind in self.block_types_per_layer[level]:
-                name = f'{prefix}_{len(blocks)}'
-                if kind == RES:
-                    block = layers.remat(layers.ResBlock, policy, deterministic_argnum=3)(
-                        c, dropout, self.kernel_size, dt, out_init_scale=out_scale, name=name
-                    )
-                elif kind == TIMESTEP:
-                    block = layers.remat(layers.TimestepBlock, policy)(
-                        c, dt, tuple(self.timestep_conditioning_type), name=name
-                    )
-                else:
-                    block = layers.remat(layers.AttnBlock, policy, deterministic_argnum=3)(
-                        c, self.num_attention_heads[level], self_attn, dropout, dt, name=name
-                    )
-                blocks.append((kind, block))
-        return blocks
+        return LevelBlocks(
+            tuple(self.block_types_per_layer[level]),
+            self.block_out_channels[level],
+            self.num_attention_heads[level],
+            self._per_level(self.dropout)[level],
+            self._per_level(self.self_attn)[level],
+            self.kernel_size,
+            tuple(self.timestep_conditioning_type),
+            (1 / sum(self.down_num_layers_per_block)) ** 0.5,
+            self.dtype,
+        )
+
+    def scan_groups(self) -> list[tuple[str, str, int, int, int]]:
+        """With scan_blocks: (scan module name, torch prefix, first torch index, repeats, blocks per repeat) of
+        every scanned run of a level's block list; an up level's first pass (it takes the skip) stays apart."""
+        groups, levels = [], len(self.block_out_channels)
+        for i in range(levels):
+            per = len(self.block_types_per_layer[i])
+            groups.append((f'down_blocks_{i}_scan', f'down_blocks_{i}', 0, self.down_num_layers_per_block[i], per))
+        for u in range(levels):
+            per, first = len(self.block_types_per_layer[levels - 1 - u]), int(u > 0)
+            groups.append(
+                (f'up_blocks_{u}_scan', f'up_blocks_{u}', first * per, self.up_num_layers_per_block[u] - first, per)
+            )
+        return [g for g in groups if g[3] > 0]
+
+    def _level_pass(self, level: int, count: int, prefix: str, first_apart: bool):
+        """A function running `count` passes of the level's block list once: each block its own params, or with
+        scan_blocks one scan over stacked params (`first_apart`: the first pass unscanned)."""
+        spec = self._level(level)
+        per = len(spec.types)
+        apart = 1 if (self.scan_blocks and first_apart) else (0 if self.scan_blocks else count)
+        blocks = [
+            (kind, spec.make(kind, self.remat_policy, f'{prefix}_{g * per + k}'))
+            for g in range(min(apart, count))
+            for k, kind in enumerate(spec.types)
+        ]
+        scan = None
+        if self.scan_blocks and count > apart:
+            scan = layers.scanned(CascadeGroup, count - apart, 3, self.remat_policy, deterministic_argnum=4)(
+                spec, name=f'{prefix}_scan'
+            )
+
+        def run(h, r_emb, clip, skip, deterministic):
+            for index, (kind, block) in enumerate(blocks):
+                h = run_block(block, kind, h, r_emb, clip, skip if index == 0 else None, deterministic)
+            if scan is not None:
+                h, _ = scan(h, r_emb, clip, deterministic)
+            return h
+
+        return run
 
     def _time_embedding(self, r: jax.Array, conds: dict[str, jax.Array | None]) -> jax.Array:
         dim = self.timestep_ratio_embedding_dim
@@ -198,19 +279,10 @@ class StableCascadeUNet(nn.Module):
         h = layers.conv(c, (1, 1), dtype=dt, kernel_init=init, name=f'{name}_2')(nn.gelu(h, approximate=False))
         return layers.layer_norm_2d(dt)(h)
 
-    def _run_level(self, h, blocks, repeats, mapper_prefix, r_emb, clip, skip, deterministic):
-        """The level's blocks `repeats` times (the same params each time), a 1x1 conv between runs."""
+    def _run_level(self, h, level_pass, repeats, mapper_prefix, r_emb, clip, skip, deterministic):
+        """The level's passes `repeats` times (the same params each time), a 1x1 conv between repeats."""
         for rep in range(repeats):
-            for index, (kind, block) in enumerate(blocks):
-                if kind == RES:
-                    block_skip = skip if index == 0 else None
-                    if block_skip is not None:
-                        h = _resize_to(h, block_skip.shape[1:3])
-                    h = block(h, block_skip, deterministic)
-                elif kind == TIMESTEP:
-                    h = block(h, r_emb)
-                else:
-                    h = block(h, clip, deterministic)
+            h = level_pass(h, r_emb, clip, skip, deterministic)
             if rep < repeats - 1:
                 h = layers.conv(h.shape[-1], (1, 1), dtype=self.dtype, name=f'{mapper_prefix}_{rep}')(h)
         return h
@@ -252,18 +324,18 @@ class StableCascadeUNet(nn.Module):
         for i in range(levels):
             if i > 0:
                 h = self._downscale(h, i)
-            blocks = self._blocks(i, self.down_num_layers_per_block[i], f'down_blocks_{i}')
+            level_pass = self._level_pass(i, self.down_num_layers_per_block[i], f'down_blocks_{i}', False)
             repeats = self.down_blocks_repeat_mappers[i]
-            h = self._run_level(h, blocks, repeats, f'down_repeat_mappers_{i}', r_emb, clip, None, deterministic)
+            h = self._run_level(h, level_pass, repeats, f'down_repeat_mappers_{i}', r_emb, clip, None, deterministic)
             level_outputs.insert(0, h)
 
         h = level_outputs[0]
         for u in range(levels):
             i = levels - 1 - u
-            blocks = self._blocks(i, self.up_num_layers_per_block[u], f'up_blocks_{u}')
+            level_pass = self._level_pass(i, self.up_num_layers_per_block[u], f'up_blocks_{u}', u > 0)
             skip = level_outputs[u] if u > 0 else None
             repeats = self.up_blocks_repeat_mappers[u]
-            h = self._run_level(h, blocks, repeats, f'up_repeat_mappers_{u}', r_emb, clip, skip, deterministic)
+            h = self._run_level(h, level_pass, repeats, f'up_repeat_mappers_{u}', r_emb, clip, skip, deterministic)
             if i > 0:
                 h = self._upscale(h, u, i)
 
