@@ -6,6 +6,7 @@
   python -m wurst_jax.main --config=configs/shapes.py:stage=c --workdir=workdirs/shapes/stage_c
   python -m wurst_jax.main --config=configs/shapes.py:stage=c,backbone=pixart --workdir=workdirs/shapes/stage_c_pixart
   python -m wurst_jax.main --config=configs/shapes.py:stage=c,backbone=pixart,latents=stage_a --workdir=workdirs/shapes/single
+  python -m wurst_jax.main --config=configs/shapes.py:stage=c,backbone=stable_cascade --workdir=workdirs/shapes/stage_c_sc
   python -m wurst_jax.main --config=configs/shapes.py:stage=c,backbone=pixart,latents=stage_a,pixart_recipe --workdir=workdirs/shapes/recipe
 
 `root=DIR` says where the earlier stages' workdirs are (DIR/stage_a, DIR/stage_b; default
@@ -114,6 +115,8 @@ def _stage_c(root: str, runlocal: bool, backbone: str, latents: str, pixart_reci
     config.model.update(backbone=backbone, c=128, depth=4, num_heads=4, dropout=0.0, pos_embed=True, linear_output=True)
     if backbone == 'pixart':  # PixArt-α's DiT on the 8x8 map, one token per cell: 0.97 M params, as the prior's
         config.model.depth = 3
+    if backbone == 'stable_cascade':  # Stable Cascade's Stage C, one triplet per level each way: 0.99 M params
+        config.model.level_blocks = (1, 1)
     if latents == 'stage_a':  # single-stage on the 16x16x4 Stage A latents: 2x2 patches, again 64 tokens
         config.model.patch_size = 2
     config.text = text_config(runlocal, 't5' if pixart_recipe else 'clip')
@@ -134,7 +137,7 @@ def _stage_c(root: str, runlocal: bool, backbone: str, latents: str, pixart_reci
     config.optimizer.update(lr=1e-3, warmup_steps=100)
     config.eval.grid_columns = 2
     if runlocal:
-        config.model.update(c=24 if backbone == 'pixart' else 16, depth=2, num_heads=2)
+        config.model.update(c=24 if backbone == 'pixart' else 16, depth=2, num_heads=2, clip_image_channels=8)
         config.sample.prior_steps = 2
     return config
 

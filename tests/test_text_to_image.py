@@ -179,7 +179,7 @@ def _sharded_step(config):
     return task, run, state, it, frozen
 
 
-@pytest.mark.parametrize('stage', ['b', 'c'])
+@pytest.mark.parametrize('stage', ['b', 'c', 'c,backbone=stable_cascade'])
 def test_stage_step_runs_sharded_on_8_devices(demo_root, stage):
     config = load_config('shapes', f'stage={stage},runlocal,root={demo_root}')
     config.input.data_dir = str(demo_root / 'data')
@@ -191,7 +191,7 @@ def test_stage_step_runs_sharded_on_8_devices(demo_root, stage):
     assert any('fsdp' in spec for spec in specs), specs  # FSDP really splits some weights
 
 
-@pytest.mark.parametrize('backbone', ['wuerstchen', 'pixart'])
+@pytest.mark.parametrize('backbone', ['wuerstchen', 'pixart', 'stable_cascade'])
 def test_stage_c_overfits_a_few_captions(demo_root, backbone):
     """On 8 fixed images and captions, the held-out ε-MSE on them falls well below its start, with
     either backbone (the shapes prior predicts v; the ε path trains in the fine-tune and Stage B tests)."""

@@ -163,6 +163,9 @@ def stage_c() -> ml_collections.ConfigDict:
             linear_output=False,
             patch_size=1,
             micro_conditions=False,
+            # backbone='stable_cascade': triplets per level on the way down (up: mirrored); image embedding width
+            level_blocks=(8, 24),
+            clip_image_channels=768,
         )
     )
     config.text = _text()

@@ -42,6 +42,14 @@ class MaskedStates(NamedTuple):
     mask: jax.Array  # [B, L] bool
 
 
+class PooledStates(NamedTuple):
+    """CLIP's text conditioning for Stable Cascade's Stage C: the token states and the pooled embedding
+    (`text_embeds` of a CLIPTextModelWithProjection, else the pooler output) as one token."""
+
+    states: jax.Array  # [B, L, D]
+    pooled: jax.Array  # [B, 1, P]
+
+
 def validate_text(text: ml_collections.ConfigDict, architectures: tuple[str, ...] = ('clip',)) -> None:
     """config.text; `architectures` are the text encoders the family's denoiser can read."""
     if text.architecture not in architectures:
@@ -80,9 +88,12 @@ class TextConditioner:
     encoder's config.json: for runs on its precomputed states, which never run it.
     """
 
-    def __init__(self, text: ml_collections.ConfigDict, dtype: Any = jnp.float32, load_weights: bool = True):
+    def __init__(
+        self, text: ml_collections.ConfigDict, dtype: Any = jnp.float32, load_weights: bool = True, pooled: bool = False
+    ):
         self.config = text
         self.masked = text.architecture == 't5'
+        self.pooled = pooled  # PooledStates, for a denoiser that reads the pooled embedding too
         self.tokenizer = create_tokenizer(text.tokenizer, text.max_length, text.vocabulary)
         self.trainable = text.encoder == 'train'
         if self.trainable:
@@ -111,9 +122,16 @@ class TextConditioner:
     def width(self) -> int:
         return self.module.d_model if self.masked else self.module.hidden_size
 
-    def placeholder(self, batch: int = 1) -> jax.Array | MaskedStates:
+    @property
+    def pooled_width(self) -> int:
+        """The width of the pooled embedding: CLIP's projection, else its hidden size."""
+        return getattr(self.module, 'projection_dim', None) or self.width
+
+    def placeholder(self, batch: int = 1) -> jax.Array | MaskedStates | PooledStates:
         """Zero states of `batch` captions (what shapes a denoiser's init), masked like a T5 encoder's."""
         states = jnp.zeros((batch, self.config.max_length, self.width))
+        if self.pooled:
+            return PooledStates(states, jnp.zeros((batch, 1, self.pooled_width)))
         return MaskedStates(states, jnp.ones(states.shape[:2], bool)) if self.masked else states
 
     def init(self, rng: jax.Array) -> Any:
@@ -132,7 +150,10 @@ class TextConditioner:
         out = self.module.apply({'params': params}, tokens, mask)
         if self.masked:
             return MaskedStates(out, mask.astype(bool))
-        return out['last_hidden_state'] if self.config.hidden_state == 'last' else out['hidden_states'][-1]
+        states = out['last_hidden_state'] if self.config.hidden_state == 'last' else out['hidden_states'][-1]
+        if self.pooled:
+            return PooledStates(states, out.get('text_embeds', out['pooler_output'])[:, None])
+        return states
 
     def _dropped(self, rng: jax.Array, batch: int) -> jax.Array:
         """[B, 1] bool: which captions become the empty caption, with probability text.dropout, for
@@ -450,10 +471,10 @@ class CaptionedTask:
     """Where every text-conditional family starts: its config, the text encoder and tokenizer at the
     config's dtype, batches of captioned images, and AdamW over its params."""
 
-    def __init__(self, config: ml_collections.ConfigDict, load_text_weights: bool = True):
+    def __init__(self, config: ml_collections.ConfigDict, load_text_weights: bool = True, pooled_text: bool = False):
         self.config = config
         self.dtype = DTYPES[config.dtype]
-        self.text = TextConditioner(config.text, self.dtype, load_text_weights)
+        self.text = TextConditioner(config.text, self.dtype, load_text_weights, pooled_text)
         self.tokenizer = self.text.tokenizer
 
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -1,9 +1,10 @@
 """Stage C training: the text-conditional prior diffuses the semantic compressor's map of the image
 (or, with `latents='stage_a'`, the image's Stage A latents: one diffusion stage, no Stage B).
 
-`model.backbone` picks the denoiser: 'wuerstchen' (Würstchen's prior, `models/stage_c.py`) or
+`model.backbone` picks the denoiser: 'wuerstchen' (Würstchen's prior, `models/stage_c.py`),
 'pixart' (PixArt-α's DiT, `models/pixart.py`, patches of `model.patch_size`, time scaled to its
-0..1000 units), each behind a small adapter (`BACKBONES`: build, init, apply, extra batch fields), so
+0..1000 units) or 'stable_cascade' (Stable Cascade's Stage C UNet, `models/stable_cascade.py`, which reads
+the pooled text embedding too), each behind a small adapter (`BACKBONES`: build, init, apply, extra batch fields), so
 both train, sample and evaluate through the same task methods. PixArt's
 `init.prior` may be a class-conditional DiT folder (the re-parameterised start, `convert/dit.py`), a
 PixArt folder or `.pth`, or the workdir of an earlier Stage C run (the next stage of PixArt-α's
@@ -36,6 +37,7 @@ from wurst_jax.diffusion import dpm_solver, iddpm, samplers, schedule
 from wurst_jax.diffusion import loss as diffusion_loss
 from wurst_jax.models.layers import REMAT_POLICIES
 from wurst_jax.models.pixart import PixArtTransformer
+from wurst_jax.models.stable_cascade import StableCascadeUNet
 from wurst_jax.models.stage_c import WuerstchenPrior
 from wurst_jax.tasks import conditioning
 from wurst_jax.tasks.base import Batch, HostBatches, Metrics, Networks
@@ -225,13 +227,108 @@ class PixArtBackbone:
         return module.apply({'params': params}, x, t, *_states_and_mask(cond), *(micro or ()))
 
 
+class StableCascadeBackbone:
+    """Stable Cascade's Stage C (`models/stable_cascade.py`): two levels of model.c channels at the map's own
+    resolution, model.level_blocks (ResBlock, TimestepBlock, AttnBlock) triplets down and mirrored up, reading
+    CLIP's text states, its pooled embedding and a CLIP image embedding of model.clip_image_channels. The image
+    embedding is zeros here (text-to-image, as StableCascadePriorPipeline passes without an image); times in [0, 1]."""
+
+    TIME_SCALE = 1.0
+    TEXT_ARCHITECTURES = ('clip',)
+    POOLED_TEXT = True
+
+    @staticmethod
+    def validate(config: ml_collections.ConfigDict) -> None:
+        m = config.model
+        blocks = tuple(m.level_blocks)
+        if len(blocks) != 2 or not all(isinstance(n, int) and n > 0 for n in blocks):
+            raise ConfigError('model.level_blocks', m.level_blocks, 'two positive integers (Stable Cascade: (8, 24))')
+        if not (isinstance(m.clip_image_channels, int) and m.clip_image_channels > 0):
+            raise ConfigError('model.clip_image_channels', m.clip_image_channels, 'a positive integer (768)')
+        if config.input.precomputed:
+            raise ConfigError(
+                'input.precomputed',
+                config.input.precomputed,
+                "'' for backbone=stable_cascade (precomputed records hold no pooled text embedding)",
+            )
+
+    @staticmethod
+    def build(task: 'StageCTask', source: str, dtype: Any) -> tuple[StableCascadeUNet, dict[str, Any]]:
+        """(UNet, pretrained params): fresh from config.model, or the architecture and weights of a diffusers
+        StableCascadeUNet prior folder or an original stage_c*.safetensors file."""
+        m, c = task.config.model, task.latent_shape()[-1]
+        text, pooled = task.text.width, task.text.pooled_width
+        options = dict(dropout=m.dropout, scan_blocks=m.scan_blocks, remat_policy=m.remat_policy, dtype=dtype)
+        if not source:
+            levels = tuple(m.level_blocks)
+            return StableCascadeUNet(
+                in_channels=c,
+                out_channels=c,
+                timestep_ratio_embedding_dim=m.c_r,
+                conditioning_dim=m.c,
+                block_out_channels=(m.c, m.c),
+                num_attention_heads=(m.num_heads, m.num_heads),
+                down_num_layers_per_block=levels,
+                up_num_layers_per_block=levels[::-1],
+                clip_text_in_channels=text,
+                clip_text_pooled_in_channels=pooled,
+                clip_image_in_channels=m.clip_image_channels,
+                switch_level=(False,),
+                **options,
+            ), {}
+        module, variables = convert.load_diffusers(source, 'stable_cascade_unet', **options)
+        found = (module.in_channels, module.out_channels, module.clip_text_in_channels)
+        if found + (module.clip_text_pooled_in_channels,) != (c, c, text, pooled) or not module.clip_image_in_channels:
+            raise ConfigError(
+                'init.prior',
+                source,
+                f'a Stable Cascade Stage C with in/out_channels={c} (the latent channels), clip_text_in_channels='
+                f'{text} and clip_text_pooled_in_channels={pooled} (the text encoder) and an image mapper; it has '
+                f'{found}, pooled {module.clip_text_pooled_in_channels}, image {module.clip_image_in_channels}',
+            )
+        return module, {'prior': variables['params']}
+
+    @staticmethod
+    def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+        del config
+        return {}
+
+    @staticmethod
+    def _no_image(module: StableCascadeUNet, cond: conditioning.PooledStates) -> jax.Array:
+        return jnp.zeros((cond.pooled.shape[0], 1, module.clip_image_in_channels), cond.pooled.dtype)
+
+    @staticmethod
+    def init(
+        module: StableCascadeUNet, rng: jax.Array, x: jax.Array, t: jax.Array, cond: Any, micro: tuple | None
+    ) -> Any:
+        del micro
+        image = StableCascadeBackbone._no_image(module, cond)
+        return module.init(rng, x, t, cond.pooled, cond.states, image)['params']
+
+    @staticmethod
+    def apply(
+        module: StableCascadeUNet,
+        params: Any,
+        x: jax.Array,
+        t: jax.Array,
+        cond: Any,
+        dropout_rng: jax.Array | None,
+        micro: tuple | None,
+    ) -> jax.Array:
+        del micro
+        args = (x, t, cond.pooled, cond.states, StableCascadeBackbone._no_image(module, cond))
+        if dropout_rng is None:
+            return module.apply({'params': params}, *args)
+        return module.apply({'params': params}, *args, deterministic=False, rngs={'dropout': dropout_rng})
+
+
 def _states_and_mask(cond: Any) -> tuple[jax.Array, jax.Array | None]:
     """PixArt's (text states, key mask or None) from a CLIP encoder's states or a T5 encoder's MaskedStates."""
     return tuple(cond) if isinstance(cond, conditioning.MaskedStates) else (cond, None)
 
 
 # model.backbone -> its adapter: how the denoiser is built, initialised and called.
-BACKBONES = {'wuerstchen': WuerstchenBackbone, 'pixart': PixArtBackbone}
+BACKBONES = {'wuerstchen': WuerstchenBackbone, 'pixart': PixArtBackbone, 'stable_cascade': StableCascadeBackbone}
 
 
 class StageCTask(conditioning.CaptionedTask):
@@ -239,7 +336,8 @@ class StageCTask(conditioning.CaptionedTask):
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.text_precomputed = bool(config.input.precomputed) and config.text.encoder != 'train'
-        super().__init__(config, load_text_weights=not self.text_precomputed)
+        pooled = getattr(BACKBONES.get(config.model.backbone), 'POOLED_TEXT', False)
+        super().__init__(config, load_text_weights=not self.text_precomputed, pooled_text=pooled)
         if self.text_precomputed:  # a plan (shapes only) reads no records: any states of their shape
             planned = convert.reading_shapes_only()
             self._empty_caption = self.text.placeholder() if planned else self._read_empty_caption()
