@@ -18,6 +18,7 @@ NEEDS_LOCAL_FILES = {
     'wuerstchen_v2_prior_finetune': 'input.folder',
     'wuerstchen_v2_prior_lora': 'input.folder',
     'wuerstchen_v2_decoder_lora': 'input.folder',
+    'stable_cascade_c': 'input.folder',
     'stage_b_v1': 'stage_a.source',
     'lora_shapes': 'stage_a.source',  # the Stage A run the experiment's commands train first
 }
@@ -75,11 +76,16 @@ def test_bad_value_is_rejected_with_its_name(field, value):
         ('model.backbone', 'unet', 'wuerstchen'),
         ('model.c', 30, 'pixart'),  # PixArt's sin-cos positions need a multiple of 4
         ('model.patch_size', 0, 'pixart'),
+        ('model.level_blocks', (2,), 'stable_cascade'),
+        ('model.clip_image_channels', 0, 'stable_cascade'),
+        ('sample.prior_shift', 0.0, 'stable_cascade'),
+        ('sample.prior_cfg_rescale', 1.5, 'wuerstchen'),
     ],
 )
 def test_stage_c_backbone_fields_are_checked(field, value, backbone):
     config = load_config('shapes', f'stage=c,runlocal,backbone={backbone}')
-    config.model[field.split('.')[1]] = value
+    group, name = field.split('.')
+    config[group][name] = value
     with pytest.raises(config_lib.ConfigError, match=f'config.{field}='):
         tasks.validate(config)
 

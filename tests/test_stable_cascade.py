@@ -226,3 +226,47 @@ def test_bad_conditioning_is_named():
         StableCascadeUNet(**{**PRIOR, 'up_num_layers_per_block': (1,)}).init(jax.random.key(0), **inputs)
     with pytest.raises(ValueError, match='without effnet_in_channels'):
         module.init(jax.random.key(0), **inputs, effnet=np.zeros((1, 2, 2, 5), np.float32))
+
+
+def _tiny_stage_c_folder(path, text_width: int, latent_channels: int) -> None:
+    cfg = dict(
+        PRIOR,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        clip_text_in_channels=text_width,
+        clip_text_pooled_in_channels=text_width,
+        dropout=(0.0, 0.0),
+    )
+    model = _torch_model(cfg, seed=14)
+    with torch.no_grad():
+        model.clf[1].weight.mul_(0.05)
+    model.save_pretrained(path)
+
+
+def test_stage_c_recipe_finetunes_a_converted_prior(finetune_arg, tmp_path):
+    """configs/stable_cascade_c.py on a tiny random StableCascadeUNet folder: it trains from those weights,
+    checkpoints and samples; a Stage B folder as init.prior is refused naming it."""
+    from conftest import small_prior_run_config
+    from wurst_jax import checkpoint, config_lib, tasks, train
+
+    _tiny_stage_c_folder(tmp_path / 'prior', text_width=32, latent_channels=4)
+    arg = ','.join([f'prior={tmp_path / "prior"}', *finetune_arg.split(',')[1:]])
+    config = small_prior_run_config('stable_cascade_c', arg, tmp_path / 'data')
+    tasks.validate(config)
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    _, state = checkpoint.load_trained(str(tmp_path / 'run'))
+    assert int(state['step']) == 2
+    _, pretrained = convert.load_diffusers(str(tmp_path / 'prior'), 'stable_cascade_unet', scan_blocks=True)
+    deltas = jax.tree.leaves(
+        jax.tree.map(
+            lambda a, b: float(np.abs(np.asarray(a) - b).max()), state['params']['prior'], pretrained['params']
+        )
+    )
+    assert 0 < max(deltas) < 1e-2  # two AdamW steps at 1e-4 from the converted weights
+    assert list((tmp_path / 'run').rglob('*.png')), 'the run wrote no sample images'
+
+    decoder = _torch_model(DECODER, seed=15)
+    decoder.save_pretrained(tmp_path / 'decoder')
+    config.init.prior = str(tmp_path / 'decoder')
+    with pytest.raises(config_lib.ConfigError, match='init.prior'):
+        tasks.create(config)

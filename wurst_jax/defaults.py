@@ -174,7 +174,15 @@ def stage_c() -> ml_collections.ConfigDict:
     # 'dpm_solver' or 'iddpm'.
     config.diffusion.update(process='cosine', num_steps=1000)
     config.sample = ml_collections.ConfigDict(
-        dict(prior_steps=60, prior_timesteps='stage_c_default', prior_guidance=4.0)
+        # prior_shift moves the sampled logSNR by 2·ln(1/shift), prior_cfg_rescale blends the guided ε back
+        # towards the conditional one's std (Stable Cascade's GDF sampling: 2 and 0.7).
+        dict(
+            prior_steps=60,
+            prior_timesteps='stage_c_default',
+            prior_guidance=4.0,
+            prior_shift=1.0,
+            prior_cfg_rescale=0.0,
+        )
     )
     return config
 

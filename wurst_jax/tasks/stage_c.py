@@ -399,6 +399,13 @@ class StageCTask(conditioning.CaptionedTask):
         if backbone not in BACKBONES:
             raise ConfigError('model.backbone', backbone, f'one of {sorted(BACKBONES)}')
         BACKBONES[backbone].validate(config)
+        s = config.sample
+        if not s.get('prior_shift', 1.0) > 0:
+            raise ConfigError('sample.prior_shift', s.prior_shift, 'a positive number (1: no shift; Stable Cascade: 2)')
+        if not 0 <= s.get('prior_cfg_rescale', 0.0) <= 1:
+            raise ConfigError(
+                'sample.prior_cfg_rescale', s.prior_cfg_rescale, 'a value in [0, 1] (Stable Cascade: 0.7)'
+            )
         d = config.diffusion
         if d.process not in PROCESSES:
             raise ConfigError('diffusion.process', d.process, f'one of {PROCESSES}')
@@ -676,7 +683,9 @@ class StageCTask(conditioning.CaptionedTask):
             else samplers.linspace_timesteps(steps or s.prior_steps)
         )
         denoise = self.denoiser(params, cond, uncond, image_hw)
-        x = samplers.sample_guided(denoise, x, rng, timesteps, guidance, sampler)
+        # .get: runs saved before the shift and rescale fields existed sampled with neither.
+        shift, rescale = s.get('prior_shift', 1.0), s.get('prior_cfg_rescale', 0.0)
+        x = samplers.sample_guided(denoise, x, rng, timesteps, guidance, sampler, shift, rescale)
         return conditioning.unscale_latents(x, self.config.latent_scaling)
 
     def _sample_iddpm(
