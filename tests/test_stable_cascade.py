@@ -270,3 +270,32 @@ def test_stage_c_recipe_finetunes_a_converted_prior(finetune_arg, tmp_path):
     config.init.prior = str(tmp_path / 'decoder')
     with pytest.raises(config_lib.ConfigError, match='init.prior'):
         tasks.create(config)
+
+
+def test_lora_on_the_unet_starts_as_the_base_and_merges(tmp_path):
+    """Adapters on the scanned UNet's attention, feed-forward and 1x1 convs (its effnet and pixel mappers too):
+    at init the output is the base's bit for bit; trained ones merge into the same function."""
+    import ml_collections
+
+    from wurst_jax import lora
+
+    ref = _torch_model(DECODER, seed=16)
+    ref.save_pretrained(tmp_path)
+    module, variables = convert.load_diffusers(str(tmp_path), 'stable_cascade_unet', scan_blocks=True)
+    inputs = _inputs(DECODER, np.random.default_rng(17), 2, 8, 8)
+    boxed = jax.jit(module.init)(jax.random.key(0), **inputs)['params']
+    config = ml_collections.ConfigDict(dict(lora=dict(rank=2, targets='attention,feed_forward,conv1x1')))
+    adapters = lora.init_adapters(jax.random.key(1), {'prior': boxed}, config)['prior']
+    adapters = nn.meta.unbox(adapters)
+    assert {'effnet_mapper_0', 'pixels_mapper_2', 'clf_1', 'up_blocks_0_scan'} <= set(adapters)
+    base = _ours(module, variables, inputs)
+    with lora.adapted(1.0):
+        np.testing.assert_array_equal(
+            _ours(module, {'params': lora.attach(variables['params'], adapters)}, inputs), base
+        )
+    trained = jax.tree.map(lambda a: np.array(0.3 * jax.random.normal(jax.random.key(a.size), a.shape)), adapters)
+    with lora.adapted(1.0):
+        adapted = _ours(module, {'params': lora.attach(variables['params'], trained)}, inputs)
+    merged = _ours(module, {'params': lora.merge(variables['params'], trained, 1.0)}, inputs)
+    assert np.abs(adapted - base).max() > 1e-3
+    np.testing.assert_allclose(adapted, merged, atol=1e-4 * np.abs(merged).max())

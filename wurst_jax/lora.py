@@ -28,8 +28,9 @@ PRESETS = {
     'attention': r'/to_(q|k|v|out)/kernel$',
     # PixArt's feed-forward; the Würstchen ResBlock's channelwise MLP (prior, Stage B, the pixel UViT).
     'feed_forward': r'/(ff_net_\d|channelwise_\d)/kernel$',
-    # The 1x1 convs in and out of the Würstchen prior and of Stage B, and Stage B's effnet mappers.
-    'conv1x1': r'/(projection|out|embedding_\d|clf_\d|effnet_mappers_\d+)/kernel$',
+    # The 1x1 convs in and out of the Würstchen prior, Stage B and the Stable Cascade UNet, and the effnet
+    # (and Stable Cascade's pixel) mappers.
+    'conv1x1': r'/(projection|out|embedding_\d|clf_\d|effnet_mappers_\d+|(effnet|pixels)_mapper_\d)/kernel$',
 }
 
 
