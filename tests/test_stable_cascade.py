@@ -57,6 +57,17 @@ DECODER = dict(  # Stage B's layout: effnet and pixels mappers, k2/s2 steps, rep
     dropout=(0.0, 0.1, 0.1),
     timestep_conditioning_type=('sca',),
 )
+SMALL_DECODER = dict(  # two levels of it, for the slower tests
+    DECODER,
+    block_out_channels=(8, 16),
+    num_attention_heads=(0, 4),
+    down_num_layers_per_block=(1, 2),
+    up_num_layers_per_block=(2, 1),
+    down_blocks_repeat_mappers=(1, 1),
+    up_blocks_repeat_mappers=(2, 1),
+    block_types_per_layer=((RES, TIME), (RES, TIME, ATTN)),
+    dropout=(0.0, 0.1),
+)
 RESAMPLED = dict(
     PRIOR, block_out_channels=(16, 16), num_attention_heads=(2, 2), switch_level=(True,)
 )  # switch_level's bilinear resizes
@@ -116,7 +127,7 @@ def test_matches_diffusers(tmp_path, cfg, size):
         assert rel_err(_ours(module, variables, inputs, pixels=pixels), expected) <= TOL
 
 
-@pytest.mark.parametrize('cfg', [PRIOR, DECODER], ids=['stage_c', 'stage_b'])
+@pytest.mark.parametrize('cfg', [PRIOR, SMALL_DECODER], ids=['stage_c', 'stage_b'])
 def test_scan_blocks_and_remat_compute_the_same(tmp_path, cfg):
     """scan_blocks stacks each level's repeated block lists (an up level's first, skip-taking pass apart) and
     converts both ways; with remat the gradient is the same."""
@@ -279,10 +290,10 @@ def test_lora_on_the_unet_starts_as_the_base_and_merges(tmp_path):
 
     from wurst_jax import lora
 
-    ref = _torch_model(DECODER, seed=16)
+    ref = _torch_model(SMALL_DECODER, seed=16)
     ref.save_pretrained(tmp_path)
     module, variables = convert.load_diffusers(str(tmp_path), 'stable_cascade_unet', scan_blocks=True)
-    inputs = _inputs(DECODER, np.random.default_rng(17), 2, 8, 8)
+    inputs = _inputs(SMALL_DECODER, np.random.default_rng(17), 2, 8, 8)
     boxed = jax.jit(module.init)(jax.random.key(0), **inputs)['params']
     config = ml_collections.ConfigDict(dict(lora=dict(rank=2, targets='attention,feed_forward,conv1x1')))
     adapters = lora.init_adapters(jax.random.key(1), {'prior': boxed}, config)['prior']
